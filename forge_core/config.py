@@ -1,0 +1,320 @@
+"""Run configuration: these dataclasses are the ONE place defaults live.
+
+A run config is built in three layers, later wins:
+    dataclass defaults  <-  YAML recipe (--config)  <-  CLI options and --set section.key=value
+Unknown keys and wrong types are errors that name the key. YAML's `1e-4` (a string to PyYAML) is
+accepted where a float is expected - the parser, not the user, is wrong there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ForgeError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2-135m"  # HF dir, hub id, .gguf file, or a bundled name (`forge models`)
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSONL file, directory of JSONL files, or a `datasets.save_to_disk` dir
+    valid: str = ""
+    columns: dict[str, str] = field(default_factory=dict)  # our name -> the dataset's column name
+    train_on_prompt: bool = False  # False: loss on assistant tokens only
+    packing: bool = False  # pack short rows into max_seq_len sequences (attention kept per row)
+    skip_bad_rows: bool = False  # skip (and count) bad rows instead of stopping at the first
+    system_prompt: str = ""  # prepended as a system message where a row has none
+    shuffle: bool = True
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with rslora); PiSSA authors use alpha = rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # or ["all-linear"]
+    layers: str = "all"  # "all", "-8:" (last 8), "0:12" (python slice over the blocks)
+    init: str = "pissa"  # lora | pissa (full SVD) | pissa_niter_N (randomized, N subspace iterations)
+    rslora: bool = False
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 4  # 0 = full precision base; 4 or 8
+    group_size: int = 64
+    mode: str = "auto"  # auto (affine on MLX, nf4 on CUDA) | affine | nf4 | fp4
+    double_quant: bool = True  # bitsandbytes only
+    embeddings: bool = False  # quantize embeddings / lm_head too
+    matmul: str = "auto"  # auto (dequant+BLAS on CPU, quantized_matmul on GPU) | dequant | fused
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    schedule: str = "cosine"  # cosine | linear | constant (all after linear warmup)
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    steps: int = 0  # optimizer steps; 0 = derive from epochs
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    grad_checkpoint: bool = False
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (the last two: CUDA backend)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50  # 0 = only at the end
+    eval_batches: int = 0  # 0 = the whole validation set
+    save_every: int = 100
+    out_dir: str = "runs/latest"
+    compile: bool = True
+
+
+@dataclass
+class DpoConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0  # cDPO
+    sft_weight: float = 0.0  # RPO-style NLL term on chosen
+    adapter: str = ""  # continue from this SFT adapter (it is also the reference)
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 96
+    metric: str = "auto"  # auto | exact | json_fields | none
+    limit: int = 0  # 0 = all rows
+
+
+@dataclass
+class MemoryConfig:
+    threshold: float = 0.80  # refuse to launch above this fraction of the budget
+    device_memory: str = ""  # e.g. "24GB": plan for a device other than this one
+
+
+@dataclass
+class ForgeConfig:
+    backend: str = "auto"  # auto | mlx | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(ForgeConfig) if f.name != "backend"}
+
+_CHOICES = {
+    "backend": {"auto", "mlx", "cuda"},
+    "model.dtype": {"auto", "float32", "bfloat16", "float16"},
+    "lora.init": None,  # checked by lora_init_kind
+    "quant.bits": {0, 2, 3, 4, 6, 8},
+    "quant.mode": {"auto", "affine", "nf4", "fp4"},
+    "quant.matmul": {"auto", "dequant", "fused"},
+    "train.schedule": {"cosine", "linear", "constant"},
+    "train.optimizer": {"adamw", "adamw8bit", "paged_adamw8bit"},
+    "dpo.loss_type": {"sigmoid", "ipo", "hinge"},
+    "eval.metric": {"auto", "exact", "json_fields", "none"},
+}
+
+
+def lora_init_kind(init: str) -> tuple[str, int]:
+    """'lora' -> ('lora', 0); 'pissa' -> ('pissa', 0); 'pissa_niter_4' -> ('pissa', 4)."""
+    if init in ("lora", "pissa"):
+        return init, 0
+    if init.startswith("pissa_niter_") and init[len("pissa_niter_"):].isdigit():
+        return "pissa", int(init[len("pissa_niter_"):])
+    raise ForgeError(f"lora.init: '{init}' is not one of lora, pissa, pissa_niter_N (e.g. pissa_niter_4)")
+
+
+def _coerce(key: str, value, typ):
+    """Check/convert one value against a dataclass field type; the error names the key."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ForgeError(f"config key '{key}': expected a list of strings, got {value!r}")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ForgeError(f"config key '{key}': expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ForgeError(f"config key '{key}': expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ForgeError(f"config key '{key}': expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ForgeError(f"config key '{key}': expected an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ForgeError(f"config key '{key}': expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ForgeError(f"config key '{key}': expected a number, got {value!r}") from None
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ForgeError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unhandled config type {typ} for {key}")  # a bug in this file, not user input
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_choice(key: str, value) -> None:
+    allowed = _CHOICES.get(key)
+    if key == "lora.init":
+        lora_init_kind(value)
+    elif allowed is not None and value not in allowed:
+        raise ForgeError(f"config key '{key}': {value!r} is not one of {sorted(allowed, key=str)}")
+
+
+def set_value(cfg: ForgeConfig, key: str, value) -> None:
+    """Set `section.key` (or the top-level `backend`) with type checking."""
+    if key == "backend":
+        cfg.backend = _coerce(key, value, str)
+        _check_choice(key, cfg.backend)
+        return
+    section, _, name = key.partition(".")
+    if not name:
+        matches = [s for s, cls in SECTIONS.items() if section in _field_types(cls)]
+        if len(matches) != 1:
+            where = f"it is in {', '.join(matches)}" if matches else "no section has it"
+            raise ForgeError(f"config key '{key}': write it as section.key ({where})")
+        section, name = matches[0], section
+        key = f"{section}.{name}"
+    if section not in SECTIONS:
+        raise ForgeError(f"unknown config section '{section}' in '{key}' (sections: {', '.join(SECTIONS)})")
+    sub = getattr(cfg, section)
+    types = _field_types(type(sub))
+    if name not in types:
+        raise ForgeError(f"unknown config key '{key}' (keys of {section}: {', '.join(types)})")
+    coerced = _coerce(key, value, types[name])
+    _check_choice(key, coerced)
+    setattr(sub, name, coerced)
+
+
+def apply_mapping(cfg: ForgeConfig, mapping: dict, source: str = "config") -> None:
+    """Apply a nested mapping (a YAML recipe or a saved config dict)."""
+    if not isinstance(mapping, dict):
+        raise ForgeError(f"{source}: expected a mapping of sections at the top level")
+    for section, values in mapping.items():
+        if section == "backend":
+            set_value(cfg, "backend", values)
+            continue
+        if section not in SECTIONS:
+            raise ForgeError(f"{source}: unknown config section '{section}' (sections: backend, {', '.join(SECTIONS)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ForgeError(f"{source}: section '{section}' must be a mapping of keys")
+        for name, value in values.items():
+            try:
+                set_value(cfg, f"{section}.{name}", value)
+            except ForgeError as e:
+                raise ForgeError(f"{source}: {e}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ForgeError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else "?"
+        raise ForgeError(f"{path}:{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    return data or {}
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """'train.lr=1e-4' -> ('train.lr', 1e-4). The value is read as YAML (so lists and bools work)."""
+    import yaml
+
+    if "=" not in item:
+        raise ForgeError(f"--set '{item}': expected section.key=value")
+    key, _, raw = item.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def build_config(recipe: str | None = None, sets: typing.Iterable[str] = (), overrides: dict | None = None) -> ForgeConfig:
+    """Defaults <- recipe YAML <- explicit CLI overrides {key: value} <- --set items."""
+    cfg = ForgeConfig()
+    if recipe:
+        apply_mapping(cfg, load_yaml(recipe), source=str(recipe))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_value(cfg, key, value)
+    for item in sets:
+        key, value = parse_set(item)
+        set_value(cfg, key, value)
+    return cfg
+
+
+def from_dict(mapping: dict) -> ForgeConfig:
+    cfg = ForgeConfig()
+    apply_mapping(cfg, mapping, source="saved config")
+    return cfg
+
+
+def lora_scale(lora: LoraConfig) -> float:
+    """alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return lora.alpha / (lora.rank ** 0.5 if lora.rslora else lora.rank)
+
+
+def layer_indices(spec: str, num_layers: int) -> list[int]:
+    """'all' | '-8:' | '0:12' | '3' -> sorted block indices; errors name lora.layers."""
+    spec = str(spec).strip()
+    if spec in ("all", ""):
+        return list(range(num_layers))
+    try:
+        if ":" in spec:
+            parts = [int(p) if p.strip() else None for p in spec.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            idx = list(range(num_layers))[slice(*parts)]
+        else:
+            n = int(spec)  # a count of LAST layers, like mlx-lm's num_layers
+            idx = list(range(num_layers))[-n:] if n > 0 else []
+    except ValueError:
+        raise ForgeError(f"lora.layers: '{spec}' is not 'all', a count, or a slice like '-8:'") from None
+    if not idx:
+        raise ForgeError(f"lora.layers: '{spec}' selects no layer of the model's {num_layers}")
+    return idx

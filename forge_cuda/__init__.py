@@ -1,0 +1,1 @@
+"""Forge on PyTorch + bitsandbytes: the same interface as forge_mlx, for CUDA machines."""

@@ -1,0 +1,1 @@
+"""Forge on MLX: QPiSSA + LoRA SFT and DPO written in MLX arrays."""
