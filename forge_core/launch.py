@@ -1,0 +1,101 @@
+"""What `forge train / dpo / generate / eval` do between the CLI and a backend.
+
+launch(): resolve the backend, check the memory plan (refuse when over budget unless --force),
+then hand the config to the backend's trainer. Nothing here imports a framework at module import.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from . import backend as backends
+from .config import ForgeConfig, from_dict
+from .errors import ForgeError
+
+
+def _check_data(cfg: ForgeConfig) -> None:
+    if not cfg.data.train:
+        raise ForgeError("no training data: pass --data FILE.jsonl (or set data.train in the recipe)")
+    for key in ("train", "valid"):
+        p = getattr(cfg.data, key)
+        if p and not Path(p).exists():
+            raise ForgeError(f"data.{key}: {p} does not exist")
+
+
+def _model_config(cfg: ForgeConfig) -> dict:
+    from .models import resolve_model
+
+    return json.loads((Path(resolve_model(cfg.model.path)) / "config.json").read_text())
+
+
+def memory_check(cfg: ForgeConfig, kind: str, name: str, force: bool, console: Console):
+    """The pre-launch memory check; returns the plan (or None when the planner cannot size this model)."""
+    from .memory import check_before_launch
+
+    return check_before_launch(cfg, kind, name, _model_config(cfg), force, console=console)
+
+
+def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool = False) -> Path:
+    console = Console(stderr=True)
+    if resume:
+        cfg = from_dict(_saved_config(resume))
+    if kind == "dpo" and cfg.dpo.adapter:
+        _inherit_adapter(cfg)
+    _check_data(cfg)
+    name = backends.resolve(cfg.backend)
+    plan = memory_check(cfg, kind, name, force, console)
+    trainer = backends.module(name, "trainer")
+    if plan is not None and hasattr(trainer, "set_memory_limit"):
+        from .memory import runtime_limit_bytes
+
+        trainer.set_memory_limit(runtime_limit_bytes(plan))
+    return trainer.train(cfg, kind=kind, resume=resume, console=console)
+
+
+def _saved_config(run_dir: str) -> dict:
+    f = Path(run_dir) / "config.json"
+    if not f.is_file():
+        raise ForgeError(f"{run_dir}: not a forge run dir (no config.json) - nothing to resume")
+    return json.loads(f.read_text())
+
+
+def _inherit_adapter(cfg: ForgeConfig) -> None:
+    """DPO on top of an SFT adapter: model, LoRA shape and quantization must be the adapter's."""
+    adapter = Path(cfg.dpo.adapter)
+    meta_file = adapter / "adapter" / "forge.json" if (adapter / "adapter").is_dir() else adapter / "forge.json"
+    if not meta_file.is_file():
+        raise ForgeError(f"dpo.adapter: {adapter} is not a forge adapter or run dir (no forge.json)")
+    saved = from_dict(json.loads(meta_file.read_text())["config"])
+    cfg.model, cfg.lora, cfg.quant = saved.model, saved.lora, saved.quant
+    cfg.dpo.adapter = str(meta_file.parent)
+
+
+def run_generate(model=None, adapter=None, prompt="", system="", max_tokens=None, temp=0.0, backend=None) -> str:
+    cfg = ForgeConfig()
+    name = backends.resolve(backend or "auto")
+    gen = backends.module(name, "generate")
+    return gen.generate(model=model, adapter=adapter, prompt=prompt, system=system,
+                        max_tokens=max_tokens or cfg.eval.max_new_tokens, temp=temp)
+
+
+def run_eval(cfg: ForgeConfig, adapter: str | None = None, as_json: bool = False) -> dict:
+    if not cfg.data.valid and not cfg.data.train:
+        raise ForgeError("nothing to evaluate: pass --valid FILE.jsonl (or --data)")
+    name = backends.resolve(cfg.backend)
+    gen = backends.module(name, "generate")
+    result = gen.evaluate(cfg, adapter=adapter)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"eval: {adapter or cfg.model.path}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in result.items():
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        Console().print(table)
+    return result

@@ -1,0 +1,50 @@
+"""The training progress bar (rich): step, loss, tok/s, peak memory, ETA. Shared by both backends."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TB"
+
+
+class TrainProgress:
+    """Context manager: `with TrainProgress(total, start) as p: p.update(step, loss=..., tok_s=..., peak=...)`."""
+
+    def __init__(self, total: int, start: int = 0, label: str = "train", console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tok_s]} tok/s"),
+            TextColumn("peak {task.fields[peak]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, disable=not sys.stderr.isatty() and not self.console.is_terminal,
+        )
+        self.task = self.progress.add_task(label, total=total, completed=start, loss="-", tok_s="-", peak="-")
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def update(self, step: int, loss: float | None = None, tok_s: float | None = None, peak: int | None = None):
+        fields = {}
+        if loss is not None:
+            fields["loss"] = f"{loss:.4f}"
+        if tok_s is not None:
+            fields["tok_s"] = f"{tok_s:.0f}"
+        if peak is not None:
+            fields["peak"] = human_bytes(peak)
+        self.progress.update(self.task, completed=step, **fields)
+
+    def print(self, text: str) -> None:
+        self.progress.console.print(text)

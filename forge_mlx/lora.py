@@ -1,0 +1,173 @@
+"""The LoRA layer and the PiSSA / QPiSSA model surgery.
+
+         x ──► base(x) ─────────────────────────┐      base: nn.Linear, or QuantLinear holding Q(W_res)
+         │                                      (+)──► y
+         └──► dropout ──► @ lora_a ──► @ lora_b ─┘ × scale
+                          (in, r)      (r, out)
+
+Parameter names follow mlx-lm (`<module>.lora_a`, `<module>.lora_b`, `<module>.linear`), so the
+trainable tree flattens to exactly the keys of an mlx-lm `adapters.safetensors`.
+
+Init "lora": lora_a uniform(±1/sqrt(in)), lora_b = 0 - the model starts unchanged.
+Init "pissa": (lora_a, lora_b) = (A0ᵀ, B0ᵀ) from the top-r SVD of W (forge_core.pissa), and the
+base holds W_res = W − s·B0A0, quantized if the run quantizes (QPiSSA: the residual, never W).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from forge_core.config import DEFAULT_TARGETS, ForgeConfig, layer_indices, lora_init_kind, lora_scale
+from forge_core.errors import ForgeError
+from forge_core.pissa import pissa_factors, residual
+
+from .quant import QuantLinear, quantizable, quantize_linear, quantize_rest
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scale · dropout(x) @ lora_a @ lora_b."""
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0,
+                 lora_a: mx.array | None = None, lora_b: mx.array | None = None):
+        super().__init__()
+        out_dims, in_dims = _shape(base)
+        self.linear = base
+        self.scale = scale
+        self.dropout = nn.Dropout(p=dropout)
+        bound = 1 / math.sqrt(in_dims)
+        self.lora_a = lora_a if lora_a is not None else mx.random.uniform(-bound, bound, (in_dims, rank))
+        self.lora_b = lora_b if lora_b is not None else mx.zeros((rank, out_dims))
+
+    def __call__(self, x):
+        y = self.linear(x)
+        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return y + (self.scale * z).astype(y.dtype)
+
+    def delta(self) -> mx.array:
+        """scale · Bᵀ... in (out, in) weight layout: scale · lora_bᵀ @ lora_aᵀ."""
+        return self.scale * (self.lora_b.T @ self.lora_a.T)
+
+    def fuse(self) -> nn.Linear:
+        """Fold the adapter into a dense nn.Linear (dequantizing a quantized base; never requantizing)."""
+        base = self.linear
+        w = base.dequantized(mx.float32) if isinstance(base, QuantLinear) else base.weight.astype(mx.float32)
+        out_dims, in_dims = w.shape
+        fused = nn.Linear(in_dims, out_dims, bias="bias" in base)
+        fused.weight = w + self.delta()
+        if "bias" in base:
+            fused.bias = base.bias
+        return fused
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    out_dims, in_dims = module.weight.shape
+    if isinstance(module, nn.QuantizedLinear):
+        in_dims = in_dims * 32 // module.bits
+    return out_dims, in_dims
+
+
+def target_paths(model: nn.Module, cfg: ForgeConfig) -> list[str]:
+    """Module paths to adapt: `model.layers.N.<...>.<target>` for the selected blocks."""
+    blocks = model.layers
+    chosen = set(layer_indices(cfg.lora.layers, len(blocks)))
+    targets = cfg.lora.targets or DEFAULT_TARGETS
+    all_linear = "all-linear" in targets
+    paths = []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.QuantizedLinear)) or ".layers." not in path:
+            continue
+        parts = path.split(".")
+        block = int(parts[parts.index("layers") + 1])
+        if block in chosen and (all_linear or parts[-1] in targets):
+            paths.append(path)
+    if not paths:
+        raise ForgeError(f"lora.targets {targets} matched no linear layer in the chosen blocks "
+                         f"(names look like {_example_names(model)})")
+    return sorted(paths, key=_natural)
+
+
+def _natural(path: str):
+    return [int(p) if p.isdigit() else p for p in path.split(".")]
+
+
+def _example_names(model) -> str:
+    names = sorted({p.split(".")[-1] for p, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return ", ".join(names[:10])
+
+
+def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = None) -> dict:
+    """Wrap the target linears with LoRA (PiSSA when configured) and quantize the base.
+
+    Order matters for QPiSSA: SVD of the full-precision W first, then quantize W_res.
+    `pissa_init` ({path: (A0 (r,in), B0 (out,r)) numpy}) reuses stored factors (resume, reload) so the
+    SVD never runs twice. Returns the PiSSA factors used ({} for plain LoRA).
+    """
+    kind, niter = lora_init_kind(cfg.lora.init)
+    rank, scale, q = cfg.lora.rank, lora_scale(cfg.lora), cfg.quant
+    model.freeze()
+    factors, replace = {}, []
+    for i, path in enumerate(target_paths(model, cfg)):
+        linear = _get(model, path)
+        if isinstance(linear, nn.QuantizedLinear) and kind == "pissa":
+            raise ForgeError(f"{path} is already quantized: PiSSA needs full-precision weights "
+                             "(load an unquantized model; forge quantizes the residual itself)")
+        a = b = None
+        if kind == "pissa":
+            w = np.array(linear.weight.astype(mx.float32))
+            if pissa_init is not None and path in pissa_init:
+                a0, b0 = pissa_init[path]
+                w_res = residual(w, a0, b0, scale)
+            else:
+                a0, b0, w_res = pissa_factors(w, rank, scale, niter=niter, seed=cfg.train.seed + i)
+            factors[path] = (a0, b0)
+            linear.weight = mx.array(w_res).astype(linear.weight.dtype)
+            a, b = mx.array(a0.T), mx.array(b0.T)
+        if q.bits and quantizable(linear, q.group_size):
+            linear = quantize_linear(linear, q.bits, q.group_size, q.matmul)
+        replace.append((path, LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b)))
+    model.update_modules(tree_unflatten(replace))
+    if q.bits:
+        adapted = {p for p, _ in replace}
+        quantize_rest(model, q.bits, q.group_size, q.matmul, q.embeddings,
+                      skip=lambda p: any(p == a or p.startswith(a + ".") for a in adapted))
+    return factors
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    module = model
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def trainable_params(model: nn.Module) -> dict[str, mx.array]:
+    """Flat {mlx-lm adapter key: array} of the LoRA factors."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def load_trainable(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    expected = set(trainable_params(model))
+    missing, unknown = expected - set(weights), set(weights) - expected
+    if missing or unknown:
+        raise ForgeError(f"adapter weights do not match the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unknown)[:3]}")
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def factors_to_flat(factors: dict) -> dict[str, np.ndarray]:
+    """{path: (A0, B0)} -> mlx-lm keys {path.lora_a: A0ᵀ (in,r), path.lora_b: B0ᵀ (r,out)}."""
+    flat = {}
+    for path, (a0, b0) in factors.items():
+        flat[f"{path}.lora_a"] = np.ascontiguousarray(a0.T)
+        flat[f"{path}.lora_b"] = np.ascontiguousarray(b0.T)
+    return flat
+
+
+def flat_to_factors(flat: dict) -> dict:
+    paths = {k.rsplit(".", 1)[0] for k in flat}
+    return {p: (np.asarray(flat[f"{p}.lora_a"]).T, np.asarray(flat[f"{p}.lora_b"]).T) for p in paths}

@@ -1,0 +1,61 @@
+"""Losses as small pure functions of (model, batch). The training loop takes one as an argument.
+
+Batches are the numpy dicts of forge_core.data (inputs, targets, mask (B, T)), converted to mx arrays.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from forge_core.preference import dpo_terms  # noqa: F401  (re-exported: the formulas live in one place)
+
+
+def token_logps(model, inputs: mx.array, targets: mx.array) -> mx.array:
+    """log p(target_t | inputs_<=t) for every position: (B, T), fp32."""
+    logits = model(inputs).astype(mx.float32)  # (B, T, V)
+    return -nn.losses.cross_entropy(logits, targets, reduction="none")
+
+
+def sft_loss(model, batch) -> tuple[mx.array, mx.array]:
+    """Sum of token NLL over masked (assistant) tokens, and the token count.
+
+    The loop divides by the total token count of the whole (accumulated) batch, so gradient
+    accumulation gives exactly the gradient of the token-mean over the full batch.
+    """
+    logp = token_logps(model, batch["inputs"], batch["targets"])
+    mask = batch["mask"]
+    return -(logp * mask).sum(), mask.sum()
+
+
+def sequence_logps(model, batch) -> mx.array:
+    """Sum of completion-token log-probs per sequence: (2B,) for a concatenated chosen+rejected batch."""
+    logp = token_logps(model, batch["inputs"], batch["targets"])
+    return (logp * batch["mask"]).sum(axis=-1)
+
+
+def dpo_loss(model, batch, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             sft_weight: float = 0.0):
+    """DPO family on ONE concatenated forward: rows [0, B) are chosen, [B, 2B) rejected.
+
+    batch["ref_logps"] (2B,) holds the reference model's sequence log-probs, precomputed before
+    training. Returns (sum of per-pair losses, number of pairs, metrics dict of sums).
+    """
+    logps, ref = sequence_logps(model, batch), batch["ref_logps"]
+    if loss_type == "ipo":  # IPO works on per-token mean log-probs (as TRL does)
+        ntok = mx.maximum(batch["mask"].sum(axis=-1), 1)
+        logps, ref = logps / ntok, ref / ntok
+    n = logps.shape[0] // 2
+    pol_c, pol_r = logps[:n], logps[n:]
+    ref_c, ref_r = ref[:n], ref[n:]
+    losses, reward_c, reward_r = dpo_terms(mx, pol_c, pol_r, ref_c, ref_r, beta, loss_type, label_smoothing)
+    if sft_weight:
+        ntok_c = mx.maximum(batch["mask"][:n].sum(axis=-1), 1)
+        losses = losses + sft_weight * (-pol_c / ntok_c)
+    metrics = {
+        "rewards/chosen": reward_c.sum(), "rewards/rejected": reward_r.sum(),
+        "rewards/margin": (reward_c - reward_r).sum(),
+        "rewards/accuracy": (reward_c > reward_r).astype(mx.float32).sum(),
+        "logps/chosen": pol_c.sum(), "logps/rejected": pol_r.sum(),
+    }
+    return losses.sum(), mx.array(n, dtype=mx.float32), metrics

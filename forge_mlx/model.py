@@ -1,0 +1,155 @@
+"""Loading a base model through mlx-lm's model classes, adapting it, and the adapter dir on disk.
+
+Any architecture mlx-lm supports loads here (Llama, Qwen2/3, Mistral, Gemma, Phi...): we hand
+mlx-lm a local HF dir from forge_core.models and keep its parameter names, so adapter keys are
+mlx-lm's own. Compute dtype: fp32 on the CPU (bf16 is slow there and the BLAS is fp32), bf16 on
+Metal/CUDA, unless model.dtype says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from forge_core.atomic import atomic_dir
+from forge_core.config import ForgeConfig, from_dict, lora_scale
+from forge_core.errors import ForgeError
+
+from .lora import adapt_model, factors_to_flat, flat_to_factors, load_trainable, trainable_params
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def compute_dtype(cfg: ForgeConfig):
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+def load_base(model_spec: str, dtype=mx.float32):
+    """(model, tokenizer wrapper, model_dir) with weights cast to `dtype`, nothing quantized yet."""
+    import mlx_lm.utils
+    from forge_core.models import resolve_model
+
+    model_dir = Path(resolve_model(model_spec))
+    try:
+        model, _ = mlx_lm.utils.load_model(model_dir)
+    except ValueError as e:  # unsupported model_type and similar
+        raise ForgeError(f"{model_dir}: mlx-lm cannot load this model ({e})") from None
+    tokenizer = mlx_lm.utils.load_tokenizer(model_dir)
+    if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+        raise ForgeError(f"{model_dir} is already quantized; give forge the full-precision model "
+                         "(forge quantizes the PiSSA residual itself)")
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model, tokenizer, model_dir
+
+
+def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weights: dict | None = None):
+    """Base -> PiSSA/LoRA on targets -> quantize (residual + rest). Returns (model, tokenizer, model_dir, factors)."""
+    model, tokenizer, model_dir = load_base(cfg.model.path, compute_dtype(cfg))
+    factors = adapt_model(model, cfg, pissa_init=pissa_init)
+    if adapter_weights is not None:
+        load_trainable(model, {k: mx.array(v) for k, v in adapter_weights.items()})
+    mx.eval(model.parameters())
+    return model, tokenizer, model_dir, factors
+
+
+# ---------------------------------------------------------------- adapter directory (mlx-lm layout)
+
+def adapter_config(cfg: ForgeConfig, num_blocks: int, keys: list[str]) -> dict:
+    """mlx-lm's adapter_config.json. mlx-lm applies LoRA to the LAST num_layers blocks."""
+    from forge_core.config import layer_indices
+
+    first = min(layer_indices(cfg.lora.layers, num_blocks))
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": num_blocks - first,
+        "lora_parameters": {"rank": cfg.lora.rank, "scale": lora_scale(cfg.lora), "dropout": cfg.lora.dropout,
+                            "keys": keys},
+    }
+
+
+def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, model_dir: Path,
+                 extra: dict | None = None) -> Path:
+    """Write adapters.safetensors + adapter_config.json + forge.json (+ pissa_init.safetensors), atomically."""
+    from safetensors.numpy import save_file
+    from forge_core.config import layer_indices
+    from forge_core.models import model_hash
+
+    weights = {k: np.array(v.astype(mx.float32)) for k, v in trainable_params(model).items()}
+    keys = sorted({".".join(k.split(".")[3:-1]) for k in weights})  # model.layers.N.<key>.lora_a
+    blocks = len(model.layers)
+    meta = {
+        "format": "forge-adapter", "version": 1, "backend": "mlx",
+        "base_model": cfg.model.path, "base_model_dir": str(model_dir), "base_model_hash": model_hash(model_dir),
+        "init": "pissa" if factors else "lora", "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+        "scale": lora_scale(cfg.lora), "rslora": cfg.lora.rslora, "targets": keys,
+        "layers": layer_indices(cfg.lora.layers, blocks),
+        "quantization": {"bits": cfg.quant.bits, "group_size": cfg.quant.group_size, "mode": "affine"},
+        "config": cfg.to_dict(),
+    }
+    meta.update(extra or {})
+    with atomic_dir(out_dir) as tmp:
+        save_file(weights, str(tmp / "adapters.safetensors"), metadata={"format": "mlx"})
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(cfg, blocks, keys), indent=2) + "\n")
+        (tmp / "forge.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if factors:
+            save_file(factors_to_flat(factors), str(tmp / "pissa_init.safetensors"), metadata={"format": "mlx"})
+    return Path(out_dir)
+
+
+def adapter_dir_of(path) -> Path:
+    """Accept a run dir (its adapter/) or an adapter dir."""
+    path = Path(path)
+    if (path / "adapter" / "forge.json").is_file():
+        return path / "adapter"
+    if (path / "forge.json").is_file():
+        return path
+    raise ForgeError(f"{path}: not a forge adapter or run dir (no forge.json); "
+                     "use `forge convert` to bring a foreign adapter in")
+
+
+def load_adapter_dir(path):
+    """(config, adapter weights {key: np}, pissa factors or None) from a forge adapter dir (mlx layout)."""
+    from safetensors.numpy import load_file
+
+    d = adapter_dir_of(path)
+    meta = json.loads((d / "forge.json").read_text())
+    cfg = from_dict(meta["config"])
+    weights = load_file(str(d / "adapters.safetensors"))
+    pissa = d / "pissa_init.safetensors"
+    factors = flat_to_factors(load_file(str(pissa))) if pissa.is_file() else None
+    return cfg, weights, factors
+
+
+def load_adapted(adapter: str | None, model_spec: str | None = None, quantized: bool = True):
+    """Model + tokenizer for generate/eval: the base alone, or base + forge adapter as trained.
+
+    quantized=False rebuilds the full-precision residual (W_res + s·BA) instead of Q(W_res).
+    """
+    if adapter is None:
+        cfg = ForgeConfig()
+        if model_spec:
+            cfg.model.path = model_spec
+        model, tokenizer, model_dir = load_base(cfg.model.path, compute_dtype(cfg))
+        return model, tokenizer, cfg
+    cfg, weights, factors = load_adapter_dir(adapter)
+    if model_spec:
+        cfg.model.path = model_spec
+    if not quantized:
+        cfg.quant.bits = 0
+    model, tokenizer, _, _ = build_model(cfg, pissa_init=factors, adapter_weights=weights)
+    return model, tokenizer, cfg
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (packed quantized weights counted as stored elements)."""
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    return trainable, total
