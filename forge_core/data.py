@@ -1,0 +1,105 @@
+"""The data pipeline: JSONL / local `datasets` dirs -> token ids + loss masks -> batches (numpy only).
+
+    read_rows(path)                   data_rows.py      (file, line, row) from JSONL, a dir, a datasets dir
+    load_sft / load_preferences       here              rows -> checked -> chat-templated -> truncated
+    pack / BatchOrder / collate_*     data_batches.py   packing, resumable epoch order, padded batches
+    load_tokenizer / ChatTokenizer    data_tokenize.py  assistant-only loss masks via the chat template
+
+A bad row stops the run with `path:line: what is wrong`, or - with DataConfig.skip_bad_rows - is counted
+in DataStats.skipped (first few reasons kept for a warning). transformers is imported only when a
+tokenizer is loaded; `datasets` only for a datasets directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import DataConfig
+from .data_batches import BatchOrder, PackedRow, PreferenceRow, TokenizedRow, collate_dpo, collate_sft, pack
+from .data_rows import RowProblem, iter_rows, parse_preference, parse_sft, read_rows
+from .data_tokenize import ChatTokenizer, load_tokenizer, pad_token_id, truncate_preference, truncate_sft
+from .errors import ForgeError, located
+
+__all__ = ["BatchOrder", "DataStats", "PackedRow", "PreferenceRow", "TokenizedRow", "collate_dpo", "collate_sft",
+           "load_preferences", "load_sft", "load_tokenizer", "pack", "pad_token_id", "read_rows"]
+
+MAX_REASONS = 5
+
+
+@dataclass
+class DataStats:
+    rows: int = 0  # rows kept
+    truncated: int = 0  # kept rows cut to max_seq_len
+    skipped: int = 0  # bad rows dropped (skip_bad_rows)
+    reasons: list[str] = field(default_factory=list)  # the first MAX_REASONS skip reasons, `path:line: what`
+
+    def summary(self) -> str:
+        parts = [f"{self.rows} rows"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated")
+        if self.skipped:
+            parts.append(f"{self.skipped} skipped (first: {self.reasons[0]})")
+        return ", ".join(parts)
+
+
+def _load(path, data_cfg: DataConfig, build) -> tuple[list, DataStats]:
+    """Run `build(row) -> (item, truncated?)` over every row, stopping or skipping on RowProblem."""
+    items, stats = [], DataStats()
+    for file, line, row in iter_rows(path, data_cfg.columns):
+        try:
+            if isinstance(row, RowProblem):
+                raise row
+            item, cut = build(row)
+        except RowProblem as e:
+            where = located(file, line, str(e))
+            if not data_cfg.skip_bad_rows:
+                raise ForgeError(where) from None
+            stats.skipped += 1
+            if len(stats.reasons) < MAX_REASONS:
+                stats.reasons.append(where)
+            continue
+        items.append(item)
+        stats.rows += 1
+        stats.truncated += int(cut)
+    if not items:
+        first = f"; first problem: {stats.reasons[0]}" if stats.reasons else ""
+        raise ForgeError(f"{path}: no usable rows ({stats.skipped} skipped{first})")
+    return items, stats
+
+
+def _check_system(chat: ChatTokenizer, data_cfg: DataConfig) -> None:
+    if data_cfg.system_prompt and not chat.has_template:
+        raise ForgeError("data.system_prompt is set but the tokenizer has no chat template to put it in")
+
+
+def load_sft(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) -> tuple[list[TokenizedRow], DataStats]:
+    """SFT rows -> TokenizedRow(tokens int32 (L,), mask bool (L,)) with L <= max_seq_len.
+
+    mask = assistant content + end-of-turn tokens (all tokens with data_cfg.train_on_prompt); see
+    data_tokenize.py for how turns are located. Packing is a separate step: `pack(rows, max_seq_len)`.
+    """
+    chat = ChatTokenizer(tokenizer)
+    _check_system(chat, data_cfg)
+
+    def build(row):
+        ex = parse_sft(row, data_cfg.system_prompt, data_cfg.columns)
+        tokens, mask, cut = truncate_sft(*chat.sft(ex, data_cfg.train_on_prompt), max_seq_len)
+        return TokenizedRow(tokens, mask), cut
+
+    return _load(path, data_cfg, build)
+
+
+def load_preferences(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) -> tuple[list[PreferenceRow], DataStats]:
+    """Preference rows -> PreferenceRow(prompt, chosen, rejected) with len(prompt) + len(longer) <= max_seq_len.
+
+    Truncation cuts the prompt from the left first, then the completions from the right (truncate_preference).
+    """
+    chat = ChatTokenizer(tokenizer)
+    _check_system(chat, data_cfg)
+
+    def build(row):
+        ex = parse_preference(row, data_cfg.system_prompt, data_cfg.columns)
+        p, c, r, cut = truncate_preference(*chat.preference(ex), max_seq_len)
+        return PreferenceRow(p, c, r), cut
+
+    return _load(path, data_cfg, build)

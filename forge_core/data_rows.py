@@ -1,0 +1,280 @@
+"""Reading training rows and checking their shape - no tokenizer here.
+
+Sources (`iter_rows`):
+    a JSONL file            one JSON object per line; blank lines are ignored; line numbers are 1-based
+    a directory of *.jsonl  every file, sorted by name (recursively)
+    a `datasets` directory  what `Dataset.save_to_disk` wrote (or a DatasetDict: its "train" split);
+                            "line" is then the 1-based row number
+
+Row formats (after `DataConfig.columns` renames: our name -> the dataset's column):
+    SFT          {"messages": [{"role", "content"}, ...]} | {"prompt", "completion"} | {"text"}
+    preference   {"prompt", "chosen", "rejected"}: each a string or a message list; chosen/rejected as a
+                 list hold exactly one assistant message
+    any row may carry "system" (a string) - used when the conversation has no system message.
+
+Problems are raised as `RowProblem(what)`; the caller adds `path:line:` and decides to stop or skip.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ForgeError, located
+
+ROLES = ("system", "user", "assistant")
+FIELDS = ("messages", "prompt", "completion", "text", "chosen", "rejected", "system")
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+               int: "a number", float: "a number", type(None): "null"}
+
+
+class RowProblem(ValueError):
+    """One row is unusable; the message says what is wrong, without the location."""
+
+
+@dataclass
+class SftExample:
+    messages: list[dict] | None = None  # chat form; prompt/completion rows become [system?, user, assistant]
+    text: str | None = None  # a plain-text row
+    prompt: str | None = None  # prompt/completion kept as strings for tokenizers without a chat template
+    completion: str | None = None
+
+
+@dataclass
+class PreferenceExample:
+    prompt: list[dict] | str  # a message list (system included) or a plain string
+    chosen: str
+    rejected: str
+    system: str = ""  # for a string prompt: the system message to put before it ("" = none)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def iter_rows(path, columns: dict | None = None):
+    """Yield (file, line, row) where row is a dict (columns applied) or a RowProblem for a bad line."""
+    columns = check_columns(columns)
+    for file, line, row in _source_rows(path):
+        yield file, line, row if isinstance(row, RowProblem) else _rename(row, columns)
+
+
+def read_rows(path, columns: dict | None = None) -> list[tuple[str, int, dict]]:
+    """All rows of a source as (file, line, row); the first bad line raises ForgeError(`file:line: ...`)."""
+    out = []
+    for file, line, row in iter_rows(path, columns):
+        if isinstance(row, RowProblem):
+            raise ForgeError(located(file, line, str(row)))
+        out.append((file, line, row))
+    return out
+
+
+def check_columns(columns: dict | None) -> dict:
+    columns = dict(columns or {})
+    for ours, theirs in columns.items():
+        if ours not in FIELDS:
+            raise ForgeError(f"data.columns: '{ours}' is not a field Forge reads (fields: {', '.join(FIELDS)})")
+        if not isinstance(theirs, str) or not theirs:
+            raise ForgeError(f"data.columns: '{ours}' must map to a column name, got {theirs!r}")
+    return columns
+
+
+def _rename(row: dict, columns: dict) -> dict:
+    """Apply `our name -> their column`; a mapped column that is absent leaves our name absent too."""
+    if not columns:
+        return row
+    out = {k: v for k, v in row.items() if k not in columns}  # an unmapped field of ours is not read
+    for ours, theirs in columns.items():
+        if theirs in row:
+            out[ours] = row[theirs]
+    return out
+
+
+def _source_rows(path):
+    path = Path(path)
+    if not str(path) or not path.exists():
+        raise ForgeError(f"{path}: data file or directory not found")
+    if path.is_file():
+        yield from _jsonl_rows(path)
+    elif _is_datasets_dir(path):
+        yield from _datasets_rows(path)
+    else:
+        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+        if not files:
+            raise ForgeError(f"{path}: directory has no .jsonl files and is not a `datasets.save_to_disk` directory")
+        for file in files:
+            yield from _jsonl_rows(file)
+
+
+def _jsonl_rows(file: Path):
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise ForgeError(f"{file}: cannot read ({e.strerror})") from None
+    if not data.strip():
+        raise ForgeError(located(file, None, "empty file: no rows"))
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark some editors write
+        data = data[3:]
+    # split on \n only: str.splitlines would also split on \x1c, \u2028... and shift line numbers
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        if raw.strip():
+            yield str(file), n, _parse_line(raw)
+
+
+def _parse_line(raw: bytes) -> dict | RowProblem:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return RowProblem(f"not valid UTF-8 (byte {e.start + 1})")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        return RowProblem(f"not valid JSON ({e.msg} at column {e.colno})")
+    except (ValueError, RecursionError) as e:  # int digit limit, absurd nesting
+        return RowProblem(f"not valid JSON ({type(e).__name__})")
+    if not isinstance(row, dict):
+        return RowProblem(f"expected a JSON object like {{\"messages\": [...]}}, got {json_type(row)}")
+    return row
+
+
+def _is_datasets_dir(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _datasets_rows(path: Path):
+    try:
+        import datasets  # lazy: an optional dependency, and slow to import
+    except ImportError:
+        raise ForgeError(f"{path}: is a `datasets` directory; install the datasets package "
+                         "(pip install 'forge-tune[data]')") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable directory
+        raise ForgeError(f"{path}: cannot load the datasets directory ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if "train" not in ds and len(splits) != 1:
+            raise ForgeError(f"{path}: a DatasetDict with splits {splits} and no 'train'; "
+                             f"point to one split, e.g. {path / splits[0]}")
+        ds = ds["train"] if "train" in ds else ds[splits[0]]
+    for i, row in enumerate(ds):
+        yield str(path), i + 1, dict(row)
+
+
+# ---------------------------------------------------------------- row checks
+
+
+def json_type(value) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def check_text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise RowProblem(f"{where} must be a string, got {json_type(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowProblem(f"{where} holds an unpaired surrogate (a broken \\ud8xx escape)") from None
+    return value
+
+
+def check_messages(value, where: str) -> list[dict]:
+    """A message list -> clean [{"role", "content"}] (other keys dropped, so templates see only these)."""
+    if not isinstance(value, list):
+        raise RowProblem(f"{where} must be a list of {{\"role\", \"content\"}} objects, got {json_type(value)}")
+    if not value:
+        raise RowProblem(f"{where} is empty")
+    out = []
+    for i, m in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(m, dict):
+            raise RowProblem(f"{at} must be an object with 'role' and 'content', got {json_type(m)}")
+        for key in ("role", "content"):
+            if key not in m:
+                raise RowProblem(f"{at} has no '{key}'")
+        role = check_text(m["role"], f"{at}.role")
+        if role not in ROLES:
+            raise RowProblem(f"{at}.role is {role[:40]!r}; allowed: {', '.join(ROLES)}")
+        out.append({"role": role, "content": check_text(m["content"], f"{at}.content")})
+    return out
+
+
+class _Row:
+    """A row plus the column mapping, so every message names the field the way the user wrote it."""
+
+    def __init__(self, data: dict, columns: dict | None):
+        self.data, self.columns = data, columns or {}
+
+    def __contains__(self, field: str) -> bool:
+        return field in self.data
+
+    def name(self, field: str) -> str:
+        theirs = self.columns.get(field)
+        return f"'{theirs}' (data.columns {field})" if theirs and theirs != field else f"'{field}'"
+
+    def raw(self, field: str):
+        if field not in self.data:
+            raise RowProblem(f"missing field {self.name(field)}")
+        return self.data[field]
+
+    def string(self, field: str) -> str:
+        return check_text(self.raw(field), self.name(field))
+
+    def messages(self, field: str) -> list[dict]:
+        return check_messages(self.raw(field), self.name(field))
+
+    def keys(self) -> str:
+        keys = list(self.data)
+        return ", ".join(repr(k)[:40] for k in keys[:8]) + (", ..." if len(keys) > 8 else "") or "none"
+
+    def with_system(self, messages: list[dict], default: str) -> list[dict]:
+        """Put the row's "system" (else the configured default) first unless a system message exists."""
+        system = self.string("system") if "system" in self else default
+        if system and messages[0]["role"] != "system":
+            return [{"role": "system", "content": system}] + messages
+        return messages
+
+
+def parse_sft(row: dict, system: str = "", columns: dict | None = None) -> SftExample:
+    """Check one SFT row and bring it to chat form (or text)."""
+    r = _Row(row, columns)
+    if "messages" in r:
+        msgs = r.messages("messages")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise RowProblem(f"{r.name('messages')} has no assistant turn (nothing to learn from)")
+        return SftExample(messages=r.with_system(msgs, system))
+    if "prompt" in r or "completion" in r:
+        prompt, completion = r.string("prompt"), r.string("completion")
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return SftExample(messages=r.with_system(msgs, system), prompt=prompt, completion=completion)
+    if "text" in r:
+        return SftExample(text=r.string("text"))
+    raise RowProblem("expected 'messages', 'prompt' + 'completion', or 'text' "
+                     f"(found keys: {r.keys()}; map other names with data.columns)")
+
+
+def _completion(r: _Row, field: str) -> str:
+    value = r.raw(field)
+    if isinstance(value, list):
+        msgs = r.messages(field)
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise RowProblem(f"{r.name(field)} as a list must hold exactly one assistant message")
+        return msgs[0]["content"]
+    return r.string(field)
+
+
+def parse_preference(row: dict, system: str = "", columns: dict | None = None) -> PreferenceExample:
+    """Check one preference row: prompt (string or messages), chosen, rejected, optional system."""
+    r = _Row(row, columns)
+    if "prompt" not in r:
+        raise RowProblem(f"missing field {r.name('prompt')} (preference rows need prompt, chosen, rejected; "
+                         f"found keys: {r.keys()})")
+    chosen, rejected = _completion(r, "chosen"), _completion(r, "rejected")
+    if isinstance(r.raw("prompt"), list):
+        msgs = r.messages("prompt")
+        if msgs[-1]["role"] == "assistant":
+            raise RowProblem(f"{r.name('prompt')} ends with an assistant turn; it must end with the user turn")
+        return PreferenceExample(r.with_system(msgs, system), chosen, rejected)
+    prompt = r.string("prompt")
+    own = r.string("system") if "system" in r else system
+    return PreferenceExample(prompt, chosen, rejected, system=own)
