@@ -14,6 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700; give the finished file the mode a plain open() would."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temp path beside `path`; on success rename it over `path` (same filesystem)."""
@@ -25,6 +36,7 @@ def atomic_path(path: str | os.PathLike):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _publish_mode(tmp, is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -64,6 +76,7 @@ def atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish_mode(tmp, is_dir=True)
     old = path.with_name(path.name + ".old")
     if old.exists():
         shutil.rmtree(old)
