@@ -1,0 +1,106 @@
+"""forge_mlx model surgery: PiSSA leaves the model unchanged, QPiSSA beats QLoRA, both matmul paths agree."""
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+nn = pytest.importorskip("mlx.nn")
+
+from forge_core.config import ForgeConfig  # noqa: E402
+from forge_mlx.lora import LoRALinear, trainable_params  # noqa: E402
+from forge_mlx.model import build_model, load_base  # noqa: E402
+from forge_mlx.quant import QuantLinear  # noqa: E402
+
+pytestmark = pytest.mark.mlx
+PROMPT = [[257, 84, 82, 68, 81, 198, 71, 72, 258, 198, 257, 64, 82, 82, 72, 82, 83]]
+
+
+def _cfg(model_dir, init="pissa", bits=0, rank=4, **lora):
+    cfg = ForgeConfig()
+    cfg.model.path = str(model_dir)
+    cfg.lora.init, cfg.lora.rank, cfg.lora.alpha = init, rank, float(rank)
+    cfg.quant.bits, cfg.quant.group_size = bits, 32
+    for k, v in lora.items():
+        setattr(cfg.lora, k, v)
+    return cfg
+
+
+def _logits(model):
+    return np.array(model(mx.array(PROMPT)).astype(mx.float32))
+
+
+def test_pissa_init_leaves_full_precision_output_unchanged(tiny_model):
+    base, _, _ = load_base(str(tiny_model))
+    ref = _logits(base)
+    model, _, _, factors = build_model(_cfg(tiny_model, "pissa", bits=0))
+    assert len(factors) == 14  # 7 targets x 2 layers
+    np.testing.assert_allclose(_logits(model), ref, atol=1e-4)
+
+
+def test_pissa_niter_init_leaves_output_unchanged(tiny_model):
+    base, _, _ = load_base(str(tiny_model))
+    model, _, _, _ = build_model(_cfg(tiny_model, "pissa_niter_2", bits=0))
+    np.testing.assert_allclose(_logits(model), _logits(base), atol=1e-4)
+
+
+def test_qpissa_logits_closer_to_original_than_qlora(tiny_model):
+    """Quantizing the residual (QPiSSA) loses less than quantizing W (QLoRA init, B = 0)."""
+    base, _, _ = load_base(str(tiny_model))
+    ref = _logits(base)
+    qpissa, _, _, _ = build_model(_cfg(tiny_model, "pissa", bits=4, rank=8))
+    qlora, _, _, _ = build_model(_cfg(tiny_model, "lora", bits=4, rank=8))
+    err_pissa = np.abs(_logits(qpissa) - ref).max()
+    err_lora = np.abs(_logits(qlora) - ref).max()
+    assert err_pissa < err_lora
+    assert err_lora < 1.0  # both are within 4-bit quantization error of the original
+
+
+def test_qpissa_quantizes_the_residual_not_w(tiny_model):
+    cfg = _cfg(tiny_model, "pissa", bits=4, rank=4)
+    model, _, _, factors = build_model(cfg)
+    path = "model.layers.0.self_attn.q_proj"
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and isinstance(layer.linear, QuantLinear)
+    base, _, _ = load_base(str(tiny_model))
+    w = np.array(base.model.layers[0].self_attn.q_proj.weight)
+    a0, b0 = factors[path]
+    w_res = w - 1.0 * b0 @ a0
+    deq = np.array(layer.linear.dequantized())
+    err_res = np.abs(deq - w_res).max()
+    assert err_res < 0.1 * np.abs(w_res).max()  # the stored weight is Q(W_res), not Q(W)
+    # reconstruction: ||W - (Q(W_res) + s B0A0)|| < ||W - Q(W)||
+    wq, s, b = mx.quantize(mx.array(w), group_size=32, bits=4)
+    q_w = np.array(mx.dequantize(wq, s, b, group_size=32, bits=4))
+    assert np.linalg.norm(w - (deq + b0 @ a0)) < np.linalg.norm(w - q_w)
+
+
+def test_dequant_and_fused_matmul_paths_agree():
+    w = mx.random.normal((96, 64), key=mx.random.key(0))
+    x = mx.random.normal((3, 5, 64), key=mx.random.key(1))
+    deq = QuantLinear.from_weight(w, None, 32, 4, matmul="dequant")
+    fused = QuantLinear.from_weight(w, None, 32, 4, matmul="fused")
+    np.testing.assert_allclose(np.array(deq(x)), np.array(fused(x)), atol=1e-4)
+
+
+def test_gradient_flows_to_input_through_dequant_path():
+    w = mx.random.normal((96, 64), key=mx.random.key(0))
+    x = mx.random.normal((4, 64), key=mx.random.key(1))
+    a, b = QuantLinear.from_weight(w, None, 32, 4, "dequant"), QuantLinear.from_weight(w, None, 32, 4, "fused")
+    ga = mx.grad(lambda x: a(x).sum())(x)
+    gb = mx.grad(lambda x: b(x).sum())(x)
+    np.testing.assert_allclose(np.array(ga), np.array(gb), atol=1e-4)
+
+
+def test_only_lora_factors_are_trainable_with_mlx_lm_key_names(tiny_model):
+    model, _, _, _ = build_model(_cfg(tiny_model, "lora", bits=4, layers="-1:"))
+    keys = sorted(trainable_params(model))
+    assert keys[0].startswith("model.layers.1.") and all(k.endswith((".lora_a", ".lora_b")) for k in keys)
+    assert len(keys) == 14  # 7 targets in the last layer only
+
+
+def test_fuse_folds_the_adapter_into_a_dense_linear():
+    base = nn.Linear(64, 32, bias=False)
+    layer = LoRALinear(base, rank=4, scale=2.0)
+    layer.lora_b = mx.random.normal((4, 32), key=mx.random.key(2))
+    x = mx.random.normal((2, 64), key=mx.random.key(3))
+    np.testing.assert_allclose(np.array(layer.fuse()(x)), np.array(layer(x)), atol=1e-5)
