@@ -170,13 +170,15 @@ def eval_(adapter, as_json, **kw):
 @click.option("--out", required=True, type=click.Path())
 @click.option("--base", default=None, help="Base model (default: the one recorded in forge.json).")
 @click.option("--quantize", is_flag=True, help="merged: quantize the merged weights afterwards (mlx 4-bit).")
+@click.option("--dtype", type=click.Choice(["float32", "base", "bfloat16", "float16"]), default="float32",
+              help="merged: dtype of the written weights (base = the base checkpoint's own).")
 @click.option("--push-to-hub", default=None, metavar="REPO")
 @friendly
-def export(src, fmt, out, base, quantize, push_to_hub):
+def export(src, fmt, out, base, quantize, dtype, push_to_hub):
     """Export a run or adapter: PEFT dir, merged HF checkpoint, or mlx-lm adapter."""
     from .export import export as do_export
 
-    do_export(src, fmt=fmt, out=out, base=base, quantize=quantize, push_to_hub=push_to_hub)
+    do_export(src, fmt=fmt, out=out, base=base, quantize=quantize, push_to_hub=push_to_hub, dtype=dtype)
 
 
 @cli.command()

@@ -1,0 +1,412 @@
+"""Adapter directories: read either layout into one canonical form, write either layout, PiSSA -> LoRA.
+
+Canonical form, what every function here passes around (docs/FORMATS.md has the full tables):
+
+    Adapter.tensors     {module path: (A (r, in), B (out, r))}   float32    y = W x + scale · B A x
+    Adapter.pissa_init  {module path: (A0, B0)} when init == "pissa":  W = W_res + scale · B0 A0,
+                        so relative to the ORIGINAL W the update is  ΔW = scale · (B A - B0 A0)
+    Adapter.magnitudes  {module path: m (out,)} for DoRA:  W' = m / ||W + ΔW||_row · (W + ΔW)
+
+A forge adapter dir is an mlx-lm dir (adapters.safetensors + adapter_config.json) or a PEFT dir
+(adapter_model.safetensors + adapter_config.json), plus forge.json and, for PiSSA, pissa_init.safetensors.
+Foreign tools never see PiSSA: conversions emit the plain rank-2r LoRA of `to_plain_lora`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import adapters_mapping as mp
+from . import safetensors_io as sio
+from .adapters_mapping import collect, flatten  # noqa: F401 - part of this module's API (backends use them)
+from .atomic import atomic_dir, write_json
+from .errors import ForgeError
+
+WEIGHTS = {"mlx": "adapters.safetensors", "peft": "adapter_model.safetensors"}
+CONFIG, FORGE, PISSA = "adapter_config.json", "forge.json", "pissa_init.safetensors"
+
+
+@dataclass
+class Adapter:
+    tensors: dict  # {module: (A (r, in), B (out, r))} float32
+    scale: float
+    rank: int  # nominal rank (PEFT's r); a module's own rank is A.shape[0]
+    alpha: float  # scale = alpha / rank (alpha / sqrt(rank) with rslora)
+    rslora: bool = False
+    init: str = "lora"  # lora | pissa
+    pissa_init: dict | None = None  # {module: (A0, B0)}
+    magnitudes: dict | None = None  # DoRA {module: m (out,)}
+    dropout: float = 0.0
+    layout: str = "mlx"  # the layout it was read from
+    forge: dict = field(default_factory=dict)  # forge.json as read ({} for a foreign adapter)
+    base_model: str | None = None
+    dtype: str = "float32"  # storage dtype of the source tensors; writers keep it
+    source_config: dict = field(default_factory=dict)  # adapter_config.json as read
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({s[0] for m in self.tensors if (s := mp.split_layer(m))})
+
+    @property
+    def targets(self) -> list[str]:
+        """Leaf names of the adapted modules (q_proj, down_proj, lm_head...), as in lora.targets."""
+        return sorted({m.rsplit(".", 1)[-1] for m in self.tensors})
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def adapter_dir(path) -> Path:
+    """`path` itself, or `path/adapter` for a run dir."""
+    path = Path(path)
+    if not any((path / w).exists() for w in WEIGHTS.values()) and (path / "adapter").is_dir():
+        return path / "adapter"
+    return path
+
+
+def read_json(path) -> dict:
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ForgeError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ForgeError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise ForgeError(f"{path}: expected a JSON object")
+    return obj
+
+
+def read_adapter(path) -> Adapter:
+    """An mlx-lm, PEFT or forge adapter dir (or a run dir) -> canonical Adapter. Refuses what it cannot
+    represent exactly: unknown tensor keys, unpaired A/B, rank mismatches, missing config fields."""
+    d = adapter_dir(path)
+    if not d.is_dir():
+        raise ForgeError(f"{path}: not a directory")
+    present = [lay for lay, w in WEIGHTS.items() if (d / w).exists()]
+    if len(present) != 1:
+        if (d / "adapter_model.bin").exists():
+            raise ForgeError(f"{d}: adapter_model.bin is a pickle; re-save it with safe_serialization=True")
+        what = "both" if present else "neither"
+        raise ForgeError(f"{d}: has {what} of adapters.safetensors (mlx-lm) and "
+                         "adapter_model.safetensors (PEFT)")
+    meta = read_json(d / FORGE) if (d / FORGE).exists() else {}
+    if meta and meta.get("format") != "forge-adapter":
+        raise ForgeError(f"{d / FORGE}: 'format' is {meta.get('format')!r}, expected 'forge-adapter'")
+    adapter = (_read_mlx if present[0] == "mlx" else _read_peft)(d, meta)
+    _apply_forge_meta(adapter, meta, d)
+    if adapter.init == "pissa":
+        adapter.pissa_init = _read_pissa_init(d, adapter)
+    return adapter
+
+
+def _load_weights(path) -> tuple[dict, str]:
+    """Tensors (BF16/F16 upcast to float32, exactly) and the storage dtype name."""
+    infos, _ = sio.read_header(path)
+    tags = {i.dtype for i in infos.values()}
+    dtype = sio.NAMES.get(tags.pop(), "float32") if len(tags) == 1 else "float32"
+    return {k: v.astype(np.float32) for k, v in sio.load(path).items()}, dtype
+
+
+def _read_mlx(d: Path, meta: dict) -> Adapter:
+    cfg = read_json(d / CONFIG)
+    kind = cfg.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora"):
+        raise ForgeError(f"{d / CONFIG}: fine_tune_type '{kind}' is not an adapter forge converts "
+                         "(lora, dora)")
+    mp.need(cfg, "num_layers", d / CONFIG, int)
+    lp = cfg.get("lora_parameters")
+    if not isinstance(lp, dict):
+        raise ForgeError(f"{d / CONFIG}: missing 'lora_parameters' (rank, scale)")
+    rank, scale = mp.need(lp, "rank", d / CONFIG, int), float(mp.need(lp, "scale", d / CONFIG))
+    flat, dtype = _load_weights(d / WEIGHTS["mlx"])
+    tensors, mags = mp.collect(flat, mp.parse_mlx_key, d / WEIGHTS["mlx"], transposed=True)
+    for module, (a, _) in tensors.items():
+        if a.shape[0] != rank:
+            raise ForgeError(f"{d / WEIGHTS['mlx']}: '{module}' has rank {a.shape[0]}, "
+                             f"adapter_config says {rank}")
+    if (kind == "dora") != bool(mags):
+        raise ForgeError(f"{d}: fine_tune_type is '{kind}' but the magnitude vectors (.m) are "
+                         + ("present" if mags else "absent"))
+    rslora = bool(meta.get("rslora", False))
+    return Adapter(tensors, scale, rank, mp.alpha_for(scale, rank, rslora), rslora, magnitudes=mags,
+                   dropout=float(lp.get("dropout", 0.0)), layout="mlx", dtype=dtype, source_config=cfg,
+                   base_model=cfg.get("model"))
+
+
+def _read_peft(d: Path, meta: dict) -> Adapter:
+    cfg = read_json(d / CONFIG)
+    mp.check_peft_config(cfg, d / CONFIG, forge_pissa=meta.get("init") == "pissa")
+    r, alpha = mp.need(cfg, "r", d / CONFIG, int), float(mp.need(cfg, "lora_alpha", d / CONFIG))
+    rslora = bool(cfg.get("use_rslora", False))
+    flat, dtype = _load_weights(d / WEIGHTS["peft"])
+    tensors, mags = mp.collect(flat, mp.parse_peft_key, d / WEIGHTS["peft"], transposed=False)
+    scale = mp.scale_for(alpha, r, rslora)
+    folded = {}
+    for module, (a, b) in tensors.items():
+        r_m = mp.peft_pattern_value(cfg.get("rank_pattern"), module, r)
+        if a.shape[0] != r_m:
+            raise ForgeError(f"{d / WEIGHTS['peft']}: '{module}' has rank {a.shape[0]}, "
+                             f"adapter_config says {r_m}")
+        s_m = mp.scale_for(float(mp.peft_pattern_value(cfg.get("alpha_pattern"), module, alpha)), r_m, rslora)
+        # mlx-lm has one scale: fold this module's own scale into B (B·s_m/s keeps s·B·A = s_m·B·A)
+        folded[module] = (a, b * np.float32(s_m / scale)) if s_m != scale else (a, b)
+    if any(folded[m][1] is not tensors[m][1] for m in tensors):
+        dtype = "float32"  # rescaled B is no longer exactly representable in a 16-bit source dtype
+    return Adapter(folded, scale, r, alpha, rslora, magnitudes=mags,
+                   dropout=float(cfg.get("lora_dropout", 0.0)), layout="peft", dtype=dtype, source_config=cfg,
+                   base_model=cfg.get("base_model_name_or_path"))
+
+
+def _apply_forge_meta(adapter: Adapter, meta: dict, d: Path) -> None:
+    """Take init/base from forge.json; its rank, scale and rsLoRA flag must agree with the config."""
+    if not meta:
+        return
+    where = d / FORGE
+    if meta.get("init", "lora") not in ("lora", "pissa"):
+        raise ForgeError(f"{where}: 'init' is {meta.get('init')!r}, expected lora or pissa")
+    if "rank" in meta and meta["rank"] != adapter.rank:
+        raise ForgeError(f"{where}: rank {meta['rank']} but {CONFIG} says {adapter.rank}")
+    if "rslora" in meta and bool(meta["rslora"]) != adapter.rslora:
+        raise ForgeError(f"{where}: rslora {meta['rslora']} but {CONFIG} says {adapter.rslora}")
+    if "scale" in meta:
+        if not math.isclose(float(meta["scale"]), adapter.scale, rel_tol=1e-6):
+            raise ForgeError(f"{where}: scale {meta['scale']} but {CONFIG} gives {adapter.scale}")
+        adapter.scale = float(meta["scale"])  # exact, where alpha/r may be one rounding off
+    if "alpha" in meta:
+        adapter.alpha = float(meta["alpha"])
+    adapter.init = meta.get("init", "lora")
+    adapter.base_model = meta.get("base_model") or adapter.base_model
+    adapter.forge = meta
+
+
+def _read_pissa_init(d: Path, adapter: Adapter) -> dict:
+    path = d / PISSA
+    if not path.exists():
+        raise ForgeError(f"{d / FORGE}: init is pissa but {PISSA} is missing; without A0, B0 the adapter "
+                         "cannot be applied to the original base model")
+    flat, _ = _load_weights(path)
+    mlx_style = all(mp.parse_mlx_key(k) for k in flat)  # forge_mlx writes mlx keys, forge_cuda PEFT keys
+    parse = mp.parse_mlx_key if mlx_style else mp.parse_peft_key
+    init, mags = mp.collect(flat, parse, path, transposed=mlx_style)
+    if mags or set(init) != set(adapter.tensors):
+        raise ForgeError(f"{path}: must hold A0, B0 for exactly the adapter's {len(adapter.tensors)} modules")
+    for m, (a0, b0) in init.items():
+        a, b = adapter.tensors[m]
+        if a0.shape != a.shape or b0.shape != b.shape:
+            raise ForgeError(f"{path}: '{m}' A0 {a0.shape} B0 {b0.shape} != A {a.shape} B {b.shape}")
+    return init
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+def forge_meta(adapter: Adapter, layout: str) -> dict:
+    """forge.json for `adapter` written in `layout`; a conversion records the source config it came from."""
+    meta = {k: v for k, v in adapter.forge.items() if k != "converted_from"}
+    meta.update({"format": "forge-adapter", "version": 1, "base_model": adapter.base_model,
+                 "base_model_hash": adapter.forge.get("base_model_hash"), "init": adapter.init,
+                 "rank": adapter.rank, "alpha": adapter.alpha, "scale": adapter.scale,
+                 "rslora": adapter.rslora, "dora": adapter.magnitudes is not None,
+                 "targets": adapter.targets, "layers": adapter.layers,
+                 "quantization": adapter.forge.get("quantization"), "config": adapter.forge.get("config")})
+    if layout != adapter.layout and adapter.source_config:
+        meta["converted_from"] = {"layout": adapter.layout, "adapter_config": adapter.source_config}
+    elif "converted_from" in adapter.forge:
+        meta["converted_from"] = adapter.forge["converted_from"]
+    return meta
+
+
+def _carried(adapter: Adapter, layout: str) -> dict | None:
+    """The adapter_config.json this adapter last had in `layout` (lossless round trips)."""
+    if adapter.layout == layout:
+        return adapter.source_config
+    conv = adapter.forge.get("converted_from") or {}
+    return conv.get("adapter_config") if conv.get("layout") == layout else None
+
+
+def write_files(adapter: Adapter, d: Path, layout: str, total_layers: int | None = None) -> None:
+    """Weights, adapter_config.json, forge.json (+ pissa_init.safetensors) in `layout` into an existing dir.
+
+    mlx-lm has one rank for all modules: lower-rank modules are zero-padded. PEFT keeps per-module
+    ranks (rank_pattern). A PiSSA adapter is written in its forge form (see to_plain_lora).
+    """
+    tensors, init, dora = adapter.tensors, adapter.pissa_init, adapter.magnitudes is not None
+    if layout == "mlx":
+        r = max(a.shape[0] for a, _ in tensors.values())
+        tensors = {m: mp.pad_rank(a, b, r) for m, (a, b) in tensors.items()}
+        init = {m: mp.pad_rank(a, b, r) for m, (a, b) in init.items()} if init else None
+        derived = mp.mlx_config(tensors, r, adapter.scale, adapter.dropout, dora, total_layers)
+        cfg = mp.keep_mlx_config(_carried(adapter, "mlx"), derived, tensors, total_layers)
+    else:
+        ranks = {m: a.shape[0] for m, (a, _) in tensors.items()}
+        cfg = mp.peft_config(ranks, adapter.rank, adapter.scale, adapter.rslora, adapter.dropout, dora,
+                             adapter.base_model, total_layers)
+        if adapter.init == "pissa":
+            cfg["init_lora_weights"] = "pissa"  # a forge PiSSA dir: NOT valid on the original base by itself
+    meta = {"format": "mlx" if layout == "mlx" else "pt"}
+    flat = mp.flatten(tensors, adapter.magnitudes, layout)
+    sio.save(d / WEIGHTS[layout], flat, meta, as_dtype=adapter.dtype)
+    write_json(d / CONFIG, cfg)
+    write_json(d / FORGE, forge_meta(adapter, layout))
+    if adapter.init == "pissa":
+        sio.save(d / PISSA, mp.flatten(init, None, layout), meta, as_dtype=adapter.dtype)
+
+
+def write_mlx_adapter(adapter: Adapter, path, total_layers: int | None = None) -> Path:
+    """Write an mlx-lm (+ forge.json) adapter dir atomically; a PiSSA adapter keeps its forge form."""
+    with atomic_dir(path) as tmp:
+        write_files(adapter, tmp, "mlx", total_layers)
+    return Path(path)
+
+
+def write_peft_adapter(adapter: Adapter, path, total_layers: int | None = None) -> Path:
+    """Write a PEFT (+ forge.json) adapter dir atomically; a PiSSA adapter keeps its forge form."""
+    with atomic_dir(path) as tmp:
+        write_files(adapter, tmp, "peft", total_layers)
+    return Path(path)
+
+
+# ---- math ---------------------------------------------------------------------------------------
+
+def to_plain_lora(adapter: Adapter) -> Adapter:
+    """PiSSA -> a plain LoRA valid on the ORIGINAL base (identity for a plain LoRA).
+
+        s·(B A - B0 A0) = s · [B, -B0] · [A; A0],   so  A' = [A; A0] (2r, in),  B' = [B, -B0] (out, 2r).
+    The scale stays s: with PEFT's alpha, r' = 2r needs alpha' = 2·alpha (rsLoRA: alpha' = sqrt(2)·alpha).
+    """
+    if adapter.init != "pissa":
+        return adapter
+    tensors = {}
+    for m, (a, b) in adapter.tensors.items():
+        a0, b0 = adapter.pissa_init[m]
+        tensors[m] = (np.concatenate([a, a0], axis=0), np.concatenate([b, -b0], axis=1))
+    alpha = adapter.alpha * (math.sqrt(2.0) if adapter.rslora else 2.0)
+    forge = {**adapter.forge, "pissa_to_lora": {"rank": adapter.rank, "alpha": adapter.alpha}}
+    return dataclasses.replace(adapter, tensors=tensors, rank=2 * adapter.rank, alpha=alpha, init="lora",
+                               pissa_init=None, forge=forge)
+
+
+def _delta64(adapter: Adapter, module: str) -> np.ndarray:
+    """s·(B A - B0 A0) of one module in float64 (no B0 A0 term for a plain LoRA)."""
+    a, b = adapter.tensors[module]
+    delta = b.astype(np.float64) @ a.astype(np.float64)
+    if adapter.init == "pissa":
+        a0, b0 = adapter.pissa_init[module]
+        delta -= b0.astype(np.float64) @ a0.astype(np.float64)
+    return adapter.scale * delta
+
+
+def delta_weights(adapter: Adapter) -> dict[str, np.ndarray]:
+    """{module: ΔW (out, in) float32} with ΔW = s·(B A - B0 A0) (B0 A0 = 0 for plain LoRA).
+
+    Products in float64, one rounding to float32 at the end. DoRA has no additive delta: see merged_weight.
+    """
+    if adapter.magnitudes is not None:
+        raise ForgeError("a DoRA adapter has no additive ΔW; merge it with merged_weight(adapter, module, W)")
+    return {m: _delta64(adapter, m).astype(np.float32) for m in adapter.tensors}
+
+
+def merged_weight(adapter: Adapter, module: str, w: np.ndarray) -> np.ndarray:
+    """W (out, in) -> W + ΔW (LoRA / PiSSA), or m / ||W + ΔW||_row · (W + ΔW) (DoRA).
+
+    Summed in float64 and rounded once to float32, so the merge adds no error beyond that rounding.
+    """
+    merged = w.astype(np.float64) + _delta64(adapter, module)
+    if adapter.magnitudes is not None:
+        merged *= (adapter.magnitudes[module].astype(np.float64) / np.linalg.norm(merged, axis=1))[:, None]
+    return merged.astype(np.float32)
+
+
+# ---- the base model and `forge convert` ----------------------------------------------------------
+
+def resolve_base(spec: str) -> Path:
+    """A local HF dir for `spec` via forge_core.models.resolve_model (a plain local dir until it exists)."""
+    try:
+        from .models import resolve_model
+    except ImportError:
+        if Path(spec).is_dir():
+            return Path(spec)
+        raise ForgeError(f"base model '{spec}': not a local directory (pass --base DIR)") from None
+    return Path(resolve_model(spec))
+
+
+def local_base(adapter: Adapter) -> Path | None:
+    """The recorded base when it is already on disk (forge.json's base_model, or the dir a backend
+    resolved it to, base_model_dir) - found without downloading or importing anything."""
+    for spec in (adapter.base_model, adapter.forge.get("base_model_dir")):
+        if spec and Path(spec).is_dir():
+            return Path(spec)
+    return None
+
+
+def base_linear_shapes(base: Path) -> tuple[dict[str, tuple[int, int]], int | None]:
+    """{module: (out, in)} of every 2-D '<module>.weight' (packed quantized weights unpacked) and the
+    number of blocks - read from config.json and safetensors headers only."""
+    cfg = read_json(base / "config.json")
+    headers = {n: i.shape for f in sio.checkpoint_files(base) for n, i in sio.read_header(f)[0].items()}
+    q = cfg.get("quantization") or cfg.get("quantization_config") or {}
+    bits = q.get("bits") if isinstance(q, dict) else None
+    shapes = {}
+    for name, shape in headers.items():
+        if name.endswith(".weight") and len(shape) == 2:
+            module = name[: -len(".weight")]
+            packed = bits and f"{module}.scales" in headers
+            shapes[module] = (shape[0], shape[1] * 32 // bits if packed else shape[1])
+    total = cfg.get("num_hidden_layers", (cfg.get("text_config") or {}).get("num_hidden_layers"))
+    return shapes, total
+
+
+def check_against_base(adapter: Adapter, base: Path) -> int | None:
+    """Refuse modules the base lacks or whose shapes differ; returns the base's number of blocks."""
+    shapes, total = base_linear_shapes(base)
+    for m, (a, b) in sorted(adapter.tensors.items()):
+        if m not in shapes:
+            raise ForgeError(f"adapter module '{m}' is not a linear layer of the base {base}; wrong --base?")
+        if (b.shape[0], a.shape[1]) != shapes[m]:
+            raise ForgeError(f"'{m}': adapter A {a.shape} / B {b.shape} needs a weight of shape "
+                             f"{(b.shape[0], a.shape[1])}, the base {base} has {shapes[m]}; wrong --base?")
+    return total
+
+
+def read_for_output(src, dst) -> Adapter:
+    """read_adapter(src), refusing a destination that is the source itself (it would be replaced)."""
+    adapter = read_adapter(src)
+    if Path(dst).resolve() in (Path(src).resolve(), adapter_dir(src).resolve()):
+        raise ForgeError(f"{dst}: the output must not be the source adapter dir")
+    return adapter
+
+
+def for_foreign_tools(adapter: Adapter, base: str | None) -> Adapter:
+    """What conversions and exports write: the plain LoRA (PiSSA -> rank 2r), named after an explicit
+    --base when one was given."""
+    plain = to_plain_lora(adapter)
+    return dataclasses.replace(plain, base_model=base) if base else plain
+
+
+def describe(adapter: Adapter, plain: Adapter) -> str:
+    if adapter.init == "pissa":
+        return f"PiSSA rank {adapter.rank} as plain LoRA rank {plain.rank}"
+    return f"{'DoRA' if adapter.magnitudes else 'LoRA'} rank {plain.rank}"
+
+
+def convert(src, dst, to: str, base: str | None = None) -> Path:
+    """`forge convert SRC DST --to peft|mlx`: a plain LoRA (PiSSA -> rank 2r) in the other layout.
+
+    Shapes are checked against --base (resolved) or else the recorded base when it is on disk.
+    An explicit --base also becomes the output's base model name.
+    """
+    import click
+
+    adapter = read_for_output(src, dst)
+    base_dir = resolve_base(base) if base else local_base(adapter)
+    total = check_against_base(adapter, base_dir) if base_dir else None
+    plain = for_foreign_tools(adapter, base)
+    (write_peft_adapter if to == "peft" else write_mlx_adapter)(plain, dst, total)
+    unchecked = "" if base_dir else " (shapes not checked: no local base; pass --base)"
+    click.echo(f"wrote {dst}: {to} adapter, {len(plain.tensors)} modules, {describe(adapter, plain)}, "
+               f"scale {plain.scale:g}{unchecked}")
+    return Path(dst)
