@@ -104,3 +104,27 @@ def evaluate(cfg: ForgeConfig, adapter: str | None = None, model_spec: str | Non
         result.update(score_rows(preds, [ref for _, ref in pairs], metric=cfg.eval.metric))
         result["examples"] = len(pairs)
     return result
+
+
+def evaluate_preferences(cfg: ForgeConfig, adapter: str | None = None) -> dict:
+    """On the held-out pairs: how often the model itself prefers chosen (log π(y_w) > log π(y_l))."""
+    import numpy as np
+
+    from forge_core import data as fdata
+
+    from .losses import sequence_logps
+
+    net, tokenizer, _ = load_adapted(adapter, None if adapter else cfg.model.path)
+    densify_for_cpu(net)
+    net.eval()
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    rows, _ = fdata.load_preferences(cfg.data.valid or cfg.data.train, hf, cfg.data, cfg.train.max_seq_len)
+    pad = fdata.pad_token_id(hf)
+    margins = []
+    for s in range(0, len(rows), cfg.train.batch_size):
+        chunk = rows[s:s + cfg.train.batch_size]
+        b = {k: mx.array(v) for k, v in fdata.collate_dpo(chunk, pad).items()}
+        lp = np.array(sequence_logps(net, b))
+        margins.append(lp[:len(chunk)] - lp[len(chunk):])
+    m = np.concatenate(margins)
+    return {"pref_accuracy": float((m > 0).mean()), "logp_margin": float(m.mean()), "pairs": int(len(m))}

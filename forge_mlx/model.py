@@ -89,7 +89,7 @@ def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, mod
         "format": "forge-adapter", "version": 1, "backend": "mlx",
         "base_model": cfg.model.path, "base_model_dir": str(model_dir), "base_model_hash": model_hash(model_dir),
         "init": "pissa" if factors else "lora", "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-        "scale": lora_scale(cfg.lora), "rslora": cfg.lora.rslora, "targets": keys,
+        "scale": lora_scale(cfg.lora), "rslora": cfg.lora.rslora, "targets": sorted({k.split(".")[-1] for k in keys}),
         "layers": layer_indices(cfg.lora.layers, blocks),
         "quantization": {"bits": cfg.quant.bits, "group_size": cfg.quant.group_size, "mode": "affine"},
         "config": cfg.to_dict(),

@@ -185,7 +185,7 @@ def _loop(cfg, run, model, optimizer, obj, micro, apply, start, steps, console, 
                 run.log(rec)
                 bar.update(step, loss, rec["tok_s"], rec["peak_memory"])
                 if not bar.progress.live.is_started or bar.progress.disable:
-                    console.print(_line(rec))
+                    console.print(_line(rec), soft_wrap=True)
                 tokens, tic = 0, time.perf_counter()
             else:
                 bar.update(step)
@@ -193,7 +193,7 @@ def _loop(cfg, run, model, optimizer, obj, micro, apply, start, steps, console, 
                 rec = {"split": "valid", "step": step, **obj.evaluate()}
                 if rec.get("loss") is not None:
                     run.log(rec)
-                    console.print(_line(rec))
+                    console.print(_line(rec), soft_wrap=True)
                 model.train()
             if step % t.save_every == 0 or step == steps or step == stop_at:
                 save_checkpoint(run, step, model, optimizer, {"data": obj.state()})
@@ -223,3 +223,8 @@ def reference_model_logps(model, batches) -> np.ndarray:
     fn = mx.compile(partial(sequence_logps, model))
     out = [np.array(fn(b)) for b in batches]
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def set_memory_limit(nbytes: int) -> None:
+    """Runtime guard from the memory plan: MLX's allocator will not grow past the device budget."""
+    mx.set_memory_limit(int(nbytes))
