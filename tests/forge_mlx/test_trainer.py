@@ -103,3 +103,33 @@ def test_existing_run_dir_is_not_overwritten(tiny_model, jsonl, tmp_path):
     train(cfg)
     with pytest.raises(ForgeError, match="--resume"):
         train(cfg)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model, jsonl, tmp_path):
+    data = jsonl("train.jsonl", _rows())
+    plain = train(_cfg(tiny_model, data, tmp_path / "plain", steps=4))
+    ckpt = train(_cfg(tiny_model, data, tmp_path / "ckpt", steps=4, grad_checkpoint=True))
+    np.testing.assert_allclose(_losses(ckpt), _losses(plain), atol=1e-5)
+
+
+def test_cli_train_generate_eval(tiny_model, jsonl, tmp_path):
+    from click.testing import CliRunner
+
+    from forge_core.cli import cli
+
+    data = jsonl("train.jsonl", _rows(8))
+    out = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", "--model", str(tiny_model), "--data", str(data), "--steps", "2",
+                              "--out", str(out), "--rank", "4", "--set", "quant.group_size=32"])
+    assert res.exit_code == 0, res.output
+    assert (out / "adapter" / "forge.json").is_file()
+    res = runner.invoke(cli, ["generate", "--adapter", str(out), "--prompt", "color 1", "--max-tokens", "5"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["eval", "--adapter", str(out), "--valid", str(data), "--json",
+                              "--set", "eval.limit=2", "--set", "eval.max_new_tokens=4"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output[res.output.index("{"):])
+    assert result["examples"] == 2 and result["loss"] > 0 and 0 <= result["exact"] <= 1
+    bad = runner.invoke(cli, ["train", "--model", str(tiny_model), "--data", str(tmp_path / "missing.jsonl")])
+    assert bad.exit_code == 2 and "missing.jsonl" in bad.output
