@@ -67,3 +67,9 @@ def preload() -> str | None:
 def status() -> tuple[str | None, str]:
     """(path of the preloaded BLAS or None, why not)."""
     return _loaded, _reason
+
+
+def warn_if_slow(console) -> None:
+    """One line when MLX runs on Linux with its reference BLAS (fp32 matmul ~90x slower)."""
+    if platform.system() == "Linux" and _loaded is None and not os.environ.get("FORGE_NO_BLAS_PRELOAD"):
+        console.print(f"[yellow]note: MLX is using its reference BLAS - training will be slow ({_reason})")

@@ -29,6 +29,7 @@ from forge_core.progress import TrainProgress, human_bytes
 from forge_core.rundir import RunDir, total_steps
 
 from . import objectives
+from .blas import warn_if_slow
 from .checkpoint import load_checkpoint, save_checkpoint
 from .lora import factors_to_flat, flat_to_factors
 from .model import build_model, count_params, load_adapter_dir, save_adapter
@@ -104,6 +105,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", resume: str | None = None, consol
           stop_at: int | None = None):
     """Run (or resume) a training run; returns the run dir. `stop_at` ends early as a kill would (tests)."""
     console = console or Console(stderr=True)
+    warn_if_slow(console)
     run = RunDir(resume or cfg.train.out_dir)
     if resume:
         cfg = from_dict(run.load_config())
