@@ -11,10 +11,16 @@ import mlx.nn as nn
 from forge_core.preference import dpo_terms  # noqa: F401  (re-exported: the formulas live in one place)
 
 
-def token_logps(model, inputs: mx.array, targets: mx.array) -> mx.array:
-    """log p(target_t | inputs_<=t) for every position: (B, T), fp32."""
-    logits = model(inputs).astype(mx.float32)  # (B, T, V)
-    return -nn.losses.cross_entropy(logits, targets, reduction="none")
+def token_logps(model, inputs: mx.array, targets: mx.array, batch: dict | None = None) -> mx.array:
+    """log p(target_t | inputs_<=t) for every position: (B, T), fp32. Packed batches (segment_ids,
+    position_ids) run with attention kept inside each row (packing.py)."""
+    if batch is not None and "segment_ids" in batch:
+        from .packing import packed_logits
+
+        logits = packed_logits(model, inputs, batch["segment_ids"], batch["position_ids"])
+    else:
+        logits = model(inputs)
+    return -nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")  # (B, T)
 
 
 def sft_loss(model, batch) -> tuple[mx.array, mx.array]:
@@ -23,7 +29,7 @@ def sft_loss(model, batch) -> tuple[mx.array, mx.array]:
     The loop divides by the total token count of the whole (accumulated) batch, so gradient
     accumulation gives exactly the gradient of the token-mean over the full batch.
     """
-    logp = token_logps(model, batch["inputs"], batch["targets"])
+    logp = token_logps(model, batch["inputs"], batch["targets"], batch)
     mask = batch["mask"]
     return -(logp * mask).sum(), mask.sum()
 

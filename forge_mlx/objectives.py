@@ -14,7 +14,6 @@ import mlx.core as mx
 import numpy as np
 
 from forge_core import data as fdata
-from forge_core.errors import ForgeError
 
 from .losses import dpo_loss, sequence_logps, sft_loss
 
@@ -60,10 +59,15 @@ class SFTObjective(_Base):
 
     def __init__(self, cfg, model, tokenizer, console):
         tok = _hf_tokenizer(tokenizer)
-        if cfg.data.packing:
-            raise ForgeError("data.packing is not supported by the MLX backend yet; set data.packing=false")
         rows, stats = fdata.load_sft(cfg.data.train, tok, cfg.data, cfg.train.max_seq_len)
         _report(console, cfg.data.train, stats)
+        if cfg.data.packing:
+            from .packing import enable_packing
+
+            enable_packing(model)
+            packed = fdata.pack(rows, cfg.train.max_seq_len)
+            console.print(f"packed {len(rows)} rows into {len(packed)} sequences of <= {cfg.train.max_seq_len} tokens")
+            rows = packed
         super().__init__(cfg, rows)
         self.valid = []
         if cfg.data.valid:
