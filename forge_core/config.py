@@ -119,7 +119,7 @@ class ForgeConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(ForgeConfig) if f.name != "backend"}
+SECTIONS = {name: cls for name, cls in typing.get_type_hints(ForgeConfig).items() if name != "backend"}
 
 _CHOICES = {
     "backend": {"auto", "mlx", "cuda"},
