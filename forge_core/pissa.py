@@ -12,7 +12,23 @@ variant (`niter` > 0) is Halko et al.'s subspace iteration, the same idea as tor
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+
+# Below this many elements a BLAS thread pool costs more than it gives, and on a busy machine
+# OpenBLAS's spinning threads made one 1536x576 SVD take 30 s instead of 1.8 s (docs/BENCHMARKS.md).
+SINGLE_THREAD_ELEMENTS = 8_000_000
+
+
+def _blas_threads(w: np.ndarray):
+    if w.size >= SINGLE_THREAD_ELEMENTS:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def top_singular(w: np.ndarray, rank: int, niter: int = 0, seed: int = 0):
@@ -22,6 +38,11 @@ def top_singular(w: np.ndarray, rank: int, niter: int = 0, seed: int = 0):
     and 2*rank oversampling columns.
     """
     w = np.asarray(w, dtype=np.float32)
+    with _blas_threads(w):
+        return _top_singular(w, rank, niter, seed)
+
+
+def _top_singular(w: np.ndarray, rank: int, niter: int, seed: int):
     if niter <= 0:
         u, s, vt = np.linalg.svd(w, full_matrices=False)
         return u[:, :rank], s[:rank], vt[:rank]
