@@ -129,7 +129,9 @@ def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = No
             a, b = mx.array(a0.T), mx.array(b0.T)
         if q.bits and quantizable(linear, q.group_size):
             linear = quantize_linear(linear, q.bits, q.group_size, q.matmul)
-        replace.append((path, LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b)))
+        wrapped = LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b)
+        mx.eval(wrapped.parameters())  # materialize now: the dense W of this layer can be freed
+        replace.append((path, wrapped))
     model.update_modules(tree_unflatten(replace))
     if q.bits:
         adapted = {p for p, _ in replace}

@@ -31,14 +31,19 @@ def compute_dtype(cfg: ForgeConfig):
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
-def load_base(model_spec: str, dtype=mx.float32):
-    """(model, tokenizer wrapper, model_dir) with weights cast to `dtype`, nothing quantized yet."""
+def load_base(model_spec: str, dtype=mx.float32, lazy: bool = False):
+    """(model, tokenizer wrapper, model_dir) with weights cast to `dtype`, nothing quantized yet.
+
+    lazy=True leaves the weights unevaluated (read from the safetensors on first use), so model
+    surgery can materialize, factorize and quantize one linear at a time: the dense model is never
+    resident as a whole.
+    """
     import mlx_lm.utils
     from forge_core.models import resolve_model
 
     model_dir = Path(resolve_model(model_spec))
     try:
-        model, _ = mlx_lm.utils.load_model(model_dir)
+        model, _ = mlx_lm.utils.load_model(model_dir, lazy=True)
     except ValueError as e:  # unsupported model_type and similar
         raise ForgeError(f"{model_dir}: mlx-lm cannot load this model ({e})") from None
     tokenizer = mlx_lm.utils.load_tokenizer(model_dir)
@@ -46,13 +51,14 @@ def load_base(model_spec: str, dtype=mx.float32):
         raise ForgeError(f"{model_dir} is already quantized; give forge the full-precision model "
                          "(forge quantizes the PiSSA residual itself)")
     model.set_dtype(dtype)
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     return model, tokenizer, model_dir
 
 
 def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weights: dict | None = None):
     """Base -> PiSSA/LoRA on targets -> quantize (residual + rest). Returns (model, tokenizer, model_dir, factors)."""
-    model, tokenizer, model_dir = load_base(cfg.model.path, compute_dtype(cfg))
+    model, tokenizer, model_dir = load_base(cfg.model.path, compute_dtype(cfg), lazy=True)
     factors = adapt_model(model, cfg, pissa_init=pissa_init)
     if adapter_weights is not None:
         load_trainable(model, {k: mx.array(v) for k, v in adapter_weights.items()})

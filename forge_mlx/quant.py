@@ -71,7 +71,9 @@ def quantize_rest(model: nn.Module, bits: int, group_size: int, matmul: str = "a
         if skip(path):
             continue
         if quantizable(module, group_size) and (embeddings or not path.endswith("lm_head")):
-            replace.append((path, quantize_linear(module, bits, group_size, matmul)))
+            layer = quantize_linear(module, bits, group_size, matmul)
+            mx.eval(layer.parameters())  # one dense weight alive at a time (lazy-loaded models)
+            replace.append((path, layer))
         elif embeddings and isinstance(module, nn.Embedding) and module.weight.shape[-1] % group_size == 0:
             replace.append((path, nn.QuantizedEmbedding.from_embedding(module, group_size=group_size, bits=bits)))
     if replace:
