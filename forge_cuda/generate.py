@@ -1,0 +1,148 @@
+"""`forge generate` and `forge eval` on PyTorch: base (+ adapter), chat template, transformers' generate().
+
+On the CPU, inference dequantizes each 4/8-bit layer ONCE into a dense fp32 nn.Linear with the same
+values (Q(W_res), bit for bit): token-by-token decoding would otherwise dequantize every layer for every
+token. Training keeps weights packed (quant.py). Sampling: greedy at temp 0, else plain temperature
+sampling (no top-k / top-p), as forge_mlx does.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import nn
+
+from forge_core.config import ForgeConfig
+from forge_core.eval_rows import prompts_and_references
+
+from .model import load_adapted
+from .quant import is_quantized, set_module
+
+
+def densify_for_cpu(model: nn.Module) -> None:
+    """Replace quantized linears by nn.Linear with their dequantized weights (CPU inference only)."""
+    if next(model.parameters()).device.type != "cpu":
+        return
+    for path, m in [(p, m) for p, m in model.named_modules() if is_quantized(m)]:
+        dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(m.dequantized(torch.float32))
+            if m.bias is not None:
+                dense.bias.copy_(m.bias.float())
+        set_module(model, path, dense.requires_grad_(False))
+
+
+def _chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return tokenizer.encode("\n".join(m["content"] for m in messages))
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    return sorted(ids)
+
+
+def _streamer(tokenizer, callback):
+    """A transformers TextStreamer that hands each finished piece of text to `callback`."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if text:
+                callback(text)
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: float = 0.0, stream=None) -> str:
+    from transformers import GenerationConfig
+
+    model.eval()
+    ids = _chat_prompt(tokenizer, messages)
+    device = next(model.parameters()).device
+    inputs = torch.tensor([ids], device=device)
+    stop = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [0])[0]
+    sampling = {"do_sample": True, "temperature": temp, "top_k": 0, "top_p": 1.0} if temp > 0 else {"do_sample": False}
+    gen = GenerationConfig(max_new_tokens=max_tokens, eos_token_id=stop or None, pad_token_id=pad, **sampling)
+    out = model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=gen,
+                         streamer=_streamer(tokenizer, stream) if stream else None)
+    return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+def generate(model=None, adapter=None, prompt="", system="", max_tokens=96, temp=0.0) -> str:
+    net, tokenizer, _ = load_adapted(adapter, model)
+    densify_for_cpu(net)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = complete(net, tokenizer, messages, max_tokens, temp,
+                    stream=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    return text
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, cfg: ForgeConfig, path: str) -> dict:
+    from forge_core import data as fdata
+
+    from .losses import sft_loss
+    from .objectives import to_device
+
+    rows, _ = fdata.load_sft(path, tokenizer, cfg.data, cfg.train.max_seq_len)
+    pad, device = fdata.pad_token_id(tokenizer), next(model.parameters()).device
+    total = count = 0.0
+    for s in range(0, len(rows), cfg.train.batch_size):
+        b = fdata.collate_sft(rows[s:s + cfg.train.batch_size], pad, max_len=cfg.train.max_seq_len)
+        ls, c = sft_loss(model, to_device(b, device))
+        total, count = total + ls.item(), count + c.item()
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": int(count)}
+
+
+def evaluate(cfg: ForgeConfig, adapter: str | None = None, model_spec: str | None = None) -> dict:
+    """Held-out loss/perplexity and, when the metric applies, the task metric by greedy generation."""
+    from forge_core.metrics import score_rows
+
+    net, tokenizer, _ = load_adapted(adapter, model_spec or (cfg.model.path if not adapter else None))
+    densify_for_cpu(net)
+    net.eval()
+    path = cfg.data.valid or cfg.data.train
+    result = heldout_loss(net, tokenizer, cfg, path)
+    if cfg.eval.metric != "none":
+        pairs = prompts_and_references(path, cfg.data)
+        if cfg.eval.limit:
+            pairs = pairs[: cfg.eval.limit]
+        preds = [complete(net, tokenizer, msgs, cfg.eval.max_new_tokens) for msgs, _ in pairs]
+        result.update(score_rows(preds, [ref for _, ref in pairs], metric=cfg.eval.metric))
+        result["examples"] = len(pairs)
+    return result
+
+
+@torch.no_grad()
+def evaluate_preferences(cfg: ForgeConfig, adapter: str | None = None) -> dict:
+    """On the held-out pairs: how often the model itself prefers chosen (log π(y_w) > log π(y_l))."""
+    import numpy as np
+
+    from forge_core import data as fdata
+
+    from .losses import sequence_logps
+    from .objectives import to_device
+
+    net, tokenizer, _ = load_adapted(adapter, None if adapter else cfg.model.path)
+    densify_for_cpu(net)
+    net.eval()
+    rows, _ = fdata.load_preferences(cfg.data.valid or cfg.data.train, tokenizer, cfg.data, cfg.train.max_seq_len)
+    pad, device = fdata.pad_token_id(tokenizer), next(net.parameters()).device
+    margins = []
+    for s in range(0, len(rows), cfg.train.batch_size):
+        chunk = rows[s:s + cfg.train.batch_size]
+        lp = sequence_logps(net, to_device(fdata.collate_dpo(chunk, pad), device)).float().cpu().numpy()
+        margins.append(lp[:len(chunk)] - lp[len(chunk):])
+    m = np.concatenate(margins)
+    return {"pref_accuracy": float((m > 0).mean()), "logp_margin": float(m.mean()), "pairs": len(m)}

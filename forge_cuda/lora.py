@@ -1,0 +1,190 @@
+"""The LoRA layer and the PiSSA / QPiSSA model surgery (PyTorch), mirroring forge_mlx.lora.
+
+         x ──► base_layer(x) ─────────────────────┐   base_layer: nn.Linear, or QuantLinear holding Q(W_res)
+         │                                       (+)──► y
+         └──► dropout ──► @ lora_Aᵀ ──► @ lora_Bᵀ ─┘ × scale
+                           (r, in)      (out, r)
+
+Names follow PEFT (`<module>.base_layer`, `<module>.lora_A`, `<module>.lora_B`) and the tensors have
+PEFT's shapes, so the trainable parameters map 1:1 to PEFT adapter keys
+`base_model.model.<module>.lora_A.weight`.
+
+Init "lora": lora_A kaiming-uniform(a=√5) as PEFT does (= uniform(±1/√in), forge_mlx's bound), lora_B = 0.
+Init "pissa": (lora_A, lora_B) = (A0, B0) from the top-r SVD of W (forge_core.pissa, numpy: the same
+factors as forge_mlx), and the base holds W_res = W − s·B0A0, quantized if the run quantizes (QPiSSA:
+the residual, never W), one layer at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from forge_core import adapters_mapping as mp
+from forge_core.adapters import collect
+from forge_core.config import DEFAULT_TARGETS, ForgeConfig, layer_indices, lora_init_kind, lora_scale
+from forge_core.errors import ForgeError
+from forge_core.pissa import pissa_factors, residual
+
+from .quant import is_quantized, quant_kind, quantize_linear, quantize_rest, set_module
+
+
+class LoRALinear(nn.Module):
+    """y = base_layer(x) + scale · dropout(x) @ lora_Aᵀ @ lora_Bᵀ; A, B are fp32 master weights."""
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0,
+                 lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        out_f, in_f = base.out_features, base.in_features
+        self.base_layer = base
+        self.scale = scale
+        self.dropout = nn.Dropout(p=dropout)
+        if lora_A is None:
+            lora_A = torch.empty(rank, in_f)
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)
+        if lora_B is None:
+            lora_B = torch.zeros(out_f, rank)
+        device = next(base.parameters()).device
+        # copy=True: a given A0/B0 (often a view of the numpy PiSSA factors) must not train in place
+        self.lora_A = nn.Parameter(lora_A.detach().to(device, torch.float32, copy=True).contiguous())
+        self.lora_B = nn.Parameter(lora_B.detach().to(device, torch.float32, copy=True).contiguous())
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        z = (self.dropout(x) @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T
+        return y + (self.scale * z).to(y.dtype)
+
+    def delta(self) -> torch.Tensor:
+        """scale · B @ A in (out, in) weight layout."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def fuse(self) -> nn.Linear:
+        """Fold the adapter into a dense nn.Linear (dequantizing a quantized base; never requantizing)."""
+        base = self.base_layer
+        w = base.dequantized(torch.float32) if is_quantized(base) else base.weight.float()
+        fused = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=w.device)
+        with torch.no_grad():
+            fused.weight.copy_(w + self.delta())
+            if base.bias is not None:
+                fused.bias.copy_(base.bias.float())
+        return fused
+
+
+def num_blocks(model: nn.Module) -> int:
+    return model.config.get_text_config().num_hidden_layers
+
+
+def target_paths(model: nn.Module, cfg: ForgeConfig) -> list[str]:
+    """Module paths to adapt: `<...>.layers.N.<...>.<target>` for the selected blocks."""
+    chosen = set(layer_indices(cfg.lora.layers, num_blocks(model)))
+    targets = cfg.lora.targets or DEFAULT_TARGETS
+    all_linear = "all-linear" in targets
+    paths = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or ".layers." not in f".{path}":
+            continue
+        parts = path.split(".")
+        block = int(parts[parts.index("layers") + 1])
+        if block in chosen and (all_linear or parts[-1] in targets):
+            paths.append(path)
+    if not paths:
+        names = sorted({p.split(".")[-1] for p, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ForgeError(f"lora.targets {targets} matched no linear layer in the chosen blocks "
+                         f"(names look like {', '.join(names[:10])})")
+    return sorted(paths, key=lambda p: [int(s) if s.isdigit() else s for s in p.split(".")])
+
+
+def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = None, device="cpu",
+                compute_dtype=torch.float32) -> dict:
+    """Wrap the target linears with LoRA (PiSSA when configured), quantize the base, move it to `device`.
+
+    Layer by layer: SVD of the full-precision W (CPU, fp32), W_res quantized onto the device, next layer -
+    never a second full copy of the model. `pissa_init` ({path: (A0 (r,in), B0 (out,r)) numpy}) reuses
+    stored factors (resume, reload) so the SVD never runs twice. Returns the PiSSA factors used ({} for LoRA).
+    """
+    kind, niter = lora_init_kind(cfg.lora.init)
+    rank, scale, q = cfg.lora.rank, lora_scale(cfg.lora), cfg.quant
+    qkind = quant_kind(q)
+    model.requires_grad_(False)
+    factors, adapted = {}, []
+    for i, path in enumerate(target_paths(model, cfg)):
+        linear = model.get_submodule(path)
+        if is_quantized(linear) and kind == "pissa":
+            raise ForgeError(f"{path} is already quantized: PiSSA needs full-precision weights "
+                             "(load an unquantized model; forge quantizes the residual itself)")
+        a = b = None
+        if kind == "pissa":
+            w = linear.weight.detach().float().cpu().numpy()
+            if pissa_init is not None and path in pissa_init:
+                a0, b0 = pissa_init[path]
+                w_res = residual(w, a0, b0, scale)
+            else:
+                a0, b0, w_res = pissa_factors(w, rank, scale, niter=niter, seed=cfg.train.seed + i)
+            factors[path] = (a0, b0)
+            linear.weight.data = torch.from_numpy(w_res).to(linear.weight.dtype)
+            a, b = torch.from_numpy(np.asarray(a0, np.float32)), torch.from_numpy(np.asarray(b0, np.float32))
+        linear = quantize_linear(linear, qkind, q.double_quant, compute_dtype, device, q.matmul) if qkind \
+            else linear.to(device)
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + i)  # LoRA init: reproducible per layer
+        set_module(model, path, LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b, generator=gen))
+        adapted.append(path)
+    if qkind:
+        quantize_rest(model, qkind, q.double_quant, compute_dtype, device, q.matmul, q.embeddings,
+                      skip=lambda p: any(p == a or p.startswith(a + ".") for a in adapted))
+    model.to(device)
+    return factors
+
+
+def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Flat {"<module>.lora_A" | "<module>.lora_B": parameter}, in module order."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, weights: dict) -> None:
+    """Copy {trainable name: array/tensor} into the LoRA parameters; every key must match."""
+    params = trainable_params(model)
+    missing, unknown = set(params) - set(weights), set(weights) - set(params)
+    if missing or unknown:
+        raise ForgeError(f"adapter weights do not match the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unknown)[:3]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            v = torch.as_tensor(np.asarray(weights[k]) if not torch.is_tensor(weights[k]) else weights[k])
+            if tuple(v.shape) != tuple(p.shape):
+                raise ForgeError(f"adapter weight {k}: shape {tuple(v.shape)}, the model needs {tuple(p.shape)}")
+            p.copy_(v.to(p.device, p.dtype))
+
+
+def tensors_to_flat(tensors: dict) -> dict[str, np.ndarray]:
+    """Canonical {module: (A (r,in), B (out,r))} -> trainable names {module.lora_A: A, module.lora_B: B}."""
+    flat = {}
+    for m, (a, b) in tensors.items():
+        flat[f"{m}.lora_A"], flat[f"{m}.lora_B"] = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return flat
+
+
+def flat_to_tensors(flat: dict) -> dict:
+    """Inverse of tensors_to_flat."""
+    mods = {k.rsplit(".", 1)[0] for k in flat}
+    return {m: (np.asarray(flat[f"{m}.lora_A"]), np.asarray(flat[f"{m}.lora_B"])) for m in sorted(mods)}
+
+
+def factors_to_flat(factors: dict) -> dict[str, np.ndarray]:
+    """{path: (A0, B0)} -> PEFT keys {base_model.model.<path>.lora_A.weight: A0 (r,in), ...lora_B.weight: B0}."""
+    flat = {}
+    for path, (a0, b0) in factors.items():
+        flat[mp.peft_key(path, "A")] = np.ascontiguousarray(a0, np.float32)
+        flat[mp.peft_key(path, "B")] = np.ascontiguousarray(b0, np.float32)
+    return flat
+
+
+def flat_to_factors(flat: dict) -> dict:
+    """PEFT-layout keys (ours) or mlx-lm keys (a forge_mlx run's pissa_init) -> {path: (A0, B0)}."""
+    peft = all(k.startswith(mp.PEFT_PREFIX) for k in flat)
+    factors, _ = collect(dict(flat), mp.parse_peft_key if peft else mp.parse_mlx_key, "pissa_init",
+                         transposed=not peft)
+    return factors

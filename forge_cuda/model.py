@@ -1,0 +1,178 @@
+"""Loading a base model with transformers, adapting it, and the adapter dir on disk (PEFT layout).
+
+Any architecture transformers' AutoModelForCausalLM loads works (Llama, Qwen2/3, Mistral, Gemma, Phi...):
+forge_core.models turns every model spec (HF dir, hub id, GGUF, bundled name) into a local HF dir, loaded
+with trust_remote_code=False and safetensors only. Compute dtype: fp32 on the CPU, bf16 on CUDA (fp16
+where the GPU has no bf16), unless model.dtype says otherwise. Attention: "sdpa" where the model has it.
+The full-precision weights are loaded on the CPU; adapt_model moves them to the GPU layer by layer,
+quantized, so the GPU never holds the dense model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from forge_core.config import ForgeConfig, from_dict, layer_indices, lora_scale
+from forge_core.errors import ForgeError
+
+from .lora import adapt_model, flat_to_tensors, load_trainable, num_blocks, tensors_to_flat, trainable_params
+from .quant import BLOCKSIZE, quant_kind
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(cfg: ForgeConfig):
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    if device().type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_base(model_spec: str, dtype=torch.float32):
+    """(model on the CPU in `dtype`, tokenizer, model_dir), nothing quantized yet."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from forge_core.data import load_tokenizer
+    from forge_core.models import resolve_model
+
+    model_dir = Path(resolve_model(model_spec))
+    hf_cfg = json.loads((model_dir / "config.json").read_text())
+    if hf_cfg.get("quantization_config") or hf_cfg.get("quantization"):
+        raise ForgeError(f"{model_dir} is already quantized; give forge the full-precision model "
+                         "(forge quantizes the PiSSA residual itself)")
+    kwargs = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True}
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # forge prints its own one line about the model
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa", **kwargs)
+        except ValueError as e:  # this architecture has no SDPA attention
+            if "sdpa" not in str(e).lower():
+                raise
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager", **kwargs)
+    except (ValueError, OSError, KeyError) as e:  # unsupported model_type, missing files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ForgeError(f"{model_dir}: transformers cannot load this model ({first[:200]})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model, load_tokenizer(model_dir), model_dir
+
+
+def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weights: dict | None = None):
+    """Base -> PiSSA/LoRA on targets -> quantize (residual + rest) -> device. Returns (model, tokenizer, model_dir, factors)."""
+    dtype = compute_dtype(cfg)
+    model, tokenizer, model_dir = load_base(cfg.model.path, dtype)
+    factors = adapt_model(model, cfg, pissa_init=pissa_init, device=device(), compute_dtype=dtype)
+    if adapter_weights is not None:
+        load_trainable(model, adapter_weights)
+    return model, tokenizer, model_dir, factors
+
+
+# ---------------------------------------------------------------- adapter directory (PEFT layout)
+
+def _adapter(model: nn.Module, cfg: ForgeConfig, factors: dict, meta: dict):
+    from forge_core.adapters import Adapter
+
+    flat = {k: v.detach().float().cpu().numpy() for k, v in trainable_params(model).items()}
+    return Adapter(flat_to_tensors(flat), lora_scale(cfg.lora), cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora,
+                   init="pissa" if factors else "lora", pissa_init=dict(factors) if factors else None,
+                   dropout=cfg.lora.dropout, layout="peft", forge=meta, base_model=cfg.model.path)
+
+
+def adapter_config(cfg: ForgeConfig, num_blocks: int, modules: list[str]) -> dict:
+    """PEFT's adapter_config.json for LoRA on `modules`: peft_type LORA, r, lora_alpha, target_modules..."""
+    from forge_core.adapters_mapping import peft_config
+
+    ranks = {m: cfg.lora.rank for m in modules}
+    out = peft_config(ranks, cfg.lora.rank, lora_scale(cfg.lora), cfg.lora.rslora, cfg.lora.dropout, False,
+                      cfg.model.path, num_blocks)
+    if cfg.lora.init != "lora":
+        out["init_lora_weights"] = "pissa"  # a forge PiSSA dir: valid on W_res, see pissa_init.safetensors
+    return out
+
+
+def quant_meta(cfg: ForgeConfig) -> dict:
+    kind = quant_kind(cfg.quant)
+    return {"bits": cfg.quant.bits, "mode": kind or "none", "blocksize": BLOCKSIZE if kind else None,
+            "double_quant": cfg.quant.double_quant if kind in ("nf4", "fp4") else False,
+            "compute_dtype": str(compute_dtype(cfg)).replace("torch.", "")}
+
+
+def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, model_dir: Path,
+                 extra: dict | None = None) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json + forge.json (+ pissa_init.safetensors), atomically."""
+    from forge_core.adapters import write_peft_adapter
+    from forge_core.models import model_hash
+
+    blocks = num_blocks(model)
+    meta = {
+        "format": "forge-adapter", "version": 1, "backend": "cuda",
+        "base_model": cfg.model.path, "base_model_dir": str(model_dir), "base_model_hash": model_hash(model_dir),
+        "init": "pissa" if factors else "lora", "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+        "scale": lora_scale(cfg.lora), "rslora": cfg.lora.rslora,
+        "layers": layer_indices(cfg.lora.layers, blocks), "quantization": quant_meta(cfg), "config": cfg.to_dict(),
+    }
+    meta.update(extra or {})
+    return write_peft_adapter(_adapter(model, cfg, factors, meta), out_dir, total_layers=blocks)
+
+
+def adapter_dir_of(path) -> Path:
+    """Accept a run dir (its adapter/) or an adapter dir."""
+    path = Path(path)
+    if (path / "adapter" / "forge.json").is_file():
+        return path / "adapter"
+    if (path / "forge.json").is_file():
+        return path
+    raise ForgeError(f"{path}: not a forge adapter or run dir (no forge.json); "
+                     "use `forge convert` to bring a foreign adapter in")
+
+
+def load_adapter_dir(path):
+    """(config, adapter weights {trainable name: np}, pissa factors or None) from a forge adapter dir.
+
+    Either layout reads: PEFT (this backend) or mlx-lm (forge_mlx), via forge_core.adapters.
+    """
+    from forge_core.adapters import read_adapter
+
+    d = adapter_dir_of(path)
+    adapter = read_adapter(d)
+    if not isinstance(adapter.forge.get("config"), dict):
+        raise ForgeError(f"{d / 'forge.json'}: no 'config' (the training config); not written by forge train")
+    return from_dict(adapter.forge["config"]), tensors_to_flat(adapter.tensors), adapter.pissa_init
+
+
+def load_adapted(adapter: str | None, model_spec: str | None = None, quantized: bool = True):
+    """Model + tokenizer for generate/eval: the base alone, or base + forge adapter as trained.
+
+    quantized=False keeps the full-precision residual (W_res + s·BA) instead of Q(W_res).
+    """
+    if adapter is None:
+        cfg = ForgeConfig()
+        if model_spec:
+            cfg.model.path = model_spec
+        model, tokenizer, _ = load_base(cfg.model.path, compute_dtype(cfg))
+        return model.to(device()), tokenizer, cfg
+    cfg, weights, factors = load_adapter_dir(adapter)
+    if model_spec:
+        cfg.model.path = model_spec
+    if not quantized:
+        cfg.quant.bits = 0
+    model, tokenizer, _, _ = build_model(cfg, pissa_init=factors, adapter_weights=weights)
+    return model, tokenizer, cfg
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (packed quantized weights counted as stored elements)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,183 @@
+"""What the loop optimises: data + loss + eval for SFT and for DPO, behind one small interface (as forge_mlx).
+
+    obj.loss_fn(model, batch) -> (loss sum, count, {metric: sum})
+    obj.next_batch() -> dict of tensors on the device    obj.evaluate() -> {metric: mean}
+    obj.state() / obj.restore(state)                      the data position, for exact resume
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+import torch
+
+from forge_core import data as fdata
+
+from .losses import dpo_loss, sequence_logps, sft_loss
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _eval_batches(n: int, size: int, limit: int):
+    starts = list(range(0, n, size))
+    return starts[:limit] if limit else starts
+
+
+class _Base:
+    kind = ""
+
+    def __init__(self, cfg, rows):
+        self.cfg, self.rows = cfg, rows
+        self.n_rows = len(rows)
+        self.order = fdata.BatchOrder(len(rows), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
+
+    def state(self) -> dict:
+        return self.order.state()
+
+    def restore(self, state: dict | None) -> None:
+        if state:
+            self.order = fdata.BatchOrder.from_state(self.n_rows, self.cfg.train.batch_size, state)
+
+    def epoch(self) -> float:
+        return float(self.order.epoch)
+
+
+class SFTObjective(_Base):
+    kind = "sft"
+
+    def __init__(self, cfg, model, tokenizer, console):
+        rows, stats = fdata.load_sft(cfg.data.train, tokenizer, cfg.data, cfg.train.max_seq_len)
+        _report(console, cfg.data.train, stats)
+        if cfg.data.packing:
+            from .packing import enable_packing
+
+            enable_packing(model)
+            packed = fdata.pack(rows, cfg.train.max_seq_len)
+            console.print(f"packed {len(rows)} rows into {len(packed)} sequences of <= {cfg.train.max_seq_len} tokens")
+            rows = packed
+        super().__init__(cfg, rows)
+        self.valid = []
+        if cfg.data.valid:
+            self.valid, vstats = fdata.load_sft(cfg.data.valid, tokenizer, cfg.data, cfg.train.max_seq_len)
+            _report(console, cfg.data.valid, vstats)
+        self.pad, self.model, self.device = fdata.pad_token_id(tokenizer), model, _device(model)
+        self.loss_fn = lambda m, b: (*sft_loss(m, b), {})
+
+    def _collate(self, rows) -> dict:
+        return to_device(fdata.collate_sft(rows, self.pad, max_len=self.cfg.train.max_seq_len), self.device)
+
+    def next_batch(self):
+        return self._collate([self.rows[i] for i in self.order.next_batch()])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if not self.valid:
+            return {}
+        self.model.eval()
+        size = self.cfg.train.batch_size
+        total, count = 0.0, 0.0
+        for s in _eval_batches(len(self.valid), size, self.cfg.train.eval_batches):
+            ls, c = sft_loss(self.model, self._collate(self.valid[s:s + size]))
+            total, count = total + ls.item(), count + c.item()
+        loss = total / max(count, 1)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50))}
+
+
+class DPOObjective(_Base):
+    """DPO against the policy at initialisation, whose log-probs are computed once before training.
+
+    For PiSSA the policy at init is W_res + s·B0A0 (= the original model), not the adapter-off model
+    W_res; continuing from an SFT adapter it is that adapter. Either way it is exactly the model built
+    before the first step, so we score the data with it and never keep a second copy of the weights.
+    """
+
+    kind = "dpo"
+
+    def __init__(self, cfg, model, tokenizer, run, console):
+        rows, stats = fdata.load_preferences(cfg.data.train, tokenizer, cfg.data, cfg.train.max_seq_len)
+        _report(console, cfg.data.train, stats)
+        super().__init__(cfg, rows)
+        self.valid = []
+        if cfg.data.valid:
+            self.valid, vstats = fdata.load_preferences(cfg.data.valid, tokenizer, cfg.data, cfg.train.max_seq_len)
+            _report(console, cfg.data.valid, vstats)
+        self.pad, self.model, self.device = fdata.pad_token_id(tokenizer), model, _device(model)
+        d = cfg.dpo
+        self.loss_fn = partial(dpo_loss, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                               sft_weight=d.sft_weight)
+        self.ref, self.ref_valid = self._reference(run, console)
+
+    def _collate(self, rows, ref: np.ndarray, idx) -> dict:
+        b = fdata.collate_dpo(rows, self.pad)
+        b["ref_logps"] = np.concatenate([ref[idx, 0], ref[idx, 1]]).astype(np.float32)
+        return to_device(b, self.device)
+
+    @torch.no_grad()
+    def _score(self, rows) -> np.ndarray:
+        """(N, 2) chosen/rejected sequence log-probs of the current model, in row order."""
+        self.model.eval()
+        size, out = self.cfg.train.batch_size, []
+        for s in range(0, len(rows), size):
+            chunk = rows[s:s + size]
+            lp = sequence_logps(self.model, to_device(fdata.collate_dpo(chunk, self.pad), self.device))
+            lp = lp.float().cpu().numpy()
+            out.append(np.stack([lp[:len(chunk)], lp[len(chunk):]], axis=1))
+        return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+
+    def _reference(self, run, console):
+        from safetensors.numpy import load_file
+
+        from forge_core.atomic import save_safetensors
+
+        f = run.file("reference_logps.safetensors")
+        if f.is_file():
+            cached = load_file(str(f))
+            if cached["train"].shape[0] == self.n_rows and cached["valid"].shape[0] == len(self.valid):
+                return cached["train"], cached["valid"]
+        console.print(f"scoring {self.n_rows + len(self.valid)} pairs with the reference (policy at init)...")
+        ref = {"train": self._score(self.rows), "valid": self._score(self.valid).reshape(-1, 2)}
+        save_safetensors(f, ref)
+        return ref["train"], ref["valid"]
+
+    def next_batch(self):
+        idx = np.array(self.order.next_batch())
+        return self._collate([self.rows[i] for i in idx], self.ref, idx)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if not self.valid:
+            return {}
+        self.model.eval()
+        size, sums, n = self.cfg.train.batch_size, {}, 0.0
+        for s in _eval_batches(len(self.valid), size, self.cfg.train.eval_batches):
+            idx = np.arange(s, min(s + size, len(self.valid)))
+            loss, c, metrics = self.loss_fn(self.model, self._collate(self.valid[s:s + size], self.ref_valid, idx))
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            n += c.item()
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _report(console, path, stats) -> None:
+    msg = f"{path}: {stats.rows} rows"
+    if stats.truncated:
+        msg += f", {stats.truncated} truncated to max_seq_len"
+    if stats.skipped:
+        msg += f", {stats.skipped} skipped ({'; '.join(stats.reasons[:3])})"
+    console.print(msg)
+
+
+def build(kind: str, cfg, model, tokenizer, run, console):
+    if kind == "sft":
+        return SFTObjective(cfg, model, tokenizer, console)
+    if kind == "dpo":
+        return DPOObjective(cfg, model, tokenizer, run, console)
+    raise ValueError(kind)

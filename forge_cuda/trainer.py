@@ -1,0 +1,247 @@
+"""The training loop (PyTorch): one readable path from a config to an adapter, for SFT and DPO.
+
+    config -> base model (CPU) -> PiSSA on targets (fp32 SVD) -> quantize W_res and the rest onto the
+    device, layer by layer -> LoRA -> data -> [DPO: reference log-probs, once] -> loop(loss_fn)
+    -> checkpoints -> RUN/adapter (PEFT layout)
+
+The same loop as forge_mlx.trainer: `objective` gives a loss function of (model, batch) returning
+(sum of losses, count, metric sums), a batch source and an eval. backward() runs on the SUM; before the
+optimizer step the gradients are divided by the count over all accumulated micro-batches, so grad
+accumulation equals one big batch exactly (and that division is where a DDP all-reduce would go).
+The learning rate of update k is schedule(k - 1), the same schedule forge_mlx builds from mlx's
+warmup/cosine/linear pieces. train.compile is not used here: the loop runs eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+
+from forge_core.config import ForgeConfig, from_dict
+from forge_core.errors import ForgeError
+from forge_core.progress import TrainProgress, human_bytes
+from forge_core.rundir import RunDir, total_steps
+
+from . import objectives
+from .checkpoint import load_checkpoint, save_checkpoint
+from .lora import factors_to_flat, flat_to_factors, trainable_params
+from .model import build_model, count_params, load_adapter_dir, save_adapter
+
+
+def lr_schedule(train_cfg, steps: int):
+    """i (0-based update index) -> lr: linear warmup lr/warmup -> lr over `warmup` updates, then cosine /
+    linear decay to lr·min_lr_ratio over the remaining updates (or constant). forge_mlx's formulas."""
+    t = train_cfg
+    warmup = min(t.warmup, max(steps - 1, 0))
+    end, n = t.lr * t.min_lr_ratio, max(steps - warmup, 1)
+
+    def decay(s):
+        s = min(s, n)
+        if t.schedule == "cosine":
+            return end + 0.5 * (1.0 + math.cos(math.pi / n * s)) * (t.lr - end)
+        if t.schedule == "linear":
+            return t.lr + (end - t.lr) * s / n
+        return t.lr
+
+    def schedule(i: int) -> float:
+        if warmup > 0 and i < warmup:
+            start = t.lr / warmup
+            return start + (t.lr - start) * i / warmup
+        return decay(i - warmup if warmup > 0 else i)
+
+    return schedule
+
+
+def make_optimizer(cfg: ForgeConfig, steps: int, params):
+    """AdamW (torch), or bitsandbytes' 8-bit AdamW / paged 8-bit AdamW (train.optimizer). lr is set per step."""
+    t, params = cfg.train, list(params)
+    lr = lr_schedule(t, steps)(0)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+    if t.optimizer == "paged_adamw8bit" and not params[0].is_cuda:
+        raise ForgeError("train.optimizer paged_adamw8bit pages optimizer state between GPU and CPU memory and "
+                         "needs a CUDA GPU; on this machine use adamw8bit or adamw")
+    from .quant import bnb
+
+    cls = bnb.optim.AdamW8bit if t.optimizer == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    return cls(params, lr=lr, weight_decay=t.weight_decay)
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Gradient checkpointing per transformer block (transformers' own, non-reentrant): recompute
+    activations in backward. Parameter names are unchanged."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def peak_memory() -> int:
+    """Peak bytes: CUDA allocator peak on a GPU, the process's peak RSS on the CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _model_and_factors(cfg, kind, run):
+    """Build the model; PiSSA factors come from the run dir (resume) or the SFT adapter we continue (DPO)."""
+    from safetensors.numpy import load_file
+
+    from forge_core.atomic import save_safetensors
+
+    pissa_init, adapter_weights = None, None
+    if run.file("pissa_init.safetensors").is_file():
+        pissa_init = flat_to_factors(load_file(str(run.file("pissa_init.safetensors"))))
+    if kind == "dpo" and cfg.dpo.adapter:
+        _, adapter_weights, start_factors = load_adapter_dir(cfg.dpo.adapter)
+        pissa_init = pissa_init or start_factors
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer, model_dir, factors = build_model(cfg, pissa_init=pissa_init, adapter_weights=adapter_weights)
+    if factors and not run.file("pissa_init.safetensors").is_file():
+        save_safetensors(run.file("pissa_init.safetensors"), factors_to_flat(factors))
+    return model, tokenizer, model_dir, factors
+
+
+def train(cfg: ForgeConfig, kind: str = "sft", resume: str | None = None, console: Console | None = None,
+          stop_at: int | None = None):
+    """Run (or resume) a training run; returns the run dir. `stop_at` ends early as a kill would (tests)."""
+    console = console or Console(stderr=True)
+    run = RunDir(resume or cfg.train.out_dir)
+    if resume:
+        cfg = from_dict(run.load_config())
+    else:
+        if run.latest() is not None:
+            raise ForgeError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
+        run.save_config(cfg.to_dict())
+
+    t0 = time.perf_counter()
+    model, tokenizer, model_dir, factors = _model_and_factors(cfg, kind, run)
+    trainable, total = count_params(model)
+    console.print(f"model {cfg.model.path}: {total / 1e6:.1f}M stored params, {trainable / 1e6:.2f}M trainable "
+                  f"({cfg.lora.init}, rank {cfg.lora.rank}, base {cfg.quant.bits or 'full'}-bit), "
+                  f"built in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
+
+    obj = objectives.build(kind, cfg, model, tokenizer, run, console)
+    steps = total_steps(cfg.train, obj.n_rows)
+    optimizer = make_optimizer(cfg, steps, trainable_params(model).values())
+    loop = load_checkpoint(run, model, optimizer) if resume else {"step": 0}
+    start = loop["step"]
+    obj.restore(loop.get("data"))
+    if resume:
+        run.truncate_metrics(start)
+        console.print(f"resuming {run.path} at step {start}/{steps}")
+    if cfg.train.grad_checkpoint:
+        checkpoint_blocks(model)
+
+    _loop(cfg, run, model, optimizer, obj, lr_schedule(cfg.train, steps), start, steps, console, stop_at)
+    if stop_at is not None and stop_at < steps:
+        return run.path
+    save_adapter(run.file("adapter"), model, cfg, factors, model_dir, extra={"kind": kind, "steps": steps})
+    run.plot(title=f"{kind.upper()} {cfg.model.path}")
+    console.print(f"adapter written to {run.file('adapter')}")
+    return run.path
+
+
+def _add(acc: dict | None, new: dict) -> dict:
+    new = {k: v.detach() for k, v in new.items()}
+    return new if acc is None else {k: acc[k] + v for k, v in new.items()}
+
+
+def train_step(model, optimizer, obj, grad_accum: int, lr: float, max_grad_norm: float):
+    """One optimizer step over `grad_accum` micro-batches -> (loss_sum, count, metric sums, grad norm, tokens)."""
+    params = list(trainable_params(model).values())
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, count, msum, tokens = 0.0, 0.0, None, 0
+    for _ in range(grad_accum):
+        batch = obj.next_batch()
+        ls, c, m = obj.loss_fn(model, batch)
+        ls.backward()  # gradient of the SUM; divided by the total count below
+        loss_sum, count, msum = loss_sum + ls.detach(), count + c.detach(), _add(msum, m)
+        tokens += batch["inputs"].numel()
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(count)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, count, msum or {}, norm, tokens
+
+
+def _loop(cfg, run, model, optimizer, obj, schedule, start, steps, console, stop_at):
+    t = cfg.train
+    tokens, tic = 0, time.perf_counter()
+    model.train()
+    with TrainProgress(steps, start, label=obj.kind, console=console) as bar:
+        for step in range(start + 1, steps + 1):
+            torch.manual_seed(t.seed * 1_000_003 + step)  # RNG is a function of the step: exact resume
+            lr = schedule(step - 1)
+            loss_sum, count, msum, norm, n_tok = train_step(model, optimizer, obj, t.grad_accum, lr, t.max_grad_norm)
+            tokens += n_tok
+            loss = (loss_sum / count).item()
+            if not math.isfinite(loss):
+                last = run.latest()
+                where = f"last good checkpoint: step {last[0]} ({last[1]})" if last else "no checkpoint was saved yet"
+                raise ForgeError(f"loss became {loss} at step {step}; stopped - {where}. "
+                                 "Lower train.lr or check the data.")
+            if step % t.log_every == 0 or step == steps or step == start + 1:
+                elapsed = time.perf_counter() - tic
+                rec = {"split": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": float(norm),
+                       "tok_s": tokens / max(elapsed, 1e-9), "peak_memory": peak_memory(), "epoch": obj.epoch()}
+                rec.update({k: (v / count).item() for k, v in msum.items()})
+                run.log(rec)
+                bar.update(step, loss, rec["tok_s"], rec["peak_memory"])
+                if not bar.progress.live.is_started or bar.progress.disable:
+                    console.print(_line(rec), soft_wrap=True)
+                tokens, tic = 0, time.perf_counter()
+            else:
+                bar.update(step)
+            if (t.eval_every and step % t.eval_every == 0) or step == steps:
+                rec = {"split": "valid", "step": step, **obj.evaluate()}
+                if rec.get("loss") is not None:
+                    run.log(rec)
+                    console.print(_line(rec), soft_wrap=True)
+                model.train()
+            if step % t.save_every == 0 or step == steps or step == stop_at:
+                save_checkpoint(run, step, model, optimizer, {"data": obj.state()})
+            if step == stop_at:
+                return
+
+
+def _line(rec: dict) -> str:
+    parts = [f"{rec['split']} step {rec['step']}"]
+    for k, v in rec.items():
+        if k in ("split", "step") or not isinstance(v, (int, float)):
+            continue
+        if k == "peak_memory":
+            parts.append(f"peak {human_bytes(v)}")
+        elif k == "tok_s":
+            parts.append(f"{v:.0f} tok/s")
+        else:
+            parts.append(f"{k} {v:.4g}")
+    return "  ".join(parts)
+
+
+@torch.no_grad()
+def reference_model_logps(model, batches) -> np.ndarray:
+    """Sequence log-probs of the model as it is now (eval mode), for a list of DPO batches (tensors)."""
+    from .losses import sequence_logps
+
+    model.eval()
+    out = [sequence_logps(model, b).float().cpu().numpy() for b in batches]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def set_memory_limit(nbytes: int) -> None:
+    """Runtime guard from the memory plan: on CUDA the caching allocator will not grow past `nbytes`
+    (an out-of-memory error instead of a thrashing machine). The CPU has no such allocator knob: no-op."""
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max(int(nbytes), 1) / total))
