@@ -20,7 +20,8 @@ from .lora import load_trainable, trainable_params
 
 
 def _to_numpy(tree) -> dict[str, np.ndarray]:
-    return {k: np.array(v) for k, v in tree_flatten(tree) if isinstance(v, mx.array)}
+    # ascontiguousarray: safetensors writes raw memory, and an mx array may be a strided view
+    return {k: np.ascontiguousarray(np.array(v)) for k, v in tree_flatten(tree) if isinstance(v, mx.array)}
 
 
 def save_checkpoint(run: RunDir, step: int, model, optimizer, loop_state: dict) -> None:

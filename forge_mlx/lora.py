@@ -126,7 +126,8 @@ def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = No
                 a0, b0, w_res = pissa_factors(w, rank, scale, niter=niter, seed=cfg.train.seed + i)
             factors[path] = (a0, b0)
             linear.weight = mx.array(w_res).astype(linear.weight.dtype)
-            a, b = mx.array(a0.T), mx.array(b0.T)
+            # contiguous copies: a transposed view would be saved with its raw (transposed) memory
+            a, b = mx.array(np.ascontiguousarray(a0.T)), mx.array(np.ascontiguousarray(b0.T))
         if q.bits and quantizable(linear, q.group_size):
             linear = quantize_linear(linear, q.bits, q.group_size, q.matmul)
         wrapped = LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b)

@@ -88,7 +88,7 @@ def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, mod
     from forge_core.config import layer_indices
     from forge_core.models import model_hash
 
-    weights = {k: np.array(v.astype(mx.float32)) for k, v in trainable_params(model).items()}
+    weights = {k: np.ascontiguousarray(np.array(v.astype(mx.float32))) for k, v in trainable_params(model).items()}
     keys = sorted({".".join(k.split(".")[3:-1]) for k in weights})  # model.layers.N.<key>.lora_a
     blocks = len(model.layers)
     meta = {

@@ -50,7 +50,8 @@ def make_optimizer(cfg: ForgeConfig, steps: int):
         if warmup > 0 else decay
     if t.optimizer != "adamw":
         raise ForgeError(f"train.optimizer '{t.optimizer}' is a CUDA (bitsandbytes) optimizer; the MLX backend has adamw")
-    return optim.AdamW(learning_rate=schedule, weight_decay=t.weight_decay)
+    # bias_correction=True: the AdamW of torch/PEFT/TRL users (MLX's default leaves it off)
+    return optim.AdamW(learning_rate=schedule, weight_decay=t.weight_decay, bias_correction=True)
 
 
 def checkpoint_blocks(model: nn.Module) -> None:

@@ -104,3 +104,18 @@ def test_fuse_folds_the_adapter_into_a_dense_linear():
     layer.lora_b = mx.random.normal((4, 32), key=mx.random.key(2))
     x = mx.random.normal((2, 64), key=mx.random.key(3))
     np.testing.assert_allclose(np.array(layer.fuse()(x)), np.array(layer(x)), atol=1e-5)
+
+
+def test_adapter_saved_straight_after_init_holds_the_init_values(tiny_model, tmp_path):
+    """No optimizer step yet: lora_a/lora_b on disk must equal A0ᵀ/B0ᵀ (no strided-memory mix-up)."""
+    from safetensors.numpy import load_file
+
+    from forge_mlx.model import save_adapter
+
+    cfg = _cfg(tiny_model, "pissa", bits=4)
+    model, _, model_dir, factors = build_model(cfg)
+    out = save_adapter(tmp_path / "adapter", model, cfg, factors, model_dir)
+    saved, init = load_file(str(out / "adapters.safetensors")), load_file(str(out / "pissa_init.safetensors"))
+    assert saved.keys() == init.keys() and len(saved) == 28
+    for k in saved:
+        np.testing.assert_array_equal(saved[k], init[k])

@@ -133,3 +133,4 @@ def test_cli_train_generate_eval(tiny_model, jsonl, tmp_path):
     assert result["examples"] == 2 and result["loss"] > 0 and 0 <= result["exact"] <= 1
     bad = runner.invoke(cli, ["train", "--model", str(tiny_model), "--data", str(tmp_path / "missing.jsonl")])
     assert bad.exit_code == 2 and "missing.jsonl" in bad.output
+
