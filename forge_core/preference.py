@@ -31,3 +31,30 @@ def dpo_terms(xp, pol_c, pol_r, ref_c, ref_r, beta: float, loss_type: str = "sig
     else:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
     return losses, beta * (pol_c - ref_c), beta * (pol_r - ref_r)
+
+
+def dpo_objective(xp, logps, ref, ntok, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                  sft_weight: float = 0.0):
+    """The DPO step on one concatenated batch, for any array module.
+
+    logps, ref, ntok: (2B,) policy and reference sequence log-probs (sums over completion tokens) and
+    completion token counts; rows [0, B) are chosen, [B, 2B) rejected. IPO uses per-token means (as
+    TRL does); sft_weight adds the RPO-style NLL of chosen (per token). Returns (per-pair losses (B,),
+    metric sums {name: scalar}).
+    """
+    ntok = xp.maximum(ntok, ntok * 0 + 1)
+    n = logps.shape[0] // 2
+    nll_chosen = -logps[:n] / ntok[:n]  # per-token NLL of chosen, from the sums
+    if loss_type == "ipo":
+        logps, ref = logps / ntok, ref / ntok
+    pol_c, pol_r = logps[:n], logps[n:]
+    losses, reward_c, reward_r = dpo_terms(xp, pol_c, pol_r, ref[:n], ref[n:], beta, loss_type, label_smoothing)
+    if sft_weight:
+        losses = losses + sft_weight * nll_chosen
+    metrics = {
+        "rewards/chosen": reward_c.sum(), "rewards/rejected": reward_r.sum(),
+        "rewards/margin": (reward_c - reward_r).sum(),
+        "rewards/accuracy": xp.where(reward_c > reward_r, 1.0, 0.0).sum(),
+        "logps/chosen": pol_c.sum(), "logps/rejected": pol_r.sum(),
+    }
+    return losses, metrics

@@ -25,8 +25,9 @@ from torch import nn
 
 from forge_core import adapters_mapping as mp
 from forge_core.adapters import collect
-from forge_core.config import DEFAULT_TARGETS, ForgeConfig, layer_indices, lora_init_kind, lora_scale
+from forge_core.config import ForgeConfig, lora_init_kind, lora_scale
 from forge_core.errors import ForgeError
+from forge_core.loop import select_targets
 from forge_core.pissa import pissa_factors, residual
 
 from .quant import is_quantized, quant_kind, quantize_linear, quantize_rest, set_module
@@ -80,22 +81,9 @@ def num_blocks(model: nn.Module) -> int:
 
 def target_paths(model: nn.Module, cfg: ForgeConfig) -> list[str]:
     """Module paths to adapt: `<...>.layers.N.<...>.<target>` for the selected blocks."""
-    chosen = set(layer_indices(cfg.lora.layers, num_blocks(model)))
-    targets = cfg.lora.targets or DEFAULT_TARGETS
-    all_linear = "all-linear" in targets
-    paths = []
-    for path, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or ".layers." not in f".{path}":
-            continue
-        parts = path.split(".")
-        block = int(parts[parts.index("layers") + 1])
-        if block in chosen and (all_linear or parts[-1] in targets):
-            paths.append(path)
-    if not paths:
-        names = sorted({p.split(".")[-1] for p, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ForgeError(f"lora.targets {targets} matched no linear layer in the chosen blocks "
-                         f"(names look like {', '.join(names[:10])})")
-    return sorted(paths, key=lambda p: [int(s) if s.isdigit() else s for s in p.split(".")])
+    linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return select_targets(linears, cfg, num_blocks(model))
+
 
 
 def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = None, device="cpu",

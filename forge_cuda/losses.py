@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from forge_core.preference import dpo_terms  # noqa: F401  (re-exported: the formulas live in one place)
+from forge_core.preference import dpo_objective, dpo_terms  # noqa: F401  (the formulas live in one place)
 
 
 def token_logps(model, inputs: torch.Tensor, targets: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
@@ -52,22 +52,8 @@ def dpo_loss(model, batch, beta: float, loss_type: str = "sigmoid", label_smooth
     batch["ref_logps"] (2B,) holds the reference model's sequence log-probs, precomputed before
     training. Returns (sum of per-pair losses, number of pairs, metrics dict of sums).
     """
-    logps, ref = sequence_logps(model, batch), batch["ref_logps"]
-    if loss_type == "ipo":  # IPO works on per-token mean log-probs (as TRL does)
-        ntok = batch["mask"].sum(dim=-1).clamp(min=1)
-        logps, ref = logps / ntok, ref / ntok
-    n = logps.shape[0] // 2
-    pol_c, pol_r = logps[:n], logps[n:]
-    ref_c, ref_r = ref[:n], ref[n:]
-    losses, reward_c, reward_r = dpo_terms(torch, pol_c, pol_r, ref_c, ref_r, beta, loss_type, label_smoothing)
-    if sft_weight:
-        ntok_c = batch["mask"][:n].sum(dim=-1).clamp(min=1)
-        losses = losses + sft_weight * (-pol_c / ntok_c)
-    with torch.no_grad():
-        metrics = {
-            "rewards/chosen": reward_c.sum(), "rewards/rejected": reward_r.sum(),
-            "rewards/margin": (reward_c - reward_r).sum(),
-            "rewards/accuracy": (reward_c > reward_r).float().sum(),
-            "logps/chosen": pol_c.sum(), "logps/rejected": pol_r.sum(),
-        }
-    return losses.sum(), torch.tensor(float(n), device=logps.device), metrics
+    logps = sequence_logps(model, batch)
+    losses, metrics = dpo_objective(torch, logps, batch["ref_logps"], batch["mask"].sum(dim=-1), beta, loss_type,
+                                    label_smoothing, sft_weight)
+    metrics = {k: v.detach() for k, v in metrics.items()}
+    return losses.sum(), torch.tensor(float(logps.shape[0] // 2), device=logps.device), metrics

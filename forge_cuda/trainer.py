@@ -18,14 +18,14 @@ import math
 import resource
 import time
 
-import numpy as np
 import torch
 from rich.console import Console
 from torch import nn
 
 from forge_core.config import ForgeConfig, from_dict
 from forge_core.errors import ForgeError
-from forge_core.progress import TrainProgress, human_bytes
+from forge_core.progress import TrainProgress
+from forge_core.loop import log_line, nonfinite_loss
 from forge_core.rundir import RunDir, total_steps
 
 from . import objectives
@@ -187,10 +187,7 @@ def _loop(cfg, run, model, optimizer, obj, schedule, start, steps, console, stop
             tokens += n_tok
             loss = (loss_sum / count).item()
             if not math.isfinite(loss):
-                last = run.latest()
-                where = f"last good checkpoint: step {last[0]} ({last[1]})" if last else "no checkpoint was saved yet"
-                raise ForgeError(f"loss became {loss} at step {step}; stopped - {where}. "
-                                 "Lower train.lr or check the data.")
+                raise nonfinite_loss(run, loss, step)
             if step % t.log_every == 0 or step == steps or step == start + 1:
                 elapsed = time.perf_counter() - tic
                 rec = {"split": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": float(norm),
@@ -199,7 +196,7 @@ def _loop(cfg, run, model, optimizer, obj, schedule, start, steps, console, stop
                 run.log(rec)
                 bar.update(step, loss, rec["tok_s"], rec["peak_memory"])
                 if not bar.progress.live.is_started or bar.progress.disable:
-                    console.print(_line(rec), soft_wrap=True)
+                    console.print(log_line(rec), soft_wrap=True)
                 tokens, tic = 0, time.perf_counter()
             else:
                 bar.update(step)
@@ -207,36 +204,12 @@ def _loop(cfg, run, model, optimizer, obj, schedule, start, steps, console, stop
                 rec = {"split": "valid", "step": step, **obj.evaluate()}
                 if rec.get("loss") is not None:
                     run.log(rec)
-                    console.print(_line(rec), soft_wrap=True)
+                    console.print(log_line(rec), soft_wrap=True)
                 model.train()
             if step % t.save_every == 0 or step == steps or step == stop_at:
                 save_checkpoint(run, step, model, optimizer, {"data": obj.state()})
             if step == stop_at:
                 return
-
-
-def _line(rec: dict) -> str:
-    parts = [f"{rec['split']} step {rec['step']}"]
-    for k, v in rec.items():
-        if k in ("split", "step") or not isinstance(v, (int, float)):
-            continue
-        if k == "peak_memory":
-            parts.append(f"peak {human_bytes(v)}")
-        elif k == "tok_s":
-            parts.append(f"{v:.0f} tok/s")
-        else:
-            parts.append(f"{k} {v:.4g}")
-    return "  ".join(parts)
-
-
-@torch.no_grad()
-def reference_model_logps(model, batches) -> np.ndarray:
-    """Sequence log-probs of the model as it is now (eval mode), for a list of DPO batches (tensors)."""
-    from .losses import sequence_logps
-
-    model.eval()
-    out = [sequence_logps(model, b).float().cpu().numpy() for b in batches]
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def set_memory_limit(nbytes: int) -> None:

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from forge_core.config import ForgeConfig
-from forge_core.eval_rows import prompts_and_references
+from forge_core.loop import task_metrics
 
 from .model import load_adapted
 from .quant import QuantLinear
@@ -89,20 +89,12 @@ def heldout_loss(model, tokenizer, cfg: ForgeConfig, path: str) -> dict:
 
 def evaluate(cfg: ForgeConfig, adapter: str | None = None, model_spec: str | None = None) -> dict:
     """Held-out loss/perplexity and, when the metric applies, the task metric by greedy generation."""
-    from forge_core.metrics import score_rows
-
     net, tokenizer, saved = load_adapted(adapter, model_spec or (cfg.model.path if not adapter else None))
     densify_for_cpu(net)
     net.eval()
     path = cfg.data.valid or cfg.data.train
     result = heldout_loss(net, tokenizer, cfg, path)
-    if cfg.eval.metric != "none":
-        pairs = prompts_and_references(path, cfg.data)
-        if cfg.eval.limit:
-            pairs = pairs[: cfg.eval.limit]
-        preds = [complete(net, tokenizer, msgs, cfg.eval.max_new_tokens) for msgs, _ in pairs]
-        result.update(score_rows(preds, [ref for _, ref in pairs], metric=cfg.eval.metric))
-        result["examples"] = len(pairs)
+    result.update(task_metrics(cfg, path, lambda msgs: complete(net, tokenizer, msgs, cfg.eval.max_new_tokens)))
     return result
 
 

@@ -22,8 +22,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from forge_core.config import DEFAULT_TARGETS, ForgeConfig, layer_indices, lora_init_kind, lora_scale
+from forge_core.config import ForgeConfig, lora_init_kind, lora_scale
 from forge_core.errors import ForgeError
+from forge_core.loop import select_targets
 from forge_core.pissa import pissa_factors, residual
 
 from .quant import QuantLinear, quantizable, quantize_linear, quantize_rest
@@ -73,31 +74,8 @@ def _shape(module: nn.Module) -> tuple[int, int]:
 
 def target_paths(model: nn.Module, cfg: ForgeConfig) -> list[str]:
     """Module paths to adapt: `model.layers.N.<...>.<target>` for the selected blocks."""
-    blocks = model.layers
-    chosen = set(layer_indices(cfg.lora.layers, len(blocks)))
-    targets = cfg.lora.targets or DEFAULT_TARGETS
-    all_linear = "all-linear" in targets
-    paths = []
-    for path, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.QuantizedLinear)) or ".layers." not in path:
-            continue
-        parts = path.split(".")
-        block = int(parts[parts.index("layers") + 1])
-        if block in chosen and (all_linear or parts[-1] in targets):
-            paths.append(path)
-    if not paths:
-        raise ForgeError(f"lora.targets {targets} matched no linear layer in the chosen blocks "
-                         f"(names look like {_example_names(model)})")
-    return sorted(paths, key=_natural)
-
-
-def _natural(path: str):
-    return [int(p) if p.isdigit() else p for p in path.split(".")]
-
-
-def _example_names(model) -> str:
-    names = sorted({p.split(".")[-1] for p, m in model.named_modules() if isinstance(m, nn.Linear)})
-    return ", ".join(names[:10])
+    linears = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    return select_targets(linears, cfg, len(model.layers))
 
 
 def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = None) -> dict:

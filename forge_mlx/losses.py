@@ -8,7 +8,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from forge_core.preference import dpo_terms  # noqa: F401  (re-exported: the formulas live in one place)
+from forge_core.preference import dpo_objective, dpo_terms  # noqa: F401  (the formulas live in one place)
 
 
 def token_logps(model, inputs: mx.array, targets: mx.array, batch: dict | None = None) -> mx.array:
@@ -47,21 +47,7 @@ def dpo_loss(model, batch, beta: float, loss_type: str = "sigmoid", label_smooth
     batch["ref_logps"] (2B,) holds the reference model's sequence log-probs, precomputed before
     training. Returns (sum of per-pair losses, number of pairs, metrics dict of sums).
     """
-    logps, ref = sequence_logps(model, batch), batch["ref_logps"]
-    if loss_type == "ipo":  # IPO works on per-token mean log-probs (as TRL does)
-        ntok = mx.maximum(batch["mask"].sum(axis=-1), 1)
-        logps, ref = logps / ntok, ref / ntok
-    n = logps.shape[0] // 2
-    pol_c, pol_r = logps[:n], logps[n:]
-    ref_c, ref_r = ref[:n], ref[n:]
-    losses, reward_c, reward_r = dpo_terms(mx, pol_c, pol_r, ref_c, ref_r, beta, loss_type, label_smoothing)
-    if sft_weight:
-        ntok_c = mx.maximum(batch["mask"][:n].sum(axis=-1), 1)
-        losses = losses + sft_weight * (-pol_c / ntok_c)
-    metrics = {
-        "rewards/chosen": reward_c.sum(), "rewards/rejected": reward_r.sum(),
-        "rewards/margin": (reward_c - reward_r).sum(),
-        "rewards/accuracy": (reward_c > reward_r).astype(mx.float32).sum(),
-        "logps/chosen": pol_c.sum(), "logps/rejected": pol_r.sum(),
-    }
-    return losses.sum(), mx.array(n, dtype=mx.float32), metrics
+    logps = sequence_logps(model, batch)
+    losses, metrics = dpo_objective(mx, logps, batch["ref_logps"], batch["mask"].sum(axis=-1), beta, loss_type,
+                                    label_smoothing, sft_weight)
+    return losses.sum(), mx.array(logps.shape[0] // 2, dtype=mx.float32), metrics

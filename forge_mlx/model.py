@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from forge_core.atomic import atomic_dir
 from forge_core.config import ForgeConfig, from_dict, lora_scale
 from forge_core.errors import ForgeError
+from forge_core.loop import forge_adapter_dir
 
 from .lora import adapt_model, factors_to_flat, flat_to_factors, load_trainable, trainable_params
 
@@ -112,13 +113,7 @@ def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, mod
 
 def adapter_dir_of(path) -> Path:
     """Accept a run dir (its adapter/) or an adapter dir."""
-    path = Path(path)
-    if (path / "adapter" / "forge.json").is_file():
-        return path / "adapter"
-    if (path / "forge.json").is_file():
-        return path
-    raise ForgeError(f"{path}: not a forge adapter or run dir (no forge.json); "
-                     "use `forge convert` to bring a foreign adapter in")
+    return forge_adapter_dir(path)
 
 
 def load_adapter_dir(path):

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from forge_core import data as fdata
+from forge_core.loop import ObjectiveBase, eval_batch_starts, report_data
 
 from .losses import dpo_loss, sequence_logps, sft_loss
 
@@ -30,37 +31,13 @@ def _pad_id(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def _eval_batches(n: int, size: int, limit: int):
-    starts = list(range(0, n, size))
-    return starts[:limit] if limit else starts
-
-
-class _Base:
-    kind = ""
-
-    def __init__(self, cfg, rows):
-        self.cfg, self.rows = cfg, rows
-        self.n_rows = len(rows)
-        self.order = fdata.BatchOrder(len(rows), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
-
-    def state(self) -> dict:
-        return self.order.state()
-
-    def restore(self, state: dict | None) -> None:
-        if state:
-            self.order = fdata.BatchOrder.from_state(self.n_rows, self.cfg.train.batch_size, state)
-
-    def epoch(self) -> float:
-        return float(self.order.epoch)
-
-
-class SFTObjective(_Base):
+class SFTObjective(ObjectiveBase):
     kind = "sft"
 
     def __init__(self, cfg, model, tokenizer, console):
         tok = _hf_tokenizer(tokenizer)
         rows, stats = fdata.load_sft(cfg.data.train, tok, cfg.data, cfg.train.max_seq_len)
-        _report(console, cfg.data.train, stats)
+        report_data(console, cfg.data.train, stats)
         if cfg.data.packing:
             from .packing import enable_packing
 
@@ -72,7 +49,7 @@ class SFTObjective(_Base):
         self.valid = []
         if cfg.data.valid:
             self.valid, vstats = fdata.load_sft(cfg.data.valid, tok, cfg.data, cfg.train.max_seq_len)
-            _report(console, cfg.data.valid, vstats)
+            report_data(console, cfg.data.valid, vstats)
         self.pad, self.model = _pad_id(tok), model
         self.loss_fn = lambda m, b: (*sft_loss(m, b), {})
         self._eval = mx.compile(lambda b: sft_loss(model, b), inputs=[model.state])
@@ -87,7 +64,7 @@ class SFTObjective(_Base):
         self.model.eval()
         size = self.cfg.train.batch_size
         total, count = 0.0, 0.0
-        for s in _eval_batches(len(self.valid), size, self.cfg.train.eval_batches):
+        for s in eval_batch_starts(len(self.valid), size, self.cfg.train.eval_batches):
             b = _mx(fdata.collate_sft(self.valid[s:s + size], self.pad, max_len=self.cfg.train.max_seq_len))
             ls, c = self._eval(b)
             total, count = total + ls.item(), count + c.item()
@@ -95,7 +72,7 @@ class SFTObjective(_Base):
         return {"loss": loss, "ppl": math.exp(min(loss, 50))}
 
 
-class DPOObjective(_Base):
+class DPOObjective(ObjectiveBase):
     """DPO against the policy at initialisation, whose log-probs are computed once before training.
 
     For PiSSA the policy at init is W_res + s·B0A0 (= the original model), not the adapter-off model
@@ -108,12 +85,12 @@ class DPOObjective(_Base):
     def __init__(self, cfg, model, tokenizer, run, console):
         tok = _hf_tokenizer(tokenizer)
         rows, stats = fdata.load_preferences(cfg.data.train, tok, cfg.data, cfg.train.max_seq_len)
-        _report(console, cfg.data.train, stats)
+        report_data(console, cfg.data.train, stats)
         super().__init__(cfg, rows)
         self.valid = []
         if cfg.data.valid:
             self.valid, vstats = fdata.load_preferences(cfg.data.valid, tok, cfg.data, cfg.train.max_seq_len)
-            _report(console, cfg.data.valid, vstats)
+            report_data(console, cfg.data.valid, vstats)
         self.pad, self.model = _pad_id(tok), model
         d = cfg.dpo
         self.loss_fn = partial(dpo_loss, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
@@ -161,22 +138,13 @@ class DPOObjective(_Base):
             return {}
         self.model.eval()
         size, sums, n = self.cfg.train.batch_size, {}, 0.0
-        for s in _eval_batches(len(self.valid), size, self.cfg.train.eval_batches):
+        for s in eval_batch_starts(len(self.valid), size, self.cfg.train.eval_batches):
             idx = np.arange(s, min(s + size, len(self.valid)))
             loss, c, metrics = self._eval(self._collate(self.valid[s:s + size], self.ref_valid, idx))
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             n += c.item()
         return {k: v / max(n, 1) for k, v in sums.items()}
-
-
-def _report(console, path, stats) -> None:
-    msg = f"{path}: {stats.rows} rows"
-    if stats.truncated:
-        msg += f", {stats.truncated} truncated to max_seq_len"
-    if stats.skipped:
-        msg += f", {stats.skipped} skipped ({'; '.join(stats.reasons[:3])})"
-    console.print(msg)
 
 
 def build(kind: str, cfg, model, tokenizer, run, console):

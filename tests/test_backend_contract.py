@@ -26,7 +26,7 @@ INTERFACE = {
     "losses": {"token_logps", "sft_loss", "sequence_logps", "dpo_loss"},
     "objectives": {"SFTObjective", "DPOObjective", "build"},
     "checkpoint": {"save_checkpoint", "load_checkpoint"},
-    "trainer": {"make_optimizer", "checkpoint_blocks", "train", "reference_model_logps", "set_memory_limit"},
+    "trainer": {"make_optimizer", "checkpoint_blocks", "train", "set_memory_limit"},
     "generate": {"densify_for_cpu", "complete", "generate", "heldout_loss", "evaluate", "evaluate_preferences"},
     "packing": {"enable_packing", "segment_mask", "packed_logits"},
 }
@@ -57,7 +57,7 @@ ONLY = {
 
 # Entry points called by forge_core (launch.py) or shared code: parameter names and order must match.
 SIGNATURES = {
-    "trainer": ["train", "checkpoint_blocks", "reference_model_logps", "set_memory_limit"],
+    "trainer": ["train", "checkpoint_blocks", "set_memory_limit"],
     "generate": ["generate", "evaluate", "complete", "heldout_loss", "densify_for_cpu", "evaluate_preferences"],
     "packing": ["enable_packing", "segment_mask", "packed_logits"],
     "model": ["compute_dtype", "build_model", "save_adapter", "adapter_dir_of", "load_adapter_dir", "load_adapted",
