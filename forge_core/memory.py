@@ -1,0 +1,356 @@
+"""The memory planner: estimate a run's peak, compare it with the device, say what to change.
+
+    plan_memory(cfg, model_config, kind, backend) -> MemoryPlan     components, total, budget, verdict
+    memory_command(cfg, as_json, kind)                               `forge memory`
+    check_before_launch(cfg, kind, backend, model_config, force)     refuse over budget unless --force
+
+The arithmetic lives in memory_estimate.py (pure), the device budget in memory_budget.py. Every
+suggestion is a config change whose estimate was recomputed, never a rule of thumb.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import ForgeConfig, set_value
+from .errors import ForgeError
+from .memory_budget import device_budget, human, parse_size, plans_for_gpu  # noqa: F401  (parse_size: public API)
+from .memory_estimate import (
+    Component,
+    ModelShape,
+    compute_bytes,
+    estimate,
+    peak_bytes,
+    phase_total,
+)
+
+TIGHT = 0.9  # "tight": above 90% of the allowed fraction (threshold x budget), still allowed
+
+
+@dataclass
+class Suggestion:
+    change: dict  # {config key: new value}
+    total_bytes: int
+
+    def label(self) -> str:
+        return " ".join(f"--set {k}={_yaml(v)}" for k, v in self.change.items())
+
+
+@dataclass
+class MemoryPlan:
+    components: list[Component]
+    total_bytes: int
+    budget_bytes: int
+    budget_source: str
+    threshold: float
+    verdict: str  # fits | tight | over
+    suggestions: list[Suggestion] = field(default_factory=list)
+    context: dict = field(default_factory=dict)  # model, kind, backend, on_gpu, compute dtype
+
+    @property
+    def limit_bytes(self) -> int:
+        return int(self.threshold * self.budget_bytes)
+
+    def component(self, name: str) -> int:
+        """Bytes of one named component (for calibration against a measured peak)."""
+        return sum(c.bytes for c in self.components if c.name == name)
+
+    def phase_bytes(self, phase: str) -> int:
+        return phase_total(self.components, phase)
+
+    def to_dict(self) -> dict:
+        return {**self.context, "components": [asdict(c) for c in self.components],
+                "train_bytes": self.phase_bytes("train"), "init_bytes": self.phase_bytes("init"),
+                "total_bytes": self.total_bytes, "budget_bytes": self.budget_bytes,
+                "budget_source": self.budget_source, "threshold": self.threshold, "verdict": self.verdict,
+                "suggestions": [{"change": s.change, "total_bytes": s.total_bytes} for s in self.suggestions]}
+
+
+def _yaml(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def verdict(total: int, budget: int, threshold: float) -> str:
+    """over: above threshold x budget; tight: above TIGHT of that; fits otherwise."""
+    limit = threshold * budget
+    return "over" if total > limit else "tight" if total > TIGHT * limit else "fits"
+
+
+# ------------------------------------------------------------------------------------------- suggestions
+
+def _candidates(cfg: ForgeConfig) -> list[list[dict]]:
+    """Per knob, the changes to try, least disruptive first. Knobs are ordered best first:
+    checkpointing (same result, ~30% slower), smaller micro-batch with more accumulation (same
+    effective batch, slower), 4-bit base (small quality cost), lower rank, shorter sequences (truncates)."""
+    t, knobs = cfg.train, []
+    if not t.grad_checkpoint:
+        knobs.append([{"train.grad_checkpoint": True}])
+    divisors = [d for d in range(t.batch_size - 1, 0, -1) if t.batch_size % d == 0]
+    knobs.append([{"train.batch_size": d, "train.grad_accum": t.grad_accum * (t.batch_size // d)} for d in divisors])
+    if cfg.quant.bits == 0 or cfg.quant.bits > 4:
+        knobs.append([{"quant.bits": 4}])
+    ranks, r = [], cfg.lora.rank // 2
+    while r >= 4:
+        ranks.append(r)
+        r //= 2
+    knobs.append([{"lora.rank": r} for r in ranks])
+    seqs, s = [], t.max_seq_len // 2
+    while s >= 128:
+        seqs.append(s)
+        s //= 2
+    knobs.append([{"train.max_seq_len": s} for s in seqs])
+    return [k for k in knobs if k]
+
+
+def _with(cfg: ForgeConfig, change: dict) -> ForgeConfig:
+    new = copy.deepcopy(cfg)
+    for key, value in change.items():
+        set_value(new, key, value)
+    return new
+
+
+def suggestions(cfg: ForgeConfig, total_of, limit: float) -> list[Suggestion]:
+    """Changes that bring total_of(cfg) under `limit`, each with its recomputed total, best first:
+    the greedy combination of the better knobs (when it is not just one of the single changes), then
+    every single change that fits on its own."""
+    knobs = _candidates(cfg)
+    singles = []
+    for options in knobs:
+        for change in options:
+            total = total_of(_with(cfg, change))
+            if total <= limit:
+                singles.append(Suggestion(change, total))
+                break
+    combo = _combined(cfg, knobs, total_of, limit)
+    if combo is not None and all(s.change != combo.change for s in singles):
+        return [combo] + singles
+    return singles
+
+
+def _combined(cfg: ForgeConfig, knobs: list[list[dict]], total_of, limit: float) -> Suggestion | None:
+    """Knobs applied best first (each at its mildest setting that fits, else its strongest) until the
+    total fits; then every knob the result does not need is dropped again. None if nothing fits."""
+    def fits(change: dict) -> bool:
+        return total_of(_with(cfg, change)) <= limit
+
+    combined: dict = {}
+    for options in knobs:
+        combined = next(({**combined, **c} for c in options if fits({**combined, **c})), {**combined, **options[-1]})
+        if fits(combined):
+            break
+    if not fits(combined):
+        return None
+    for options in knobs:
+        trial = {k: v for k, v in combined.items() if k not in options[0]}
+        if trial != combined and fits(trial):
+            combined = trial
+    return Suggestion(combined, total_of(_with(cfg, combined)))
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+def plan_memory(cfg: ForgeConfig, model_config: dict, kind: str = "sft", backend: str = "mlx",
+                on_gpu: bool | None = None) -> MemoryPlan:
+    """Estimate, budget, verdict, and (when over) the changes that fit."""
+    gpu = plans_for_gpu(backend, cfg) if on_gpu is None else on_gpu
+    shape = ModelShape.from_config(model_config)
+
+    def total_of(c: ForgeConfig) -> int:
+        return peak_bytes(estimate(c, shape, kind, backend, gpu))
+
+    components = estimate(cfg, shape, kind, backend, gpu)
+    total = peak_bytes(components)
+    budget, source = device_budget(backend, cfg)
+    threshold = cfg.memory.threshold
+    if not 0 < threshold <= 1:
+        raise ForgeError(f"memory.threshold: {threshold} must be a fraction in (0, 1], e.g. 0.8")
+    result = verdict(total, budget, threshold)
+    dtype = {4: "float32", 2: "float16" if cfg.model.dtype == "float16" else "bfloat16"}[
+        compute_bytes(cfg.model.dtype, gpu)]
+    context = {"model": cfg.model.path, "kind": kind, "backend": backend, "on_gpu": gpu, "compute_dtype": dtype}
+    plan = MemoryPlan(components, total, budget, source, threshold, result, context=context)
+    if result == "over":
+        plan.suggestions = suggestions(cfg, total_of, threshold * budget)
+    return plan
+
+
+def runtime_limit_bytes(plan: MemoryPlan) -> int:
+    """The budget: backends pass it to mx.set_memory_limit / compare torch's peak with it."""
+    return int(plan.budget_bytes)
+
+
+def summary(plan: MemoryPlan) -> str:
+    pct = 100 * plan.total_bytes / max(plan.budget_bytes, 1)
+    return (f"memory: planned peak {human(plan.total_bytes)} of {human(plan.budget_bytes)} "
+            f"({plan.budget_source}), {pct:.0f}% - {plan.verdict}")
+
+
+def over_message(plan: MemoryPlan) -> str:
+    """The refusal: the verdict, why, and the best fixes, as ONE line (parts joined with '; ')."""
+    parts = [(f"memory: planned peak {human(plan.total_bytes)} is over {plan.threshold:.0%} of "
+              f"{human(plan.budget_bytes)} ({plan.budget_source})")]
+    if plan.phase_bytes("init") > plan.phase_bytes("train"):
+        big = max((c for c in plan.components if c.phase == "init"), key=lambda c: c.bytes)
+        parts.append(f"the peak is the model build ({human(plan.phase_bytes('init'))}, of which {big.name} "
+                     f"{human(big.bytes)}); training itself needs {human(plan.phase_bytes('train'))}")
+    for s in plan.suggestions[:3]:
+        parts.append(f"fits with {s.label()} ({human(s.total_bytes)})")
+    if not plan.suggestions:
+        parts.append("no single config change fits this device; use a smaller model or a bigger device")
+    parts.append("run `forge memory` with the same options for the breakdown, or pass --force to launch anyway")
+    return "; ".join(parts)
+
+
+def check_before_launch(cfg: ForgeConfig, kind: str, backend: str, model_config: dict, force: bool,
+                        console=None) -> MemoryPlan:
+    """Print the one-line plan; over budget: raise ForgeError (the verdict and fixes), unless force."""
+    plan = plan_memory(cfg, model_config, kind=kind, backend=backend)
+    _say(console, summary(plan))
+    if plan.verdict == "over":
+        if not force:
+            raise ForgeError(over_message(plan))
+        _say(console, "memory: --force given, launching anyway")
+    return plan
+
+
+def _say(console, text: str) -> None:
+    if console is None:
+        import click
+
+        click.echo(text, err=True)
+    else:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------- model config
+
+def _llama(h, i, layers, heads, kv, vocab, tied, head_dim=None) -> dict:
+    return {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "head_dim": head_dim or h // heads, "vocab_size": vocab,
+            "tie_word_embeddings": tied}
+
+
+_KNOWN = {
+    "huggingfacetb/smollm2-135m": _llama(576, 1536, 30, 9, 3, 49152, True),
+    "meta-llama/meta-llama-3-8b": _llama(4096, 14336, 32, 32, 8, 128256, False),
+    "meta-llama/llama-3.1-8b": _llama(4096, 14336, 32, 32, 8, 128256, False),
+    "qwen/qwen2.5-0.5b": _llama(896, 4864, 24, 14, 2, 151936, True),
+    "qwen/qwen2.5-1.5b": _llama(1536, 8960, 28, 12, 2, 151936, True),
+    "qwen/qwen2.5-7b": _llama(3584, 18944, 28, 28, 4, 152064, False),
+    "mistralai/mistral-7b-v0.1": _llama(4096, 14336, 32, 32, 8, 32000, False),
+    "mistralai/mistral-7b-v0.3": _llama(4096, 14336, 32, 32, 8, 32768, False),
+}
+KNOWN_MODELS = {**_KNOWN, **{k + "-instruct": v for k, v in _KNOWN.items()},
+                "smollm2-135m": _KNOWN["huggingfacetb/smollm2-135m"],  # the bundled model
+                "mistralai/mistral-7b-instruct-v0.1": _KNOWN["mistralai/mistral-7b-v0.1"],
+                "mistralai/mistral-7b-instruct-v0.2": _KNOWN["mistralai/mistral-7b-v0.1"],
+                "mistralai/mistral-7b-instruct-v0.3": _KNOWN["mistralai/mistral-7b-v0.3"]}
+
+
+def known_model_config(name: str) -> dict | None:
+    """Shapes of a few common models (config.json keys), by hub id or bundled name; None if unknown."""
+    found = KNOWN_MODELS.get(str(name).strip().lower())
+    return dict(found) if found else None
+
+
+def load_model_config(spec: str) -> tuple[dict, str]:
+    """(config.json dict, where it came from) for model.path, without downloading anything:
+    a local HF dir, a local .gguf file (its metadata), a known model, or the local HF hub cache."""
+    spec = str(spec).strip()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ForgeError(f"model.path {path}: no config.json; the memory planner needs a HF model dir")
+        return json.loads((path / "config.json").read_text()), str(path / "config.json")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .gguf_import import llama_config, read_gguf
+
+        meta, tensors = read_gguf(path)
+        return llama_config(meta, {t.name for t in tensors}, "float32", []), str(path)
+    known = known_model_config(spec)
+    if known is not None:
+        return known, f"built-in shapes of {spec}"
+    cached = _hub_cache_config(spec)
+    if cached is not None:
+        return json.loads(Path(cached).read_text()), cached
+    raise ForgeError(f"model.path '{spec}': not a local dir, not a known model and no config.json in the local "
+                     "HF cache; pass a local model dir (with config.json) to plan its memory")
+
+
+def _hub_cache_config(repo_id: str) -> str | None:
+    if repo_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id the hub library rejects is simply not cached  # noqa: BLE001
+        return None
+    return found if isinstance(found, str) else None
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def _backend_name(name: str) -> str:
+    """An explicit backend is planned as named (no framework needed); auto picks this machine's."""
+    if name in ("mlx", "cuda"):
+        return name
+    from .backend import resolve
+
+    return resolve(name)
+
+
+def memory_command(cfg: ForgeConfig, as_json: bool = False, kind: str = "sft") -> MemoryPlan:
+    """`forge memory`: the table (or one JSON object) for this config on this (or the named) device."""
+    backend = _backend_name(cfg.backend)
+    model_config, source = load_model_config(cfg.model.path)
+    plan = plan_memory(cfg, model_config, kind=kind, backend=backend)
+    if as_json:
+        import click
+
+        click.echo(json.dumps({**plan.to_dict(), "model_config_source": source}))
+    else:
+        _print_plan(plan, source)
+    return plan
+
+
+def _print_plan(plan: MemoryPlan, source: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ctx = plan.context
+    device = ("GPU" if ctx["on_gpu"] else "CPU") + f", {ctx['compute_dtype']}"
+    table = Table(title=f"memory plan: {ctx['model']} ({ctx['kind']}, {ctx['backend']} {device})",
+                  caption=f"shapes from {source}")
+    table.add_column("component")
+    table.add_column("when")
+    table.add_column("size", justify="right")
+    table.add_column("note")
+    for c in plan.components:
+        table.add_row(c.name, {"both": "always"}.get(c.phase, c.phase), human(c.bytes), c.note)
+    console = Console()
+    if not console.is_terminal:  # pipes and CliRunner: do not squeeze the notes into 80 columns
+        console = Console(width=120)
+    console.print(table)
+    console.print(f"training peak {human(plan.phase_bytes('train'))}, model build peak "
+                  f"{human(plan.phase_bytes('init'))} -> planned peak [bold]{human(plan.total_bytes)}[/bold]")
+    console.print(f"budget {human(plan.budget_bytes)} ({plan.budget_source}); limit {plan.threshold:.0%} = "
+                  f"{human(plan.limit_bytes)}")
+    style = {"fits": "green", "tight": "yellow", "over": "red"}[plan.verdict]
+    pct = 100 * plan.total_bytes / max(plan.budget_bytes, 1)
+    console.print(f"verdict: [{style}]{plan.verdict}[/{style}] ({pct:.0f}% of the budget)")
+    if plan.verdict == "over":
+        if plan.phase_bytes("init") > plan.limit_bytes >= plan.phase_bytes("train"):
+            console.print(f"training fits ({human(plan.phase_bytes('train'))}); the model build does not "
+                          f"({human(plan.phase_bytes('init'))}, the init rows)", markup=False, highlight=False)
+        if plan.suggestions:
+            console.print("changes that fit (best first):")
+            for s in plan.suggestions:
+                console.print(f"  {s.label()}  -> {human(s.total_bytes)}", markup=False, highlight=False)
+        else:
+            console.print("no config change fits this device; use a smaller model or a bigger device")

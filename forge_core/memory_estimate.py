@@ -1,0 +1,434 @@
+"""Peak-memory estimate of a fine-tuning run: bytes per component, from config.json shapes + ForgeConfig.
+
+Pure arithmetic - no framework import, no I/O - so a CUDA run can be planned on a laptop, and a
+calibration tool can hold every Component against a measured peak. Notation:
+
+    h hidden, i intermediate, L blocks, H / KV heads, d head_dim, q = H·d, kv = KV·d, V vocab,
+    r LoRA rank, B rows per micro-batch (2·batch_size for DPO: chosen and rejected rows go through
+    ONE forward; reference log-probs are precomputed, so there is no second model), T max_seq_len,
+    N = B·T tokens, cb bytes of the compute dtype (4 fp32, 2 bf16/fp16).
+
+    training peak = base weights + LoRA params, grads, optimizer states + activations (+ attention
+                    probabilities when attention is unfused) + logits + backward working set
+                    + dequantized weights + framework overhead
+    init peak     = the model while PiSSA/quantization rewrites it + the largest SVD + overhead
+    total         = max(training peak, init peak)          (components carry their phase)
+
+Every constant that differs between backends sits in BACKEND_CONSTANTS with how it was derived.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import DEFAULT_TARGETS, ForgeConfig, layer_indices, lora_init_kind
+from .errors import ForgeError
+
+MiB, GiB = 2**20, 2**30
+LORA_BYTES = 4  # LoRA factors, their grads and AdamW states are fp32 in both backends
+NF4_BLOCK, NF4_DQ_BLOCK = 64, 256  # bitsandbytes 4-bit: absmax per 64 weights; double quant: fp32 per 256 absmax
+ADAM8_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this (min_8bit_size)
+LOGITS_BACKWARD_FP32 = 2  # softmax + gradient, fp32: measured 12·N·V bytes (fp32) / 16 (bf16) peak, MLX 0.32 CPU
+
+BACKEND_CONSTANTS = {
+    "mlx": {
+        "quant_mode": "affine",  # packed uint32 + a scale and a bias per group, in the compute dtype
+        # mx.fast.scaled_dot_product_attention runs its unfused fallback whenever gradients are traced
+        # (use_fallback() returns true for training in MLX's Metal and CPU backends), so each block keeps
+        # (B, H, T, T) probabilities. Measured (MLX 0.32.4, CPU, fp32 and bf16): n chained sdpa calls under
+        # mx.grad peak at ~1.3·n + 9.5 copies of B·H·T²·cb for n = 8..32, 3.9 copies for n = 1.
+        "attention": "eager",
+        "scores_kept_per_block": 1.5,  # 1.3 measured, rounded up
+        "scores_backward": 4.0,  # one block's attention backward (n = 1 measurement)
+        "gqa_repeat": False,  # the fallback reshapes q to (B, KV, H/KV, T, d); k, v are not repeated
+        "norm_fp32": False,  # mx.fast.rms_norm keeps its input in the compute dtype
+        "lora_fp32_inputs": False,  # forge_mlx/lora.py casts lora_a, lora_b to x.dtype: no fp32 input copies
+        # forge_mlx/quant.py "dequant" matmul (auto on CPU): x @ dequantize(W).T keeps every dense W for the
+        # backward. Measured: 8 (16) blocks of 1024² fp32 weights added 35 (68) MiB over the fused path; with
+        # mx.checkpoint per block 6-8 dense weights stayed alive: about one Llama block (7 linears).
+        "dequant_kept": True,
+        # Gradient checkpointing (forge_mlx/trainer.py checkpoint_blocks, mx.checkpoint per block), measured on
+        # the tiny Llama (h=128, T=512, B=4, fp32 CPU) as the peak's growth per extra block, 8 -> 16 blocks:
+        # compiled step: 8.3 MiB (i=512) and 5.0 MiB (i=256) per block = ~1.7·h + 1.65·i values per token, so
+        # kept per token per block = 2·h + 2·i in the compute dtype (theory: h, the block input). Uncompiled
+        # (train.compile=false): 23.4 MiB per block, a whole block's activations: no saving except attention.
+        "ckpt_kept": (2, 2),
+        "ckpt_needs_compile": True,
+        # forge_mlx/model.py load_base materialises every weight in the compute dtype; adapt_model swaps the
+        # quantized targets in only at the end (update_modules), so both copies coexist during surgery.
+        "init_holds_dense_model": True,
+        # Python + mlx + mlx_lm + transformers: 276 MiB RSS measured (Linux x86, MLX CPU). Metal adds its kernel
+        # library and command buffers: +100 MiB, an estimate to calibrate on a Mac.
+        "overhead": {"gpu": 384 * MiB, "cpu": 320 * MiB},
+    },
+    "cuda": {
+        "quant_mode": "nf4",  # bitsandbytes; quant.bits=8 -> LLM.int8 (int8 + fp32 row scales)
+        "attention": "sdpa",  # transformers' default: flash / mem-efficient kernels keep only the logsumexp
+        "scores_kept_per_block": 0.0,
+        "scores_backward": 0.0,
+        "gqa_repeat": True,  # transformers' sdpa path repeat_kv()s k and v to H heads when a mask is passed
+        "norm_fp32": True,  # LlamaRMSNorm upcasts: its backward keeps the fp32 copy of the input
+        "lora_fp32_inputs": True,  # PEFT autocast_adapter_dtype: fp32 adapters, input cast to fp32 per module
+        "dequant_kept": False,  # bitsandbytes dequantizes one weight per matmul, forward and backward
+        "ckpt_kept": (1, 0),  # torch.utils.checkpoint keeps the block input (theory, to calibrate)
+        "ckpt_needs_compile": False,
+        "init_holds_dense_model": True,  # assumed: the DESIGN flow (load full precision -> PiSSA -> quantize)
+        # GPU: CUDA context (0.3-0.5 GiB), cuBLAS workspaces, caching-allocator slack: an estimate to calibrate.
+        # CPU: torch + transformers + peft imported: 408 MiB RSS measured (Linux x86).
+        "overhead": {"gpu": 1 * GiB, "cpu": 448 * MiB},
+    },
+}
+
+# Where each LoRA target reads its input from: targets sharing an input share its saved activation.
+TARGET_INPUT = {"q_proj": "xn", "k_proj": "xn", "v_proj": "xn", "o_proj": "attn",
+                "gate_proj": "xn2", "up_proj": "xn2", "down_proj": "mlp"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The config.json numbers the planner needs (Llama-style decoder blocks)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict, source: str = "config.json") -> ModelShape:
+        c = config.get("text_config", config) if "hidden_size" not in config else config
+        need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        missing = [k for k in need if not isinstance(c.get(k), int)]
+        if missing:
+            raise ForgeError(f"{source}: no integer {', '.join(missing)}; the memory planner needs a "
+                             "Llama-style config.json (hidden_size, intermediate_size, num_hidden_layers, ...)")
+        heads = c["num_attention_heads"]
+        return cls(hidden=c["hidden_size"], intermediate=c["intermediate_size"], layers=c["num_hidden_layers"],
+                   heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
+                   head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
+                   tied=bool(c.get("tie_word_embeddings", False)))  # absent: count lm_head separately
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """Linear weights of one block: name -> (out, in)."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+@dataclass
+class Component:
+    """One line of the plan. phase: "train" (training step), "init" (model build), "both"."""
+
+    name: str
+    bytes: int
+    note: str = ""
+    phase: str = "train"
+
+
+@dataclass(frozen=True)
+class Run:
+    """The numbers every formula needs, resolved once from (cfg, shape, kind, backend, device)."""
+
+    cfg: ForgeConfig
+    shape: ModelShape
+    const: dict
+    on_gpu: bool
+    cb: int  # compute dtype bytes
+    rows: int  # B (doubled for DPO)
+    seq: int  # T
+    targets: tuple[str, ...]
+    lora_layers: int
+    mode: str  # affine | nf4 | fp4 | int8 | none
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq
+
+
+def compute_bytes(dtype: str, on_gpu: bool) -> int:
+    """model.dtype -> bytes: auto is fp32 on a CPU, bf16 on Metal/CUDA."""
+    if dtype == "auto":
+        return 2 if on_gpu else 4
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def quant_mode(cfg: ForgeConfig, backend: str) -> str:
+    bits, mode = cfg.quant.bits, cfg.quant.mode
+    if bits == 0:
+        return "none"
+    mode = BACKEND_CONSTANTS[backend]["quant_mode"] if mode == "auto" else mode
+    if mode in ("nf4", "fp4"):
+        if bits == 8:
+            return "int8"
+        if bits != 4:
+            raise ForgeError(f"quant.bits={bits} with quant.mode={mode}: bitsandbytes does 4 or 8 bits; "
+                             "use quant.mode=affine (MLX) or quant.bits=4")
+    return mode
+
+
+def resolve_targets(targets: list[str], shape: ModelShape) -> tuple[str, ...]:
+    """lora.targets -> block linear names; "all-linear" is every linear of the block (not lm_head)."""
+    names = list(shape.linears())
+    if not targets or "all-linear" in targets:
+        return tuple(names)
+    picked = []
+    for t in targets:
+        leaf = t.split(".")[-1]
+        if leaf not in names:
+            raise ForgeError(f"lora.targets: '{t}' is not a linear of a decoder block ({', '.join(names)}, "
+                             "or all-linear)")
+        if leaf not in picked:
+            picked.append(leaf)
+    return tuple(picked)
+
+
+def make_run(cfg: ForgeConfig, shape: ModelShape, kind: str, backend: str, on_gpu: bool) -> Run:
+    if backend not in BACKEND_CONSTANTS:
+        raise ForgeError(f"backend '{backend}': the memory planner knows {', '.join(BACKEND_CONSTANTS)}")
+    if kind not in ("sft", "dpo"):
+        raise ValueError(f"kind must be 'sft' or 'dpo', not {kind!r}")
+    rows = cfg.train.batch_size * (2 if kind == "dpo" else 1)
+    return Run(cfg=cfg, shape=shape, const=BACKEND_CONSTANTS[backend], on_gpu=on_gpu,
+               cb=compute_bytes(cfg.model.dtype, on_gpu), rows=rows, seq=cfg.train.max_seq_len,
+               targets=resolve_targets(cfg.lora.targets or DEFAULT_TARGETS, shape),
+               lora_layers=len(layer_indices(cfg.lora.layers, shape.layers)), mode=quant_mode(cfg, backend))
+
+
+# ------------------------------------------------------------------------------------------- weights
+
+def linear_bytes(out: int, inp: int, run: Run) -> int:
+    """One frozen base weight (out, in) as stored.
+
+    affine (MLX): rows of ceil(in·bits/32) uint32 + per group of g: scale and bias in the compute dtype;
+                  a weight whose in-dim is not a multiple of g stays dense (forge_mlx quantizable()).
+    nf4 / fp4:    in·out/2 bytes + absmax per 64 weights: fp32, or with double quant 1 byte per block
+                  plus an fp32 constant per 256 blocks.
+    int8:         1 byte per weight + an fp32 scale per row (LLM.int8).
+    """
+    n, bits, g = out * inp, run.cfg.quant.bits, run.cfg.quant.group_size
+    if run.mode == "none" or (run.mode == "affine" and inp % g):
+        return n * run.cb
+    if run.mode == "affine":
+        return out * (math.ceil(inp * bits / 32) * 4 + (inp // g) * 2 * run.cb)
+    if run.mode == "int8":
+        return n + out * 4
+    blocks = math.ceil(n / NF4_BLOCK)
+    absmax = blocks + math.ceil(blocks / NF4_DQ_BLOCK) * 4 if run.cfg.quant.double_quant else blocks * 4
+    return math.ceil(n / 2) + absmax
+
+
+def embedding_bytes(run: Run) -> int:
+    """embed_tokens (+ lm_head unless tied), each (V, h): quantized only with quant.embeddings."""
+    s = run.shape
+    one = linear_bytes(s.vocab, s.hidden, run) if run.cfg.quant.embeddings else s.vocab * s.hidden * run.cb
+    return one * (1 if s.tied else 2)
+
+
+def block_weight_bytes(run: Run) -> int:
+    """All blocks' linears as stored + every RMSNorm weight ((2L + 1)·h, compute dtype)."""
+    s = run.shape
+    per_block = sum(linear_bytes(o, i, run) for o, i in s.linears().values())
+    return s.layers * per_block + (2 * s.layers + 1) * s.hidden * run.cb
+
+
+def weight_components(run: Run) -> list[Component]:
+    s, q = run.shape, run.cfg.quant
+    label = "full precision" if run.mode == "none" else f"{q.bits}-bit {run.mode}" + (
+        f" g{q.group_size}" if run.mode == "affine" else "")
+    params = s.layers * sum(o * i for o, i in s.linears().values())
+    blocks = block_weight_bytes(run)
+    emb_note = ("tied, " if s.tied else "embed + lm_head, ") + (label if q.embeddings else "not quantized")
+    return [
+        Component("base weights (blocks)", blocks, f"{params / 1e9:.2f}B params, {label}, "
+                  f"{blocks / max(params, 1):.3f} B/param with scales and norms"),
+        Component("embeddings / lm_head", embedding_bytes(run), emb_note, "both"),
+    ]
+
+
+def dequant_bytes(run: Run) -> tuple[int, str]:
+    """Dense copies of quantized weights made for the matmul (0 when the kernel reads them packed)."""
+    if run.mode == "none":
+        return 0, ""
+    s, cb = run.shape, run.cb
+    dense = {n: o * i * cb for n, (o, i) in s.linears().items()}
+    head = s.vocab * s.hidden * cb if run.cfg.quant.embeddings else 0
+    if not run.const["dequant_kept"]:  # bitsandbytes: one weight at a time
+        return max([*dense.values(), head]), "largest weight dequantized per matmul"
+    matmul = run.cfg.quant.matmul
+    if (matmul == "auto" and run.on_gpu) or matmul == "fused":
+        return 0, ""
+    blocks = 1 if run.cfg.train.grad_checkpoint else s.layers
+    why = "one block (checkpointed)" if blocks == 1 else "every block: kept for the backward"
+    return blocks * sum(dense.values()) + head, f"dequant+BLAS matmul, {why}"
+
+
+# ------------------------------------------------------------------------------------------- LoRA
+
+def lora_tensor_sizes(run: Run) -> list[int]:
+    """Element counts of every LoRA factor: A (r, in) and B (out, r) per target per adapted block."""
+    r, shapes = run.cfg.lora.rank, run.shape.linears()
+    one_block = [n for t in run.targets for n in (r * shapes[t][1], shapes[t][0] * r)]
+    return one_block * run.lora_layers
+
+
+def optimizer_bytes(sizes: list[int], optimizer: str) -> int:
+    """adamw: two fp32 states (8 B/param). adamw8bit / paged: 2 B/param, but bitsandbytes keeps fp32
+    states for tensors under 4096 elements (block scales, < 2%, ignored)."""
+    if optimizer == "adamw":
+        return 8 * sum(sizes)
+    return sum(2 * n if n >= ADAM8_MIN_NUMEL else 8 * n for n in sizes)
+
+
+def lora_components(run: Run) -> list[Component]:
+    sizes = lora_tensor_sizes(run)
+    params = sum(sizes)
+    t = run.cfg.train
+    accum = t.grad_accum > 1  # the accumulated sum and the new micro-batch's grads coexist
+    init, _ = lora_init_kind(run.cfg.lora.init)
+    disk = "; PiSSA A0,B0 live on disk only" if init == "pissa" else ""
+    return [
+        Component("LoRA params", params * LORA_BYTES,
+                  f"{params / 1e6:.2f}M fp32, r={run.cfg.lora.rank} x {len(run.targets)} targets x "
+                  f"{run.lora_layers} blocks{disk}", "both"),
+        Component("LoRA grads", params * LORA_BYTES * (2 if accum else 1),
+                  "fp32" + (", accumulated + current" if accum else "")),
+        Component("optimizer states", optimizer_bytes(sizes, t.optimizer), t.optimizer),
+    ]
+
+
+# ------------------------------------------------------------------------------------------- activations
+
+def block_token_bytes(run: Run) -> int:
+    """Bytes one block keeps per token for the backward (frozen base, LoRA on run.targets).
+
+    Always: the two RMSNorm inputs (h each), attention q, k, v after RoPE and its output (2q + 2kv;
+    k, v at q size where repeat_kv copies them), SwiGLU gate, silu(gate), up (3i). LoRA targets add
+    their input (shared by targets that read the same tensor; attention's output is kept anyway) or,
+    where adapters are fp32 and compute is not, an fp32 copy per target; plus x·A (r) per target and,
+    with dropout, the dropped input and its mask.
+    """
+    s, cb, c = run.shape, run.cb, run.const
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    k_v = 2 * (q if c["gqa_repeat"] else kv)
+    total = (8 if c["norm_fp32"] else 2 * cb) * s.hidden + cb * (2 * q + k_v + 3 * s.intermediate)
+    if c["attention"] == "sdpa":
+        total += 4 * s.heads  # fp32 logsumexp per head
+    sizes = {"xn": s.hidden, "attn": 0, "xn2": s.hidden, "mlp": s.intermediate}
+    inputs = {t: s.linears()[t][1] for t in run.targets}
+    lora_b = LORA_BYTES if c["lora_fp32_inputs"] else cb
+    if c["lora_fp32_inputs"] and cb < 4:
+        total += sum(4 * n for n in inputs.values())
+    else:
+        total += cb * sum(sizes[g] for g in {TARGET_INPUT[t] for t in run.targets})
+    total += len(run.targets) * run.cfg.lora.rank * lora_b
+    if run.cfg.lora.dropout > 0:
+        total += sum(n * (lora_b + 1) for n in inputs.values())
+    return total
+
+
+def attention_scores_bytes(run: Run, copies: float) -> int:
+    """Unfused attention: `copies` x (B, H, T, T) in the compute dtype, for one block."""
+    return int(copies * run.rows * run.shape.heads * run.seq ** 2 * run.cb)
+
+
+def activation_components(run: Run) -> list[Component]:
+    s, n, cb = run.shape, run.tokens, run.cb
+    per_tok = block_token_bytes(run)
+    ckpt = run.cfg.train.grad_checkpoint
+    final = n * s.hidden * (4 if run.const["norm_fp32"] else cb)  # the final norm's input
+    kh, ki = run.const["ckpt_kept"]
+    if ckpt and run.const["ckpt_needs_compile"] and not run.cfg.train.compile:
+        acts = s.layers * n * per_tok + final
+        note = f"{per_tok / 1024:.1f} KiB/token/block x {s.layers}: checkpointing saves nothing without compile"
+    elif ckpt:
+        kept = cb * (kh * s.hidden + ki * s.intermediate)
+        acts = s.layers * n * kept + n * per_tok + final
+        note = f"{kept / 1024:.1f} KiB/token x {s.layers} checkpointed blocks + one recomputed ({per_tok / 1024:.1f} KiB)"
+    else:
+        acts = s.layers * n * per_tok + final
+        note = f"{per_tok / 1024:.1f} KiB/token/block x {s.layers} blocks x {n} tokens"
+    out = [Component("activations", acts, note)]
+    kept = run.const["scores_kept_per_block"]
+    if kept:
+        blocks = 1 if ckpt else s.layers
+        out.append(Component("attention probabilities", attention_scores_bytes(run, kept) * blocks,
+                             f"unfused attention: B·H·T² x {kept:g} x {blocks} block(s)"))
+    v_bytes = n * s.vocab
+    logits = v_bytes * (cb + 4 if cb < 4 else 4)
+    out.append(Component("logits + loss", logits, f"B·T·V = {v_bytes / 1e6:.1f}M: compute dtype + fp32 copy"
+                         if cb < 4 else f"B·T·V = {v_bytes / 1e6:.1f}M fp32"))
+    head_grad = v_bytes * (4 * LOGITS_BACKWARD_FP32 + (cb if cb < 4 else 0))
+    block_grad = n * per_tok + attention_scores_bytes(run, run.const["scores_backward"])
+    which = "logits gradient (softmax + grad, fp32)" if head_grad >= block_grad else "one block's gradients"
+    out.append(Component("backward working set", max(head_grad, block_grad), which))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- init
+
+def svd_bytes(out: int, inp: int, run: Run) -> int:
+    """forge_core.pissa on one (out, in) weight, fp32 numpy: W, the residual and the B0·A0 product,
+    the MLX copy of W_res (4·out·in floats), plus U, Vt: k = min(out, in) columns for the full SVD,
+    3·(2r + 8) for the randomized one (basis, its projection, U)."""
+    _, niter = lora_init_kind(run.cfg.lora.init)
+    k = min(out, inp) if niter == 0 else 3 * min(2 * run.cfg.lora.rank + 8, min(out, inp))
+    return 4 * (4 * out * inp + k * (out + inp))
+
+
+def init_components(run: Run) -> list[Component]:
+    """The model build: PiSSA SVDs on the dense weights, then quantization of the residual and the rest."""
+    s, cb = run.shape, run.cb
+    kind, _ = lora_init_kind(run.cfg.lora.init)
+    shapes = s.linears()
+    out = []
+    if run.const["init_holds_dense_model"]:
+        dense = s.layers * sum(o * i for o, i in shapes.values()) * cb + (2 * s.layers + 1) * s.hidden * cb
+        if run.cfg.quant.embeddings and run.mode != "none":  # dense until quantize_rest swaps them
+            dense += s.vocab * s.hidden * cb * (1 if s.tied else 2)
+        out.append(Component("dense model at load", dense, "all weights in the compute dtype, as loaded", "init"))
+        if run.mode != "none":
+            # adapt_model swaps the quantized targets in at its end, quantize_rest the others at its end:
+            # dense all + quantized targets, then dense non-targets + everything quantized.
+            q_t = run.lora_layers * sum(linear_bytes(*shapes[t], run) for t in run.targets)
+            d_t = run.lora_layers * sum(shapes[t][0] * shapes[t][1] * cb for t in run.targets)
+            q_all = s.layers * sum(linear_bytes(o, i, run) for o, i in shapes.values())
+            out.append(Component("quantized copies (surgery)", max(q_t, q_all - d_t),
+                                 "coexist with the dense weights until swapped in", "init"))
+    else:
+        big = max(o * i for o, i in shapes.values()) * cb
+        out.append(Component("weights (streamed build)", block_weight_bytes(run) + big,
+                             "final weights + one dense weight being converted", "init"))
+    if kind == "pissa":
+        name = max(run.targets, key=lambda t: svd_bytes(*shapes[t], run))
+        out.append(Component("PiSSA SVD (largest target)", svd_bytes(*shapes[name], run),
+                             f"{name} {shapes[name][0]}x{shapes[name][1]}, fp32", "init"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- all
+
+def estimate(cfg: ForgeConfig, shape: ModelShape, kind: str = "sft", backend: str = "mlx",
+             on_gpu: bool = True) -> list[Component]:
+    """Every component of the plan, in display order (see the module docstring for the model)."""
+    run = make_run(cfg, shape, kind, backend, on_gpu)
+    parts = weight_components(run) + lora_components(run) + activation_components(run)
+    deq, why = dequant_bytes(run)
+    if deq:
+        parts.append(Component("dequantized weights", deq, why))
+    parts += init_components(run)
+    side = "gpu" if on_gpu else "cpu"
+    parts.append(Component("framework overhead", run.const["overhead"][side], f"{backend} ({side}) constant", "both"))
+    return parts
+
+
+def phase_total(components: list[Component], phase: str) -> int:
+    return sum(c.bytes for c in components if c.phase in (phase, "both"))
+
+
+def peak_bytes(components: list[Component]) -> int:
+    """The planned peak: training and the model build never overlap."""
+    return max(phase_total(components, "train"), phase_total(components, "init"))
