@@ -44,10 +44,11 @@ BACKEND_CONSTANTS = {
         "gqa_repeat": False,  # the fallback reshapes q to (B, KV, H/KV, T, d); k, v are not repeated
         "norm_fp32": False,  # mx.fast.rms_norm keeps its input in the compute dtype
         "lora_fp32_inputs": False,  # forge_mlx/lora.py casts lora_a, lora_b to x.dtype: no fp32 input copies
-        # forge_mlx/quant.py "dequant" matmul (auto on CPU): x @ dequantize(W).T keeps every dense W for the
-        # backward. Measured: 8 (16) blocks of 1024² fp32 weights added 35 (68) MiB over the fused path; with
-        # mx.checkpoint per block 6-8 dense weights stayed alive: about one Llama block (7 linears).
-        "dequant_kept": True,
+        # forge_mlx/quant.py "dequant" matmul (auto on CPU) is a custom function whose backward dequantizes
+        # again (after its cotangent exists): 16 chained 1024² 4-bit layers, grad wrt x, peak 89 -> 27.5 MiB
+        # against plain autodiff, which kept every dense W for the backward.
+        "dequant_kept": False,
+        "fused_reads_packed": True,  # mx.quantized_matmul (Metal/CUDA) reads the packed weights
         # Gradient checkpointing (forge_mlx/trainer.py checkpoint_blocks, mx.checkpoint per block), measured on
         # the tiny Llama (h=128, T=512, B=4, fp32 CPU) as the peak's growth per extra block, 8 -> 16 blocks:
         # compiled step: 8.3 MiB (i=512) and 5.0 MiB (i=256) per block = ~1.7·h + 1.65·i values per token, so
@@ -55,9 +56,9 @@ BACKEND_CONSTANTS = {
         # (train.compile=false): 23.4 MiB per block, a whole block's activations: no saving except attention.
         "ckpt_kept": (2, 2),
         "ckpt_needs_compile": True,
-        # forge_mlx/model.py load_base materialises every weight in the compute dtype; adapt_model swaps the
-        # quantized targets in only at the end (update_modules), so both copies coexist during surgery.
-        "init_holds_dense_model": True,
+        # forge_mlx/model.py loads lazily; adapt_model / quantize_rest materialise, factorize, quantize and
+        # swap in one linear at a time, so only one dense weight is alive during surgery.
+        "init_holds_dense_model": False,
         # Python + mlx + mlx_lm + transformers: 276 MiB RSS measured (Linux x86, MLX CPU). Metal adds its kernel
         # library and command buffers: +100 MiB, an estimate to calibrate on a Mac.
         "overhead": {"gpu": 384 * MiB, "cpu": 320 * MiB},
@@ -71,9 +72,12 @@ BACKEND_CONSTANTS = {
         "norm_fp32": True,  # LlamaRMSNorm upcasts: its backward keeps the fp32 copy of the input
         "lora_fp32_inputs": True,  # PEFT autocast_adapter_dtype: fp32 adapters, input cast to fp32 per module
         "dequant_kept": False,  # bitsandbytes dequantizes one weight per matmul, forward and backward
+        "fused_reads_packed": False,  # even its "fused" 4-bit matmul makes a dense copy per call
         "ckpt_kept": (1, 0),  # torch.utils.checkpoint keeps the block input (theory, to calibrate)
         "ckpt_needs_compile": False,
-        "init_holds_dense_model": True,  # assumed: the DESIGN flow (load full precision -> PiSSA -> quantize)
+        # forge_cuda/lora.py: the dense model stays in HOST memory; each target is factorized there, quantized
+        # and moved to the device one at a time, so the device never holds the dense model.
+        "init_holds_dense_model": False,
         # GPU: CUDA context (0.3-0.5 GiB), cuBLAS workspaces, caching-allocator slack: an estimate to calibrate.
         # CPU: torch + transformers + peft imported: 408 MiB RSS measured (Linux x86).
         "overhead": {"gpu": 1 * GiB, "cpu": 448 * MiB},
@@ -256,11 +260,12 @@ def dequant_bytes(run: Run) -> tuple[int, str]:
     s, cb = run.shape, run.cb
     dense = {n: o * i * cb for n, (o, i) in s.linears().items()}
     head = s.vocab * s.hidden * cb if run.cfg.quant.embeddings else 0
-    if not run.const["dequant_kept"]:  # bitsandbytes: one weight at a time
-        return max([*dense.values(), head]), "largest weight dequantized per matmul"
     matmul = run.cfg.quant.matmul
-    if (matmul == "auto" and run.on_gpu) or matmul == "fused":
+    fused = (matmul == "auto" and run.on_gpu) or matmul == "fused"
+    if fused and run.const["fused_reads_packed"]:
         return 0, ""
+    if not run.const["dequant_kept"]:  # re-dequantized in the backward: one weight at a time
+        return max([*dense.values(), head]), "largest weight dequantized per matmul"
     blocks = 1 if run.cfg.train.grad_checkpoint else s.layers
     why = "one block (checkpointed)" if blocks == 1 else "every block: kept for the backward"
     return blocks * sum(dense.values()) + head, f"dequant+BLAS matmul, {why}"

@@ -88,7 +88,7 @@ def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = No
     kind, niter = lora_init_kind(cfg.lora.init)
     rank, scale, q = cfg.lora.rank, lora_scale(cfg.lora), cfg.quant
     model.freeze()
-    factors, replace = {}, []
+    factors, adapted = {}, set()
     for i, path in enumerate(target_paths(model, cfg)):
         linear = _get(model, path)
         if isinstance(linear, nn.QuantizedLinear) and kind == "pissa":
@@ -109,11 +109,11 @@ def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = No
         if q.bits and quantizable(linear, q.group_size):
             linear = quantize_linear(linear, q.bits, q.group_size, q.matmul)
         wrapped = LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b)
-        mx.eval(wrapped.parameters())  # materialize now: the dense W of this layer can be freed
-        replace.append((path, wrapped))
-    model.update_modules(tree_unflatten(replace))
+        mx.eval(wrapped.parameters())
+        # swap it in now: the model's reference to this layer's dense W goes, so W can be freed
+        model.update_modules(tree_unflatten([(path, wrapped)]))
+        adapted.add(path)
     if q.bits:
-        adapted = {p for p, _ in replace}
         quantize_rest(model, q.bits, q.group_size, q.matmul, q.embeddings,
                       skip=lambda p: any(p == a or p.startswith(a + ".") for a in adapted))
     return factors

@@ -11,9 +11,39 @@ Both paths are differentiable with respect to the input; the quantized weights a
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+
+
+@lru_cache(maxsize=None)
+def dequant_matmul(group_size: int, bits: int, mode: str):
+    """y = x @ dequantize(W)ᵀ whose backward dequantizes W AGAIN instead of keeping the dense copy.
+
+    Plain autodiff would hold every layer's dense weight from the forward until the backward (the
+    whole model, dense, at the loss); re-dequantizing costs one cheap elementwise pass per layer.
+    The quantized weight is frozen: its cotangents are zeros.
+    """
+
+    def dense(w, scales, biases):
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+
+    @mx.custom_function
+    def qmm(x, w, scales, biases):
+        return x @ dense(w, scales, biases).astype(x.dtype).T
+
+    @qmm.vjp
+    def qmm_vjp(primals, cotangent, output):
+        x, w, scales, biases = primals
+        # depends(): dequantize only once this layer's cotangent exists, else MLX may run every
+        # layer's re-dequantization up front and hold them all at once
+        w, scales, biases = mx.depends([w, scales, biases], [cotangent])
+        dx = cotangent @ dense(w, scales, biases).astype(cotangent.dtype)
+        return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return qmm
 
 
 def default_matmul() -> str:
@@ -45,7 +75,11 @@ class QuantLinear(nn.QuantizedLinear):
     def __call__(self, x):
         if self.matmul == "fused":
             return super().__call__(x)
-        y = x @ self.dequantized(x.dtype).T
+        biases = self.get("biases")
+        if biases is None:  # modes without biases: plain autodiff through the dense copy
+            y = x @ self.dequantized(x.dtype).T
+        else:
+            y = dequant_matmul(self.group_size, self.bits, self.mode)(x, self.weight, self.scales, biases)
         if "bias" in self:
             y = y + self.bias
         return y
@@ -66,19 +100,20 @@ def quantize_rest(model: nn.Module, bits: int, group_size: int, matmul: str = "a
 
     Embeddings (and a tied lm_head through them) stay full precision unless `embeddings`.
     """
-    replace = []
-    for path, module in model.named_modules():
+    count = 0
+    for path, module in list(model.named_modules()):
         if skip(path):
             continue
         if quantizable(module, group_size) and (embeddings or not path.endswith("lm_head")):
             layer = quantize_linear(module, bits, group_size, matmul)
-            mx.eval(layer.parameters())  # one dense weight alive at a time (lazy-loaded models)
-            replace.append((path, layer))
         elif embeddings and isinstance(module, nn.Embedding) and module.weight.shape[-1] % group_size == 0:
-            replace.append((path, nn.QuantizedEmbedding.from_embedding(module, group_size=group_size, bits=bits)))
-    if replace:
-        model.update_modules(tree_unflatten(replace))
-    return len(replace)
+            layer = nn.QuantizedEmbedding.from_embedding(module, group_size=group_size, bits=bits)
+        else:
+            continue
+        mx.eval(layer.parameters())
+        model.update_modules(tree_unflatten([(path, layer)]))  # one dense weight alive at a time
+        count += 1
+    return count
 
 
 def weight_bytes(model: nn.Module) -> int:
