@@ -24,10 +24,10 @@ class TrainProgress:
         self.progress = Progress(
             TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tok_s]} tok/s"),
-            TextColumn("peak {task.fields[peak]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("peak {task.fields[peak]}"), TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=self.console, disable=not sys.stderr.isatty() and not self.console.is_terminal,
         )
-        self.task = self.progress.add_task(label, total=total, completed=start, loss="-", tok_s="-", peak="-")
+        self.task = self.progress.add_task(label, total=total, completed=start, loss="-", tok_s="-", peak="-", extra="")
 
     def __enter__(self):
         self.progress.start()
@@ -36,8 +36,11 @@ class TrainProgress:
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def update(self, step: int, loss: float | None = None, tok_s: float | None = None, peak: int | None = None):
+    def update(self, step: int, loss: float | None = None, tok_s: float | None = None, peak: int | None = None,
+               record: dict | None = None):
         fields = {}
+        if record and "rewards/accuracy" in record:  # DPO: reward accuracy and margin vs the reference
+            fields["extra"] = f"acc {record['rewards/accuracy']:.2f} margin {record['rewards/margin']:.3f}"
         if loss is not None:
             fields["loss"] = f"{loss:.4f}"
         if tok_s is not None:

@@ -95,7 +95,9 @@ class RunDir:
         val = [(r["step"], r["loss"]) for r in recs if r.get("split") == "valid" and _finite(r.get("loss"))]
         if not train and not val:
             return None
-        fig, ax = plt.subplots(figsize=(7, 4))
+        rewards = [r for r in recs if "rewards/accuracy" in r]  # DPO runs: a second panel
+        fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), squeeze=False)
+        ax = axes[0][0]
         if train:
             ax.plot(*zip(*train), label="train loss")
         if val:
@@ -105,12 +107,28 @@ class RunDir:
         ax.set_title(title or self.path.name)
         ax.grid(alpha=0.3)
         ax.legend()
+        if rewards:
+            self._plot_rewards(axes[0][1], rewards)
         out = self.file("loss.png")
         tmp = out.with_suffix(".tmp.png")
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
         plt.close(fig)
         tmp.replace(out)
         return out
+
+
+    @staticmethod
+    def _plot_rewards(ax, recs: list[dict]) -> None:
+        for split, style in (("train", "-"), ("valid", "o-")):
+            rows = [r for r in recs if r.get("split") == split]
+            if rows:
+                steps = [r["step"] for r in rows]
+                ax.plot(steps, [r["rewards/accuracy"] for r in rows], style, label=f"{split} reward accuracy")
+                ax.plot(steps, [r["rewards/margin"] for r in rows], style, label=f"{split} reward margin", alpha=0.7)
+        ax.set_xlabel("optimizer step")
+        ax.set_title("DPO rewards (vs the reference)")
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 def _finite(x) -> bool:

@@ -182,7 +182,7 @@ def _loop(cfg, run, model, optimizer, obj, micro, apply, start, steps, console, 
                        "peak_memory": mx.get_peak_memory(), "epoch": obj.epoch()}
                 rec.update({k: (v / count).item() for k, v in (msum or {}).items()})
                 run.log(rec)
-                bar.update(step, loss, rec["tok_s"], rec["peak_memory"])
+                bar.update(step, loss, rec["tok_s"], rec["peak_memory"], record=rec)
                 if not bar.progress.live.is_started or bar.progress.disable:
                     console.print(log_line(rec), soft_wrap=True)
                 tokens, tic = 0, time.perf_counter()
