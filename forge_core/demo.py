@@ -57,6 +57,8 @@ def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
     else:
         console.print("measuring the starting policy (the SFT adapter) on the held-out pairs...")
         before = gen.evaluate_preferences(cfg, adapter=cfg.dpo.adapter)
+        # before training the policy IS the reference: every reward is exactly 0 (accuracy counts r_w > r_l)
+        before.update({"rewards/accuracy": 0.0, "rewards/margin": 0.0})
     launch(cfg, kind=kind)
     adapter = str(run_dir / "adapter")
     after = gen.evaluate(cfg, adapter=adapter) if kind == "sft" else gen.evaluate_preferences(cfg, adapter=adapter)
