@@ -124,6 +124,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", resume: str | None = None, consol
         _, adapter_weights, start_factors = load_adapter_dir(cfg.dpo.adapter)
         pissa_init = pissa_init or start_factors
     t0 = time.perf_counter()
+    mx.random.seed(cfg.train.seed)  # LoRA's random A init (and dropout before step 1) follow the seed
     model, tokenizer, model_dir, factors = build_model(cfg, pissa_init=pissa_init, adapter_weights=adapter_weights)
     if factors and not run.file("pissa_init.safetensors").is_file():
         from forge_core.atomic import save_safetensors

@@ -1,0 +1,68 @@
+"""tools/fidelity.py's reconstruction math on small random matrices (no model, no timing)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx.core")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fidelity = _load("fidelity")
+bench_common = _load("_bench_common")
+
+
+def _spiky(out_dim=256, in_dim=128, seed=0):
+    """A few strong directions plus small noise: the spectrum shape of trained weight matrices."""
+    rng = np.random.default_rng(seed)
+    low = rng.standard_normal((out_dim, 4)) @ rng.standard_normal((4, in_dim))
+    return (low + 0.05 * rng.standard_normal((out_dim, in_dim))).astype(np.float32)
+
+
+def test_qpissa_reconstructs_better_than_qlora_on_a_low_rank_plus_noise_matrix():
+    e = fidelity.reconstruction_errors(_spiky(), rank=16, bits=4, group_size=64)
+    assert 0.005 < e["qlora"] < 0.2  # 4-bit affine on a dense matrix: about 1-10% relative error
+    assert e["qpissa"] < 0.5 * e["qlora"]  # the strong directions leave the quantized residual
+
+
+def test_full_rank_pissa_leaves_nothing_to_quantize():
+    w = _spiky(64, 64)
+    e = fidelity.reconstruction_errors(w, rank=64, bits=4, group_size=64)
+    assert e["qpissa"] < 1e-4  # W_res is fp32 rounding noise; Q(W_res) + s·B0A0 == W
+
+
+def _grid(offset, step, seed=1):
+    """(8, 64) values offset + step·code, codes 0..15 with both ends present in every group of 32."""
+    codes = np.random.default_rng(seed).integers(0, 16, size=(8, 64)).astype(np.float32)
+    codes[:, 0], codes[:, 1], codes[:, 32], codes[:, 33] = 0, 15, 0, 15
+    return (offset + step * codes).astype(np.float32)
+
+
+def test_minmax_requantization_reproduces_a_q4_1_style_grid_exactly():
+    w = _grid(-0.37, 0.013)  # arbitrary offset: zero is not on the grid, as in a Q4_1 block
+    assert fidelity.rel_err(w, fidelity.minmax_qdq(w, 4, 32)) < 1e-6
+
+
+def test_mlx_qdq_is_exact_when_zero_is_on_the_grid_but_not_otherwise():
+    on = _grid(-1.0, 0.25)  # -1 = -4 steps: zero is a grid point
+    assert fidelity.rel_err(on, fidelity.qdq(on, 4, 64)) < 1e-6
+    off = _grid(-0.37, 0.013)  # mx.quantize moves the grid to put an edge on it: not exact any more
+    assert fidelity.rel_err(off, fidelity.qdq(off, 4, 32)) > 1e-3
+
+
+def test_replace_section_replaces_only_its_own_section():
+    text = "# T\n\n## A\n\nold a\n\n## B\n\nkeep b\n"
+    out = bench_common.replace_section(text, "A", "new a")
+    assert out == "# T\n\n## A\n\nnew a\n\n## B\n\nkeep b\n"
+    appended = bench_common.replace_section(out, "C", "c")
+    assert appended.endswith("keep b\n\n## C\n\nc\n") and "new a" in appended

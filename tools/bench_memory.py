@@ -1,0 +1,288 @@
+"""Memory planner calibration: forge_core.memory's estimate against the peak a real run reaches.
+
+    python tools/bench_memory.py [--only mlx-h128-fp,...] [--backend mlx|cuda] [--write docs/BENCHMARKS.md]
+
+Each row of MATRIX builds a random Llama (tests/tiny.py, byte vocab 259), writes a JSONL whose rows are
+longer than max_seq_len (every batch is B x T, no short padding), and runs the backend's own trainer
+(forge_mlx.trainer.train / forge_cuda.trainer.train) for 3 steps, eval off, in a fresh subprocess
+(forge_mlx is imported FIRST there: its BLAS preload must precede mlx.core). Like is compared with like:
+
+    MLX:          measured = mx.get_peak_memory() over the whole run (model build + training): the MLX
+                  allocator's arrays only, no interpreter or library code.
+    torch (CPU):  measured = peak anonymous RSS (RssAnon sampled every 1 ms) - RssAnon after the
+                  torch/transformers/peft/forge imports; tracemalloc cannot see torch's allocator, and
+                  plain RSS (ru_maxrss) also counts library code paged in by the first backward
+                  (reported as rss_delta). The worker runs with MALLOC_MMAP_THRESHOLD_=65536 (see
+                  TORCH_CPU_ENV) so freed tensors leave RSS.
+    torch (CUDA): measured = torch.cuda.max_memory_allocated() (no CUDA context, no cache slack).
+    estimate    = plan.total_bytes - plan.component("framework overhead"): the plan's peak without the
+                  constant for the interpreter + libraries (or the CUDA context), which neither
+                  measurement includes.
+
+ratio = estimate / measured. Target: 0.90 <= ratio <= 1.15 (within +-15%, never under by more than 10%).
+tests/forge_core/test_memory_calibration.py runs the rows marked `small` with a looser band (0.75..1.25).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bc
+
+TITLE = "Memory planner calibration"
+TARGET = (0.90, 1.15)  # estimate / measured
+STEPS = 3
+# glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped block is freed, so later
+# tensors land in the heap, whose freed pages stay resident: RSS then counts dead activations (the
+# h256 B4 T512 row read 792 MiB against ~420 MiB with this fixed). A fixed threshold sends every
+# allocation over 64 KiB to mmap and back to the OS on free, so RssAnon follows live tensor bytes.
+TORCH_CPU_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _row(name, backend, hidden, layers, inter, batch, seq, rank, bits, ckpt=False, kind="sft", small=False):
+    return {"name": name, "backend": backend, "hidden": hidden, "layers": layers, "intermediate": inter,
+            "batch": batch, "seq": seq, "rank": rank, "bits": bits, "ckpt": ckpt, "kind": kind, "small": small}
+
+
+# Model size, batch, seq len, rank, bits, checkpointing, SFT/DPO; heads = hidden/32, kv heads = heads/2.
+MATRIX = [
+    _row("mlx-h128-fp", "mlx", 128, 4, 512, 2, 256, 8, 0, small=True),
+    _row("mlx-h128-q4", "mlx", 128, 4, 512, 2, 256, 8, 4, small=True),
+    _row("mlx-h128-q4-dpo", "mlx", 128, 4, 512, 2, 256, 8, 4, kind="dpo", small=True),
+    _row("mlx-h128-q8-r32", "mlx", 128, 8, 512, 4, 512, 32, 8),
+    _row("mlx-h256-fp", "mlx", 256, 8, 768, 4, 512, 16, 0),
+    _row("mlx-h256-q4", "mlx", 256, 8, 1024, 4, 512, 16, 4),
+    _row("mlx-h256-q4-ckpt", "mlx", 256, 8, 1024, 4, 512, 16, 4, ckpt=True),
+    _row("mlx-h256-q4-dpo", "mlx", 256, 8, 1024, 2, 512, 16, 4, kind="dpo"),
+    _row("mlx-h256-q4-dpo-ckpt", "mlx", 256, 8, 1024, 2, 512, 16, 4, ckpt=True, kind="dpo"),
+    _row("torch-h128-fp", "cuda", 128, 4, 512, 2, 256, 8, 0, small=True),
+    _row("torch-h128-nf4", "cuda", 128, 4, 512, 2, 256, 8, 4),
+    _row("torch-h256-nf4", "cuda", 256, 8, 1024, 4, 512, 16, 4),
+    _row("torch-h256-nf4-ckpt", "cuda", 256, 8, 1024, 4, 512, 16, 4, ckpt=True),
+    _row("torch-h256-nf4-dpo", "cuda", 256, 8, 1024, 2, 512, 16, 4, kind="dpo"),
+]
+
+
+# ---------------------------------------------------------------- inputs (parent side)
+
+def make_model(root: Path, row: dict) -> Path:
+    """The random HF dir for a row's shape (cached per shape under root)."""
+    from tests.tiny import make_tiny_model
+
+    heads = row["hidden"] // 32
+    out = root / f"h{row['hidden']}_L{row['layers']}_i{row['intermediate']}"
+    if not (out / "model.safetensors").is_file():
+        make_tiny_model(out, hidden=row["hidden"], layers=row["layers"], heads=heads, kv_heads=heads // 2,
+                        intermediate=row["intermediate"])
+    return out
+
+
+def make_data(root: Path, kind: str, seq: int, n: int = 16) -> Path:
+    """n rows, each longer than seq byte tokens, so truncation gives every row exactly seq tokens."""
+    path = root / f"{kind}_{seq}.jsonl"
+    letters = "abcdefghijklmnop"
+    rows = []
+    for i in range(n):
+        c = letters[i % len(letters)]
+        if kind == "sft":
+            rows.append({"messages": [{"role": "user", "content": c * (seq // 2)},
+                                      {"role": "assistant", "content": c.upper() * seq}]})
+        else:  # the prompt is kept whole; the completions are cut to fill the rest
+            rows.append({"prompt": c * (seq // 4), "chosen": c.upper() * seq, "rejected": c * seq})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def config_sets(row: dict, model: Path, data: Path, out_dir: Path) -> list[str]:
+    """--set items for the row: constant lr, no eval, no saves before the end, full-SVD PiSSA (the default)."""
+    return [f"backend={row['backend']}", f"model.path={model}", f"data.train={data}", "data.valid=",
+            "data.train_on_prompt=true", f"lora.rank={row['rank']}", f"lora.alpha={row['rank']}",
+            f"quant.bits={row['bits']}", f"train.steps={STEPS}", f"train.batch_size={row['batch']}",
+            f"train.max_seq_len={row['seq']}", f"train.grad_checkpoint={str(row['ckpt']).lower()}",
+            "train.schedule=constant", "train.warmup=0", "train.eval_every=0", "train.save_every=1000",
+            "train.log_every=1", f"train.out_dir={out_dir}"]
+
+
+# ---------------------------------------------------------------- worker (one row, fresh process)
+
+def _status_kib(field: str) -> int:
+    """One `field: N kB` line of /proc/self/status, in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class AnonPeak:
+    """Samples RssAnon (heap + anonymous mmaps: where torch's CPU tensors live) every `every` seconds
+    on a thread; torch ops release the GIL, so the sampler runs during them. Unlike VmHWM it leaves out
+    file-backed pages: library code that the first forward/backward pages in is not the run's data."""
+
+    def __init__(self, every: float = 0.001):
+        import threading
+
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _measure_mlx(cfg, kind: str, console) -> dict:
+    import mlx.core as mx
+
+    from forge_mlx import trainer
+
+    mx.reset_peak_memory()
+    trainer.train(cfg, kind=kind, console=console)
+    return {"measured": int(mx.get_peak_memory()), "how": "mx.get_peak_memory()", "on_gpu": False}
+
+
+def _measure_torch(cfg, kind: str, console) -> dict:
+    import resource
+
+    import torch
+
+    from forge_cuda import trainer
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        trainer.train(cfg, kind=kind, console=console)
+        return {"measured": int(torch.cuda.max_memory_allocated()), "how": "cuda max_memory_allocated",
+                "on_gpu": True}
+    import gc
+
+    gc.collect()
+    base_rss, base_anon = _status_kib("VmRSS") * 1024, _status_kib("RssAnon") * 1024
+    with AnonPeak() as anon:
+        trainer.train(cfg, kind=kind, console=console)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"measured": int(anon.peak - base_anon), "how": "sampled peak RssAnon - RssAnon after imports",
+            "on_gpu": False, "rss_delta": int(peak_rss - base_rss)}
+
+
+def worker(spec: dict) -> dict:
+    if spec["backend"] == "mlx":
+        import forge_mlx  # noqa: F401  (BLAS preload before mlx.core)
+    else:
+        import bitsandbytes  # noqa: F401  (import cost belongs to the baseline, not the run)
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+
+        import forge_cuda.trainer  # noqa: F401
+    from rich.console import Console
+
+    from forge_core.config import build_config
+    from forge_core.memory import plan_memory
+
+    cfg = build_config(None, spec["sets"])
+    console = Console(stderr=True, quiet=True)
+    tic = time.perf_counter()
+    got = (_measure_mlx if spec["backend"] == "mlx" else _measure_torch)(cfg, spec["kind"], console)
+    seconds = time.perf_counter() - tic
+    model_config = json.loads((Path(cfg.model.path) / "config.json").read_text())
+    plan = plan_memory(cfg, model_config, kind=spec["kind"], backend=spec["backend"], on_gpu=got["on_gpu"])
+    overhead = plan.component("framework overhead")
+    return {**got, "name": spec["name"], "seconds": seconds, "estimate": plan.total_bytes - overhead,
+            "train": plan.phase_bytes("train") - overhead, "init": plan.phase_bytes("init") - overhead,
+            "overhead": overhead, "components": {c.name: c.bytes for c in plan.components}}
+
+
+# ---------------------------------------------------------------- parent
+
+def measure(row: dict, root: Path, verbose: bool = False) -> dict:
+    """Run one MATRIX row in a fresh subprocess; returns the worker's result with ratio = estimate / measured."""
+    model = make_model(root, row)
+    data = make_data(root, row["kind"], row["seq"])
+    out_dir = Path(tempfile.mkdtemp(prefix=f"run_{row['name']}_", dir=root))
+    spec = {"name": row["name"], "backend": row["backend"], "kind": row["kind"],
+            "sets": config_sets(row, model, data, out_dir)}
+    env = TORCH_CPU_ENV if row["backend"] == "cuda" else None
+    result = bc.run_worker(Path(__file__), spec, env=env, timeout=900, verbose=verbose)
+    result["ratio"] = result["estimate"] / max(result["measured"], 1)
+    return result
+
+
+def describe(row: dict) -> str:
+    bits = "fp" if row["bits"] == 0 else f"{row['bits']}-bit"
+    return (f"h{row['hidden']} L{row['layers']} i{row['intermediate']}, B{row['batch']} T{row['seq']}, "
+            f"r{row['rank']}, {bits}{', ckpt' if row['ckpt'] else ''}, {row['kind'].upper()}")
+
+
+def verdict(ratio: float) -> str:
+    lo, hi = TARGET
+    return "ok" if lo <= ratio <= hi else ("UNDER" if ratio < lo else "OVER")
+
+
+def report_rows(rows: list[dict], results: list[dict]) -> list[list]:
+    mib = 2**20
+    return [[r["name"], "MLX" if r["backend"] == "mlx" else "torch", describe(r), f"{x['estimate'] / mib:.1f}",
+             f"{x['measured'] / mib:.1f}", f"{x['ratio']:.2f}", verdict(x["ratio"]),
+             "init" if x["init"] > x["train"] else "train"] for r, x in zip(rows, results)]
+
+
+HEADER = ["row", "backend", "config", "estimate MiB", "measured MiB", "est/meas", "+-15%", "planned peak phase"]
+
+
+def section(command: str, load_before: str, rows, results) -> str:
+    note = ("estimate = the plan's total minus its `framework overhead` constant. measured: MLX "
+            "`mx.get_peak_memory()` over model build + 3 training steps; torch on CPU: peak anonymous RSS "
+            "(`RssAnon` sampled every 1 ms: tensors, not library code) minus RssAnon after imports, with "
+            "`MALLOC_MMAP_THRESHOLD_=65536` so glibc returns freed tensors to the OS. Target "
+            "0.90 <= est/meas <= 1.15; rows outside are marked UNDER / OVER.")
+    body = bc.provenance(command, load_before, note)
+    body += "\n\n" + bc.table(HEADER, report_rows(rows, results))
+    misses = [x["name"] for x in results if verdict(x["ratio"]) != "ok"]
+    body += "\n\n" + (f"Outside the target: {', '.join(misses)}." if misses else "Every row is within the target.")
+    return body
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--only", default="", help="comma-separated row names")
+    ap.add_argument("--backend", choices=["mlx", "cuda"], help="only this backend's rows")
+    ap.add_argument("--small", action="store_true", help="only the rows the regression test runs")
+    ap.add_argument("--write", help="rewrite this file's '## Memory planner calibration' section")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if args.worker:
+        bc.emit_result(worker(json.loads(args.worker)))
+        return 0
+    only = {n for n in args.only.split(",") if n}
+    rows = [r for r in MATRIX if (not only or r["name"] in only) and (not args.backend or r["backend"] == args.backend)
+            and (not args.small or r["small"])]
+    load_before = bc.machine()["load"]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
+        for row in rows:
+            res = measure(row, Path(tmp), args.verbose)
+            results.append(res)
+            print(f"{row['name']:24s} est {res['estimate'] / 2**20:8.1f} MiB  meas {res['measured'] / 2**20:8.1f} MiB"
+                  f"  ratio {res['ratio']:.2f}  {verdict(res['ratio'])}  ({res['seconds']:.1f}s)", flush=True)
+    print(bc.table(HEADER, report_rows(rows, results)))
+    if args.write:
+        command = "python tools/bench_memory.py " + " ".join(a for a in (argv or sys.argv[1:]))
+        bc.write_section(args.write, TITLE, section(command.strip(), load_before, rows, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
