@@ -127,10 +127,10 @@ def train(resume, force, **kw):
 @click.option("--force", is_flag=True)
 @friendly
 def dpo(adapter, beta, loss_type, resume, force, **kw):
-    """Direct preference optimisation on {prompt, chosen, rejected} rows."""
+    """Direct preference optimisation on {prompt, chosen, rejected} rows (--lr sets dpo.lr)."""
     from .launch import launch
 
-    extra = {"dpo.adapter": adapter, "dpo.beta": beta, "dpo.loss_type": loss_type}
+    extra = {"dpo.adapter": adapter, "dpo.beta": beta, "dpo.loss_type": loss_type, "dpo.lr": kw.pop("lr")}
     cfg = build_from_cli(kw, extra)
     launch(cfg, kind="dpo", resume=resume, force=force)
 

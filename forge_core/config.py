@@ -59,7 +59,7 @@ class QuantConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = 2e-4
+    lr: float = 2e-4  # SFT; `forge dpo` trains at dpo.lr instead
     schedule: str = "cosine"  # cosine | linear | constant (all after linear warmup)
     warmup: int = 10
     min_lr_ratio: float = 0.1
@@ -83,6 +83,7 @@ class TrainConfig:
 
 @dataclass
 class DpoConfig:
+    lr: float = 2e-5  # DPO learning rate (typical 5e-6..5e-5); forge dpo copies it into train.lr
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # cDPO

@@ -42,6 +42,8 @@ def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool =
     console = Console(stderr=True)
     if resume:
         cfg = from_dict(_saved_config(resume))
+    if kind == "dpo" and not resume:
+        cfg.train.lr = cfg.dpo.lr  # the saved config then holds the rate the run really used
     if kind == "dpo" and cfg.dpo.adapter:
         _inherit_adapter(cfg)
     _check_data(cfg)

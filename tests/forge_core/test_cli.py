@@ -51,3 +51,41 @@ def test_bad_yaml_recipe_names_file_and_line(tmp_path):
     recipe.write_text("train:\n  lr: [1,\n")
     res = CliRunner().invoke(cli, ["memory", "--config", str(recipe)])
     assert res.exit_code == 2 and f"{recipe}:" in res.output and "not valid YAML" in res.output
+
+
+def test_dpo_trains_at_dpo_lr_and_its_lr_option_sets_it(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import forge_core.launch as launch_mod
+
+    seen = {}
+    monkeypatch.setattr(launch_mod, "launch", lambda cfg, kind, resume=None, force=False: seen.update(cfg=cfg))
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    res = CliRunner().invoke(cli, ["dpo", "--data", str(data)])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"].dpo.lr == 2e-5
+    res = CliRunner().invoke(cli, ["dpo", "--data", str(data), "--lr", "5e-6"])
+    assert res.exit_code == 0 and seen["cfg"].dpo.lr == 5e-6 and seen["cfg"].train.lr == 2e-4
+
+
+def test_launch_runs_dpo_at_dpo_lr(monkeypatch, tmp_path):
+    import types
+
+    import forge_core.launch as launch_mod
+    from forge_core.config import ForgeConfig
+
+    got = {}
+    fake = types.SimpleNamespace(train=lambda cfg, kind, resume, console: got.update(lr=cfg.train.lr, kind=kind))
+    monkeypatch.setattr(launch_mod.backends, "resolve", lambda name: "mlx")
+    monkeypatch.setattr(launch_mod.backends, "module", lambda name, part: fake)
+    monkeypatch.setattr(launch_mod, "memory_check", lambda *a, **k: None)
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    cfg = ForgeConfig()
+    cfg.data.train, cfg.dpo.lr = str(data), 7e-6
+    launch_mod.launch(cfg, kind="dpo")
+    assert got == {"lr": 7e-6, "kind": "dpo"}
+    cfg.train.lr = 3e-4
+    launch_mod.launch(cfg, kind="sft")
+    assert got["lr"] == 3e-4
