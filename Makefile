@@ -50,10 +50,13 @@ test-fast: $(VENV)/.stamp
 
 demo: demo-sft demo-dpo
 
+# each demo starts from a fresh run dir, so `make demo` can be run again
 demo-sft: $(VENV)/.stamp
+	rm -rf runs/demo-sft
 	$(VENV)/bin/forge demo --config configs/demo.yaml
 
 demo-dpo: $(VENV)/.stamp
+	rm -rf runs/demo-dpo
 	$(VENV)/bin/forge demo --config configs/dpo_demo.yaml
 
 bench: $(VENV)/.stamp
