@@ -15,7 +15,7 @@ else
 EXTRAS := mlx-linux,cuda,dev
 endif
 
-.PHONY: demo demo-sft demo-dpo test test-fast bench venv clean sysdeps
+.PHONY: demo demo-sft demo-dpo test test-fast bench bench-dpo bench-memory fidelity venv clean sysdeps
 
 # Linux only, optional: an optimized BLAS for MLX's CPU wheel (forge_mlx/blas.py preloads it; ~90x
 # faster fp32 matmul than the wheel's reference BLAS). Installed with apt when we are root; otherwise
@@ -61,6 +61,16 @@ demo-dpo: $(VENV)/.stamp
 
 bench: $(VENV)/.stamp
 	$(PY) tools/bench_sft.py --write docs/BENCHMARKS.md
+
+# the other benchmark sections of docs/BENCHMARKS.md (each rewrites only its own section)
+bench-dpo: $(VENV)/.stamp
+	$(PY) tools/bench_dpo.py --write docs/BENCHMARKS.md
+
+bench-memory: $(VENV)/.stamp
+	$(PY) tools/bench_memory.py --write docs/BENCHMARKS.md
+
+fidelity: $(VENV)/.stamp
+	$(PY) tools/fidelity.py --write docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) runs
