@@ -118,3 +118,32 @@ def task_metrics(cfg: ForgeConfig, path, complete) -> dict:
         pairs = pairs[: cfg.eval.limit]
     preds = [complete(msgs) for msgs, _ in pairs]
     return {**score_rows(preds, [ref for _, ref in pairs], metric=cfg.eval.metric), "examples": len(pairs)}
+
+
+def log_due(step: int, start: int, steps: int, log_every: int) -> bool:
+    """Log the first step of a (resumed) run, every `log_every`, and the last."""
+    return step % log_every == 0 or step == steps or step == start + 1
+
+
+def report_train(run, bar, console, rec: dict) -> None:
+    """A train record to metrics.jsonl and the progress bar (a plain line when no live bar is shown)."""
+    run.log(rec)
+    bar.update(rec["step"], rec["loss"], rec["tok_s"], rec["peak_memory"], record=rec)
+    if not bar.progress.live.is_started or bar.progress.disable:
+        console.print(log_line(rec), soft_wrap=True)
+
+
+def end_of_step(t, step: int, steps: int, stop_at, run, console, obj, back_to_train, save) -> bool:
+    """Evaluate and checkpoint when due; True when the run stops here (`stop_at`, as a kill would).
+
+    `back_to_train()` puts the model back in training mode after an eval; `save(step)` writes the checkpoint.
+    """
+    if (t.eval_every and step % t.eval_every == 0) or step == steps:
+        rec = {"split": "valid", "step": step, **obj.evaluate()}
+        if rec.get("loss") is not None:
+            run.log(rec)
+            console.print(log_line(rec), soft_wrap=True)
+        back_to_train()
+    if step % t.save_every == 0 or step == steps or step == stop_at:
+        save(step)
+    return step == stop_at

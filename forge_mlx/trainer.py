@@ -24,7 +24,7 @@ from rich.console import Console
 from forge_core.config import ForgeConfig, from_dict
 from forge_core.errors import ForgeError
 from forge_core.progress import TrainProgress
-from forge_core.loop import log_line, nonfinite_loss
+from forge_core.loop import end_of_step, log_due, nonfinite_loss, report_train
 from forge_core.rundir import RunDir, total_steps
 
 from . import objectives
@@ -176,28 +176,18 @@ def _loop(cfg, run, model, optimizer, obj, micro, apply, start, steps, console, 
             loss = (loss_sum / count).item()
             if not math.isfinite(loss):
                 raise nonfinite_loss(run, loss, step)
-            if step % t.log_every == 0 or step == steps or step == start + 1:
+            if log_due(step, start, steps, t.log_every):
                 elapsed = time.perf_counter() - tic
                 rec = {"split": "train", "step": step, "loss": loss, "lr": optimizer.learning_rate.item(),
                        "grad_norm": norm.item(), "tok_s": tokens / max(elapsed, 1e-9),
                        "peak_memory": mx.get_peak_memory(), "epoch": obj.epoch()}
                 rec.update({k: (v / count).item() for k, v in (msum or {}).items()})
-                run.log(rec)
-                bar.update(step, loss, rec["tok_s"], rec["peak_memory"], record=rec)
-                if not bar.progress.live.is_started or bar.progress.disable:
-                    console.print(log_line(rec), soft_wrap=True)
+                report_train(run, bar, console, rec)
                 tokens, tic = 0, time.perf_counter()
             else:
                 bar.update(step)
-            if (t.eval_every and step % t.eval_every == 0) or step == steps:
-                rec = {"split": "valid", "step": step, **obj.evaluate()}
-                if rec.get("loss") is not None:
-                    run.log(rec)
-                    console.print(log_line(rec), soft_wrap=True)
-                model.train()
-            if step % t.save_every == 0 or step == steps or step == stop_at:
-                save_checkpoint(run, step, model, optimizer, {"data": obj.state()})
-            if step == stop_at:
+            if end_of_step(t, step, steps, stop_at, run, console, obj, model.train,
+                           lambda s: save_checkpoint(run, s, model, optimizer, {"data": obj.state()})):
                 return
 
 
