@@ -22,6 +22,7 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class ModelConfig:
     path: str = "smollm2-135m"  # HF dir, hub id, .gguf file, or a bundled name (`forge models`)
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    fast_cpu_math: bool = True  # MLX on CPU: forge's exp kernels for softmax/SwiGLU/loss (forge_mlx/cpu_math.py)
 
 
 @dataclass
