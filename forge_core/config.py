@@ -103,6 +103,9 @@ class EvalConfig:
 class MemoryConfig:
     threshold: float = 0.80  # refuse to launch above this fraction of the budget
     device_memory: str = ""  # e.g. "24GB": plan for a device other than this one
+    # e.g. 6GB: stop cleanly (with a checkpoint) when the measured peak passes this; default: the plan's
+    # budget; "off": no peak check (out-of-memory errors still stop cleanly). A resume takes it anew.
+    limit: str = ""
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """What `forge train / dpo / generate / eval` do between the CLI and a backend.
 
 launch(): resolve the backend, check the memory plan (refuse when over budget unless --force),
-then hand the config to the backend's trainer. Nothing here imports a framework at module import.
+then hand the config to the backend's trainer with the plan's budget as the runtime memory limit
+(the allocator's cap, and the loop's MemoryGuard unless memory.limit says otherwise). Nothing here
+imports a framework at module import.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from rich.console import Console
 from . import backend as backends
 from .config import ForgeConfig, from_dict
 from .errors import ForgeError
+from .loop import resumed_config
+from .rundir import RunDir
 
 
 def _check_data(cfg: ForgeConfig) -> None:
@@ -41,7 +45,7 @@ def memory_check(cfg: ForgeConfig, kind: str, name: str, force: bool, console: C
 def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool = False) -> Path:
     console = Console(stderr=True)
     if resume:
-        cfg = from_dict(_saved_config(resume))
+        cfg = resumed_config(RunDir(resume), cfg)  # the run's config; memory.* from this invocation
     if kind == "dpo" and not resume:
         cfg.train.lr = cfg.dpo.lr  # the saved config then holds the rate the run really used
     if kind == "dpo" and cfg.dpo.adapter:
@@ -50,18 +54,13 @@ def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool =
     name = backends.resolve(cfg.backend)
     plan = memory_check(cfg, kind, name, force, console)
     trainer = backends.module(name, "trainer")
-    if plan is not None and hasattr(trainer, "set_memory_limit"):
+    guard = {}
+    if plan is not None:  # None: the planner cannot size this model - no budget to hold it to
         from .memory import runtime_limit_bytes
 
-        trainer.set_memory_limit(runtime_limit_bytes(plan))
-    return trainer.train(cfg, kind=kind, resume=resume, console=console)
-
-
-def _saved_config(run_dir: str) -> dict:
-    f = Path(run_dir) / "config.json"
-    if not f.is_file():
-        raise ForgeError(f"{run_dir}: not a forge run dir (no config.json) - nothing to resume")
-    return json.loads(f.read_text())
+        trainer.set_memory_limit(runtime_limit_bytes(plan))  # the allocator's cap...
+        guard["memory_limit"] = runtime_limit_bytes(plan)  # ...and the loop's guard (unless memory.limit)
+    return trainer.train(cfg, kind=kind, resume=resume, console=console, **guard)
 
 
 def _inherit_adapter(cfg: ForgeConfig) -> None:

@@ -14,6 +14,7 @@ warmup/cosine/linear pieces. train.compile is not used here: the loop runs eager
 
 from __future__ import annotations
 
+import copy
 import math
 import resource
 import time
@@ -22,10 +23,11 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from forge_core.config import ForgeConfig, from_dict
+from forge_core.config import ForgeConfig
 from forge_core.errors import ForgeError
+from forge_core.loop import (MemoryGuard, end_of_step, log_due, nonfinite_loss, oom_summary, report_train,
+                             resumed_config, save_once)
 from forge_core.progress import TrainProgress
-from forge_core.loop import end_of_step, log_due, nonfinite_loss, report_train
 from forge_core.rundir import RunDir, total_steps
 
 from . import objectives
@@ -90,6 +92,12 @@ def peak_memory() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def _guard_peak() -> int | None:
+    """The peak the MemoryGuard compares with its limit: the CUDA allocator's; None on the CPU, where the
+    process's max RSS counts the interpreter and libraries too and never comes down (no reliable peak)."""
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+
 def _model_and_factors(cfg, kind, run):
     """Build the model; PiSSA factors come from the run dir (resume) or the SFT adapter we continue (DPO)."""
     from safetensors.numpy import load_file
@@ -110,12 +118,17 @@ def _model_and_factors(cfg, kind, run):
 
 
 def train(cfg: ForgeConfig, kind: str = "sft", resume: str | None = None, console: Console | None = None,
-          stop_at: int | None = None):
-    """Run (or resume) a training run; returns the run dir. `stop_at` ends early as a kill would (tests)."""
+          stop_at: int | None = None, memory_limit: int = 0):
+    """Run (or resume) a training run; returns the run dir. `stop_at` ends early as a kill would (tests).
+
+    Resume: the run's saved config, with memory.* from `cfg`. `memory_limit`: the memory plan's budget
+    (launch passes it); the loop stops cleanly, with a checkpoint, when the CUDA peak passes it or
+    memory.limit (forge_core.loop.MemoryGuard; not checked on the CPU), and on an out-of-memory error.
+    """
     console = console or Console(stderr=True)
     run = RunDir(resume or cfg.train.out_dir)
     if resume:
-        cfg = from_dict(run.load_config())
+        cfg = resumed_config(run, cfg)
     else:
         if run.latest() is not None:
             raise ForgeError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
@@ -140,7 +153,12 @@ def train(cfg: ForgeConfig, kind: str = "sft", resume: str | None = None, consol
     if cfg.train.grad_checkpoint:
         checkpoint_blocks(model)
 
-    _loop(cfg, run, model, optimizer, obj, lr_schedule(cfg.train, steps), start, steps, console, stop_at)
+    guard = MemoryGuard.for_run(cfg, kind, memory_limit)
+    if guard.limit and _guard_peak() is None and cfg.memory.limit:
+        console.print(f"memory.limit {cfg.memory.limit}: not checked on the CPU (torch reports no allocator "
+                      "peak there); out-of-memory errors still stop the run with a checkpoint")
+    schedule = lr_schedule(cfg.train, steps)
+    _loop(cfg, run, model, optimizer, obj, schedule, start, steps, console, stop_at, guard)
     if stop_at is not None and stop_at < steps:
         return run.path
     save_adapter(run.file("adapter"), model, cfg, factors, model_dir, extra={"kind": kind, "steps": steps})
@@ -156,6 +174,14 @@ def _add(acc: dict | None, new: dict) -> dict:
 
 def train_step(model, optimizer, obj, grad_accum: int, lr: float, max_grad_norm: float):
     """One optimizer step over `grad_accum` micro-batches -> (loss_sum, count, metric sums, grad norm, tokens)."""
+    out = _gradients(model, optimizer, obj, grad_accum, lr, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def _gradients(model, optimizer, obj, grad_accum: int, lr: float, max_grad_norm: float):
+    """train_step up to the update: the lr set, the averaged and clipped gradients in p.grad."""
     params = list(trainable_params(model).values())
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -170,20 +196,52 @@ def train_step(model, optimizer, obj, grad_accum: int, lr: float, max_grad_norm:
         if p.grad is not None:
             p.grad.div_(count)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return loss_sum, count, msum or {}, norm, tokens
 
 
-def _loop(cfg, run, model, optimizer, obj, schedule, start, steps, console, stop_at):
+def _step_or_stop(run, step: int, model, optimizer, obj, t, lr: float, guard: MemoryGuard):
+    """train_step, with an out-of-memory error turned into a clean stop (ForgeError, never a traceback).
+
+    Out of memory before optimizer.step(): the weights and optimizer state are still step - 1's, so the
+    gradients are dropped and step - 1 is checkpointed (with the data position from before the step)
+    unless it already is. Inside optimizer.step() some parameters may be updated and others not: nothing
+    is saved, and the stop error points to the newest periodic checkpoint.
+    """
+    data, updating = copy.deepcopy(obj.state()), False
+    try:
+        out = _gradients(model, optimizer, obj, t.grad_accum, lr, t.max_grad_norm)
+        updating = True
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out
+    except Exception as exc:  # anything but out-of-memory is re-raised as it is
+        if not guard.is_oom(exc):
+            raise
+        oom = oom_summary(exc)
+    # here the exception and its traceback (whose frames hold the step's activations) are gone
+    optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if updating:
+        oom += " - inside optimizer.step(), so the half-updated weights are not saved"
+    else:
+        save_once(run, step - 1, lambda s: save_checkpoint(run, s, model, optimizer, {"data": data}))
+    raise guard.stop_error(run, step, _guard_peak(), oom=oom)
+
+
+def _loop(cfg, run, model, optimizer, obj, schedule, start, steps, console, stop_at, guard: MemoryGuard):
     t = cfg.train
     tokens, tic = 0, time.perf_counter()
     model.train()
+
+    def save(s):
+        save_checkpoint(run, s, model, optimizer, {"data": obj.state()})
+
     with TrainProgress(steps, start, label=obj.kind, console=console) as bar:
         for step in range(start + 1, steps + 1):
             torch.manual_seed(t.seed * 1_000_003 + step)  # RNG is a function of the step: exact resume
             lr = schedule(step - 1)
-            loss_sum, count, msum, norm, n_tok = train_step(model, optimizer, obj, t.grad_accum, lr, t.max_grad_norm)
+            loss_sum, count, msum, norm, n_tok = _step_or_stop(run, step, model, optimizer, obj, t, lr, guard)
             tokens += n_tok
             loss = (loss_sum / count).item()
             if not math.isfinite(loss):
@@ -197,14 +255,17 @@ def _loop(cfg, run, model, optimizer, obj, schedule, start, steps, console, stop
                 tokens, tic = 0, time.perf_counter()
             else:
                 bar.update(step)
-            if end_of_step(t, step, steps, stop_at, run, console, obj, model.train,
-                           lambda s: save_checkpoint(run, s, model, optimizer, {"data": obj.state()})):
+            stop = end_of_step(t, step, steps, stop_at, run, console, obj, model.train, save)
+            if step < steps:  # over the limit: checkpoint this step and stop (after the last: just finish)
+                guard.check(run, step, _guard_peak(), save)
+            if stop:
                 return
 
 
 def set_memory_limit(nbytes: int) -> None:
-    """Runtime guard from the memory plan: on CUDA the caching allocator will not grow past `nbytes`
-    (an out-of-memory error instead of a thrashing machine). The CPU has no such allocator knob: no-op."""
+    """The memory plan's budget as the CUDA caching allocator's cap: past `nbytes` torch raises
+    OutOfMemoryError (which the loop turns into a clean stop) instead of thrashing the machine.
+    The CPU has no such allocator knob: no-op."""
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, max(int(nbytes), 1) / total))

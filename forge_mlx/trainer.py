@@ -12,6 +12,7 @@ all-reduce would go.)
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -21,10 +22,11 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 from rich.console import Console
 
-from forge_core.config import ForgeConfig, from_dict
+from forge_core.config import ForgeConfig
 from forge_core.errors import ForgeError
 from forge_core.progress import TrainProgress
-from forge_core.loop import end_of_step, log_due, nonfinite_loss, report_train
+from forge_core.loop import (MemoryGuard, end_of_step, log_due, nonfinite_loss, oom_summary, report_train,
+                             resumed_config, save_once)
 from forge_core.rundir import RunDir, total_steps
 
 from . import objectives
@@ -102,13 +104,18 @@ def _add(acc, new):
 
 
 def train(cfg: ForgeConfig, kind: str = "sft", resume: str | None = None, console: Console | None = None,
-          stop_at: int | None = None):
-    """Run (or resume) a training run; returns the run dir. `stop_at` ends early as a kill would (tests)."""
+          stop_at: int | None = None, memory_limit: int = 0):
+    """Run (or resume) a training run; returns the run dir. `stop_at` ends early as a kill would (tests).
+
+    Resume: the run's saved config, with memory.* from `cfg`. `memory_limit`: the memory plan's budget
+    (launch passes it); the loop stops cleanly, with a checkpoint, when the measured peak passes it or
+    memory.limit (forge_core.loop.MemoryGuard), and on an out-of-memory error.
+    """
     console = console or Console(stderr=True)
     warn_if_slow(console)
     run = RunDir(resume or cfg.train.out_dir)
     if resume:
-        cfg = from_dict(run.load_config())
+        cfg = resumed_config(run, cfg)
     else:
         if run.latest() is not None:
             raise ForgeError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
@@ -148,7 +155,8 @@ def train(cfg: ForgeConfig, kind: str = "sft", resume: str | None = None, consol
         checkpoint_blocks(model)
 
     micro, apply = _step_functions(model, optimizer, obj.loss_fn, cfg.train.max_grad_norm, cfg.train.compile)
-    _loop(cfg, run, model, optimizer, obj, micro, apply, start, steps, console, stop_at)
+    guard = MemoryGuard.for_run(cfg, kind, memory_limit)
+    _loop(cfg, run, model, optimizer, obj, (micro, apply), start, steps, console, stop_at, guard)
     if stop_at is not None and stop_at < steps:
         return run.path
     save_adapter(run.file("adapter"), model, cfg, factors, model_dir, extra={"kind": kind, "steps": steps})
@@ -157,22 +165,56 @@ def train(cfg: ForgeConfig, kind: str = "sft", resume: str | None = None, consol
     return run.path
 
 
-def _loop(cfg, run, model, optimizer, obj, micro, apply, start, steps, console, stop_at):
+def _step(model, optimizer, obj, micro, apply, grad_accum: int):
+    """One optimizer step over `grad_accum` micro-batches, evaluated.
+    Returns (loss_sum, count, metric sums, grad norm, tokens)."""
+    grads, loss_sum, count, msum, tokens = None, 0.0, 0.0, None, 0
+    for _ in range(grad_accum):
+        batch = obj.next_batch()
+        ls, c, m, g = micro(batch)
+        grads, msum = _add(grads, g), _add(msum, m)
+        loss_sum, count = loss_sum + ls, count + c
+        tokens += int(batch["inputs"].size)
+    norm = apply(grads, count)
+    mx.eval(model.parameters(), optimizer.state, loss_sum, count, norm, msum)
+    return loss_sum, count, msum, norm, tokens
+
+
+def _step_or_stop(run, step: int, model, optimizer, obj, fns, grad_accum: int, guard: MemoryGuard):
+    """_step, with an out-of-memory error turned into a clean stop (ForgeError, never a traceback).
+
+    The failed step never happened: MLX arrays are immutable, so references taken before it ARE the
+    pre-step weights and optimizer state; they go back, step - 1 is checkpointed (with the data position
+    from before the step) unless it already is, and the guard's stop error names that checkpoint.
+    """
+    params, opt_state = model.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
+    data = copy.deepcopy(obj.state())
+    try:
+        return _step(model, optimizer, obj, *fns, grad_accum)
+    except Exception as exc:  # anything but out-of-memory is re-raised as it is
+        if not guard.is_oom(exc):
+            raise
+        oom = oom_summary(exc)
+    model.update(params)
+    optimizer.state = opt_state
+    save_once(run, step - 1, lambda s: save_checkpoint(run, s, model, optimizer, {"data": data}))
+    raise guard.stop_error(run, step, mx.get_peak_memory(), oom=oom)
+
+
+def _loop(cfg, run, model, optimizer, obj, fns, start, steps, console, stop_at, guard: MemoryGuard):
     t = cfg.train
     tokens, tic = 0, time.perf_counter()
     model.train()
+
+    def save(s):
+        save_checkpoint(run, s, model, optimizer, {"data": obj.state()})
+
     with TrainProgress(steps, start, label=obj.kind, console=console) as bar:
         for step in range(start + 1, steps + 1):
             mx.random.seed(t.seed * 1_000_003 + step)  # RNG is a function of the step: exact resume
-            grads, loss_sum, count, msum = None, 0.0, 0.0, None
-            for _ in range(t.grad_accum):
-                batch = obj.next_batch()
-                ls, c, m, g = micro(batch)
-                grads, msum = _add(grads, g), _add(msum, m)
-                loss_sum, count = loss_sum + ls, count + c
-                tokens += int(batch["inputs"].size)
-            norm = apply(grads, count)
-            mx.eval(model.parameters(), optimizer.state, loss_sum, count, norm, msum)
+            loss_sum, count, msum, norm, n_tok = _step_or_stop(run, step, model, optimizer, obj, fns,
+                                                               t.grad_accum, guard)
+            tokens += n_tok
             loss = (loss_sum / count).item()
             if not math.isfinite(loss):
                 raise nonfinite_loss(run, loss, step)
@@ -186,11 +228,14 @@ def _loop(cfg, run, model, optimizer, obj, micro, apply, start, steps, console, 
                 tokens, tic = 0, time.perf_counter()
             else:
                 bar.update(step)
-            if end_of_step(t, step, steps, stop_at, run, console, obj, model.train,
-                           lambda s: save_checkpoint(run, s, model, optimizer, {"data": obj.state()})):
+            stop = end_of_step(t, step, steps, stop_at, run, console, obj, model.train, save)
+            if step < steps:  # over the limit: checkpoint this step and stop (after the last: just finish)
+                guard.check(run, step, mx.get_peak_memory(), save)
+            if stop:
                 return
 
 
 def set_memory_limit(nbytes: int) -> None:
-    """Runtime guard from the memory plan: MLX's allocator will not grow past the device budget."""
+    """The memory plan's budget as MLX's allocator limit (a guideline: MLX frees its cache to stay under it).
+    The loop's MemoryGuard (train's memory_limit) is what stops a run whose measured peak passes it."""
     mx.set_memory_limit(int(nbytes))
