@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import DataConfig
-from .data_batches import BatchOrder, PackedRow, PreferenceRow, TokenizedRow, collate_dpo, collate_sft, pack
+from .data_batches import (BatchOrder, PackedRow, PreferenceRow, TokenizedRow, add_loss_positions, collate_dpo,
+                           collate_sft, pack)
 from .data_rows import RowProblem, iter_rows, parse_preference, parse_sft, read_rows
 from .data_tokenize import ChatTokenizer, load_tokenizer, pad_token_id, truncate_preference, truncate_sft
 from .errors import ForgeError, located

@@ -127,6 +127,23 @@ def collate_sft(rows: list, pad_id: int, pad_multiple: int = 32, max_len: int | 
     return out
 
 
+def add_loss_positions(batch: dict, buckets: int = 8) -> dict:
+    """Add `loss_positions` (N,) int32, the flat (b·T + t) indices of the tokens with a loss weight,
+    and `loss_weights` (N,) float32, their weights, so a backend can run the vocabulary head at those
+    positions only.
+
+    N is padded (index 0, weight 0) up to a multiple of B·T/buckets: a compiled step then sees at most
+    `buckets` different shapes per batch width instead of one per count.
+    """
+    m = batch["mask"].reshape(-1)
+    idx = np.flatnonzero(m)
+    step = max(1, -(-m.size // buckets))
+    n = max(step, -(-len(idx) // step) * step)
+    pos, weights = np.zeros(n, np.int32), np.zeros(n, np.float32)
+    pos[:len(idx)], weights[:len(idx)] = idx, m[idx]
+    return {**batch, "loss_positions": pos, "loss_weights": weights}
+
+
 def collate_dpo(rows: list[PreferenceRow], pad_id: int, pad_multiple: int = 32) -> dict[str, np.ndarray]:
     """One concatenated batch of 2B sequences: [prompt+chosen for each row] + [prompt+rejected for each row].
 

@@ -6,29 +6,39 @@ Batches are the numpy dicts of forge_core.data (inputs, targets, mask (B, T)), c
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from forge_core.preference import dpo_objective, dpo_terms  # noqa: F401  (the formulas live in one place)
+
+from . import head
 
 
 def token_logps(model, inputs: mx.array, targets: mx.array, batch: dict | None = None) -> mx.array:
     """log p(target_t | inputs_<=t) for every position: (B, T), fp32. Packed batches (segment_ids,
     position_ids) run with attention kept inside each row (packing.py)."""
-    if batch is not None and "segment_ids" in batch:
+    if head.splittable(model):
+        out = head.logits(model, head.hidden(model, inputs, batch))
+    elif batch is not None and "segment_ids" in batch:
         from .packing import packed_logits
 
-        logits = packed_logits(model, inputs, batch["segment_ids"], batch["position_ids"])
+        out = packed_logits(model, inputs, batch["segment_ids"], batch["position_ids"])
     else:
-        logits = model(inputs)
-    return -nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")  # (B, T)
+        out = model(inputs)
+    return -head.token_nll(out, targets)  # (B, T)
 
 
 def sft_loss(model, batch) -> tuple[mx.array, mx.array]:
     """Sum of token NLL over masked (assistant) tokens, and the token count.
 
     The loop divides by the total token count of the whole (accumulated) batch, so gradient
-    accumulation gives exactly the gradient of the token-mean over the full batch.
+    accumulation gives exactly the gradient of the token-mean over the full batch. With
+    `loss_positions` in the batch the vocabulary head runs at those positions only (head.py).
     """
+    if "loss_positions" in batch and head.splittable(model):
+        h = head.hidden(model, batch["inputs"], batch)
+        pos = batch["loss_positions"]
+        h = h.reshape(-1, h.shape[-1])[pos]  # (N, D): the trained positions (padded with weight 0)
+        nll = head.token_nll(head.logits(model, h), batch["targets"].reshape(-1)[pos])
+        return (nll * batch["loss_weights"]).sum(), batch["mask"].sum()
     logp = token_logps(model, batch["inputs"], batch["targets"], batch)
     mask = batch["mask"]
     return -(logp * mask).sum(), mask.sum()

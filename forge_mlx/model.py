@@ -21,6 +21,7 @@ from forge_core.config import ForgeConfig, from_dict, lora_scale
 from forge_core.errors import ForgeError
 from forge_core.loop import forge_adapter_dir
 
+from . import cpu_math
 from .lora import adapt_model, factors_to_flat, flat_to_factors, load_trainable, trainable_params
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -60,6 +61,7 @@ def load_base(model_spec: str, dtype=mx.float32, lazy: bool = False):
 def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weights: dict | None = None):
     """Base -> PiSSA/LoRA on targets -> quantize (residual + rest). Returns (model, tokenizer, model_dir, factors)."""
     model, tokenizer, model_dir = load_base(cfg.model.path, compute_dtype(cfg), lazy=True)
+    cpu_math.install(model, cfg.model.fast_cpu_math)
     factors = adapt_model(model, cfg, pissa_init=pissa_init)
     if adapter_weights is not None:
         load_trainable(model, {k: mx.array(v) for k, v in adapter_weights.items()})
@@ -139,6 +141,7 @@ def load_adapted(adapter: str | None, model_spec: str | None = None, quantized: 
         if model_spec:
             cfg.model.path = model_spec
         model, tokenizer, model_dir = load_base(cfg.model.path, compute_dtype(cfg))
+        cpu_math.install(model, cfg.model.fast_cpu_math)
         return model, tokenizer, cfg
     cfg, weights, factors = load_adapter_dir(adapter)
     if model_spec:

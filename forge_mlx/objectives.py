@@ -54,9 +54,13 @@ class SFTObjective(ObjectiveBase):
         self.loss_fn = lambda m, b: (*sft_loss(m, b), {})
         self._eval = mx.compile(lambda b: sft_loss(model, b), inputs=[model.state])
 
+    def batch(self, rows) -> dict:
+        """Rows -> an mx batch; the loss-position index lets the head run on trained tokens only (head.py)."""
+        b = fdata.collate_sft(rows, self.pad, max_len=self.cfg.train.max_seq_len)
+        return _mx(fdata.add_loss_positions(b))
+
     def next_batch(self):
-        idx = self.order.next_batch()
-        return _mx(fdata.collate_sft([self.rows[i] for i in idx], self.pad, max_len=self.cfg.train.max_seq_len))
+        return self.batch([self.rows[i] for i in self.order.next_batch()])
 
     def evaluate(self) -> dict:
         if not self.valid:
@@ -65,8 +69,7 @@ class SFTObjective(ObjectiveBase):
         size = self.cfg.train.batch_size
         total, count = 0.0, 0.0
         for s in eval_batch_starts(len(self.valid), size, self.cfg.train.eval_batches):
-            b = _mx(fdata.collate_sft(self.valid[s:s + size], self.pad, max_len=self.cfg.train.max_seq_len))
-            ls, c = self._eval(b)
+            ls, c = self._eval(self.batch(self.valid[s:s + size]))
             total, count = total + ls.item(), count + c.item()
         loss = total / max(count, 1)
         return {"loss": loss, "ppl": math.exp(min(loss, 50))}

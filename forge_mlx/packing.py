@@ -69,7 +69,8 @@ def segment_mask(segment_ids: mx.array, dtype) -> mx.array:
     return mx.where(allowed, 0.0, -1e9).astype(dtype)[:, None]
 
 
-def packed_logits(model: nn.Module, inputs: mx.array, segment_ids: mx.array, position_ids: mx.array) -> mx.array:
+def packed_hidden(model: nn.Module, inputs: mx.array, segment_ids: mx.array, position_ids: mx.array) -> mx.array:
+    """The final-norm hidden states (B, T, D) of a packed batch; `head.logits` turns them into logits."""
     holder = enable_packing(model)
     inner = model.model
     h = inner.embed_tokens(inputs)
@@ -80,7 +81,10 @@ def packed_logits(model: nn.Module, inputs: mx.array, segment_ids: mx.array, pos
             h = layer(h, mask, None)
     finally:
         holder.value = None
-    h = inner.norm(h)
-    if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
-        return inner.embed_tokens.as_linear(h)
-    return model.lm_head(h)
+    return inner.norm(h)
+
+
+def packed_logits(model: nn.Module, inputs: mx.array, segment_ids: mx.array, position_ids: mx.array) -> mx.array:
+    from .head import logits
+
+    return logits(model, packed_hidden(model, inputs, segment_ids, position_ids))

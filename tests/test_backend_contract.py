@@ -36,7 +36,9 @@ ONLY = {
     "mlx": {
         "packing": {"Positions": "mx.fast.rope takes one offset per row: forge_mlx wraps RoPE with per-token "
                                  "positions; transformers models take position_ids themselves",
-                    "PositionRoPE": "(see Positions)"},
+                    "PositionRoPE": "(see Positions)",
+                    "packed_hidden": "the hidden states alone, so the SFT loss runs the vocabulary head only at "
+                                     "trained positions (forge_mlx/head.py, a CPU speed measure)"},
     },
     "cuda": {
         "model": {"device": "torch places tensors explicitly (cuda or cpu)",

@@ -131,7 +131,6 @@ def forge_worker(spec: dict) -> dict:
     import mlx.core as mx
     from rich.console import Console
 
-    from forge_core import data as fdata
     from forge_mlx import objectives
     from forge_mlx.model import build_model
 
@@ -145,9 +144,8 @@ def forge_worker(spec: dict) -> dict:
     def batches():
         while True:
             rows = [obj.rows[i] for i in obj.order.next_batch()]
-            b = fdata.collate_sft(rows, obj.pad, max_len=cfg.train.max_seq_len)
-            width = b["inputs"].shape[1]
-            yield {k: mx.array(v) for k, v in b.items()}, bc.row_tokens([len(r.tokens) for r in rows], width)
+            b = obj.batch(rows)  # exactly the trainer's batches
+            yield b, bc.row_tokens([len(r.tokens) for r in rows], b["inputs"].shape[1])
 
     step = bc.forge_step(cfg, model, obj.loss_fn, total)
     resident = mx.get_active_memory()
