@@ -23,16 +23,21 @@ import mlx.core as mx
 
 LOG2E = 1.4426950408889634
 ROUND = 12582912.0  # 1.5 * 2**23: x + ROUND - ROUND rounds x to the nearest integer (|x| < 2**22)
-LOW = -87.3  # exp(LOW) is about the smallest normal float32; below it we return 0
+CHUNK = 64  # causal self-attention runs in query blocks of this size (measured best of 32/64/128)
+MASKED = -30000.0  # the score of a masked key: exp() of it is 0, and it is finite in float16 too
 
 _state = {"enabled": True}
 
 
 def _fast_exp(x: mx.array) -> mx.array:
-    """exp(x) for x <= 88 (callers pass x <= 0): 2**n · 2**f with n = round(x·log2 e), f in [-1/2, 1/2],
-    a degree-6 polynomial for 2**f and the float32 bit pattern (n + 127) << 23 for 2**n. Inputs below
-    LOW (-inf included) give exactly 0. Written without clip/where, which are slow on this backend."""
-    y = mx.maximum(x, LOW) * LOG2E
+    """exp(x) for finite x in (-2.9e6, 88] (callers pass x <= 0; masks use MASKED, never -inf).
+
+    2**n · 2**f with n = round(x·log2 e), f in [-1/2, 1/2]: a degree-6 polynomial for 2**f, and
+    2**n built as the float32 bit pattern (n + 127) << 23, where n + 127 < 0 (underflow) becomes 0,
+    i.e. exp(x) = 0 below about -87.3. Only multiplies, adds and integer ops: no clip, maximum, where
+    or comparison, which each cost several ns per element on this backend.
+    """
+    y = x.astype(mx.float32) * LOG2E
     r = y + ROUND  # n sits in the low mantissa bits of r
     f = y - (r - ROUND)
     p = 1.535336188319500e-4
@@ -42,8 +47,9 @@ def _fast_exp(x: mx.array) -> mx.array:
     p = p * f + 2.402264791363012e-1
     p = p * f + 6.931472028550421e-1
     p = p * f + 1.0
-    two_n = mx.view(mx.left_shift(mx.view(r, mx.int32) - (0x4B400000 - 127), 23), mx.float32)
-    return (p * two_n * (x >= LOW)).astype(x.dtype)
+    k = mx.view(r, mx.int32) - (0x4B400000 - 127)  # n + 127, the biased exponent
+    k = k & ~(k >> 31)  # negative -> 0: 2**n is 0.0
+    return (p * mx.view(k << 23, mx.float32)).astype(x.dtype)
 
 
 fast_exp = mx.compile(_fast_exp)  # not shapeless: mx.view cannot infer shapes
@@ -54,7 +60,7 @@ def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis, computed in float32."""
     x32 = x.astype(mx.float32)
     e = fast_exp(x32 - mx.stop_gradient(x32.max(axis=-1, keepdims=True)))
-    return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
+    return (e * (1.0 / e.sum(axis=-1, keepdims=True))).astype(x.dtype)  # one division per row
 
 
 @softmax.vjp
@@ -111,30 +117,53 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
 
     mask: None, "causal" (query i of the last Tq sees keys up to Tk - Tq + i), a boolean array
     (True = attend) or an additive array, broadcastable to (B, Hq, Tq, Tk).
+    The query heads sharing a KV head are stacked as rows, (B, Hkv, group·Tq, D): one matmul per KV
+    head instead of one per query head (small matmuls cost mostly call overhead on the CPU), and no
+    broadcast whose gradient would need a sum over the group.
     """
     b, hq, tq, d = q.shape
     hk, tk = k.shape[1], k.shape[2]
-    q = (q * scale).reshape(b, hk, hq // hk, tq, d)  # query heads grouped by the KV head they share
-    scores = q @ k[:, :, None].swapaxes(-1, -2)  # (B, Hkv, group, Tq, Tk)
+    group = hq // hk
+    if isinstance(mask, str) and mask == "causal" and tq == tk > CHUNK:
+        return _causal_by_chunks(q, k, v, scale)
+    q = (q * scale).reshape(b, hk, group * tq, d)
+    scores = q @ k.swapaxes(-1, -2)  # (B, Hkv, group·Tq, Tk)
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"attention mask '{mask}' is not supported")
         allowed = mx.arange(tq)[:, None] + (tk - tq) >= mx.arange(tk)[None]
-        scores = mx.where(allowed, scores, -mx.inf)
-    elif mask is not None:
-        m = _grouped(mask, hk)
-        scores = mx.where(m, scores, -mx.inf) if m.dtype == mx.bool_ else scores + m.astype(scores.dtype)
-    out = softmax(scores) @ v[:, :, None]  # (B, Hkv, group, Tq, D)
+        scores = scores + mx.tile(mx.where(allowed, 0.0, MASKED), (group, 1)).astype(scores.dtype)
+    elif mask is not None:  # made additive and finite on the (small) mask, then one add on the scores
+        m = mx.where(mask, 0.0, MASKED) if mask.dtype == mx.bool_ else mx.maximum(mask, MASKED)
+        scores = scores + _stacked(m, hk, group).astype(scores.dtype)
+    out = softmax(scores) @ v  # (B, Hkv, group·Tq, D)
     return out.reshape(b, hq, tq, d)
 
 
-def _grouped(mask: mx.array, hk: int) -> mx.array:
-    """A (B, 1 | Hq, Tq, Tk) mask viewed as (B, 1 | Hkv, 1 | group, Tq, Tk); lower ranks broadcast as they are."""
-    if mask.ndim < 4:
-        return mask
-    if mask.shape[1] == 1:
-        return mask[:, :, None]
-    return mask.reshape(mask.shape[0], hk, mask.shape[1] // hk, *mask.shape[2:])
+def _causal_by_chunks(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Causal self-attention one block of CHUNK queries at a time, each against the keys up to its
+    end only: the blocks above the diagonal, which the mask would zero, are never computed (T=512:
+    56% of the scores; forward + backward 1.7x faster than the full square, docs/BENCHMARKS.md)."""
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    group = hq // hk
+    q = (q * scale).reshape(b, hk, group, t, d)
+    outs = []
+    for s in range(0, t, CHUNK):
+        e = min(s + CHUNK, t)
+        scores = q[:, :, :, s:e].reshape(b, hk, group * (e - s), d) @ k[:, :, :e].swapaxes(-1, -2)
+        allowed = mx.arange(s, e)[:, None] >= mx.arange(e)[None]
+        scores = scores + mx.tile(mx.where(allowed, 0.0, MASKED), (group, 1)).astype(scores.dtype)
+        outs.append((softmax(scores) @ v[:, :, :e]).reshape(b, hk, group, e - s, d))
+    return mx.concatenate(outs, axis=3).reshape(b, hq, t, d)
+
+
+def _stacked(mask: mx.array, hk: int, group: int) -> mx.array:
+    """A mask broadcastable to (B, Hq, Tq, Tk) laid out like the stacked scores (B, Hkv, group·Tq, Tk)."""
+    if mask.ndim == 4 and mask.shape[1] == hk * group and group > 1:
+        return mask.reshape(mask.shape[0], hk, group * mask.shape[2], mask.shape[3])
+    reps = (1,) * (mask.ndim - 2) + (group, 1)
+    return mx.tile(mask, reps)  # (.., Tq, Tk) -> (.., group·Tq, Tk): every head of the group sees it
 
 
 # ---------------------------------------------------------------- routing mlx-lm's model code here

@@ -115,7 +115,7 @@ def evaluate_preferences(cfg: ForgeConfig, adapter: str | None = None) -> dict:
     margins = []
     for s in range(0, len(rows), cfg.train.batch_size):
         chunk = rows[s:s + cfg.train.batch_size]
-        b = {k: mx.array(v) for k, v in fdata.collate_dpo(chunk, pad).items()}
+        b = {k: mx.array(v) for k, v in fdata.add_loss_positions(fdata.collate_dpo(chunk, pad)).items()}
         lp = np.array(sequence_logps(net, b))
         margins.append(lp[:len(chunk)] - lp[len(chunk):])
     m = np.concatenate(margins)

@@ -45,7 +45,14 @@ def sft_loss(model, batch) -> tuple[mx.array, mx.array]:
 
 
 def sequence_logps(model, batch) -> mx.array:
-    """Sum of completion-token log-probs per sequence: (2B,) for a concatenated chosen+rejected batch."""
+    """Sum of completion-token log-probs per sequence: (2B,) for a concatenated chosen+rejected batch.
+    With `loss_positions` the head runs at the completion tokens only and each row sums its own."""
+    if "loss_positions" in batch and head.splittable(model):
+        h = head.hidden(model, batch["inputs"])
+        rows, width = h.shape[0], h.shape[1]
+        pos = batch["loss_positions"]
+        nll = head.token_nll(head.logits(model, h.reshape(-1, h.shape[-1])[pos]), batch["targets"].reshape(-1)[pos])
+        return mx.zeros((rows,), mx.float32).at[pos // width].add(-nll * batch["loss_weights"])
     logp = token_logps(model, batch["inputs"], batch["targets"])
     return (logp * batch["mask"]).sum(axis=-1)
 

@@ -102,7 +102,7 @@ class DPOObjective(ObjectiveBase):
         self._eval = mx.compile(lambda b: self.loss_fn(model, b), inputs=[model.state])
 
     def _collate(self, rows, ref: np.ndarray, idx) -> dict:
-        b = fdata.collate_dpo(rows, self.pad)
+        b = fdata.add_loss_positions(fdata.collate_dpo(rows, self.pad))
         b["ref_logps"] = np.concatenate([ref[idx, 0], ref[idx, 1]]).astype(np.float32)
         return _mx(b)
 
@@ -113,7 +113,7 @@ class DPOObjective(ObjectiveBase):
         size, out = self.cfg.train.batch_size, []
         for s in range(0, len(rows), size):
             chunk = rows[s:s + size]
-            lp = np.array(fn(_mx(fdata.collate_dpo(chunk, self.pad))))
+            lp = np.array(fn(_mx(fdata.add_loss_positions(fdata.collate_dpo(chunk, self.pad)))))
             out.append(np.stack([lp[:len(chunk)], lp[len(chunk):]], axis=1))
         return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
 

@@ -65,7 +65,7 @@ def worker(spec: dict) -> None:
         while True:
             idx = np.array(order.next_batch())
             chunk = [rows[i] for i in idx]
-            b = fdata.collate_dpo(chunk, pad)
+            b = fdata.add_loss_positions(fdata.collate_dpo(chunk, pad))  # as the trainer batches
             if ref is not None:
                 b["ref_logps"] = np.concatenate([ref[idx, 0], ref[idx, 1]]).astype(np.float32)
             lengths = [len(r.prompt) + len(r.chosen) for r in chunk] + [len(r.prompt) + len(r.rejected) for r in chunk]

@@ -12,8 +12,9 @@ Configurations (each in its own subprocess; run interleaved, --repeats times; me
                   -q does). forge: quant.bits=4 with init=lora (like for like); forge-qpissa for information.
 
 mlx-lm is driven as `mlx_lm.lora --train` drives it: mlx_lm.load, linear_to_lora_layers on every
-block, its ChatDataset over the same JSONL (mask_prompt off, its default; the compute does not depend
-on the mask), CacheDataset, mlx_lm.tuner.trainer.train with TrainingArgs. Its own per-step reports
+block, its ChatDataset over the same JSONL with mask_prompt on (--mask-prompt: loss on the assistant
+tokens only, as forge trains by default; mlx-lm's compute does not depend on the mask, forge runs its
+vocabulary head only where the loss is), CacheDataset, mlx_lm.tuner.trainer.train with TrainingArgs. Its own per-step reports
 (steps_per_report=1) give tokens/sec and peak memory. forge counts tokens the way mlx-lm does (each
 row's length, capped at the batch width), so tok/s compares like with like.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -44,6 +46,8 @@ CONFIGS = {
     "mlxlm-ref-q4": {"kind": "mlxlm", "blas": False, "bits": 4, "slow": True, "label": "(a) mlx-lm, reference BLAS"},
     "mlxlm-blas-fp": {"kind": "mlxlm", "blas": True, "bits": 0, "slow": False, "label": "(b) mlx-lm, OpenBLAS preloaded"},
     "mlxlm-blas-q4": {"kind": "mlxlm", "blas": True, "bits": 4, "slow": True, "label": "(b) mlx-lm, OpenBLAS preloaded"},
+    "mlxlm-tuned-fp": {"kind": "mlxlm", "blas": True, "malloc": True, "bits": 0, "slow": False,
+                       "label": "mlx-lm, OpenBLAS + forge's malloc settings (info)"},
     "forge-fp": {"kind": "forge", "bits": 0, "init": "lora", "slow": False, "label": "forge_mlx, LoRA"},
     "forge-q4": {"kind": "forge", "bits": 4, "init": "lora", "slow": False, "label": "forge_mlx, QLoRA"},
     "forge-qpissa": {"kind": "forge", "bits": 4, "init": "pissa_niter_4", "slow": False,
@@ -58,6 +62,7 @@ RATIOS = [
     ("forge-q4", "mlxlm-blas-q4", 10.0, "forge vs (b), 4-bit"),
     ("forge-q4", "forge-fp", 0.8, "forge 4-bit vs forge full precision"),
     ("forge-qpissa", "forge-q4", None, "forge QPiSSA vs forge QLoRA (info)"),
+    ("forge-fp", "mlxlm-tuned-fp", None, "forge vs mlx-lm with forge's BLAS and malloc settings (info)"),
 ]
 
 
@@ -65,6 +70,8 @@ RATIOS = [
 
 def mlxlm_worker(spec: dict) -> dict:
     """Stock mlx-lm, set up as `mlx_lm.lora --train` does; the timing is mlx-lm's own report."""
+    if not spec.get("malloc"):
+        os.environ["FORGE_NO_MALLOC_TUNING"] = "1"  # importing forge_mlx would otherwise apply them
     if spec["blas"]:
         bc.preload_blas()  # (b); nothing else of forge_mlx is used
     import mlx.core as mx
@@ -74,7 +81,7 @@ def mlxlm_worker(spec: dict) -> dict:
     import numpy as np
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.datasets import CacheDataset, create_dataset
-    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from forge_core.models import resolve_model
@@ -92,7 +99,7 @@ def mlxlm_worker(spec: dict) -> dict:
     mx.eval(model.parameters())  # quantize_model is lazy: free the fp32 weights, as a quantized checkpoint would
     with open(TRAIN) as f:
         rows = [json.loads(line) for line in f]
-    train_set = create_dataset(rows, tokenizer, types.SimpleNamespace(mask_prompt=False))
+    train_set = create_dataset(rows, tokenizer, types.SimpleNamespace(mask_prompt=True))
 
     class Reports(TrainingCallback):
         def __init__(self):
@@ -101,7 +108,16 @@ def mlxlm_worker(spec: dict) -> dict:
         def on_train_loss_report(self, info):
             self.items.append(info)
 
-    reports = Reports()
+    reports, row_tokens = Reports(), []
+
+    def recording_batches(*a, **kw):
+        """mlx-lm's own batches, counting each step's tokens as forge counts them: with mask_prompt its
+        report counts only the loss tokens, so its step time is converted back with these."""
+        for batch, lengths in iterate_batches(*a, **kw):
+            width = batch.shape[1] - 1  # the model sees batch[:, :-1]
+            row_tokens.append(int(sum(min(int(n), width) for n in lengths[:, 1].tolist())))
+            yield batch, lengths
+
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArgs(batch_size=spec["batch"], iters=spec["warmup"] + spec["steps"], val_batches=0,
                             steps_per_report=1, steps_per_eval=10**9, steps_per_save=10**9,
@@ -109,19 +125,21 @@ def mlxlm_worker(spec: dict) -> dict:
         resident = mx.get_active_memory()
         mx.reset_peak_memory()
         train(model, optim.AdamW(learning_rate=spec["lr"]), CacheDataset(train_set), None, args,
-              training_callback=reports)
-    return {**_from_reports(reports.items, spec["warmup"]), "resident_bytes": resident, "blas": bc.loaded_blas(),
+              training_callback=reports, iterate_batches=recording_batches)
+    return {**_from_reports(reports.items, spec["warmup"], row_tokens), "resident_bytes": resident,
+            "blas": bc.loaded_blas(),
             "dtype": _dtype(model)}
 
 
-def _from_reports(items: list[dict], warmup: int) -> dict:
-    """mlx-lm reports cumulative trained_tokens and tokens/sec per report (one step each here)."""
+def _from_reports(items: list[dict], warmup: int, row_tokens: list[int]) -> dict:
+    """mlx-lm reports cumulative trained (loss) tokens and their rate per report (one step each here):
+    step seconds = trained tokens / rate; the step's tokens are counted as forge counts them."""
     timed, prev = [], 0
     for i, info in enumerate(items):
-        tokens = info["trained_tokens"] - prev
+        trained = info["trained_tokens"] - prev
         prev = info["trained_tokens"]
         if i >= warmup:
-            timed.append((tokens, tokens / info["tokens_per_second"]))
+            timed.append((row_tokens[i], trained / info["tokens_per_second"]))
     return {**bc.summarize(timed), "peak_bytes": max(info["peak_memory"] for info in items) * 1e9}
 
 
@@ -245,7 +263,11 @@ def report(results: dict[str, list[dict]], failed: dict[str, str], args, command
             "4-bit: mlx-lm's quantize_model also quantizes the tied embedding / lm_head (as mlx_lm.convert -q "
             "does) and computes with quantized_matmul; forge keeps embeddings in full precision "
             "(quant.embeddings=false) and, on CPU, dequantizes each layer for a BLAS matmul. forge clips "
-            "gradients (max_grad_norm 1.0, its default); mlx-lm does not.")
+            "gradients (max_grad_norm 1.0, its default); mlx-lm does not. Both compute the loss on the "
+            "assistant tokens only (mlx-lm: mask_prompt; forge: its default). forge on the CPU also uses its "
+            "exp kernels (model.fast_cpu_math), runs the vocabulary head only at trained positions and "
+            "keeps freed memory in glibc's heap (forge_mlx/allocator.py); (b) gets the BLAS only, "
+            "`mlxlm-tuned-fp` the BLAS and the malloc settings.")
     if args.label:
         note += f"\n\n{args.label}"
     return "\n\n".join([bc.provenance(command, load_before, note), result_table(results, failed, args),
