@@ -62,6 +62,17 @@ BACKEND_CONSTANTS = {
         # Python + mlx + mlx_lm + transformers: 276 MiB RSS measured (Linux x86, MLX CPU). Metal adds its kernel
         # library and command buffers: +100 MiB, an estimate to calibrate on a Mac.
         "overhead": {"gpu": 384 * MiB, "cpu": 320 * MiB},
+        "ckpt_block_copies": 1.0,  # the recomputed block's activations, counted once (Metal: to calibrate)
+        "ckpt_backward_share": 1.0,  # the backward working set comes on top of them in full
+        "causal_chunk": 0,  # 0: attention computes the whole T x T square
+        # On the CPU forge_mlx/cpu_math.py replaces attention, SwiGLU and the loss's log-softmax (model.fast_cpu_math).
+        # Fitted on random Llamas (h256 i1024, B4, T 256/512, L 4 vs 8, fp32, MLX 0.32.4 CPU; tools/bench_memory.py
+        # and docs/BENCHMARKS.md): per block it keeps ONE copy of the probabilities of the causal query blocks
+        # (0.53 copies of B·H·T² at T512, where 56% of the square is computed) and the backward needs ~2 more;
+        # activations per token match block_token_bytes; checkpointing keeps 4.8 KiB/token/block at h256 i1024
+        # = (h + i) values, and its backward holds ~2.6 recomputed blocks at once (2.75 with margin).
+        "cpu_kernels": {"scores_kept_per_block": 1.0, "scores_backward": 2.0, "causal_chunk": 64,
+                        "ckpt_kept": (1, 1), "ckpt_block_copies": 2.75},
     },
     "cuda": {
         "quant_mode": "nf4",  # bitsandbytes; quant.bits=8 -> LLM.int8 (int8 + fp32 row scales)
@@ -81,6 +92,12 @@ BACKEND_CONSTANTS = {
         # GPU: CUDA context (0.3-0.5 GiB), cuBLAS workspaces, caching-allocator slack: an estimate to calibrate.
         # CPU: torch + transformers + peft imported: 408 MiB RSS measured (Linux x86).
         "overhead": {"gpu": 1 * GiB, "cpu": 448 * MiB},
+        "ckpt_block_copies": 1.0,
+        # With checkpointing torch frees the recomputed block's activations while it goes back through it, so
+        # only part of the backward working set adds to them: h256 i1024 NF4, T 256/512, L 4 vs 8 (CPU RSS)
+        # fit 0.3-0.4 of it; 0.5 keeps a margin.
+        "ckpt_backward_share": 0.5,
+        "causal_chunk": 0,
     },
 }
 
@@ -196,7 +213,10 @@ def make_run(cfg: ForgeConfig, shape: ModelShape, kind: str, backend: str, on_gp
     if kind not in ("sft", "dpo"):
         raise ValueError(f"kind must be 'sft' or 'dpo', not {kind!r}")
     rows = cfg.train.batch_size * (2 if kind == "dpo" else 1)
-    return Run(cfg=cfg, shape=shape, const=BACKEND_CONSTANTS[backend], on_gpu=on_gpu,
+    const = dict(BACKEND_CONSTANTS[backend])
+    if not on_gpu and cfg.model.fast_cpu_math and "cpu_kernels" in const:
+        const.update(const["cpu_kernels"])
+    return Run(cfg=cfg, shape=shape, const=const, on_gpu=on_gpu,
                cb=compute_bytes(cfg.model.dtype, on_gpu), rows=rows, seq=cfg.train.max_seq_len,
                targets=resolve_targets(cfg.lora.targets or DEFAULT_TARGETS, shape),
                lora_layers=len(layer_indices(cfg.lora.layers, shape.layers)), mode=quant_mode(cfg, backend))
@@ -335,9 +355,18 @@ def block_token_bytes(run: Run) -> int:
     return total
 
 
+def causal_fraction(seq: int, chunk: int) -> float:
+    """The share of the T x T scores computed when queries go in blocks of `chunk` (0: all of them)."""
+    if not chunk or seq <= chunk:
+        return 1.0
+    return sum(min(end, seq) * (min(end, seq) - start) for start, end in
+               ((s, s + chunk) for s in range(0, seq, chunk))) / seq ** 2
+
+
 def attention_scores_bytes(run: Run, copies: float) -> int:
-    """Unfused attention: `copies` x (B, H, T, T) in the compute dtype, for one block."""
-    return int(copies * run.rows * run.shape.heads * run.seq ** 2 * run.cb)
+    """Unfused attention: `copies` x (B, H, T, T) in the compute dtype, for one block (the computed part)."""
+    frac = causal_fraction(run.seq, run.const["causal_chunk"])
+    return int(copies * frac * run.rows * run.shape.heads * run.seq ** 2 * run.cb)
 
 
 def activation_components(run: Run) -> list[Component]:
@@ -351,8 +380,10 @@ def activation_components(run: Run) -> list[Component]:
         note = f"{per_tok / 1024:.1f} KiB/token/block x {s.layers}: checkpointing saves nothing without compile"
     elif ckpt:
         kept = cb * (kh * s.hidden + ki * s.intermediate)
-        acts = s.layers * n * kept + n * per_tok + final
-        note = f"{kept / 1024:.1f} KiB/token x {s.layers} checkpointed blocks + one recomputed ({per_tok / 1024:.1f} KiB)"
+        copies = run.const["ckpt_block_copies"]
+        acts = s.layers * n * kept + int(copies * n * per_tok) + final
+        note = (f"{kept / 1024:.1f} KiB/token x {s.layers} checkpointed blocks + {copies:g} recomputed "
+                f"({per_tok / 1024:.1f} KiB/token)")
     else:
         acts = s.layers * n * per_tok + final
         note = f"{per_tok / 1024:.1f} KiB/token/block x {s.layers} blocks x {n} tokens"
@@ -368,6 +399,8 @@ def activation_components(run: Run) -> list[Component]:
                          if cb < 4 else f"B·T·V = {v_bytes / 1e6:.1f}M fp32"))
     head_grad = v_bytes * (4 * LOGITS_BACKWARD_FP32 + (cb if cb < 4 else 0))
     block_grad = n * per_tok + attention_scores_bytes(run, run.const["scores_backward"])
+    if ckpt:
+        block_grad = int(block_grad * run.const["ckpt_backward_share"])
     which = "logits gradient (softmax + grad, fp32)" if head_grad >= block_grad else "one block's gradients"
     out.append(Component("backward working set", max(head_grad, block_grad), which))
     return out

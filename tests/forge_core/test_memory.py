@@ -382,3 +382,26 @@ def test_budget_without_override_is_available_ram_and_cuda_needs_torch_or_a_size
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     with pytest.raises(ForgeError, match="--device-memory"):
         plan_memory(ForgeConfig(), TINY, backend="cuda")
+
+
+def test_causal_fraction_counts_the_computed_query_blocks():
+    assert me.causal_fraction(64, 64) == 1.0 and me.causal_fraction(512, 0) == 1.0
+    assert me.causal_fraction(128, 64) == pytest.approx(0.75)  # blocks of 64 and 128 keys out of 2 x 128
+    assert me.causal_fraction(512, 64) == pytest.approx(36 / 64)
+    assert me.causal_fraction(100, 64) == pytest.approx((64 * 64 + 100 * 36) / 100 ** 2)  # a short last block
+
+
+def test_mlx_cpu_kernels_change_the_attention_terms_only_on_cpu():
+    cfg = ForgeConfig()
+    cfg.train.batch_size, cfg.train.max_seq_len = 2, 512
+    shape = ModelShape.from_config(tiny_config(259, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=1024))
+
+    def probs(fast: bool, on_gpu: bool) -> int:
+        c = copy.deepcopy(cfg)
+        c.model.fast_cpu_math = fast
+        return next(x.bytes for x in estimate(c, shape, "sft", "mlx", on_gpu) if x.name == "attention probabilities")
+
+    square = 2 * 8 * 512 ** 2 * 4  # B·H·T² fp32
+    assert probs(False, False) == int(1.5 * 4 * square)  # MLX's sdpa fallback: 1.5 copies per block
+    assert probs(True, False) == int(1.0 * (36 / 64) * 4 * square)  # forge's kernels: the causal blocks, once
+    assert probs(True, True) == int(1.5 * 4 * 2 * 8 * 512 ** 2 * 2)  # Metal: bf16, the kernels are not used
