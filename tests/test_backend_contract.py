@@ -112,9 +112,9 @@ def test_entry_points_take_the_same_parameters(part):
 
 @pytest.mark.parametrize("backend", sorted(PACKAGES))
 def test_launch_calls_match_the_signatures(backend):
-    """forge_core.launch calls train(cfg, kind=, resume=, console=), generate(model=, adapter=, prompt=, system=,
+    """forge_core.launch calls train(cfg, kind=, resume=, console=, memory_limit=), generate(model=, adapter=, prompt=, system=,
     max_tokens=, temp=) and evaluate(cfg, adapter=)."""
     trainer, gen = _module(backend, "trainer"), _module(backend, "generate")
-    assert {"cfg", "kind", "resume", "console"} <= set(params(trainer.train))
+    assert {"cfg", "kind", "resume", "console", "memory_limit"} <= set(params(trainer.train))
     assert params(gen.generate) == ["model", "adapter", "prompt", "system", "max_tokens", "temp"]
     assert params(gen.evaluate)[:2] == ["cfg", "adapter"]
