@@ -18,7 +18,7 @@ vocabulary head only where the loss is), CacheDataset, mlx_lm.tuner.trainer.trai
 (steps_per_report=1) give tokens/sec and peak memory. forge counts tokens the way mlx-lm does (each
 row's length, capped at the batch width), so tok/s compares like with like.
 
-tok/s = trained tokens / seconds over the timed steps (after --warmup steps). Peak memory is
+tok/s = tokens / seconds over the timed steps (after --warmup steps), tokens counted alike for both (each row's length capped at the batch width). Peak memory is
 mx.get_peak_memory() over training, reset after the model is built (weights + training transients).
 """
 
