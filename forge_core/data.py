@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .config import DataConfig
 from .data_batches import (BatchOrder, PackedRow, PreferenceRow, TokenizedRow, add_loss_positions, collate_dpo,
-                           collate_sft, pack)
+                           collate_sft, loss_row_cap, pack)
 from .data_rows import RowProblem, iter_rows, parse_preference, parse_sft, read_rows
 from .data_tokenize import ChatTokenizer, load_tokenizer, pad_token_id, truncate_preference, truncate_sft
 from .errors import ForgeError, located

@@ -127,21 +127,33 @@ def collate_sft(rows: list, pad_id: int, pad_multiple: int = 32, max_len: int | 
     return out
 
 
-def add_loss_positions(batch: dict, buckets: int = 8) -> dict:
+def add_loss_positions(batch: dict, row_cap: int = 0, buckets: int = 8) -> dict:
     """Add `loss_positions` (N,) int32, the flat (b·T + t) indices of the tokens with a loss weight,
     and `loss_weights` (N,) float32, their weights, so a backend can run the vocabulary head at those
-    positions only.
+    positions only. Padding entries are index 0 with weight 0.
 
-    N is padded (index 0, weight 0) up to a multiple of B·T/buckets: a compiled step then sees at most
-    `buckets` different shapes per batch width instead of one per count.
+    N is padded so that a compiled step sees few shapes (each new one is traced and compiled again):
+    with `row_cap`, the most loss tokens any row of the dataset has (loss_row_cap), N = min(B·T, B·row_cap)
+    for every batch of a given width; without it, N rounds up to a multiple of B·T/buckets.
     """
     m = batch["mask"].reshape(-1)
     idx = np.flatnonzero(m)
-    step = max(1, -(-m.size // buckets))
-    n = max(step, -(-len(idx) // step) * step)
+    if row_cap:
+        n = max(len(idx), min(m.size, batch["mask"].shape[0] * row_cap))
+    else:
+        step = max(1, -(-m.size // buckets))
+        n = max(step, -(-len(idx) // step) * step)
     pos, weights = np.zeros(n, np.int32), np.zeros(n, np.float32)
     pos[:len(idx)], weights[:len(idx)] = idx, m[idx]
     return {**batch, "loss_positions": pos, "loss_weights": weights}
+
+
+def loss_row_cap(rows: list) -> int:
+    """The most loss-carrying tokens one row can bring to a batch (SFT: its trained targets; DPO: the longer
+    completion), for add_loss_positions."""
+    caps = [max(len(r.chosen), len(r.rejected)) if isinstance(r, PreferenceRow) else int(np.count_nonzero(r.mask[1:]))
+            for r in rows]
+    return max(caps, default=0)
 
 
 def collate_dpo(rows: list[PreferenceRow], pad_id: int, pad_multiple: int = 32) -> dict[str, np.ndarray]:

@@ -112,10 +112,10 @@ def evaluate_preferences(cfg: ForgeConfig, adapter: str | None = None) -> dict:
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
     rows, _ = fdata.load_preferences(cfg.data.valid or cfg.data.train, hf, cfg.data, cfg.train.max_seq_len)
     pad = fdata.pad_token_id(hf)
-    margins = []
+    margins, cap = [], fdata.loss_row_cap(rows)
     for s in range(0, len(rows), cfg.train.batch_size):
         chunk = rows[s:s + cfg.train.batch_size]
-        b = {k: mx.array(v) for k, v in fdata.add_loss_positions(fdata.collate_dpo(chunk, pad)).items()}
+        b = {k: mx.array(v) for k, v in fdata.add_loss_positions(fdata.collate_dpo(chunk, pad), cap).items()}
         lp = np.array(sequence_logps(net, b))
         margins.append(lp[:len(chunk)] - lp[len(chunk):])
     m = np.concatenate(margins)

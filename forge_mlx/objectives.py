@@ -51,13 +51,14 @@ class SFTObjective(ObjectiveBase):
             self.valid, vstats = fdata.load_sft(cfg.data.valid, tok, cfg.data, cfg.train.max_seq_len)
             report_data(console, cfg.data.valid, vstats)
         self.pad, self.model = _pad_id(tok), model
+        self.cap = fdata.loss_row_cap(self.rows + self.valid)  # one head size per batch width (head.py)
         self.loss_fn = lambda m, b: (*sft_loss(m, b), {})
         self._eval = mx.compile(lambda b: sft_loss(model, b), inputs=[model.state])
 
     def batch(self, rows) -> dict:
         """Rows -> an mx batch; the loss-position index lets the head run on trained tokens only (head.py)."""
         b = fdata.collate_sft(rows, self.pad, max_len=self.cfg.train.max_seq_len)
-        return _mx(fdata.add_loss_positions(b))
+        return _mx(fdata.add_loss_positions(b, self.cap))
 
     def next_batch(self):
         return self.batch([self.rows[i] for i in self.order.next_batch()])
@@ -95,6 +96,7 @@ class DPOObjective(ObjectiveBase):
             self.valid, vstats = fdata.load_preferences(cfg.data.valid, tok, cfg.data, cfg.train.max_seq_len)
             report_data(console, cfg.data.valid, vstats)
         self.pad, self.model = _pad_id(tok), model
+        self.cap = fdata.loss_row_cap(self.rows + self.valid)
         d = cfg.dpo
         self.loss_fn = partial(dpo_loss, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                                sft_weight=d.sft_weight)
@@ -102,7 +104,7 @@ class DPOObjective(ObjectiveBase):
         self._eval = mx.compile(lambda b: self.loss_fn(model, b), inputs=[model.state])
 
     def _collate(self, rows, ref: np.ndarray, idx) -> dict:
-        b = fdata.add_loss_positions(fdata.collate_dpo(rows, self.pad))
+        b = fdata.add_loss_positions(fdata.collate_dpo(rows, self.pad), self.cap)
         b["ref_logps"] = np.concatenate([ref[idx, 0], ref[idx, 1]]).astype(np.float32)
         return _mx(b)
 
@@ -113,7 +115,7 @@ class DPOObjective(ObjectiveBase):
         size, out = self.cfg.train.batch_size, []
         for s in range(0, len(rows), size):
             chunk = rows[s:s + size]
-            lp = np.array(fn(_mx(fdata.add_loss_positions(fdata.collate_dpo(chunk, self.pad)))))
+            lp = np.array(fn(_mx(fdata.add_loss_positions(fdata.collate_dpo(chunk, self.pad), self.cap))))
             out.append(np.stack([lp[:len(chunk)], lp[len(chunk):]], axis=1))
         return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
 

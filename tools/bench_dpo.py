@@ -60,12 +60,13 @@ def worker(spec: dict) -> None:
             loss_fn = lambda m, b: (*sft_loss(m, b), {})
         setup_s = time.perf_counter() - tic
     order = fdata.BatchOrder(len(rows), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
+    cap = fdata.loss_row_cap(rows)
 
     def batches():
         while True:
             idx = np.array(order.next_batch())
             chunk = [rows[i] for i in idx]
-            b = fdata.add_loss_positions(fdata.collate_dpo(chunk, pad))  # as the trainer batches
+            b = fdata.add_loss_positions(fdata.collate_dpo(chunk, pad), cap)  # as the trainer batches
             if ref is not None:
                 b["ref_logps"] = np.concatenate([ref[idx, 0], ref[idx, 1]]).astype(np.float32)
             lengths = [len(r.prompt) + len(r.chosen) for r in chunk] + [len(r.prompt) + len(r.rejected) for r in chunk]

@@ -90,6 +90,19 @@ def test_add_loss_positions_indexes_weighted_tokens_in_few_shapes():
     assert b["loss_positions"][real].tolist() == [3, 4, 5, 6, 26, 27, 28]
     assert b["loss_weights"][real].tolist() == [1, 1, 1, 1, 0.5, 0.5, 0.5]
     assert b["loss_weights"][~real].sum() == 0
+    capped = add_loss_positions({"mask": mask}, row_cap=5)  # a dataset whose rows train at most 5 tokens
+    assert len(capped["loss_positions"]) == 10 and capped["loss_positions"][:7].tolist() == [3, 4, 5, 6, 26, 27, 28]
+
+
+def test_loss_row_cap_is_the_most_trained_tokens_of_a_row():
+    from forge_core.data import PreferenceRow, loss_row_cap
+
+    rows = [TokenizedRow(tokens=np.arange(6, dtype=np.int32), mask=np.array([1, 1, 0, 1, 1, 1], bool)),
+            TokenizedRow(tokens=np.arange(4, dtype=np.int32), mask=np.array([0, 1, 1, 1], bool))]
+    assert loss_row_cap(rows) == 4  # targets are tokens[1:]: the first row trains 4 of its 5
+    pairs = [PreferenceRow(prompt=np.arange(9, dtype=np.int32), chosen=np.arange(3, dtype=np.int32),
+                           rejected=np.arange(7, dtype=np.int32))]
+    assert loss_row_cap(pairs) == 7  # the longer completion
 
 
 def _tiny(tiny_model):
