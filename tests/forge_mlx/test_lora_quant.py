@@ -119,3 +119,13 @@ def test_adapter_saved_straight_after_init_holds_the_init_values(tiny_model, tmp
     assert saved.keys() == init.keys() and len(saved) == 28
     for k in saved:
         np.testing.assert_array_equal(saved[k], init[k])
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (8, 64), (4, 128)])
+def test_cpu_unpack_equals_mx_dequantize_bit_for_bit(bits, group_size):
+    from forge_mlx.quant import unpack_affine
+
+    w = mx.random.normal((48, 256))
+    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+    assert mx.array_equal(unpack_affine(q, s, b, group_size, bits),
+                          mx.dequantize(q, s, b, group_size=group_size, bits=bits)).item()
