@@ -3,7 +3,7 @@
 MLX's CPU backend takes each array's buffer from malloc. glibc serves large requests (over 128 KiB at
 first, at most 32 MiB) with a fresh mmap and gives it back on free, so every activation of a training
 step lands on new pages that the kernel must fault in and zero: an elementwise op on a 50 MB array
-costs ~4 ns per element instead of ~0.5 (docs/BENCHMARKS.md, "Linux CPU fixes"). Two mallopt settings
+costs several times more than on reused memory (docs/BENCHMARKS.md, "MLX CPU kernels"). Two mallopt settings
 keep freed blocks in the heap for reuse: no mmap for large blocks (M_MMAP_MAX = 0) and no trimming of
 the heap top (M_TRIM_THRESHOLD). The cost: the process keeps its peak footprint until it exits, which
 a training run reaches anyway. glibc only; elsewhere (macOS, musl) nothing happens.

@@ -1,18 +1,21 @@
 """exp-based kernels for MLX's CPU backend: softmax (attention), SwiGLU and the loss's log-sum-exp.
 
-Why: on the x86-64 Linux MLX wheel, `mx.exp` costs ~17 ns per element (256x1536: 6.7 ms, 60x a
-multiply), and so does everything built on it: sigmoid/SiLU, softmax, logsumexp, cross-entropy and
-the CPU fallback of scaled_dot_product_attention. In a training step of SmolLM2-135M that is more
-time than all the matmuls (docs/BENCHMARKS.md, "SFT throughput"). MLX's own exp is a good
-polynomial; written here as separate multiplies and adds (no fused multiply-add, which x86 builds
-without FMA code generation may turn into a slow library call - our best guess at the cause) inside a
-compiled graph it runs ~5x faster at the same accuracy (max relative error ~2e-6).
+Why: on the x86-64 Linux MLX wheel, `mx.exp` costs ~16 ns per element, and so does everything built
+on it: sigmoid/SiLU, softmax, logsumexp, cross-entropy and the CPU fallback of
+scaled_dot_product_attention. In a training step of SmolLM2-135M that was a third of the time.
+MLX's own exp is a good polynomial; our best guess at the cost is its fused multiply-adds, which an
+x86 build without FMA code generation turns into library calls. Written here with separate
+multiplies and adds and integer ops for 2**n (no clip/where/maximum, also slow on this backend)
+inside a compiled graph, the same polynomial runs several times faster at the same accuracy
+(docs/BENCHMARKS.md, "MLX CPU kernels").
 
 Each kernel is an mx.custom_function whose backward needs no exp at all (softmax: p·(g - Σg·p)) or
-only the fast one, so neither direction touches the slow op. `install(model)` routes the model's
-mlx-lm module functions `scaled_dot_product_attention` and `swiglu` here while the default device
-is the CPU; on Metal/CUDA, and for what these kernels do not cover (attention sinks, quantized KV
-caches), the dispatchers call mlx-lm's originals. Numerics match MLX's to ~1e-6 (tests).
+only the fast one. Attention stacks the query heads that share a KV head (one matmul per KV head)
+and, causal, runs in blocks of CHUNK queries that skip the masked upper triangle. `install(model)`
+routes the model's mlx-lm module functions `scaled_dot_product_attention` and `swiglu` here while
+the default device is the CPU; on Metal/CUDA, and for what these kernels do not cover (attention
+sinks, quantized KV caches), the dispatchers call mlx-lm's originals. Values and gradients match
+MLX's to ~1e-6 (tests/forge_mlx/test_cpu_math.py).
 """
 
 from __future__ import annotations
