@@ -34,6 +34,8 @@ INTERFACE = {
 # Public names only one backend has, and why.
 ONLY = {
     "mlx": {
+        "quant": {"unpack_affine": "MLX's packed affine layout unpacked with byte ops: the CPU dequant path's "
+                                   "faster mx.dequantize; bitsandbytes dequantizes in its own kernels"},
         "packing": {"Positions": "mx.fast.rope takes one offset per row: forge_mlx wraps RoPE with per-token "
                                  "positions; transformers models take position_ids themselves",
                     "PositionRoPE": "(see Positions)",
