@@ -14,7 +14,6 @@ warmup/cosine/linear pieces. train.compile is not used here: the loop runs eager
 
 from __future__ import annotations
 
-import copy
 import math
 import resource
 import time
@@ -207,7 +206,7 @@ def _step_or_stop(run, step: int, model, optimizer, obj, t, lr: float, guard: Me
     unless it already is. Inside optimizer.step() some parameters may be updated and others not: nothing
     is saved, and the stop error points to the newest periodic checkpoint.
     """
-    data, updating = copy.deepcopy(obj.state()), False
+    data, updating = obj.state(), False  # a fresh dict of scalars: the position before this step
     try:
         out = _gradients(model, optimizer, obj, t.grad_accum, lr, t.max_grad_norm)
         updating = True

@@ -171,18 +171,14 @@ def _stacked(mask: mx.array, hk: int, group: int) -> mx.array:
 
 # ---------------------------------------------------------------- routing mlx-lm's model code here
 
-def _on_cpu() -> bool:
-    return _state["enabled"] and mx.default_device() == mx.cpu
-
-
 def active() -> bool:
     """Whether forge's kernels are in use now (enabled, and the default device is the CPU)."""
-    return _on_cpu()
+    return _state["enabled"] and mx.default_device() == mx.cpu
 
 
 def _sdpa_dispatch(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None, **kwargs):
-        if not _on_cpu() or sinks is not None or kwargs or hasattr(cache, "bits"):
+        if not active() or sinks is not None or kwargs or hasattr(cache, "bits"):
             return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks, **kwargs)
         return attention(queries, keys, values, scale, mask)
 
@@ -192,7 +188,7 @@ def _sdpa_dispatch(original):
 
 def _swiglu_dispatch(original):
     def dispatched(gate, x):
-        return swiglu(gate, x) if _on_cpu() else original(gate, x)
+        return swiglu(gate, x) if active() else original(gate, x)
 
     dispatched.forge_original = original
     return dispatched

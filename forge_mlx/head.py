@@ -38,6 +38,12 @@ def logits(model: nn.Module, h: mx.array) -> mx.array:
     return model.lm_head(h)
 
 
+def position_nll(model: nn.Module, h: mx.array, batch: dict) -> mx.array:
+    """-log p(target) at batch["loss_positions"] only: h (B, T, D) hidden states -> (N,), float32."""
+    pos = batch["loss_positions"]
+    return token_nll(logits(model, h.reshape(-1, h.shape[-1])[pos]), batch["targets"].reshape(-1)[pos])
+
+
 def token_nll(logits_: mx.array, targets: mx.array) -> mx.array:
     """-log p(target) per position, float32; forge's exp kernels on the CPU (cpu_math.py)."""
     if cpu_math.active():

@@ -34,10 +34,7 @@ def sft_loss(model, batch) -> tuple[mx.array, mx.array]:
     `loss_positions` in the batch the vocabulary head runs at those positions only (head.py).
     """
     if "loss_positions" in batch and head.splittable(model):
-        h = head.hidden(model, batch["inputs"], batch)
-        pos = batch["loss_positions"]
-        h = h.reshape(-1, h.shape[-1])[pos]  # (N, D): the trained positions (padded with weight 0)
-        nll = head.token_nll(head.logits(model, h), batch["targets"].reshape(-1)[pos])
+        nll = head.position_nll(model, head.hidden(model, batch["inputs"], batch), batch)  # padding: weight 0
         return (nll * batch["loss_weights"]).sum(), batch["mask"].sum()
     logp = token_logps(model, batch["inputs"], batch["targets"], batch)
     mask = batch["mask"]
@@ -50,9 +47,8 @@ def sequence_logps(model, batch) -> mx.array:
     if "loss_positions" in batch and head.splittable(model):
         h = head.hidden(model, batch["inputs"])
         rows, width = h.shape[0], h.shape[1]
-        pos = batch["loss_positions"]
-        nll = head.token_nll(head.logits(model, h.reshape(-1, h.shape[-1])[pos]), batch["targets"].reshape(-1)[pos])
-        return mx.zeros((rows,), mx.float32).at[pos // width].add(-nll * batch["loss_weights"])
+        nll = head.position_nll(model, h, batch)
+        return mx.zeros((rows,), mx.float32).at[batch["loss_positions"] // width].add(-nll * batch["loss_weights"])
     logp = token_logps(model, batch["inputs"], batch["targets"])
     return (logp * batch["mask"]).sum(axis=-1)
 

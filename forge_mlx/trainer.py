@@ -12,7 +12,6 @@ all-reduce would go.)
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -188,7 +187,7 @@ def _step_or_stop(run, step: int, model, optimizer, obj, fns, grad_accum: int, g
     from before the step) unless it already is, and the guard's stop error names that checkpoint.
     """
     params, opt_state = model.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
-    data = copy.deepcopy(obj.state())
+    data = obj.state()  # a fresh dict of scalars: the position before this step
     try:
         return _step(model, optimizer, obj, *fns, grad_accum)
     except Exception as exc:  # anything but out-of-memory is re-raised as it is
