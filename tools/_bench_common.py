@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -219,6 +220,20 @@ def provenance(command: str, load_before: str, note: str = "") -> str:
     if note:
         lines += ["", note]
     return "\n".join(lines)
+
+
+def command(script: str, argv) -> str:
+    """The command line to record in a section: `python tools/SCRIPT ARGS`, quoted as a shell would need."""
+    args = sys.argv[1:] if argv is None else argv
+    return f"python tools/{script} {shlex.join(args)}".strip()
+
+
+def publish(text: str, path: str | None, title: str) -> None:
+    """Print a tool's report; with --write, replace its `## title` section of that markdown file."""
+    print(text)
+    if path:
+        write_section(path, title, text)
+        print(f"wrote the '{title}' section of {path}", file=sys.stderr)
 
 
 def table(header: list[str], rows: list[list]) -> str:

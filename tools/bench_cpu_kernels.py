@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -83,7 +82,7 @@ def worker(spec: dict) -> None:
     bc.emit_result({"malloc": allocator.keep_freed_memory(), "rows": out})
 
 
-def report(with_m: dict, without: dict, command: str, load_before: str) -> str:
+def report(with_m: dict, without: dict, command: str, load_before: str, label: str = "") -> str:
     rows = []
     for a, b in zip(with_m["rows"], without["rows"]):
         ns = lambda ms: ms * 1e6 / a["n"]  # noqa: E731
@@ -95,7 +94,7 @@ def report(with_m: dict, without: dict, command: str, load_before: str) -> str:
             "op (mx.exp, mx.softmax, nn.silu, nn.losses.cross_entropy, mx.fast.scaled_dot_product_attention); forge: "
             "forge_mlx/cpu_math.py. Left half: glibc defaults (FORGE_NO_MALLOC_TUNING=1); right half: with forge's "
             "malloc settings (forge_mlx/allocator.py), as forge trains. The last row is the same op on both sides: "
-            "it shows the allocator's effect alone.")
+            "it shows the allocator's effect alone." + (f"\n\n{label}" if label else ""))
     header = ["op", "shape", "MLX, glibc default", "forge, glibc default", "ratio",
               "MLX, forge malloc", "forge, forge malloc", "ratio"]
     return bc.provenance(command, load_before, note) + "\n\n" + bc.table(header, rows)
@@ -113,17 +112,12 @@ def main(argv=None) -> int:
 
         worker(json.loads(args.worker))
         return 0
-    command = "python tools/bench_cpu_kernels.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     load_before = bc.machine()["load"]
     script = Path(__file__)
     without = bc.run_worker(script, {"name": "glibc-default", "malloc": False, "reps": args.reps})
     with_m = bc.run_worker(script, {"name": "forge-malloc", "malloc": True, "reps": args.reps})
-    body = report(with_m, without, command.strip(), load_before)
-    if args.label:
-        body = body.replace("\n\n|", f"\n\n{args.label}\n\n|", 1)
-    print(body)
-    if args.write:
-        bc.write_section(args.write, TITLE, body)
+    bc.publish(report(with_m, without, bc.command("bench_cpu_kernels.py", argv), load_before, args.label),
+               args.write, TITLE)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import tempfile
 import time
@@ -163,12 +162,8 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(json.loads(args.worker))
     load_before = bc.machine()["load"]
-    command = "python tools/bench_dpo.py " + shlex.join(argv or sys.argv[1:])
-    text = report(run_all(args), args, command.strip(), load_before)
-    print(text)
-    if args.write:
-        bc.write_section(args.write, "DPO vs SFT", text)
-        print(f"wrote the 'DPO vs SFT' section of {args.write}", file=sys.stderr)
+    text = report(run_all(args), args, bc.command("bench_dpo.py", argv), load_before)
+    bc.publish(text, args.write, "DPO vs SFT")
 
 
 if __name__ == "__main__":

@@ -279,8 +279,7 @@ def main(argv=None) -> int:
                   f"  ratio {res['ratio']:.2f}  {verdict(res['ratio'])}  ({res['seconds']:.1f}s)", flush=True)
     print(bc.table(HEADER, report_rows(rows, results)))
     if args.write:
-        command = "python tools/bench_memory.py " + " ".join(a for a in (argv or sys.argv[1:]))
-        bc.write_section(args.write, TITLE, section(command.strip(), load_before, rows, results))
+        bc.write_section(args.write, TITLE, section(bc.command("bench_memory.py", argv), load_before, rows, results))
     return 0
 
 

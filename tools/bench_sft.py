@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 import types
@@ -304,13 +303,9 @@ def main(argv=None) -> None:
     if unknown:
         sys.exit(f"--only: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     load_before = bc.machine()["load"]
-    command = "python tools/bench_sft.py " + shlex.join(argv or sys.argv[1:])
     results, failed = run_all(names, args)
-    text = report(results, failed, args, command.strip(), load_before)
-    print(text)
-    if args.write:
-        bc.write_section(args.write, "SFT throughput", text)
-        print(f"wrote the 'SFT throughput' section of {args.write}", file=sys.stderr)
+    bc.publish(report(results, failed, args, bc.command("bench_sft.py", argv), load_before), args.write,
+               "SFT throughput")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -242,12 +241,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     bc.preload_blas()  # before anything imports mlx.core
     load_before = bc.machine()["load"]
-    command = "python tools/fidelity.py " + shlex.join(argv or sys.argv[1:])
-    text = report(args, command.strip(), load_before)
-    print(text)
-    if args.write:
-        bc.write_section(args.write, "Fidelity", text)
-        print(f"wrote the 'Fidelity' section of {args.write}", file=sys.stderr)
+    bc.publish(report(args, bc.command("fidelity.py", argv), load_before), args.write, "Fidelity")
 
 
 if __name__ == "__main__":
