@@ -52,7 +52,7 @@ def unpack_affine(w: mx.array, scales: mx.array, biases: mx.array, group_size: i
     """mx.dequantize for affine 4/8-bit, written as byte ops that MLX compiles into the step: q·scale + bias.
 
     MLX packs 4-bit values little-endian into uint32, so byte k holds values 2k (low nibble) and 2k+1
-    (high nibble). Same result as mx.dequantize to the bit (tests); ~1.4x faster on the CPU backend,
+    (high nibble). Same result as mx.dequantize to the bit (tests); ~1.35x faster on the CPU backend
     where the re-dequantization of every layer in the forward and the backward is most of what the
     4-bit path costs over full precision (docs/BENCHMARKS.md).
     """

@@ -23,7 +23,7 @@ import _bench_common as bc
 TITLE = "MLX CPU kernels"
 
 
-def _cases(mx, nn, cm):
+def _cases(mx, nn, cm, unpack_affine):
     """(name, shape text, elements, MLX fn, forge fn, args)."""
     r = lambda *s: mx.random.normal(s)  # noqa: E731
     a, b = r(256, 1536), r(256, 1536)
@@ -41,6 +41,7 @@ def _cases(mx, nn, cm):
         return ("causal attention fwd+bwd", f"B2 H9/3 T{t} d64", 2 * 9 * t * t, grad(ref, 3), grad(ours, 3), (q, k, v))
 
     silu = lambda g, x: nn.silu(g) * x  # noqa: E731
+    packed = mx.quantize(r(1536, 576) * 0.02, group_size=64, bits=4)
     ce = lambda x: nn.losses.cross_entropy(x, targets, reduction="none")  # noqa: E731
     return [
         ("exp", "256x1536", a.size, mx.exp, cm.fast_exp, (a,)),
@@ -52,6 +53,9 @@ def _cases(mx, nn, cm):
          grad(lambda x: cm.nll(x, targets), 1), (big,)),
         attn(128),
         attn(512),
+        ("4-bit dequantize (forge: unpack_affine)", "1536x576 g64", 1536 * 576,
+         lambda w, s, b: mx.dequantize(w, s, b, group_size=64, bits=4),
+         lambda w, s, b: unpack_affine(w, s, b, 64, 4), packed),
         ("add (allocation cost)", "256x49152", big.size, lambda x: x + 1.0, lambda x: x + 1.0, (big,)),
     ]
 
@@ -64,10 +68,11 @@ def worker(spec: dict) -> None:
     import mlx.nn as nn
 
     from forge_mlx import allocator, cpu_math
+    from forge_mlx.quant import unpack_affine
 
     mx.random.seed(0)
     out = []
-    for name, shape, n, ref, ours, args in _cases(mx, nn, cpu_math):
+    for name, shape, n, ref, ours, args in _cases(mx, nn, cpu_math, unpack_affine):
         mx.eval(*args)
         fns = [mx.compile(ref), mx.compile(ours)]
         times = [[], []]
@@ -91,8 +96,8 @@ def report(with_m: dict, without: dict, command: str, load_before: str, label: s
                      f"{a['mlx_ms']:.2f} ({ns(a['mlx_ms']):.1f})", f"{a['forge_ms']:.2f} ({ns(a['forge_ms']):.1f})",
                      f"{a['mlx_ms'] / a['forge_ms']:.2f}x"])
     note = ("ms per call, median, compiled (ns per element, or per attention score, in brackets). MLX: MLX's own "
-            "op (mx.exp, mx.softmax, nn.silu, nn.losses.cross_entropy, mx.fast.scaled_dot_product_attention); forge: "
-            "forge_mlx/cpu_math.py. Left half: glibc defaults (FORGE_NO_MALLOC_TUNING=1); right half: with forge's "
+            "op (mx.exp, mx.softmax, nn.silu, nn.losses.cross_entropy, mx.fast.scaled_dot_product_attention, "
+            "mx.dequantize); forge: forge_mlx/cpu_math.py (dequantize: forge_mlx/quant.py unpack_affine). Left half: glibc defaults (FORGE_NO_MALLOC_TUNING=1); right half: with forge's "
             "malloc settings (forge_mlx/allocator.py), as forge trains. The last row is the same op on both sides: "
             "it shows the allocator's effect alone." + (f"\n\n{label}" if label else ""))
     header = ["op", "shape", "MLX, glibc default", "forge, glibc default", "ratio",
