@@ -66,3 +66,14 @@ def test_replace_section_replaces_only_its_own_section():
     assert out == "# T\n\n## A\n\nnew a\n\n## B\n\nkeep b\n"
     appended = bench_common.replace_section(out, "C", "c")
     assert appended.endswith("keep b\n\n## C\n\nc\n") and "new a" in appended
+
+
+def test_bench_sft_pairs_ratios_by_round_and_judges_the_ratio_of_medians():
+    bench_sft = _load("bench_sft")
+    fp = [{"round": 0, "tok_s": 150.0}, {"round": 1, "tok_s": 120.0}, {"round": 2, "tok_s": 140.0}]
+    ref = [{"round": 0, "tok_s": 90.0}, {"round": 2, "tok_s": 100.0}]  # round 1 did not run (or failed)
+    assert bench_sft.round_ratios(fp, ref) == pytest.approx([150 / 90, 140 / 100])
+    table = bench_sft.ratio_table({"forge-fp": fp, "mlxlm-blas-fp": ref})
+    row = next(line for line in table.splitlines() if "(b), full precision" in line)
+    # medians 140 / 95 = 1.47x misses 1.5x, although one of the two rounds (1.67x) meets it
+    assert "1.47x" in row and "1.67 / 1.40 (1 of 2 meet)" in row and "MISSES" in row
