@@ -127,5 +127,7 @@ def test_cpu_unpack_equals_mx_dequantize_bit_for_bit(bits, group_size):
 
     w = mx.random.normal((48, 256))
     q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
-    assert mx.array_equal(unpack_affine(q, s, b, group_size, bits),
-                          mx.dequantize(q, s, b, group_size=group_size, bits=bits)).item()
+    want = mx.dequantize(q, s, b, group_size=group_size, bits=bits)
+    assert mx.array_equal(unpack_affine(q, s, b, group_size, bits), want).item()
+    compiled = mx.compile(lambda q, s, b: unpack_affine(q, s, b, group_size, bits))  # as inside the train step
+    assert mx.array_equal(compiled(q, s, b), want).item()
