@@ -188,6 +188,13 @@ def heldout_table(args) -> str:
             name = "QLoRA (init=lora)" if init == "lora" else f"QPiSSA (init={init})"
             rows.append([name, f"{cfg.quant.bits}-bit g{cfg.quant.group_size}", f"{r['init']:.4f}",
                          f"{r['final']:.4f} (step {r['step']})", f"{r['train']:.4f}"])
+        for bits in args.init_only_bits:  # the same two inits on another base width, step 0 only
+            for init in ("lora", args.pissa_init):
+                cfg = demo_config(args.recipe, init, args.steps, f"{tmp}/unused")
+                cfg.quant.bits = bits
+                loss, _ = loss_at_init(cfg, console)
+                name = "QLoRA (init=lora)" if init == "lora" else f"QPiSSA (init={init})"
+                rows.append([f"{name}, init only", f"{bits}-bit g{cfg.quant.group_size}", f"{loss:.4f}", "-", "-"])
     return bc.table(["run", "base", "valid loss at init", f"valid loss after {args.steps} steps",
                      "train loss (last logged)"], rows)
 
@@ -230,6 +237,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="training steps per run for the held-out loss")
     p.add_argument("--recipe", default="configs/demo.yaml")
     p.add_argument("--pissa-init", default="pissa", help="pissa (full SVD) or pissa_niter_N")
+    p.add_argument("--init-only-bits", default="8", type=lambda v: [int(b) for b in v.split(",") if b.strip()],
+                   help="comma-separated base widths whose loss at init is also shown for both inits ('' = none)")
     p.add_argument("--skip-reconstruction", action="store_true")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--label", default="", help="a note printed under the provenance (e.g. 'machine was loaded')")
