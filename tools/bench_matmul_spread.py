@@ -1,6 +1,6 @@
 """How steady is this machine? One fp32 matmul timed in many fresh processes, back to back.
 
-    python tools/bench_matmul_spread.py [--processes 12] [--reps 40] [--write docs/BENCHMARKS.md]
+    python tools/bench_matmul_spread.py [--processes 12] [--reps 200] [--write docs/BENCHMARKS.md]
 
 Every throughput figure in docs/BENCHMARKS.md is only as good as the machine under it. This times the
 shape that dominates an SFT step here (256 tokens x 576 @ 576 x 1536, MLX on the CPU with the OpenBLAS

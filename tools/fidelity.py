@@ -172,6 +172,10 @@ def train_and_eval(cfg, console) -> dict:
     return {"init": init_loss, "final": valid[-1]["loss"], "train": train_recs[-1]["loss"], "step": valid[-1]["step"]}
 
 
+def run_name(init: str) -> str:
+    return "QLoRA (init=lora)" if init == "lora" else f"QPiSSA (init={init})"
+
+
 def heldout_table(args) -> str:
     from rich.console import Console
 
@@ -185,16 +189,15 @@ def heldout_table(args) -> str:
             cfg = demo_config(args.recipe, init, args.steps, f"{tmp}/{init}")
             r = train_and_eval(cfg, console)
             print(f"  {init}: valid {r['init']:.4f} -> {r['final']:.4f}", file=sys.stderr, flush=True)
-            name = "QLoRA (init=lora)" if init == "lora" else f"QPiSSA (init={init})"
-            rows.append([name, f"{cfg.quant.bits}-bit g{cfg.quant.group_size}", f"{r['init']:.4f}",
+            rows.append([run_name(init), f"{cfg.quant.bits}-bit g{cfg.quant.group_size}", f"{r['init']:.4f}",
                          f"{r['final']:.4f} (step {r['step']})", f"{r['train']:.4f}"])
         for bits in args.init_only_bits:  # the same two inits on another base width, step 0 only
             for init in ("lora", args.pissa_init):
                 cfg = demo_config(args.recipe, init, args.steps, f"{tmp}/unused")
                 cfg.quant.bits = bits
                 loss, _ = loss_at_init(cfg, console)
-                name = "QLoRA (init=lora)" if init == "lora" else f"QPiSSA (init={init})"
-                rows.append([f"{name}, init only", f"{bits}-bit g{cfg.quant.group_size}", f"{loss:.4f}", "-", "-"])
+                rows.append([f"{run_name(init)}, init only", f"{bits}-bit g{cfg.quant.group_size}", f"{loss:.4f}",
+                             "-", "-"])
     return bc.table(["run", "base", "valid loss at init", f"valid loss after {args.steps} steps",
                      "train loss (last logged)"], rows)
 
