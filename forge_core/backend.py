@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import platform
 
-from .errors import ForgeError
+from forge_core.errors import ForgeError
 
 BACKENDS = ("mlx", "cuda")
 _PACKAGES = {"mlx": "forge_mlx", "cuda": "forge_cuda"}

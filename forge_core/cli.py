@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .errors import ForgeError
+from forge_core.errors import ForgeError
 
 # CLI option name -> config key. Options left unset (None) do not override the recipe.
 TRAIN_OPTIONS = {
@@ -76,7 +76,7 @@ def config_options(f):
 
 
 def build_from_cli(kw: dict, extra: dict | None = None):
-    from .config import build_config
+    from forge_core.config import build_config
 
     overrides = {TRAIN_OPTIONS[k]: kw.pop(k) for k in list(kw) if k in TRAIN_OPTIONS}
     overrides.update(extra or {})
@@ -113,7 +113,7 @@ def cli():
 @friendly
 def train(resume, force, **kw):
     """Supervised fine-tuning (LoRA / PiSSA / QPiSSA)."""
-    from .launch import launch
+    from forge_core.launch import launch
 
     launch(build_from_cli(kw), kind="sft", resume=resume, force=force)
 
@@ -128,7 +128,7 @@ def train(resume, force, **kw):
 @friendly
 def dpo(adapter, beta, loss_type, resume, force, **kw):
     """Direct preference optimisation on {prompt, chosen, rejected} rows (--lr sets dpo.lr)."""
-    from .launch import launch
+    from forge_core.launch import launch
 
     extra = {"dpo.adapter": adapter, "dpo.beta": beta, "dpo.loss_type": loss_type, "dpo.lr": kw.pop("lr")}
     cfg = build_from_cli(kw, extra)
@@ -146,7 +146,7 @@ def dpo(adapter, beta, loss_type, resume, force, **kw):
 @friendly
 def generate(model, adapter, prompt, system, max_tokens, temp, backend):
     """Generate from base + adapter with the chat template (streams)."""
-    from .launch import run_generate
+    from forge_core.launch import run_generate
 
     run_generate(model=model, adapter=adapter, prompt=prompt, system=system, max_tokens=max_tokens,
                  temp=temp, backend=backend)
@@ -159,7 +159,7 @@ def generate(model, adapter, prompt, system, max_tokens, temp, backend):
 @friendly
 def eval_(adapter, as_json, **kw):
     """Held-out loss / perplexity and the task metric."""
-    from .launch import run_eval
+    from forge_core.launch import run_eval
 
     run_eval(build_from_cli(kw), adapter=adapter, as_json=as_json)
 
@@ -176,7 +176,7 @@ def eval_(adapter, as_json, **kw):
 @friendly
 def export(src, fmt, out, base, quantize, dtype, push_to_hub):
     """Export a run or adapter: PEFT dir, merged HF checkpoint, or mlx-lm adapter."""
-    from .export import export as do_export
+    from forge_core.adapters.export import export as do_export
 
     do_export(src, fmt=fmt, out=out, base=base, quantize=quantize, push_to_hub=push_to_hub, dtype=dtype)
 
@@ -189,7 +189,7 @@ def export(src, fmt, out, base, quantize, dtype, push_to_hub):
 @friendly
 def convert(src, dst, to, base):
     """Convert an adapter between mlx-lm and PEFT layouts (PiSSA -> plain rank-2r LoRA)."""
-    from .adapters import convert as do_convert
+    from forge_core.adapters.formats import convert as do_convert
 
     do_convert(src, dst, to=to, base=base)
 
@@ -202,7 +202,7 @@ def convert(src, dst, to, base):
 @friendly
 def memory(as_json, device_memory, is_dpo, **kw):
     """Estimate peak memory for a run and compare it with the device."""
-    from .memory import memory_command
+    from forge_core.memory.plan import memory_command
 
     cfg = build_from_cli(kw, {"memory.device_memory": device_memory})
     memory_command(cfg, as_json=as_json, kind="dpo" if is_dpo else "sft")
@@ -214,7 +214,7 @@ def memory(as_json, device_memory, is_dpo, **kw):
 def models(ctx):
     """List model sources (the bundled model, cached imports)."""
     if ctx.invoked_subcommand is None:
-        from .models import print_models
+        from forge_core.models.sources import print_models
 
         print_models()
 
@@ -226,7 +226,7 @@ def models(ctx):
 @friendly
 def import_gguf_cmd(src, out, dtype):
     """Write an HF-layout dir (safetensors + tokenizer + chat template) from a GGUF file or bundled name."""
-    from .models import import_gguf
+    from forge_core.models.sources import import_gguf
 
     path = import_gguf(src, out, dtype=dtype)
     click.echo(f"wrote {path}")
@@ -239,7 +239,7 @@ def import_gguf_cmd(src, out, dtype):
 @friendly
 def demo(recipe, sets, backend):
     """Fine-tune the bundled model on the demo data and show before/after."""
-    from .demo import run_demo
+    from forge_core.demo import run_demo
 
     run_demo(recipe, sets, backend)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import backend as backends
-from .atomic import write_json
-from .config import build_config
-from .errors import ForgeError
-from .launch import launch
+from forge_core import backend as backends
+from forge_core.atomic import write_json
+from forge_core.config import build_config
+from forge_core.errors import ForgeError
+from forge_core.launch import launch
 
 
 def _table(title: str, before: dict, after: dict, keys: list[str]) -> Table:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import backend as backends
-from .config import ForgeConfig, from_dict
-from .errors import ForgeError
-from .loop import resumed_config
-from .rundir import RunDir
+from forge_core import backend as backends
+from forge_core.config import ForgeConfig, from_dict
+from forge_core.errors import ForgeError
+from forge_core.loop import resumed_config
+from forge_core.rundir import RunDir
 
 
 def _check_data(cfg: ForgeConfig) -> None:
@@ -30,14 +30,14 @@ def _check_data(cfg: ForgeConfig) -> None:
 
 
 def _model_config(cfg: ForgeConfig) -> dict:
-    from .models import resolve_model
+    from forge_core.models.sources import resolve_model
 
     return json.loads((Path(resolve_model(cfg.model.path)) / "config.json").read_text())
 
 
 def memory_check(cfg: ForgeConfig, kind: str, name: str, force: bool, console: Console):
     """The pre-launch memory check; returns the plan (or None when the planner cannot size this model)."""
-    from .memory import check_before_launch
+    from forge_core.memory.plan import check_before_launch
 
     return check_before_launch(cfg, kind, name, _model_config(cfg), force, console=console)
 
@@ -56,7 +56,7 @@ def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool =
     trainer = backends.module(name, "trainer")
     guard = {}
     if plan is not None:  # None: the planner cannot size this model - no budget to hold it to
-        from .memory import runtime_limit_bytes
+        from forge_core.memory.plan import runtime_limit_bytes
 
         trainer.set_memory_limit(runtime_limit_bytes(plan))  # the allocator's cap...
         guard["memory_limit"] = runtime_limit_bytes(plan)  # ...and the loop's guard (unless memory.limit)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from . import data as fdata
-from .config import DEFAULT_TARGETS, ForgeConfig, layer_indices
-from .errors import ForgeError
-from .progress import human_bytes
+from forge_core import data as fdata
+from forge_core.config import DEFAULT_TARGETS, ForgeConfig, layer_indices
+from forge_core.errors import ForgeError
+from forge_core.progress import human_bytes
 
 
 class ObjectiveBase:
@@ -107,7 +107,7 @@ class MemoryGuard:
             return cls(planned_bytes, "the memory plan's device budget", kind)
         if text.lower() in _LIMIT_OFF:
             return cls(0, "memory.limit = off", kind)
-        from .memory_budget import parse_size
+        from forge_core.memory.budget import parse_size
 
         try:
             return cls(parse_size(text), f"memory.limit = {text}", kind)
@@ -175,7 +175,7 @@ def resumed_config(run, cfg: ForgeConfig) -> ForgeConfig:
     """The config a resume runs with: the run's saved config, except memory.* - how much memory this
     machine may use now (the planner's device and threshold, the runtime limit) - which comes from `cfg`,
     the config of this invocation. So `--resume RUN --set memory.limit=8GB` raises a limit that stopped it."""
-    from .config import from_dict
+    from forge_core.config import from_dict
 
     saved = from_dict(run.load_config())
     saved.memory = copy.deepcopy(cfg.memory)
@@ -218,8 +218,8 @@ def task_metrics(cfg: ForgeConfig, path, complete) -> dict:
 
     `complete(messages) -> str` is the backend's generator.
     """
-    from .eval_rows import prompts_and_references
-    from .metrics import score_rows
+    from forge_core.data.eval_rows import prompts_and_references
+    from forge_core.metrics import score_rows
 
     if cfg.eval.metric == "none":
         return {}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from .errors import ForgeError
+from forge_core.errors import ForgeError
 
 METRICS = ("auto", "json_fields", "exact", "none")
 JSON_FIELDS_KEYS = ("valid_json", "exact", "field_acc", "strict")

@@ -19,8 +19,8 @@ import math
 import shutil
 from pathlib import Path
 
-from .atomic import write_json, write_text
-from .errors import ForgeError
+from forge_core.atomic import write_json, write_text
+from forge_core.errors import ForgeError
 
 KEEP_CHECKPOINTS = 2
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from forge_core import adapters_mapping as mp
-from forge_core.adapters import collect
+from forge_core.adapters import mapping as mp
+from forge_core.adapters.formats import collect
 from forge_core.config import ForgeConfig, lora_init_kind, lora_scale
 from forge_core.errors import ForgeError
 from forge_core.loop import select_targets

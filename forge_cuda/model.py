@@ -1,7 +1,7 @@
 """Loading a base model with transformers, adapting it, and the adapter dir on disk (PEFT layout).
 
 Any architecture transformers' AutoModelForCausalLM loads works (Llama, Qwen2/3, Mistral, Gemma, Phi...):
-forge_core.models turns every model spec (HF dir, hub id, GGUF, bundled name) into a local HF dir, loaded
+forge_core.models.sources turns every model spec (HF dir, hub id, GGUF, bundled name) into a local HF dir, loaded
 with trust_remote_code=False and safetensors only. Compute dtype: fp32 on the CPU, bf16 on CUDA (fp16
 where the GPU has no bf16), unless model.dtype says otherwise. Attention: "sdpa" where the model has it.
 The full-precision weights are loaded on the CPU; adapt_model moves them to the GPU layer by layer,
@@ -44,7 +44,7 @@ def load_base(model_spec: str, dtype=torch.float32):
     from transformers.utils import logging as hf_logging
 
     from forge_core.data import load_tokenizer
-    from forge_core.models import resolve_model
+    from forge_core.models.sources import resolve_model
 
     model_dir = Path(resolve_model(model_spec))
     hf_cfg = json.loads((model_dir / "config.json").read_text())
@@ -83,7 +83,7 @@ def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weight
 # ---------------------------------------------------------------- adapter directory (PEFT layout)
 
 def _adapter(model: nn.Module, cfg: ForgeConfig, factors: dict, meta: dict):
-    from forge_core.adapters import Adapter
+    from forge_core.adapters.formats import Adapter
 
     flat = {k: v.detach().float().cpu().numpy() for k, v in trainable_params(model).items()}
     return Adapter(flat_to_tensors(flat), lora_scale(cfg.lora), cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora,
@@ -93,7 +93,7 @@ def _adapter(model: nn.Module, cfg: ForgeConfig, factors: dict, meta: dict):
 
 def adapter_config(cfg: ForgeConfig, num_blocks: int, modules: list[str]) -> dict:
     """PEFT's adapter_config.json for LoRA on `modules`: peft_type LORA, r, lora_alpha, target_modules..."""
-    from forge_core.adapters_mapping import peft_config
+    from forge_core.adapters.mapping import peft_config
 
     ranks = {m: cfg.lora.rank for m in modules}
     out = peft_config(ranks, cfg.lora.rank, lora_scale(cfg.lora), cfg.lora.rslora, cfg.lora.dropout, False,
@@ -113,8 +113,8 @@ def quant_meta(cfg: ForgeConfig) -> dict:
 def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, model_dir: Path,
                  extra: dict | None = None) -> Path:
     """Write adapter_model.safetensors + adapter_config.json + forge.json (+ pissa_init.safetensors), atomically."""
-    from forge_core.adapters import write_peft_adapter
-    from forge_core.models import model_hash
+    from forge_core.adapters.formats import write_peft_adapter
+    from forge_core.models.sources import model_hash
 
     blocks = num_blocks(model)
     meta = {
@@ -136,9 +136,9 @@ def adapter_dir_of(path) -> Path:
 def load_adapter_dir(path):
     """(config, adapter weights {trainable name: np}, pissa factors or None) from a forge adapter dir.
 
-    Either layout reads: PEFT (this backend) or mlx-lm (forge_mlx), via forge_core.adapters.
+    Either layout reads: PEFT (this backend) or mlx-lm (forge_mlx), via forge_core.adapters.formats.
     """
-    from forge_core.adapters import read_adapter
+    from forge_core.adapters.formats import read_adapter
 
     d = adapter_dir_of(path)
     adapter = read_adapter(d)

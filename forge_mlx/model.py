@@ -1,7 +1,7 @@
 """Loading a base model through mlx-lm's model classes, adapting it, and the adapter dir on disk.
 
 Any architecture mlx-lm supports loads here (Llama, Qwen2/3, Mistral, Gemma, Phi...): we hand
-mlx-lm a local HF dir from forge_core.models and keep its parameter names, so adapter keys are
+mlx-lm a local HF dir from forge_core.models.sources and keep its parameter names, so adapter keys are
 mlx-lm's own. Compute dtype: fp32 on the CPU (bf16 is slow there and the BLAS is fp32), bf16 on
 Metal/CUDA, unless model.dtype says otherwise.
 """
@@ -41,7 +41,7 @@ def load_base(model_spec: str, dtype=mx.float32, lazy: bool = False):
     resident as a whole.
     """
     import mlx_lm.utils
-    from forge_core.models import resolve_model
+    from forge_core.models.sources import resolve_model
 
     model_dir = Path(resolve_model(model_spec))
     try:
@@ -89,7 +89,7 @@ def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, mod
     """Write adapters.safetensors + adapter_config.json + forge.json (+ pissa_init.safetensors), atomically."""
     from safetensors.numpy import save_file
     from forge_core.config import layer_indices
-    from forge_core.models import model_hash
+    from forge_core.models.sources import model_hash
 
     weights = {k: np.ascontiguousarray(np.array(v.astype(mx.float32))) for k, v in trainable_params(model).items()}
     keys = sorted({".".join(k.split(".")[3:-1]) for k in weights})  # model.layers.N.<key>.lora_a

@@ -1,4 +1,4 @@
-"""Memory planner calibration: forge_core.memory's estimate against the peak a real run reaches.
+"""Memory planner calibration: forge_core.memory.plan's estimate against the peak a real run reaches.
 
     python tools/bench_memory.py [--only mlx-h128-fp,...] [--backend mlx|cuda] [--write docs/BENCHMARKS.md]
 
@@ -190,7 +190,7 @@ def worker(spec: dict) -> dict:
     from rich.console import Console
 
     from forge_core.config import build_config
-    from forge_core.memory import plan_memory
+    from forge_core.memory.plan import plan_memory
 
     cfg = build_config(None, spec["sets"])
     console = Console(stderr=True, quiet=True)

@@ -84,7 +84,7 @@ def mlxlm_worker(spec: dict) -> dict:
     from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from forge_core.models import resolve_model
+    from forge_core.models.sources import resolve_model
 
     model_dir = resolve_model("smollm2-135m")
     np.random.seed(spec["seed"])

@@ -81,7 +81,7 @@ def model_weights(blocks: list[int]) -> tuple[dict, int]:
 
     from safetensors import safe_open
 
-    from forge_core.models import resolve_model
+    from forge_core.models.sources import resolve_model
 
     model_dir = resolve_model("smollm2-135m")
     n_blocks = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-from forge_core import adapters_mapping as mp
-from forge_core import safetensors_io as sio
-from forge_core.adapters import (
+from forge_core.adapters import mapping as mp
+from forge_core.adapters import safetensors_io as sio
+from forge_core.adapters.formats import (
     Adapter,
     convert,
     delta_weights,

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from forge_core import safetensors_io as sio
-from forge_core.adapters import write_mlx_adapter, write_peft_adapter
+from forge_core.adapters import safetensors_io as sio
+from forge_core.adapters.formats import write_mlx_adapter, write_peft_adapter
 from forge_core.errors import ForgeError
-from forge_core.export import export, push
+from forge_core.adapters.export import export, push
 from tests.forge_core.test_adapters import fake_base, rand_adapter
 
 
@@ -106,7 +106,7 @@ def test_failed_export_leaves_the_previous_output_in_place(tmp_path, monkeypatch
     write_mlx_adapter(rand_adapter(base=base), tmp_path / "a")
     export(tmp_path / "a", fmt="peft", out=tmp_path / "out")
     before = (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
-    import forge_core.export as ex
+    import forge_core.adapters.export as ex
 
     monkeypatch.setattr(ex, "model_card", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):

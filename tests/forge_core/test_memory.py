@@ -13,19 +13,18 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from forge_core import memory_estimate as me
+from forge_core.memory import estimate as me
 from forge_core.cli import cli
 from forge_core.config import ForgeConfig, set_value
 from forge_core.errors import ForgeError
-from forge_core.memory import (
+from forge_core.models.known import known_model_config, load_model_config
+from forge_core.memory.plan import (
     check_before_launch,
-    known_model_config,
-    load_model_config,
     parse_size,
     plan_memory,
     runtime_limit_bytes,
 )
-from forge_core.memory_estimate import ModelShape, estimate, peak_bytes, phase_total
+from forge_core.memory.estimate import ModelShape, estimate, peak_bytes, phase_total
 from tests.tiny import make_tiny_model, tiny_config
 
 TINY = tiny_config(259)
@@ -320,7 +319,7 @@ def test_model_config_from_local_dir_known_names_and_unknown_hub_id(tmp_path):
 
 @pytest.mark.slow
 def test_known_smollm2_shapes_match_the_bundled_gguf():
-    from forge_core.models import bundled_path
+    from forge_core.models.sources import bundled_path
 
     config, _ = load_model_config(str(bundled_path("smollm2-135m")))
     assert ModelShape.from_config(config) == ModelShape.from_config(known_model_config("smollm2-135m"))

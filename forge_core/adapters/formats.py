@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import adapters_mapping as mp
-from . import safetensors_io as sio
-from .adapters_mapping import collect, flatten  # noqa: F401 - part of this module's API (backends use them)
-from .atomic import atomic_dir, write_json
-from .errors import ForgeError
+from forge_core.adapters import mapping as mp
+from forge_core.adapters import safetensors_io as sio
+from forge_core.adapters.mapping import collect, flatten  # noqa: F401 - part of this module's API (backends use them)
+from forge_core.atomic import atomic_dir, write_json
+from forge_core.errors import ForgeError
 
 WEIGHTS = {"mlx": "adapters.safetensors", "peft": "adapter_model.safetensors"}
 CONFIG, FORGE, PISSA = "adapter_config.json", "forge.json", "pissa_init.safetensors"
@@ -324,9 +324,9 @@ def merged_weight(adapter: Adapter, module: str, w: np.ndarray) -> np.ndarray:
 # ---- the base model and `forge convert` ----------------------------------------------------------
 
 def resolve_base(spec: str) -> Path:
-    """A local HF dir for `spec` via forge_core.models.resolve_model (a plain local dir until it exists)."""
+    """A local HF dir for `spec` via forge_core.models.sources.resolve_model (a plain local dir until it exists)."""
     try:
-        from .models import resolve_model
+        from forge_core.models.sources import resolve_model
     except ImportError:
         if Path(spec).is_dir():
             return Path(spec)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path, write_json
-from .errors import ForgeError
+from forge_core.atomic import atomic_path, write_json
+from forge_core.errors import ForgeError
 
 BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",

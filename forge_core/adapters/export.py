@@ -21,10 +21,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import adapters as ad
-from . import safetensors_io as sio
-from .atomic import atomic_dir, write_json, write_text
-from .errors import ForgeError
+from forge_core.adapters import formats as ad
+from forge_core.adapters import safetensors_io as sio
+from forge_core.atomic import atomic_dir, write_json, write_text
+from forge_core.errors import ForgeError
 
 SHARD_BYTES = 5_000_000_000  # transformers' default max_shard_size ("5GB")
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|"
@@ -37,7 +37,7 @@ def export(src, fmt: str, out, base: str | None = None, quantize: bool = False,
            push_to_hub: str | None = None, dtype: str = "float32", shard_bytes: int = SHARD_BYTES) -> Path:
     """Export SRC (a run dir with adapter/ or an adapter dir) as `fmt` into OUT.
 
-    base: --base, else forge.json's base_model (resolved through forge_core.models.resolve_model).
+    base: --base, else forge.json's base_model (resolved through forge_core.models.sources.resolve_model).
     dtype (merged): float32 (default) | base (the base's own storage dtype) | bfloat16 | float16.
     """
     if fmt not in ("peft", "merged", "mlx"):
@@ -77,7 +77,7 @@ def _base_dir(adapter: ad.Adapter, base: str | None, required: bool) -> Path | N
     want = adapter.forge.get("base_model_hash")
     if want:
         try:
-            from .models import model_hash
+            from forge_core.models.sources import model_hash
         except ImportError:
             return base_dir
         got = model_hash(base_dir)

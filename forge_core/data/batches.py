@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ForgeError
+from forge_core.errors import ForgeError
 
 
 @dataclass

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import ForgeError
+from forge_core.atomic import atomic_path
+from forge_core.errors import ForgeError
 
 # safetensors dtype tag -> numpy storage dtype (BF16 is stored as raw uint16 bits)
 STORAGE = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,

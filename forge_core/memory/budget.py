@@ -9,8 +9,8 @@ from __future__ import annotations
 import platform
 import re
 
-from .config import ForgeConfig
-from .errors import ForgeError
+from forge_core.config import ForgeConfig
+from forge_core.errors import ForgeError
 
 # Memory is sold in binary units: a "24GB" Mac or GPU holds 24 GiB. So GB = GiB = 2**30 here.
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
