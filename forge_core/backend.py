@@ -1,10 +1,12 @@
-"""Which backend runs a command, chosen lazily so `forge --help` imports no framework.
+"""What a backend provides, and which backend runs a command (chosen lazily: `forge --help` imports no
+framework).
 
-Both backends expose the same functions (checked by tests/test_backend_contract.py):
-    trainer.train(cfg, kind="sft"|"dpo", resume=None) -> run dir
-    generate.generate(cfg, adapter, prompt, ...) -> text (streams to stdout)
-    generate.evaluate(cfg, adapter, data) -> metrics dict
-    export.merged_weights / export.load_adapter ...
+The loop (forge_core/train.py), the objectives (forge_core/objectives/) and eval (forge_core/evaluate.py)
+are written once; they reach the tensor framework only through a backend's `ops` module
+(forge_mlx/ops.py, forge_cuda/ops.py), which satisfies `BackendOps` below. `ops.make_stepper` returns a
+`Stepper`: one optimizer step cut where the loop needs to see it (accumulate micro-batches, update,
+roll back after an out-of-memory error). tests/test_backend_contract.py checks both against these
+Protocols, names and parameters.
 """
 
 from __future__ import annotations
@@ -12,8 +14,128 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import platform
+from types import ModuleType
+from typing import Any, Callable, Protocol
 
 from forge_core.errors import ForgeError
+
+Batch = dict  # {name: framework array}, from a numpy batch of forge_core.data via ops.to_batch
+LossFn = Callable[[Any, Batch], tuple]  # (model, batch) -> (loss SUM, count, {metric: sum})
+
+
+class Stepper(Protocol):
+    """One optimizer step of a model: gradients of loss SUMS accumulate over micro-batches, update()
+    divides them by the total count (the one averaging point: a data-parallel all-reduce goes there),
+    clips and steps. It owns the optimizer; its state round-trips through numpy for checkpoints."""
+
+    def begin(self) -> None:
+        """Before a step: remember what rollback() puts back."""
+
+    def accumulate(self, batch: Batch) -> tuple[Any, Any, dict]:
+        """loss_fn on one micro-batch and its gradient added up: (loss sum, count, {metric: sum})."""
+
+    def update(self, count: Any, lr: float) -> Any:
+        """Gradients / count, clip to train.max_grad_norm, one optimizer step at `lr`; the gradient norm."""
+
+    def finish(self, values: list) -> None:
+        """Make the step and these values real (MLX evaluates its lazy graph; eager torch: nothing)."""
+
+    def rollback(self) -> bool:
+        """After a failed step: put back the pre-step weights and optimizer state. False when that is not
+        possible (the failure came inside an in-place optimizer update)."""
+
+    def state_arrays(self) -> tuple[dict, dict, dict]:
+        """(trainable weights, optimizer tensors, optimizer scalars): numpy arrays, JSON scalars."""
+
+    def load_state_arrays(self, weights: dict, tensors: dict, scalars: dict) -> None:
+        """Inverse of state_arrays (resume)."""
+
+
+class BackendOps(Protocol):
+    """The framework code a backend provides; everything else is forge_core's."""
+
+    name: str  # "mlx" | "cuda"
+    xp: ModuleType  # the array module forge_core.preference's formulas run on (mlx.core, torch)
+
+    # ---- model and adapter files
+    def build_model(self, cfg, pissa_init: dict | None = None, adapter_weights: dict | None = None) -> tuple:
+        """Base -> PiSSA/LoRA on targets -> quantize: (model, tokenizer, model_dir, PiSSA factors)."""
+
+    def load_base_for_inference(self, cfg) -> tuple:
+        """The base model alone, ready to generate: (model, tokenizer)."""
+
+    def load_adapter_dir(self, path) -> tuple:
+        """(training config, adapter weights {trainable name: np}, PiSSA factors or None) of a forge adapter."""
+
+    def save_adapter(self, out_dir, model, cfg, factors: dict, model_dir, extra: dict | None = None):
+        """The final adapter dir in this backend's layout (mlx-lm or PEFT) + forge.json, atomically."""
+
+    def factors_to_flat(self, factors: dict) -> dict:
+        """PiSSA {path: (A0, B0)} -> the flat arrays of the run's pissa_init.safetensors."""
+
+    def flat_to_factors(self, flat: dict) -> dict:
+        """Inverse of factors_to_flat."""
+
+    def count_params(self, model) -> tuple[int, int]:
+        """(trainable, total stored) parameter counts."""
+
+    def describe(self, model) -> str:
+        """Where the model runs, for the start line (e.g. ' on cuda:0'; '' when nothing to add)."""
+
+    def preflight(self, console) -> None:
+        """Warn about a slow setup before a run starts (MLX's reference BLAS)."""
+
+    def enable_packing(self, model) -> None:
+        """Let packed batches (segment_ids, position_ids) keep attention inside each row."""
+
+    def checkpoint_blocks(self, model) -> None:
+        """Gradient checkpointing per transformer block."""
+
+    # ---- tensors
+    def seed(self, n: int) -> None:
+        """Seed the framework's random generator (LoRA init, dropout)."""
+
+    def to_batch(self, model, batch: dict) -> Batch:
+        """A numpy batch of forge_core.data as framework arrays, where the model runs."""
+
+    def to_numpy(self, x):
+        """A framework array as numpy."""
+
+    def scalar(self, value: float, like) -> Any:
+        """A float32 scalar array (on the device of `like`)."""
+
+    def sft_loss(self, model, batch: Batch) -> tuple:
+        """(sum of NLL over the loss-masked tokens, token count)."""
+
+    def sequence_logps(self, model, batch: Batch):
+        """(2B,) summed completion log-probs of a concatenated chosen+rejected batch."""
+
+    def no_grad(self, model, fn: Callable) -> Callable:
+        """`fn` run without gradients (compiled where the framework compiles)."""
+
+    # ---- training
+    def make_stepper(self, cfg, model, loss_fn: LossFn) -> Stepper:
+        """The optimizer (train.optimizer) and the step functions of loss_fn."""
+
+    def peak_memory(self) -> int:
+        """Peak bytes for the log line."""
+
+    def guard_peak(self) -> int | None:
+        """The peak the memory guard compares with its limit; None where no reliable peak exists."""
+
+    def set_memory_limit(self, nbytes: int) -> None:
+        """The memory plan's budget as the allocator's cap, where the framework has one."""
+
+    # ---- inference
+    def densify_for_cpu(self, model) -> None:
+        """On the CPU: dequantize each quantized layer once for token-by-token decoding."""
+
+    def complete(self, model, tokenizer, messages: list, max_tokens: int, temp: float = 0.0, stream=None) -> str:
+        """Chat-templated generation with the framework's generator; `stream(text)` gets each piece."""
+
+    def hf_tokenizer(self, tokenizer):
+        """The transformers tokenizer behind the backend's tokenizer object."""
+
 
 BACKENDS = ("mlx", "cuda")
 _PACKAGES = {"mlx": "forge_mlx", "cuda": "forge_cuda"}
@@ -59,6 +181,6 @@ def resolve(name: str = "auto") -> str:
     raise ForgeError(f"no backend installed: {_INSTALL['mlx']} or {_INSTALL['cuda']}")
 
 
-def module(name: str, part: str):
-    """forge_<backend>.<part>, e.g. module('mlx', 'trainer')."""
-    return importlib.import_module(f"{_PACKAGES[name]}.{part}")
+def ops(name: str) -> BackendOps:
+    """The backend's ops module (forge_mlx.ops, forge_cuda.ops); `name` as resolve() returns it."""
+    return importlib.import_module(f"{_PACKAGES[name]}.ops")

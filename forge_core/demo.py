@@ -9,7 +9,6 @@ reference. Results land in RUN/demo_results.json.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,9 @@ from forge_core import backend as backends
 from forge_core.atomic import write_json
 from forge_core.config import build_config
 from forge_core.errors import ForgeError
+from forge_core.evaluate import evaluate, evaluate_preferences
 from forge_core.launch import launch
+from forge_core.rundir import RunDir
 
 
 def _table(title: str, before: dict, after: dict, keys: list[str]) -> Table:
@@ -43,7 +44,7 @@ def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
     cfg = build_config(recipe, sets, {"backend": backend})
     kind = "dpo" if "dpo" in Path(recipe).stem else "sft"
     name = backends.resolve(cfg.backend)
-    gen = backends.module(name, "generate")
+    ops = backends.ops(name)
     run_dir = Path(cfg.train.out_dir)
     if (run_dir / "latest.json").exists():
         raise ForgeError(f"{run_dir} holds an earlier demo run; remove it (rm -rf {run_dir}) to run the demo again")
@@ -53,20 +54,19 @@ def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
     console.rule(f"[bold]Forge demo: {kind.upper()} on {cfg.model.path} ({name} backend)")
     if kind == "sft":
         console.print("measuring the base model on the held-out set...")
-        before = gen.evaluate(cfg, adapter=None, model_spec=cfg.model.path)
+        before = evaluate(ops, cfg, adapter=None, model_spec=cfg.model.path)
     else:
         console.print("measuring the starting policy (the SFT adapter) on the held-out pairs...")
-        before = gen.evaluate_preferences(cfg, adapter=cfg.dpo.adapter)
+        before = evaluate_preferences(ops, cfg, adapter=cfg.dpo.adapter)
         # before training the policy IS the reference: every reward is exactly 0 (accuracy counts r_w > r_l)
         before.update({"rewards/accuracy": 0.0, "rewards/margin": 0.0})
     launch(cfg, kind=kind)
     adapter = str(run_dir / "adapter")
-    after = gen.evaluate(cfg, adapter=adapter) if kind == "sft" else gen.evaluate_preferences(cfg, adapter=adapter)
+    after = evaluate(ops, cfg, adapter=adapter) if kind == "sft" else evaluate_preferences(ops, cfg, adapter=adapter)
     keys = ["loss", "ppl", "valid_json", "exact", "field_acc"] if kind == "sft" else \
         ["pref_accuracy", "logp_margin", "rewards/accuracy", "rewards/margin", "loss"]
     if kind == "dpo":  # reward accuracy / margin against the reference, from the run's last eval
-        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        last = [r for r in recs if r.get("split") == "valid"]
+        last = [r for r in RunDir(run_dir).metrics() if r.get("split") == "valid"]
         if last:
             after.update({k: last[-1][k] for k in ("rewards/accuracy", "rewards/margin", "loss") if k in last[-1]})
     console.print(_table(f"{kind.upper()} demo: before vs after ({cfg.data.valid})", before, after, keys))

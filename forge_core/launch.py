@@ -16,8 +16,7 @@ from rich.console import Console
 from forge_core import backend as backends
 from forge_core.config import ForgeConfig, from_dict
 from forge_core.errors import ForgeError
-from forge_core.loop import resumed_config
-from forge_core.rundir import RunDir
+from forge_core.rundir import RunDir, forge_adapter_dir, resumed_config
 
 
 def _check_data(cfg: ForgeConfig) -> None:
@@ -53,22 +52,24 @@ def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool =
     _check_data(cfg)
     name = backends.resolve(cfg.backend)
     plan = memory_check(cfg, kind, name, force, console)
-    trainer = backends.module(name, "trainer")
-    guard = {}
+    ops = backends.ops(name)
+    limit = 0
     if plan is not None:  # None: the planner cannot size this model - no budget to hold it to
         from forge_core.memory.plan import runtime_limit_bytes
 
-        trainer.set_memory_limit(runtime_limit_bytes(plan))  # the allocator's cap...
-        guard["memory_limit"] = runtime_limit_bytes(plan)  # ...and the loop's guard (unless memory.limit)
-    return trainer.train(cfg, kind=kind, resume=resume, console=console, **guard)
+        limit = runtime_limit_bytes(plan)
+        ops.set_memory_limit(limit)  # the allocator's cap, and below the loop's guard (unless memory.limit)
+    from forge_core.train import train
+
+    return train(cfg, kind, ops=ops, resume=resume, console=console, memory_limit=limit)
 
 
 def _inherit_adapter(cfg: ForgeConfig) -> None:
     """DPO on top of an SFT adapter: model, LoRA shape and quantization must be the adapter's."""
-    adapter = Path(cfg.dpo.adapter)
-    meta_file = adapter / "adapter" / "forge.json" if (adapter / "adapter").is_dir() else adapter / "forge.json"
-    if not meta_file.is_file():
-        raise ForgeError(f"dpo.adapter: {adapter} is not a forge adapter or run dir (no forge.json)")
+    try:
+        meta_file = forge_adapter_dir(cfg.dpo.adapter) / "forge.json"
+    except ForgeError as e:
+        raise ForgeError(f"dpo.adapter: {e}") from None
     saved = from_dict(json.loads(meta_file.read_text())["config"])
     cfg.model, cfg.lora, cfg.quant = saved.model, saved.lora, saved.quant
     cfg.dpo.adapter = str(meta_file.parent)
@@ -77,8 +78,9 @@ def _inherit_adapter(cfg: ForgeConfig) -> None:
 def run_generate(model=None, adapter=None, prompt="", system="", max_tokens=None, temp=0.0, backend=None) -> str:
     cfg = ForgeConfig()
     name = backends.resolve(backend or "auto")
-    gen = backends.module(name, "generate")
-    return gen.generate(model=model, adapter=adapter, prompt=prompt, system=system,
+    from forge_core.evaluate import generate
+
+    return generate(backends.ops(name), model=model, adapter=adapter, prompt=prompt, system=system,
                         max_tokens=max_tokens or cfg.eval.max_new_tokens, temp=temp)
 
 
@@ -86,8 +88,9 @@ def run_eval(cfg: ForgeConfig, adapter: str | None = None, as_json: bool = False
     if not cfg.data.valid and not cfg.data.train:
         raise ForgeError("nothing to evaluate: pass --valid FILE.jsonl (or --data)")
     name = backends.resolve(cfg.backend)
-    gen = backends.module(name, "generate")
-    result = gen.evaluate(cfg, adapter=adapter)
+    from forge_core.evaluate import evaluate
+
+    result = evaluate(backends.ops(name), cfg, adapter=adapter)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

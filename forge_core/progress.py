@@ -7,13 +7,7 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TB"
+from forge_core.memory.budget import human
 
 
 class TrainProgress:
@@ -46,7 +40,7 @@ class TrainProgress:
         if tok_s is not None:
             fields["tok_s"] = f"{tok_s:.0f}"
         if peak is not None:
-            fields["peak"] = human_bytes(peak)
+            fields["peak"] = human(peak)
         self.progress.update(self.task, completed=step, **fields)
 
     def print(self, text: str) -> None:

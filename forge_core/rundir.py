@@ -14,6 +14,7 @@ Every write is atomic: a run killed at any moment resumes from the newest comple
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -129,6 +130,29 @@ class RunDir:
         ax.set_title("DPO rewards (vs the reference)")
         ax.grid(alpha=0.3)
         ax.legend()
+
+
+def forge_adapter_dir(path) -> Path:
+    """The one resolver of "a run dir or an adapter dir": RUN/adapter when it holds forge.json, else `path`
+    itself when it does; anything else is an error that says what to do."""
+    path = Path(path)
+    if (path / "adapter" / "forge.json").is_file():
+        return path / "adapter"
+    if (path / "forge.json").is_file():
+        return path
+    raise ForgeError(f"{path}: not a forge adapter or run dir (no forge.json); "
+                     "use `forge convert` to bring a foreign adapter in")
+
+
+def resumed_config(run: RunDir, cfg):
+    """The config a resume runs with: the run's saved config, except memory.* - how much memory this
+    machine may use now (the planner's device and threshold, the runtime limit) - which comes from `cfg`,
+    the config of this invocation. So `--resume RUN --set memory.limit=8GB` raises a limit that stopped it."""
+    from forge_core.config import from_dict
+
+    saved = from_dict(run.load_config())
+    saved.memory = copy.deepcopy(cfg.memory)
+    return saved
 
 
 def _finite(x) -> bool:

@@ -1,4 +1,5 @@
-"""`forge generate` and `forge eval` on PyTorch: base (+ adapter), chat template, transformers' generate().
+"""Generation on PyTorch for `forge generate` / `forge eval` (forge_core/evaluate.py): chat template,
+transformers' generate().
 
 On the CPU, inference dequantizes each 4/8-bit layer ONCE into a dense fp32 nn.Linear with the same
 values (Q(W_res), bit for bit): token-by-token decoding would otherwise dequantize every layer for every
@@ -8,16 +9,9 @@ sampling (no top-k / top-p), as forge_mlx does.
 
 from __future__ import annotations
 
-import math
-import sys
-
 import torch
 from torch import nn
 
-from forge_core.config import ForgeConfig
-from forge_core.loop import task_metrics
-
-from .model import load_adapted
 from .quant import is_quantized, set_module
 
 
@@ -75,66 +69,3 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: floa
     out = model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=gen,
                          streamer=_streamer(tokenizer, stream) if stream else None)
     return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
-
-
-def generate(model=None, adapter=None, prompt="", system="", max_tokens=96, temp=0.0) -> str:
-    net, tokenizer, _ = load_adapted(adapter, model)
-    densify_for_cpu(net)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text = complete(net, tokenizer, messages, max_tokens, temp,
-                    stream=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
-    sys.stdout.write("\n")
-    return text
-
-
-@torch.no_grad()
-def heldout_loss(model, tokenizer, cfg: ForgeConfig, path: str) -> dict:
-    from forge_core import data as fdata
-
-    from .losses import sft_loss
-    from .objectives import to_device
-
-    rows, _ = fdata.load_sft(path, tokenizer, cfg.data, cfg.train.max_seq_len)
-    pad, device = fdata.pad_token_id(tokenizer), next(model.parameters()).device
-    total = count = 0.0
-    for s in range(0, len(rows), cfg.train.batch_size):
-        b = fdata.collate_sft(rows[s:s + cfg.train.batch_size], pad, max_len=cfg.train.max_seq_len)
-        ls, c = sft_loss(model, to_device(b, device))
-        total, count = total + ls.item(), count + c.item()
-    loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": int(count)}
-
-
-def evaluate(cfg: ForgeConfig, adapter: str | None = None, model_spec: str | None = None) -> dict:
-    """Held-out loss/perplexity and, when the metric applies, the task metric by greedy generation."""
-    net, tokenizer, _ = load_adapted(adapter, model_spec or (cfg.model.path if not adapter else None))
-    densify_for_cpu(net)
-    net.eval()
-    path = cfg.data.valid or cfg.data.train
-    result = heldout_loss(net, tokenizer, cfg, path)
-    result.update(task_metrics(cfg, path, lambda msgs: complete(net, tokenizer, msgs, cfg.eval.max_new_tokens)))
-    return result
-
-
-@torch.no_grad()
-def evaluate_preferences(cfg: ForgeConfig, adapter: str | None = None) -> dict:
-    """On the held-out pairs: how often the model itself prefers chosen (log π(y_w) > log π(y_l))."""
-    import numpy as np
-
-    from forge_core import data as fdata
-
-    from .losses import sequence_logps
-    from .objectives import to_device
-
-    net, tokenizer, _ = load_adapted(adapter, None if adapter else cfg.model.path)
-    densify_for_cpu(net)
-    net.eval()
-    rows, _ = fdata.load_preferences(cfg.data.valid or cfg.data.train, tokenizer, cfg.data, cfg.train.max_seq_len)
-    pad, device = fdata.pad_token_id(tokenizer), next(net.parameters()).device
-    margins = []
-    for s in range(0, len(rows), cfg.train.batch_size):
-        chunk = rows[s:s + cfg.train.batch_size]
-        lp = sequence_logps(net, to_device(fdata.collate_dpo(chunk, pad), device)).float().cpu().numpy()
-        margins.append(lp[:len(chunk)] - lp[len(chunk):])
-    m = np.concatenate(margins)
-    return {"pref_accuracy": float((m > 0).mean()), "logp_margin": float(m.mean()), "pairs": len(m)}

@@ -25,10 +25,9 @@ from torch import nn
 
 from forge_core.adapters import mapping as mp
 from forge_core.adapters.formats import collect
-from forge_core.config import ForgeConfig, lora_init_kind, lora_scale
+from forge_core.config import ForgeConfig, lora_scale
 from forge_core.errors import ForgeError
-from forge_core.loop import select_targets
-from forge_core.pissa import pissa_factors, residual
+from forge_core.surgery import check_full_precision, pissa_split, select_targets, uses_pissa
 
 from .quant import is_quantized, quant_kind, quantize_linear, quantize_rest, set_module
 
@@ -85,7 +84,6 @@ def target_paths(model: nn.Module, cfg: ForgeConfig) -> list[str]:
     return select_targets(linears, cfg, num_blocks(model))
 
 
-
 def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = None, device="cpu",
                 compute_dtype=torch.float32) -> dict:
     """Wrap the target linears with LoRA (PiSSA when configured), quantize the base, move it to `device`.
@@ -94,24 +92,16 @@ def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = No
     never a second full copy of the model. `pissa_init` ({path: (A0 (r,in), B0 (out,r)) numpy}) reuses
     stored factors (resume, reload) so the SVD never runs twice. Returns the PiSSA factors used ({} for LoRA).
     """
-    kind, niter = lora_init_kind(cfg.lora.init)
-    rank, scale, q = cfg.lora.rank, lora_scale(cfg.lora), cfg.quant
+    pissa, rank, scale, q = uses_pissa(cfg), cfg.lora.rank, lora_scale(cfg.lora), cfg.quant
     qkind = quant_kind(q)
     model.requires_grad_(False)
     factors, adapted = {}, []
     for i, path in enumerate(target_paths(model, cfg)):
         linear = model.get_submodule(path)
-        if is_quantized(linear) and kind == "pissa":
-            raise ForgeError(f"{path} is already quantized: PiSSA needs full-precision weights "
-                             "(load an unquantized model; forge quantizes the residual itself)")
+        check_full_precision(path, is_quantized(linear), cfg)
         a = b = None
-        if kind == "pissa":
-            w = linear.weight.detach().float().cpu().numpy()
-            if pissa_init is not None and path in pissa_init:
-                a0, b0 = pissa_init[path]
-                w_res = residual(w, a0, b0, scale)
-            else:
-                a0, b0, w_res = pissa_factors(w, rank, scale, niter=niter, seed=cfg.train.seed + i)
+        if pissa:
+            a0, b0, w_res = pissa_split(linear.weight.detach().float().cpu().numpy(), path, i, cfg, pissa_init)
             factors[path] = (a0, b0)
             linear.weight.data = torch.from_numpy(w_res).to(linear.weight.dtype)
             a, b = torch.from_numpy(np.asarray(a0, np.float32)), torch.from_numpy(np.asarray(b0, np.float32))

@@ -1,4 +1,4 @@
-"""Losses as small pure functions of (model, batch), mirroring forge_mlx.losses. The loop takes one as an argument.
+"""Tensor losses as small pure functions of (model, batch); forge_core's objectives build on them.
 
 Batches are the numpy dicts of forge_core.data (inputs, targets, mask (B, T)) as torch tensors on the
 model's device. No attention mask is passed for plain batches: rows are right-padded and attention is
@@ -10,16 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from forge_core.preference import dpo_objective, dpo_terms  # noqa: F401  (the formulas live in one place)
+from .packing import enable_packing, segment_mask
 
 
 def token_logps(model, inputs: torch.Tensor, targets: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
     """log p(target_t | inputs_<=t) for every position: (B, T), fp32. Packed batches (segment_ids,
     position_ids) run with attention kept inside each row (packing.py)."""
-    if batch is not None and "segment_ids" in batch:
-        from .packing import packed_logits
-
-        logits = packed_logits(model, inputs, batch["segment_ids"], batch["position_ids"])
+    if batch is not None and "segment_ids" in batch:  # a 4D block-diagonal mask and per-row positions
+        enable_packing(model)
+        dtype = model.get_input_embeddings().weight.dtype
+        logits = model(input_ids=inputs, attention_mask=segment_mask(batch["segment_ids"], dtype),
+                       position_ids=batch["position_ids"].long(), use_cache=False).logits
     else:
         logits = model(input_ids=inputs, use_cache=False).logits
     logits = logits.float()  # (B, T, V)
@@ -43,17 +44,3 @@ def sequence_logps(model, batch) -> torch.Tensor:
     """Sum of completion-token log-probs per sequence: (2B,) for a concatenated chosen+rejected batch."""
     logp = token_logps(model, batch["inputs"], batch["targets"])
     return (logp * batch["mask"]).sum(dim=-1)
-
-
-def dpo_loss(model, batch, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             sft_weight: float = 0.0):
-    """DPO family on ONE concatenated forward: rows [0, B) are chosen, [B, 2B) rejected.
-
-    batch["ref_logps"] (2B,) holds the reference model's sequence log-probs, precomputed before
-    training. Returns (sum of per-pair losses, number of pairs, metrics dict of sums).
-    """
-    logps = sequence_logps(model, batch)
-    losses, metrics = dpo_objective(torch, logps, batch["ref_logps"], batch["mask"].sum(dim=-1), beta, loss_type,
-                                    label_smoothing, sft_weight)
-    metrics = {k: v.detach() for k, v in metrics.items()}
-    return losses.sum(), torch.tensor(float(logps.shape[0] // 2), device=logps.device), metrics

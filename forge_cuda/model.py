@@ -16,9 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from forge_core.config import ForgeConfig, from_dict, layer_indices, lora_scale
+from forge_core.adapters.forge_json import training_meta
+from forge_core.adapters.formats import Adapter, read_adapter, write_peft_adapter
+from forge_core.config import ForgeConfig, from_dict, lora_scale
+from forge_core.data import load_tokenizer
 from forge_core.errors import ForgeError
-from forge_core.loop import forge_adapter_dir
+from forge_core.models.sources import resolve_model
+from forge_core.rundir import forge_adapter_dir
 
 from .lora import adapt_model, flat_to_tensors, load_trainable, num_blocks, tensors_to_flat, trainable_params
 from .quant import BLOCKSIZE, quant_kind
@@ -42,9 +46,6 @@ def load_base(model_spec: str, dtype=torch.float32):
     """(model on the CPU in `dtype`, tokenizer, model_dir), nothing quantized yet."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
-
-    from forge_core.data import load_tokenizer
-    from forge_core.models.sources import resolve_model
 
     model_dir = Path(resolve_model(model_spec))
     hf_cfg = json.loads((model_dir / "config.json").read_text())
@@ -83,24 +84,10 @@ def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weight
 # ---------------------------------------------------------------- adapter directory (PEFT layout)
 
 def _adapter(model: nn.Module, cfg: ForgeConfig, factors: dict, meta: dict):
-    from forge_core.adapters.formats import Adapter
-
     flat = {k: v.detach().float().cpu().numpy() for k, v in trainable_params(model).items()}
     return Adapter(flat_to_tensors(flat), lora_scale(cfg.lora), cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora,
                    init="pissa" if factors else "lora", pissa_init=dict(factors) if factors else None,
                    dropout=cfg.lora.dropout, layout="peft", forge=meta, base_model=cfg.model.path)
-
-
-def adapter_config(cfg: ForgeConfig, num_blocks: int, modules: list[str]) -> dict:
-    """PEFT's adapter_config.json for LoRA on `modules`: peft_type LORA, r, lora_alpha, target_modules..."""
-    from forge_core.adapters.mapping import peft_config
-
-    ranks = {m: cfg.lora.rank for m in modules}
-    out = peft_config(ranks, cfg.lora.rank, lora_scale(cfg.lora), cfg.lora.rslora, cfg.lora.dropout, False,
-                      cfg.model.path, num_blocks)
-    if cfg.lora.init != "lora":
-        out["init_lora_weights"] = "pissa"  # a forge PiSSA dir: valid on W_res, see pissa_init.safetensors
-    return out
 
 
 def quant_meta(cfg: ForgeConfig) -> dict:
@@ -113,24 +100,9 @@ def quant_meta(cfg: ForgeConfig) -> dict:
 def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, model_dir: Path,
                  extra: dict | None = None) -> Path:
     """Write adapter_model.safetensors + adapter_config.json + forge.json (+ pissa_init.safetensors), atomically."""
-    from forge_core.adapters.formats import write_peft_adapter
-    from forge_core.models.sources import model_hash
-
     blocks = num_blocks(model)
-    meta = {
-        "format": "forge-adapter", "version": 1, "backend": "cuda",
-        "base_model": cfg.model.path, "base_model_dir": str(model_dir), "base_model_hash": model_hash(model_dir),
-        "init": "pissa" if factors else "lora", "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-        "scale": lora_scale(cfg.lora), "rslora": cfg.lora.rslora,
-        "layers": layer_indices(cfg.lora.layers, blocks), "quantization": quant_meta(cfg), "config": cfg.to_dict(),
-    }
-    meta.update(extra or {})
+    meta = training_meta(cfg, "cuda", model_dir, factors, blocks, quant_meta(cfg), extra)
     return write_peft_adapter(_adapter(model, cfg, factors, meta), out_dir, total_layers=blocks)
-
-
-def adapter_dir_of(path) -> Path:
-    """Accept a run dir (its adapter/) or an adapter dir."""
-    return forge_adapter_dir(path)
 
 
 def load_adapter_dir(path):
@@ -138,36 +110,24 @@ def load_adapter_dir(path):
 
     Either layout reads: PEFT (this backend) or mlx-lm (forge_mlx), via forge_core.adapters.formats.
     """
-    from forge_core.adapters.formats import read_adapter
-
-    d = adapter_dir_of(path)
+    d = forge_adapter_dir(path)
     adapter = read_adapter(d)
     if not isinstance(adapter.forge.get("config"), dict):
         raise ForgeError(f"{d / 'forge.json'}: no 'config' (the training config); not written by forge train")
     return from_dict(adapter.forge["config"]), tensors_to_flat(adapter.tensors), adapter.pissa_init
 
 
-def load_adapted(adapter: str | None, model_spec: str | None = None, quantized: bool = True):
-    """Model + tokenizer for generate/eval: the base alone, or base + forge adapter as trained.
-
-    quantized=False keeps the full-precision residual (W_res + s·BA) instead of Q(W_res).
-    """
-    if adapter is None:
-        cfg = ForgeConfig()
-        if model_spec:
-            cfg.model.path = model_spec
-        model, tokenizer, _ = load_base(cfg.model.path, compute_dtype(cfg))
-        return model.to(device()), tokenizer, cfg
-    cfg, weights, factors = load_adapter_dir(adapter)
-    if model_spec:
-        cfg.model.path = model_spec
-    if not quantized:
-        cfg.quant.bits = 0
-    model, tokenizer, _, _ = build_model(cfg, pissa_init=factors, adapter_weights=weights)
-    return model, tokenizer, cfg
-
-
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts (packed quantized weights counted as stored elements)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Gradient checkpointing per transformer block (transformers' own, non-reentrant): recompute
+    activations in backward. Parameter names are unchanged."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

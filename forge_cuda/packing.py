@@ -37,10 +37,3 @@ def segment_mask(segment_ids: torch.Tensor, dtype) -> torch.Tensor:
     allowed = (causal[None] & same) | torch.eye(t, dtype=torch.bool, device=segment_ids.device)[None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def packed_logits(model, inputs: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    enable_packing(model)
-    dtype = model.get_input_embeddings().weight.dtype
-    return model(input_ids=inputs, attention_mask=segment_mask(segment_ids, dtype),
-                 position_ids=position_ids.long(), use_cache=False).logits

@@ -15,19 +15,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_math
-
-SPLIT_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+from .packing import SUPPORTED, packed_hidden
 
 
 def splittable(model: nn.Module) -> bool:
-    return getattr(model, "model_type", None) in SPLIT_TYPES and hasattr(model, "model")
+    return getattr(model, "model_type", None) in SUPPORTED and hasattr(model, "model")
 
 
 def hidden(model: nn.Module, inputs: mx.array, batch: dict | None = None) -> mx.array:
     """Final-norm hidden states (B, T, D); packed batches keep attention inside each row."""
     if batch is not None and "segment_ids" in batch:
-        from .packing import packed_hidden
-
         return packed_hidden(model, inputs, batch["segment_ids"], batch["position_ids"])
     return model.model(inputs)
 

@@ -22,10 +22,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from forge_core.config import ForgeConfig, lora_init_kind, lora_scale
+from forge_core.config import ForgeConfig, lora_scale
 from forge_core.errors import ForgeError
-from forge_core.loop import select_targets
-from forge_core.pissa import pissa_factors, residual
+from forge_core.surgery import check_full_precision, pissa_split, select_targets, uses_pissa
 
 from .quant import QuantLinear, quantizable, quantize_linear, quantize_rest
 
@@ -86,23 +85,15 @@ def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = No
     `pissa_init` ({path: (A0 (r,in), B0 (out,r)) numpy}) reuses stored factors (resume, reload) so the
     SVD never runs twice. Returns the PiSSA factors used ({} for plain LoRA).
     """
-    kind, niter = lora_init_kind(cfg.lora.init)
-    rank, scale, q = cfg.lora.rank, lora_scale(cfg.lora), cfg.quant
+    pissa, rank, scale, q = uses_pissa(cfg), cfg.lora.rank, lora_scale(cfg.lora), cfg.quant
     model.freeze()
     factors, adapted = {}, set()
     for i, path in enumerate(target_paths(model, cfg)):
         linear = _get(model, path)
-        if isinstance(linear, nn.QuantizedLinear) and kind == "pissa":
-            raise ForgeError(f"{path} is already quantized: PiSSA needs full-precision weights "
-                             "(load an unquantized model; forge quantizes the residual itself)")
+        check_full_precision(path, isinstance(linear, nn.QuantizedLinear), cfg)
         a = b = None
-        if kind == "pissa":
-            w = np.array(linear.weight.astype(mx.float32))
-            if pissa_init is not None and path in pissa_init:
-                a0, b0 = pissa_init[path]
-                w_res = residual(w, a0, b0, scale)
-            else:
-                a0, b0, w_res = pissa_factors(w, rank, scale, niter=niter, seed=cfg.train.seed + i)
+        if pissa:
+            a0, b0, w_res = pissa_split(np.array(linear.weight.astype(mx.float32)), path, i, cfg, pissa_init)
             factors[path] = (a0, b0)
             linear.weight = mx.array(w_res).astype(linear.weight.dtype)
             # contiguous copies: a transposed view would be saved with its raw (transposed) memory

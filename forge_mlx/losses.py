@@ -1,4 +1,4 @@
-"""Losses as small pure functions of (model, batch). The training loop takes one as an argument.
+"""Tensor losses as small pure functions of (model, batch); forge_core's objectives build on them.
 
 Batches are the numpy dicts of forge_core.data (inputs, targets, mask (B, T)), converted to mx arrays.
 """
@@ -6,8 +6,6 @@ Batches are the numpy dicts of forge_core.data (inputs, targets, mask (B, T)), c
 from __future__ import annotations
 
 import mlx.core as mx
-
-from forge_core.preference import dpo_objective, dpo_terms  # noqa: F401  (the formulas live in one place)
 
 from . import head
 
@@ -17,11 +15,7 @@ def token_logps(model, inputs: mx.array, targets: mx.array, batch: dict | None =
     position_ids) run with attention kept inside each row (packing.py)."""
     if head.splittable(model):
         out = head.logits(model, head.hidden(model, inputs, batch))
-    elif batch is not None and "segment_ids" in batch:
-        from .packing import packed_logits
-
-        out = packed_logits(model, inputs, batch["segment_ids"], batch["position_ids"])
-    else:
+    else:  # packing is refused for these architectures (packing.SUPPORTED), so no segment_ids here
         out = model(inputs)
     return -head.token_nll(out, targets)  # (B, T)
 
@@ -51,16 +45,3 @@ def sequence_logps(model, batch) -> mx.array:
         return mx.zeros((rows,), mx.float32).at[batch["loss_positions"] // width].add(-nll * batch["loss_weights"])
     logp = token_logps(model, batch["inputs"], batch["targets"])
     return (logp * batch["mask"]).sum(axis=-1)
-
-
-def dpo_loss(model, batch, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             sft_weight: float = 0.0):
-    """DPO family on ONE concatenated forward: rows [0, B) are chosen, [B, 2B) rejected.
-
-    batch["ref_logps"] (2B,) holds the reference model's sequence log-probs, precomputed before
-    training. Returns (sum of per-pair losses, number of pairs, metrics dict of sums).
-    """
-    logps = sequence_logps(model, batch)
-    losses, metrics = dpo_objective(mx, logps, batch["ref_logps"], batch["mask"].sum(axis=-1), beta, loss_type,
-                                    label_smoothing, sft_weight)
-    return losses.sum(), mx.array(logps.shape[0] // 2, dtype=mx.float32), metrics

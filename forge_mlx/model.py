@@ -16,10 +16,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from forge_core.adapters.forge_json import training_meta
 from forge_core.atomic import atomic_dir
-from forge_core.config import ForgeConfig, from_dict, lora_scale
+from forge_core.config import ForgeConfig, from_dict, layer_indices, lora_scale
 from forge_core.errors import ForgeError
-from forge_core.loop import forge_adapter_dir
+from forge_core.models.sources import resolve_model
+from forge_core.rundir import forge_adapter_dir
 
 from . import cpu_math
 from .lora import adapt_model, factors_to_flat, flat_to_factors, load_trainable, trainable_params
@@ -41,7 +43,6 @@ def load_base(model_spec: str, dtype=mx.float32, lazy: bool = False):
     resident as a whole.
     """
     import mlx_lm.utils
-    from forge_core.models.sources import resolve_model
 
     model_dir = Path(resolve_model(model_spec))
     try:
@@ -73,8 +74,6 @@ def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weight
 
 def adapter_config(cfg: ForgeConfig, num_blocks: int, keys: list[str]) -> dict:
     """mlx-lm's adapter_config.json. mlx-lm applies LoRA to the LAST num_layers blocks."""
-    from forge_core.config import layer_indices
-
     first = min(layer_indices(cfg.lora.layers, num_blocks))
     return {
         "fine_tune_type": "lora",
@@ -88,22 +87,13 @@ def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, mod
                  extra: dict | None = None) -> Path:
     """Write adapters.safetensors + adapter_config.json + forge.json (+ pissa_init.safetensors), atomically."""
     from safetensors.numpy import save_file
-    from forge_core.config import layer_indices
-    from forge_core.models.sources import model_hash
 
     weights = {k: np.ascontiguousarray(np.array(v.astype(mx.float32))) for k, v in trainable_params(model).items()}
     keys = sorted({".".join(k.split(".")[3:-1]) for k in weights})  # model.layers.N.<key>.lora_a
     blocks = len(model.layers)
-    meta = {
-        "format": "forge-adapter", "version": 1, "backend": "mlx",
-        "base_model": cfg.model.path, "base_model_dir": str(model_dir), "base_model_hash": model_hash(model_dir),
-        "init": "pissa" if factors else "lora", "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-        "scale": lora_scale(cfg.lora), "rslora": cfg.lora.rslora, "targets": sorted({k.split(".")[-1] for k in keys}),
-        "layers": layer_indices(cfg.lora.layers, blocks),
-        "quantization": {"bits": cfg.quant.bits, "group_size": cfg.quant.group_size, "mode": "affine"},
-        "config": cfg.to_dict(),
-    }
-    meta.update(extra or {})
+    quantization = {"bits": cfg.quant.bits, "group_size": cfg.quant.group_size, "mode": "affine"}
+    meta = training_meta(cfg, "mlx", model_dir, factors, blocks, quantization, extra,
+                         targets=sorted({k.split(".")[-1] for k in keys}))
     with atomic_dir(out_dir) as tmp:
         save_file(weights, str(tmp / "adapters.safetensors"), metadata={"format": "mlx"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(cfg, blocks, keys), indent=2) + "\n")
@@ -113,16 +103,11 @@ def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, mod
     return Path(out_dir)
 
 
-def adapter_dir_of(path) -> Path:
-    """Accept a run dir (its adapter/) or an adapter dir."""
-    return forge_adapter_dir(path)
-
-
 def load_adapter_dir(path):
     """(config, adapter weights {key: np}, pissa factors or None) from a forge adapter dir (mlx layout)."""
     from safetensors.numpy import load_file
 
-    d = adapter_dir_of(path)
+    d = forge_adapter_dir(path)
     meta = json.loads((d / "forge.json").read_text())
     cfg = from_dict(meta["config"])
     weights = load_file(str(d / "adapters.safetensors"))
@@ -131,29 +116,28 @@ def load_adapter_dir(path):
     return cfg, weights, factors
 
 
-def load_adapted(adapter: str | None, model_spec: str | None = None, quantized: bool = True):
-    """Model + tokenizer for generate/eval: the base alone, or base + forge adapter as trained.
-
-    quantized=False rebuilds the full-precision residual (W_res + s·BA) instead of Q(W_res).
-    """
-    if adapter is None:
-        cfg = ForgeConfig()
-        if model_spec:
-            cfg.model.path = model_spec
-        model, tokenizer, model_dir = load_base(cfg.model.path, compute_dtype(cfg))
-        cpu_math.install(model, cfg.model.fast_cpu_math)
-        return model, tokenizer, cfg
-    cfg, weights, factors = load_adapter_dir(adapter)
-    if model_spec:
-        cfg.model.path = model_spec
-    if not quantized:
-        cfg.quant.bits = 0
-    model, tokenizer, _, _ = build_model(cfg, pissa_init=factors, adapter_weights=weights)
-    return model, tokenizer, cfg
-
-
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts (packed quantized weights counted as stored elements)."""
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     return trainable, total
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Gradient checkpointing per transformer block: recompute activations in backward.
+
+    Each block gets its own subclass with a checkpointed __call__, so parameter paths (and adapter
+    keys) stay unchanged and no other model in the process is affected.
+    """
+    for block in model.layers:
+        cls = type(block)
+        call = cls.__call__
+
+        def checkpointed(self, *args, _call=call, **kwargs):
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return _call(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        block.__class__ = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": checkpointed})

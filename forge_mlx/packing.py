@@ -82,9 +82,3 @@ def packed_hidden(model: nn.Module, inputs: mx.array, segment_ids: mx.array, pos
     finally:
         holder.value = None
     return inner.norm(h)
-
-
-def packed_logits(model: nn.Module, inputs: mx.array, segment_ids: mx.array, position_ids: mx.array) -> mx.array:
-    from .head import logits
-
-    return logits(model, packed_hidden(model, inputs, segment_ids, position_ids))

@@ -1,11 +1,7 @@
-"""forge_mlx and forge_cuda mirror each other file for file (DESIGN.md): same modules, same public functions.
+"""Each backend satisfies the Protocols forge_core declares (forge_core/backend.py): its ops module has
+every BackendOps member with the same parameters, and its stepper every Stepper method. The loop, the
+objectives and eval are forge_core's, so this is the whole contract between them and a backend."""
 
-Per backend (skipped when its framework is not installed): every module of the interface imports and
-defines the shared public names, and the entry points forge_core calls take the same parameters.
-With both installed: the public names differ only by the backend-specific helpers listed below.
-"""
-
-import importlib
 import importlib.util
 import inspect
 
@@ -14,109 +10,62 @@ import pytest
 if importlib.util.find_spec("mlx") is not None:
     import forge_mlx  # noqa: F401  (first: its BLAS preload must precede mlx.core)
 
-PACKAGES = {"mlx": ("forge_mlx", "mlx"), "cuda": ("forge_cuda", "torch")}
+from forge_core.backend import BackendOps, Stepper
 
-# The shared interface: public functions and classes DEFINED in each file (re-exports do not count).
-INTERFACE = {
-    "model": {"compute_dtype", "load_base", "build_model", "adapter_config", "save_adapter", "adapter_dir_of",
-              "load_adapter_dir", "load_adapted", "count_params"},
-    "quant": {"default_matmul", "QuantLinear", "quantize_linear", "quantizable", "quantize_rest", "weight_bytes"},
-    "lora": {"LoRALinear", "target_paths", "adapt_model", "trainable_params", "load_trainable", "factors_to_flat",
-             "flat_to_factors"},
-    "losses": {"token_logps", "sft_loss", "sequence_logps", "dpo_loss"},
-    "objectives": {"SFTObjective", "DPOObjective", "build"},
-    "checkpoint": {"save_checkpoint", "load_checkpoint"},
-    "trainer": {"make_optimizer", "checkpoint_blocks", "train", "set_memory_limit"},
-    "generate": {"densify_for_cpu", "complete", "generate", "heldout_loss", "evaluate", "evaluate_preferences"},
-    "packing": {"enable_packing", "segment_mask", "packed_logits"},
-}
-
-# Public names only one backend has, and why.
-ONLY = {
-    "mlx": {
-        "quant": {"unpack_affine": "MLX's packed affine layout unpacked with byte ops: the CPU dequant path's "
-                                   "faster mx.dequantize; bitsandbytes dequantizes in its own kernels"},
-        "packing": {"Positions": "mx.fast.rope takes one offset per row: forge_mlx wraps RoPE with per-token "
-                                 "positions; transformers models take position_ids themselves",
-                    "PositionRoPE": "(see Positions)",
-                    "packed_hidden": "the hidden states alone, so the SFT loss runs the vocabulary head only at "
-                                     "trained positions (forge_mlx/head.py, a CPU speed measure)"},
-    },
-    "cuda": {
-        "model": {"device": "torch places tensors explicitly (cuda or cpu)",
-                  "quant_meta": "forge.json's bitsandbytes quantization record"},
-        "quant": {"QuantLinear8bit": "bitsandbytes' int8 layer is a separate class",
-                  "quant_kind": "maps quant.bits/mode to a bitsandbytes format, refusing MLX-only ones",
-                  "is_quantized": "two bitsandbytes layer classes to test for",
-                  "set_module": "torch has no update_modules(tree)"},
-        "lora": {"num_blocks": "HF models keep the block count in config, not in model.layers",
-                 "tensors_to_flat": "canonical (A, B) <-> trainable names (PEFT-shaped)",
-                 "flat_to_tensors": "canonical (A, B) <-> trainable names (PEFT-shaped)"},
-        "objectives": {"to_device": "numpy batch -> tensors on the model's device"},
-        "trainer": {"lr_schedule": "torch has no mlx-style schedule objects; the same formulas by hand",
-                    "train_step": "one optimizer step (backward per micro-batch), also used by tests",
-                    "peak_memory": "CUDA allocator peak or CPU max RSS (mlx has mx.get_peak_memory)"},
-    },
-}
-
-# Entry points called by forge_core (launch.py) or shared code: parameter names and order must match.
-SIGNATURES = {
-    "trainer": ["train", "checkpoint_blocks", "set_memory_limit"],
-    "generate": ["generate", "evaluate", "complete", "heldout_loss", "densify_for_cpu", "evaluate_preferences"],
-    "packing": ["enable_packing", "segment_mask", "packed_logits"],
-    "model": ["compute_dtype", "build_model", "save_adapter", "adapter_dir_of", "load_adapter_dir", "load_adapted",
-              "count_params"],
-    "losses": ["token_logps", "sft_loss", "sequence_logps", "dpo_loss"],
-    "checkpoint": ["save_checkpoint", "load_checkpoint"],
-    "objectives": ["build"],
-    "lora": ["target_paths", "trainable_params", "load_trainable", "factors_to_flat", "flat_to_factors"],
-}
+FRAMEWORK = {"mlx": "mlx", "cuda": "torch"}
 
 
-def _module(backend: str, part: str):
-    package, framework = PACKAGES[backend]
-    if importlib.util.find_spec(framework) is None:
-        pytest.skip(f"{framework} is not installed")
-    return importlib.import_module(f"{package}.{part}")
+def _ops(backend: str):
+    if importlib.util.find_spec(FRAMEWORK[backend]) is None:
+        pytest.skip(f"{FRAMEWORK[backend]} is not installed")
+    from forge_core.backend import ops
+
+    return ops(backend)
 
 
-def public(module) -> set[str]:
-    return {name for name, obj in vars(module).items()
-            if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
-            and obj.__module__ == module.__name__}
+def protocol_members(proto) -> dict:
+    """{name: parameter names without self} of a Protocol's methods, {name: None} for its attributes."""
+    members = {name: None for name in getattr(proto, "__annotations__", {})}
+    for name, fn in vars(proto).items():
+        if inspect.isfunction(fn) and not name.startswith("_"):
+            members[name] = [p for p in inspect.signature(fn).parameters if p != "self"]
+    return members
 
 
 def params(fn) -> list[str]:
-    return list(inspect.signature(fn).parameters)
+    return [p for p in inspect.signature(fn).parameters if p != "self"]
 
 
-@pytest.mark.parametrize("backend", sorted(PACKAGES))
-@pytest.mark.parametrize("part", sorted(INTERFACE))
-def test_backend_defines_the_shared_interface(backend, part):
-    module = _module(backend, part)
-    assert INTERFACE[part] <= public(module), f"{module.__name__} lacks {sorted(INTERFACE[part] - public(module))}"
-    extra = public(module) - INTERFACE[part] - set(ONLY[backend].get(part, {}))
-    assert not extra, f"{module.__name__}: public {sorted(extra)} is in neither the interface nor ONLY[{backend!r}]"
+def test_the_protocols_declare_the_loops_needs():
+    ops_members, step_members = protocol_members(BackendOps), protocol_members(Stepper)
+    assert {"name", "xp", "build_model", "to_batch", "sft_loss", "sequence_logps", "make_stepper", "seed",
+            "save_adapter", "complete", "guard_peak"} <= set(ops_members)
+    assert set(step_members) == {"begin", "accumulate", "update", "finish", "rollback", "state_arrays",
+                                 "load_state_arrays"}
 
 
-@pytest.mark.parametrize("part", sorted(INTERFACE))
-def test_both_backends_expose_the_same_functions(part):
-    mlx, cuda = _module("mlx", part), _module("cuda", part)
-    assert public(mlx) - set(ONLY["mlx"].get(part, {})) == public(cuda) - set(ONLY["cuda"].get(part, {}))
+@pytest.mark.parametrize("backend", sorted(FRAMEWORK))
+def test_ops_module_satisfies_backend_ops(backend):
+    ops = _ops(backend)
+    assert ops.name == backend
+    for name, expected in protocol_members(BackendOps).items():
+        assert hasattr(ops, name), f"{ops.__name__} lacks {name}"
+        if expected is not None:
+            assert params(getattr(ops, name)) == expected, f"{ops.__name__}.{name}"
 
 
-@pytest.mark.parametrize("part", sorted(SIGNATURES))
-def test_entry_points_take_the_same_parameters(part):
-    mlx, cuda = _module("mlx", part), _module("cuda", part)
-    for name in SIGNATURES[part]:
-        assert params(getattr(mlx, name)) == params(getattr(cuda, name)), f"{part}.{name}"
+@pytest.mark.parametrize("backend", sorted(FRAMEWORK))
+def test_stepper_satisfies_stepper(backend):
+    ops = _ops(backend)
+    step = importlib.import_module(f"{ops.__package__}.step")
+    for name, expected in protocol_members(Stepper).items():
+        assert params(getattr(step.Stepper, name)) == expected, f"{step.__name__}.Stepper.{name}"
+    assert params(ops.make_stepper) == ["cfg", "model", "loss_fn"]
 
 
-@pytest.mark.parametrize("backend", sorted(PACKAGES))
-def test_launch_calls_match_the_signatures(backend):
-    """forge_core.launch calls train(cfg, kind=, resume=, console=, memory_limit=), generate(model=, adapter=, prompt=, system=,
-    max_tokens=, temp=) and evaluate(cfg, adapter=)."""
-    trainer, gen = _module(backend, "trainer"), _module(backend, "generate")
-    assert {"cfg", "kind", "resume", "console", "memory_limit"} <= set(params(trainer.train))
-    assert params(gen.generate) == ["model", "adapter", "prompt", "system", "max_tokens", "temp"]
-    assert params(gen.evaluate)[:2] == ["cfg", "adapter"]
+@pytest.mark.parametrize("backend", sorted(FRAMEWORK))
+def test_backends_hold_no_loop_objective_or_eval(backend):
+    """Written once in forge_core: a backend package has no trainer, objectives, checkpoint or eval module."""
+    package = _ops(backend).__package__
+    for part in ("trainer", "objectives", "checkpoint", "evaluate"):
+        assert importlib.util.find_spec(f"{package}.{part}") is None, f"{package}.{part}"

@@ -139,24 +139,24 @@ def forge_config(bits: int, init: str, rank: int, scale: float, batch: int, seq:
 
 
 def forge_step(cfg, model, loss_fn, steps: int):
-    """One optimizer step exactly as forge_mlx.trainer's loop does it (grad_accum 1), blocking.
+    """One optimizer step exactly as forge_core.train's loop does it on MLX (grad_accum 1), blocking.
 
-    Uses the trainer's own compiled micro/apply functions, so the work per step is forge's.
+    Uses forge_mlx's own stepper (its compiled micro/apply functions), so the work per step is forge's.
     """
-    import mlx.core as mx
+    from forge_core.schedule import lr_schedule
+    from forge_mlx import ops
 
-    from forge_mlx.trainer import _step_functions, make_optimizer
-
-    optimizer = make_optimizer(cfg, steps)
-    micro, apply = _step_functions(model, optimizer, loss_fn, cfg.train.max_grad_norm, cfg.train.compile)
+    stepper = ops.make_stepper(cfg, model, loss_fn)
+    lr_at = lr_schedule(cfg.train, steps)
     counter = [0]
 
     def step(batch):
         counter[0] += 1
-        mx.random.seed(cfg.train.seed * 1_000_003 + counter[0])
-        loss_sum, count, metrics, grads = micro(batch)
-        norm = apply(grads, count)
-        mx.eval(model.parameters(), optimizer.state, loss_sum, count, norm, metrics)
+        ops.seed(cfg.train.seed * 1_000_003 + counter[0])
+        stepper.begin()
+        loss_sum, count, metrics = stepper.accumulate(batch)
+        norm = stepper.update(count, lr_at(counter[0] - 1))
+        stepper.finish([loss_sum, count, norm, metrics])
 
     model.train()
     return step

@@ -36,9 +36,9 @@ def worker(spec: dict) -> None:
     from rich.console import Console
 
     from forge_core import data as fdata
+    from forge_core import objectives
     from forge_core.rundir import RunDir
-    from forge_mlx import objectives
-    from forge_mlx.losses import sft_loss
+    from forge_mlx import ops
     from forge_mlx.model import build_model
 
     total = spec["warmup"] + spec["steps"]
@@ -50,13 +50,13 @@ def worker(spec: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
         if spec["name"] == "dpo":  # scores every pair with the policy at init, once
-            obj = objectives.build("dpo", cfg, model, tokenizer, RunDir(tmp), console)
+            obj = objectives.build("dpo", cfg, ops, model, tokenizer, RunDir(tmp), console)
             rows, ref, pad, loss_fn = obj.rows, obj.ref, obj.pad, obj.loss_fn
         else:
-            tok = getattr(tokenizer, "_tokenizer", tokenizer)
+            tok = ops.hf_tokenizer(tokenizer)
             rows, _ = fdata.load_preferences(cfg.data.train, tok, cfg.data, cfg.train.max_seq_len)
-            ref, pad = None, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            loss_fn = lambda m, b: (*sft_loss(m, b), {})
+            ref, pad = None, fdata.pad_token_id(tok)
+            loss_fn = lambda m, b: (*ops.sft_loss(m, b), {})
         setup_s = time.perf_counter() - tic
     order = fdata.BatchOrder(len(rows), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
     cap = fdata.loss_row_cap(rows)

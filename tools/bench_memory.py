@@ -3,8 +3,8 @@
     python tools/bench_memory.py [--only mlx-h128-fp,...] [--backend mlx|cuda] [--write docs/BENCHMARKS.md]
 
 Each row of MATRIX builds a random Llama (tests/tiny.py, byte vocab 259), writes a JSONL whose rows are
-longer than max_seq_len (every batch is B x T, no short padding), and runs the backend's own trainer
-(forge_mlx.trainer.train / forge_cuda.trainer.train) for 3 steps, eval off, in a fresh subprocess
+longer than max_seq_len (every batch is B x T, no short padding), and runs forge_core's training loop on the backend
+(forge_core.train.train with forge_mlx.ops / forge_cuda.ops) for 3 steps, eval off, in a fresh subprocess
 (forge_mlx is imported FIRST there: its BLAS preload must precede mlx.core). Like is compared with like:
 
     MLX:          measured = mx.get_peak_memory() over the whole run (model build + training): the MLX
@@ -148,10 +148,11 @@ class AnonPeak:
 def _measure_mlx(cfg, kind: str, console) -> dict:
     import mlx.core as mx
 
-    from forge_mlx import trainer
+    from forge_core.train import train
+    from forge_mlx import ops
 
     mx.reset_peak_memory()
-    trainer.train(cfg, kind=kind, console=console)
+    train(cfg, kind, ops=ops, console=console)
     return {"measured": int(mx.get_peak_memory()), "how": "mx.get_peak_memory()", "on_gpu": False}
 
 
@@ -160,11 +161,12 @@ def _measure_torch(cfg, kind: str, console) -> dict:
 
     import torch
 
-    from forge_cuda import trainer
+    from forge_core.train import train
+    from forge_cuda import ops
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-        trainer.train(cfg, kind=kind, console=console)
+        train(cfg, kind, ops=ops, console=console)
         return {"measured": int(torch.cuda.max_memory_allocated()), "how": "cuda max_memory_allocated",
                 "on_gpu": True}
     import gc
@@ -172,7 +174,7 @@ def _measure_torch(cfg, kind: str, console) -> dict:
     gc.collect()
     base_rss, base_anon = _status_kib("VmRSS") * 1024, _status_kib("RssAnon") * 1024
     with AnonPeak() as anon:
-        trainer.train(cfg, kind=kind, console=console)
+        train(cfg, kind, ops=ops, console=console)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"measured": int(anon.peak - base_anon), "how": "sampled peak RssAnon - RssAnon after imports",
             "on_gpu": False, "rss_delta": int(peak_rss - base_rss)}
@@ -186,7 +188,7 @@ def worker(spec: dict) -> dict:
         import peft  # noqa: F401
         import transformers  # noqa: F401
 
-        import forge_cuda.trainer  # noqa: F401
+        import forge_cuda.ops  # noqa: F401
     from rich.console import Console
 
     from forge_core.config import build_config

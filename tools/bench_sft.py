@@ -7,7 +7,7 @@ only in the first --slow-repeats rounds: their ratios are far from the targets, 
     mlxlm-ref-*   (a) mlx-lm as a newcomer installs it: `mlx[cpu]` with the wheel's reference BLAS
                   (FORGE_NO_BLAS_PRELOAD=1, forge_mlx never imported), model as loaded (fp32 here)
     mlxlm-blas-*  (b) the same stock mlx-lm, but an optimized BLAS is preloaded (forge_mlx.blas) first
-    forge-*       forge_mlx: its model build and its trainer's compiled step functions
+    forge-*       forge_mlx: its model build and its stepper's compiled step functions
     *-fp / *-q4   full-precision base / 4-bit base (affine, group 64). mlx-lm: quantize_model then
                   LoRA (QuantizedLinear -> quantized_matmul, embeddings quantized too, as mlx_lm.convert
                   -q does). forge: quant.bits=4 with init=lora (like for like); forge-qpissa for information.
@@ -144,12 +144,13 @@ def _from_reports(items: list[dict], warmup: int, row_tokens: list[int]) -> dict
 
 
 def forge_worker(spec: dict) -> dict:
-    """forge_mlx's model build and its trainer's step functions, over forge's own SFT batches."""
+    """forge_mlx's model build and its stepper's step functions, over forge's own SFT batches."""
     bc.preload_blas()  # before mlx.core is imported
     import mlx.core as mx
     from rich.console import Console
 
-    from forge_mlx import objectives
+    from forge_core import objectives
+    from forge_mlx import ops
     from forge_mlx.model import build_model
 
     total = spec["warmup"] + spec["steps"]
@@ -157,7 +158,7 @@ def forge_worker(spec: dict) -> dict:
                           total, TRAIN, seed=spec["seed"], lr=spec["lr"])
     mx.random.seed(spec["seed"])
     model, tokenizer, _, _ = build_model(cfg)
-    obj = objectives.build("sft", cfg, model, tokenizer, None, Console(stderr=True, quiet=True))
+    obj = objectives.build("sft", cfg, ops, model, tokenizer, None, Console(stderr=True, quiet=True))
 
     def batches():
         while True:

@@ -12,7 +12,7 @@
    grid so that an edge value is representable, does not reproduce it. Read the ratios as specific to
    this base: a model released in fp16/bf16 has no such grid.
 2. Held-out loss: the demo recipe (configs/demo.yaml: 4-bit base, rank 16, alpha 16, lr, batch) trained
-   with forge_mlx.trainer.train for --steps steps on data/demo/sft_train.jsonl, once with init=lora and
+   with forge_core.train.train (MLX) for --steps steps on data/demo/sft_train.jsonl, once with init=lora and
    once with init=pissa (same seed, lr, steps, data order); loss on data/demo/sft_valid.jsonl at init and
    at the end. The full-precision base's loss is the reference point.
 """
@@ -143,29 +143,30 @@ def loss_at_init(cfg, console) -> tuple[float, dict]:
     """Validation loss of the model as built (step 0), and the PiSSA factors it used."""
     import mlx.core as mx
 
-    from forge_mlx.model import build_model
-    from forge_mlx.objectives import SFTObjective
+    from forge_core.objectives import SFTObjective
+    from forge_mlx import ops
 
     mx.random.seed(cfg.train.seed)
-    model, tokenizer, _, factors = build_model(cfg)
-    return SFTObjective(cfg, model, tokenizer, console).evaluate()["loss"], factors
+    model, tokenizer, _, factors = ops.build_model(cfg)
+    return SFTObjective(cfg, ops, model, tokenizer, console).evaluate()["loss"], factors
 
 
 def train_and_eval(cfg, console) -> dict:
-    """Init loss, then forge_mlx.trainer.train from exactly that init; final valid and train loss."""
+    """Init loss, then forge_core.train.train on MLX from exactly that init; final valid and train loss."""
     import mlx.core as mx
 
     from forge_core.atomic import save_safetensors
     from forge_core.rundir import RunDir
+    from forge_core.train import train
+    from forge_mlx import ops
     from forge_mlx.lora import factors_to_flat
-    from forge_mlx.trainer import train
 
     init_loss, factors = loss_at_init(cfg, console)
     if factors:  # the run dir's documented PiSSA file: the trainer reuses these factors, no second SVD
         Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
         save_safetensors(Path(cfg.train.out_dir) / "pissa_init.safetensors", factors_to_flat(factors))
     mx.random.seed(cfg.train.seed)  # LoRA's random A: same draw as in loss_at_init
-    run = RunDir(train(cfg, "sft", console=console))
+    run = RunDir(train(cfg, "sft", ops=ops, console=console))
     metrics = run.metrics()
     valid = [m for m in metrics if m["split"] == "valid"]
     train_recs = [m for m in metrics if m["split"] == "train"]

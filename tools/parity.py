@@ -96,8 +96,9 @@ def batches(vocab: int, seed: int = 2) -> tuple[dict, dict]:
 
 def loss_diffs(mlx_model, cuda_model, vocab: int, beta: float = 0.1) -> dict:
     """Relative differences of sft_loss (sum/count) and dpo_loss (sum/pairs) on the same batches."""
-    from forge_cuda import losses as cl
-    from forge_mlx import losses as ml
+    from forge_core.objectives.dpo import dpo_loss
+    from forge_cuda import ops as cuda_ops
+    from forge_mlx import ops as mlx_ops
 
     sft, dpo = batches(vocab)
     def to_mx(b):
@@ -106,11 +107,11 @@ def loss_diffs(mlx_model, cuda_model, vocab: int, beta: float = 0.1) -> dict:
     def to_pt(b):
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
 
-    ms, mc = ml.sft_loss(mlx_model, to_mx(sft))
+    ms, mc = mlx_ops.sft_loss(mlx_model, to_mx(sft))
     with torch.no_grad():
-        cs, cc = cl.sft_loss(cuda_model, to_pt(sft))
-        cd, cn, _ = cl.dpo_loss(cuda_model, to_pt(dpo), beta)
-    md, mn, _ = ml.dpo_loss(mlx_model, to_mx(dpo), beta)
+        cs, cc = cuda_ops.sft_loss(cuda_model, to_pt(sft))
+        cd, cn, _ = dpo_loss(cuda_ops, cuda_model, to_pt(dpo), beta)
+    md, mn, _ = dpo_loss(mlx_ops, mlx_model, to_mx(dpo), beta)
     a, b = ms.item() / mc.item(), cs.item() / cc.item()
     c, d = md.item() / mn.item(), cd.item() / cn.item()
     return {"sft": abs(a - b) / abs(a), "dpo": abs(c - d) / abs(c), "sft_loss": a, "dpo_loss": c}
@@ -124,22 +125,29 @@ def pissa_diff(mlx_factors: dict, cuda_factors: dict) -> float:
 
 
 def schedule_diff(cfg: ForgeConfig, steps: int = 40) -> float:
-    from forge_cuda.trainer import lr_schedule
-    from forge_mlx.trainer import make_optimizer
+    """forge_core.schedule (which both backends' optimizers receive) against mlx.optimizers' own schedules."""
+    import mlx.optimizers as optim
 
-    mlx_schedule = make_optimizer(cfg, steps)._schedulers["learning_rate"]
-    cuda_schedule = lr_schedule(cfg.train, steps)
-    return max(abs(mlx_schedule(mx.array(i)).item() - cuda_schedule(i)) / cfg.train.lr for i in range(steps + 2))
+    from forge_core.schedule import lr_schedule
+
+    t = cfg.train
+    warmup = min(t.warmup, steps - 1)
+    decay = optim.cosine_decay(t.lr, steps - warmup, t.lr * t.min_lr_ratio)
+    mlx_schedule = optim.join_schedules([optim.linear_schedule(t.lr / warmup, t.lr, warmup), decay], [warmup]) \
+        if warmup > 0 else decay
+    ours = lr_schedule(t, steps)
+    return max(abs(mlx_schedule(mx.array(i)).item() - ours(i)) / t.lr for i in range(steps + 2))
 
 
 def adapter_diff(cfg: ForgeConfig, mlx_model, out_dir) -> float:
     """forge_mlx.save_adapter (mlx-lm layout) -> forge_cuda.load_adapted: the same model on the torch side."""
     from forge_core.models.sources import resolve_model
-    from forge_cuda.model import load_adapted
+    from forge_core.evaluate import load_adapted
+    from forge_cuda import ops as cuda_ops
     from forge_mlx.model import save_adapter
 
     save_adapter(out_dir, mlx_model, cfg, {}, resolve_model(cfg.model.path))
-    cuda_model, _, _ = load_adapted(str(out_dir))
+    cuda_model, _, _ = load_adapted(cuda_ops, str(out_dir))
     cuda_model.eval()
     return logits_diff(mlx_model, cuda_model, tokens(cuda_model.config.vocab_size, seed=5))
 

@@ -21,7 +21,8 @@ from forge_core.data.rows import RowProblem, iter_rows, parse_preference, parse_
 from forge_core.data.tokenize import ChatTokenizer, load_tokenizer, pad_token_id, truncate_preference, truncate_sft
 from forge_core.errors import ForgeError, located
 
-__all__ = ["BatchOrder", "DataStats", "PackedRow", "PreferenceRow", "TokenizedRow", "collate_dpo", "collate_sft",
+__all__ = ["BatchOrder", "DataStats", "PackedRow", "PreferenceRow", "TokenizedRow", "add_loss_positions",
+           "collate_dpo", "collate_sft", "loss_row_cap",
            "load_preferences", "load_sft", "load_tokenizer", "pack", "pad_token_id", "read_rows"]
 
 MAX_REASONS = 5

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from forge_core.config import ForgeConfig, set_value
 from forge_core.errors import ForgeError

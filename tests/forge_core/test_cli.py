@@ -73,12 +73,13 @@ def test_launch_runs_dpo_at_dpo_lr(monkeypatch, tmp_path):
     import types
 
     import forge_core.launch as launch_mod
+    import forge_core.train as train_mod
     from forge_core.config import ForgeConfig
 
     got = {}
-    fake = types.SimpleNamespace(train=lambda cfg, kind, resume, console: got.update(lr=cfg.train.lr, kind=kind))
+    monkeypatch.setattr(train_mod, "train", lambda cfg, kind, **kw: got.update(lr=cfg.train.lr, kind=kind))
     monkeypatch.setattr(launch_mod.backends, "resolve", lambda name: "mlx")
-    monkeypatch.setattr(launch_mod.backends, "module", lambda name, part: fake)
+    monkeypatch.setattr(launch_mod.backends, "ops", lambda name: types.SimpleNamespace())
     monkeypatch.setattr(launch_mod, "memory_check", lambda *a, **k: None)
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')

@@ -7,8 +7,8 @@ import pytest
 
 from forge_core.config import ForgeConfig, build_config
 from forge_core.errors import ForgeError
-from forge_core.loop import MemoryGuard, oom_summary, resumed_config, save_once
-from forge_core.rundir import RunDir
+from forge_core.memory.guard import MemoryGuard, oom_summary, save_once
+from forge_core.rundir import RunDir, resumed_config
 
 
 class OutOfMemoryError(RuntimeError):
@@ -103,7 +103,7 @@ def test_check_saves_this_step_once_and_stops(tmp_path):
     guard = MemoryGuard(1000, "memory.limit = 1000", "sft")
     guard.check(run, 3, 999, save)
     assert saved == []
-    with pytest.raises(ForgeError, match=r"peak 1.00 KB at step 3 passed the memory limit 1000 B \(memory"):
+    with pytest.raises(ForgeError, match=r"peak 1.00 KiB at step 3 passed the memory limit 1000 B \(memory"):
         guard.check(run, 3, 1000 + 24, save)
     with pytest.raises(ForgeError):
         guard.check(run, 3, 5000, save)  # already saved at step 3: not again
@@ -124,8 +124,8 @@ def test_stop_error_is_one_line_naming_the_checkpoint_and_what_to_do(tmp_path):
     guard = MemoryGuard(2**30, "memory.limit = 1GB", "dpo")
     msg = str(guard.stop_error(run, 3, 3 * 2**29, oom="CUDA out of memory."))
     assert "\n" not in msg
-    assert msg.startswith("out of memory at step 3 (CUDA out of memory.); measured peak 1.50 GB, "
-                          "limit 1.00 GB (memory.limit = 1GB)")
+    assert msg.startswith("out of memory at step 3 (CUDA out of memory.); measured peak 1.50 GiB, "
+                          "limit 1.00 GiB (memory.limit = 1GB)")
     assert f"resume point: checkpoint of step 2 ({run.checkpoint_dir(2)})" in msg
     assert f"`forge dpo --resume {run.path}` (add --set memory.limit=SIZE to raise the limit)" in msg
     assert f"`forge memory --config {run.file('config.json')} --dpo`" in msg
@@ -149,12 +149,13 @@ def test_resume_keeps_the_runs_config_but_takes_memory_from_this_invocation(tmp_
 
 def _fake_launch(monkeypatch, tmp_path, plan):
     import forge_core.launch as launch_mod
+    import forge_core.train as train_mod
 
     got = {}
-    fake = types.SimpleNamespace(train=lambda cfg, **kw: got.update(cfg=cfg, **kw),
-                                 set_memory_limit=lambda n: got.update(allocator=n))
+    fake = types.SimpleNamespace(set_memory_limit=lambda n: got.update(allocator=n))
+    monkeypatch.setattr(train_mod, "train", lambda cfg, kind, **kw: got.update(cfg=cfg, **kw))
     monkeypatch.setattr(launch_mod.backends, "resolve", lambda name: "mlx")
-    monkeypatch.setattr(launch_mod.backends, "module", lambda name, part: fake)
+    monkeypatch.setattr(launch_mod.backends, "ops", lambda name: fake)
     monkeypatch.setattr(launch_mod, "memory_check", lambda *a, **k: plan)
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hi"}\n')
@@ -169,7 +170,7 @@ def test_launch_hands_the_plans_budget_to_the_allocator_and_the_guard(monkeypatc
     assert got["allocator"] == got["memory_limit"] == 5 * 2**30
     launch, cfg, got = _fake_launch(monkeypatch, tmp_path, None)  # the planner could not size the model
     launch(cfg, kind="sft")
-    assert "memory_limit" not in got and "allocator" not in got
+    assert got["memory_limit"] == 0 and "allocator" not in got  # 0: no budget, the guard checks nothing
 
 
 def test_launch_resume_raises_the_limit_from_the_command_line(monkeypatch, tmp_path):

@@ -9,10 +9,10 @@ pytest.importorskip("bitsandbytes")
 
 from rich.console import Console  # noqa: E402
 
-from forge_cuda.generate import complete, densify_for_cpu, evaluate, generate, heldout_loss  # noqa: E402
-from forge_cuda.model import load_adapted  # noqa: E402
+from forge_cuda.generate import complete, densify_for_cpu  # noqa: E402
+from tests.forge_cuda.run import evaluate, evaluate_preferences, generate, heldout_loss, load_adapted  # noqa: E402
 from forge_cuda.quant import is_quantized  # noqa: E402
-from forge_cuda.trainer import train  # noqa: E402
+from tests.forge_cuda.run import train  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -66,8 +66,6 @@ def test_evaluate_reports_heldout_loss_and_the_task_metric(sft_run):
 
 
 def test_evaluate_preferences_rises_after_dpo(make_cfg, dpo_file):
-    from forge_cuda.generate import evaluate_preferences
-
     cfg = make_cfg(dpo_file, quant__bits=4, train__steps=6, train__lr=1e-2)
     before = evaluate_preferences(cfg)  # the base model alone
     run = train(cfg, kind="dpo", console=Console(file=io.StringIO()))

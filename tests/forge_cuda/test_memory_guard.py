@@ -2,7 +2,7 @@
 cleanly with a checkpoint, and resuming from it finishes exactly like a run that was never stopped.
 
 These run on the CPU. torch has no allocator peak there, so the peak test feeds the loop the number
-torch.cuda.max_memory_allocated() would give (through _guard_peak, the one place the loop reads it);
+torch.cuda.max_memory_allocated() would give (through ops.guard_peak, the one place the loop reads it);
 the out-of-memory tests raise torch's real OutOfMemoryError with CUDA's message at a chosen point.
 """
 
@@ -18,10 +18,11 @@ pytest.importorskip("bitsandbytes")
 from rich.console import Console  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-import forge_cuda.trainer as trainer_mod  # noqa: E402
+import forge_cuda.ops as ops_mod  # noqa: E402
+import forge_cuda.step as step_mod  # noqa: E402
 from forge_core.errors import ForgeError  # noqa: E402
 from forge_core.rundir import RunDir  # noqa: E402
-from forge_cuda.trainer import train  # noqa: E402
+from tests.forge_cuda.run import train  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -60,13 +61,13 @@ def straight(make_cfg, sft_file):
 
 
 def test_cuda_peak_over_limit_stops_at_step_1_and_resume_matches(make_cfg, sft_file, straight, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "_guard_peak", lambda: 300 * 2**20)  # 300 MiB, as the allocator says
+    monkeypatch.setattr(ops_mod, "guard_peak", lambda: 300 * 2**20)  # 300 MiB, as the allocator says
     with pytest.raises(ForgeError) as err:
         train(make_cfg(sft_file, out="guarded", memory__limit="1KB", **SETS), console=quiet())
     run = RunDir(make_cfg(sft_file, out="guarded").train.out_dir)
     msg = str(err.value)
     assert "\n" not in msg
-    assert "measured peak 300.00 MB at step 1 passed the memory limit 1.00 KB (memory.limit = 1KB)" in msg
+    assert "measured peak 300.00 MiB at step 1 passed the memory limit 1.00 KiB (memory.limit = 1KB)" in msg
     assert f"checkpoint of step 1 ({run.checkpoint_dir(1)})" in msg
     assert f"forge train --resume {run.path}" in msg
     assert run.latest() == (1, run.checkpoint_dir(1)) and not run.file("adapter").exists()
@@ -80,7 +81,7 @@ def test_on_the_cpu_the_peak_is_not_checked(make_cfg, sft_file):
     out = io.StringIO()
     run = train(make_cfg(sft_file, memory__limit="1KB", train__steps=2), console=Console(file=out, width=200))
     assert (run / "adapter").is_dir()
-    assert "memory.limit 1KB: not checked on the CPU" in out.getvalue()
+    assert "memory.limit 1KB: not checked here (cuda reports no allocator peak on this device)" in out.getvalue()
 
 
 def _oom_at_call(n: int, real, before: bool):
@@ -102,7 +103,7 @@ def _oom_at_call(n: int, real, before: bool):
 def test_oom_in_backward_of_step_3_keeps_step_2_and_resume_matches(make_cfg, sft_file, straight, monkeypatch):
     """OOM after step 3's gradients were accumulated (the data moved on): the checkpoint of step 2 must hold
     step 2's weights, optimizer state AND data position - the straight run's step-2 checkpoint exactly."""
-    monkeypatch.setattr(trainer_mod, "_gradients", _oom_at_call(3, trainer_mod._gradients, before=False))
+    monkeypatch.setattr(step_mod.Stepper, "accumulate", _oom_at_call(3, step_mod.Stepper.accumulate, before=False))
     cfg = make_cfg(sft_file, out="oom", **{**SETS, "train__save_every": 100})
     with pytest.raises(ForgeError) as err:
         train(cfg, console=quiet())
@@ -124,23 +125,23 @@ def test_oom_in_backward_of_step_3_keeps_step_2_and_resume_matches(make_cfg, sft
 def test_oom_inside_the_optimizer_update_saves_nothing_half_updated(make_cfg, sft_file, monkeypatch):
     """OOM inside optimizer.step() of step 3 (after it changed the weights): step 3's state is unknown,
     nothing is saved, and the error points to the newest periodic checkpoint (step 2)."""
-    real_make = trainer_mod.make_optimizer
+    real_make = step_mod.make_optimizer
 
-    def make(cfg, steps, params):
-        opt = real_make(cfg, steps, params)
+    def make(cfg, params):
+        opt = real_make(cfg, params)
         opt.step = _oom_at_call(3, opt.step, before=False)
         return opt
 
-    monkeypatch.setattr(trainer_mod, "make_optimizer", make)
+    monkeypatch.setattr(step_mod, "make_optimizer", make)
     cfg = make_cfg(sft_file, out="mid", **SETS)
-    with pytest.raises(ForgeError, match=r"^out of memory at step 3 .*inside optimizer.step\(\), so the half-"
-                                         r"updated weights are not saved\).*checkpoint of step 2 "):
+    with pytest.raises(ForgeError, match=r"^out of memory at step 3 .*inside the optimizer's in-place update, so the "
+                                         r"half-updated weights are not saved\).*checkpoint of step 2 "):
         train(cfg, console=quiet())
     run = RunDir(cfg.train.out_dir)
     assert run.latest() == (2, run.checkpoint_dir(2))
     assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["step_000002"]
     # the same with no periodic checkpoint yet: nothing to resume from but step 0, and the error says so
-    monkeypatch.setattr(trainer_mod, "make_optimizer", make)
+    monkeypatch.setattr(step_mod, "make_optimizer", make)
     cfg = make_cfg(sft_file, out="mid2", **{**SETS, "train__save_every": 100})
     with pytest.raises(ForgeError, match=r"no checkpoint yet \(a resume starts from step 0\)"):
         train(cfg, console=quiet())
@@ -152,7 +153,7 @@ def test_cli_oom_is_one_line_without_traceback(tiny_model, sft_file, tmp_path, m
 
     from forge_core.cli import cli
 
-    monkeypatch.setattr(trainer_mod, "_gradients", _oom_at_call(2, trainer_mod._gradients, before=True))
+    monkeypatch.setattr(step_mod.Stepper, "accumulate", _oom_at_call(2, step_mod.Stepper.accumulate, before=True))
     out = tmp_path / "run"
     args = ["--model", str(tiny_model), "--data", str(sft_file), "--steps", "3", "--rank", "4", "--quant=4"]
     res = CliRunner().invoke(cli, ["train", "--backend", "cuda", "--out", str(out), *args])

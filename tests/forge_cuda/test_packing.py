@@ -13,8 +13,9 @@ from rich.console import Console  # noqa: E402
 from forge_core.data import TokenizedRow, collate_sft, pack  # noqa: E402
 from forge_core.rundir import RunDir  # noqa: E402
 from forge_cuda.model import build_model  # noqa: E402
-from forge_cuda.packing import packed_logits, segment_mask  # noqa: E402
-from forge_cuda.trainer import train  # noqa: E402
+from forge_cuda.losses import token_logps  # noqa: E402
+from forge_cuda.packing import segment_mask  # noqa: E402
+from tests.forge_cuda.run import train  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -30,7 +31,7 @@ def test_segment_mask_is_block_diagonal_causal():
     assert allowed == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
 
 
-def test_packed_logits_equal_each_row_run_alone(make_cfg):
+def test_packed_rows_score_as_each_row_run_alone(make_cfg):
     model, _, _, _ = build_model(make_cfg(quant__bits=4, lora__init="pissa"))
     model.eval()
     rows = [_row([257, 84, 82, 68, 81, 198, 71]), _row([257, 64, 82, 82, 72]), _row([90, 91, 92, 93, 94, 95])]
@@ -38,12 +39,12 @@ def test_packed_logits_equal_each_row_run_alone(make_cfg):
     assert len(packed) == 1  # all three fit in one sequence
     b = {k: torch.from_numpy(v) for k, v in collate_sft(packed, pad_id=256, pad_multiple=8).items()}
     with torch.no_grad():
-        logits = packed_logits(model, b["inputs"], b["segment_ids"], b["position_ids"])
+        packed_logps = token_logps(model, b["inputs"], b["targets"], b)  # (1, T)
         seg = b["segment_ids"][0]
         for s in sorted(set(seg.tolist()) - {0}):
             where = torch.nonzero(seg == s)[:, 0]
-            alone = model(input_ids=b["inputs"][:, where]).logits
-            assert torch.allclose(logits[0, where], alone[0], atol=1e-4)
+            alone = token_logps(model, b["inputs"][:, where], b["targets"][:, where])
+            assert torch.allclose(packed_logps[0, where], alone[0], atol=1e-4)
 
 
 def test_packed_training_runs_and_loss_falls(make_cfg, jsonl):

@@ -16,10 +16,11 @@ from safetensors.numpy import load_file  # noqa: E402
 from forge_core.errors import ForgeError  # noqa: E402
 from forge_core.pissa import pissa_factors  # noqa: E402
 from forge_core.rundir import RunDir  # noqa: E402
-from forge_cuda import objectives  # noqa: E402
+from forge_core import objectives  # noqa: E402
+from forge_cuda import ops  # noqa: E402
 from forge_cuda.lora import trainable_params  # noqa: E402
-from forge_cuda.model import build_model, load_base  # noqa: E402
-from forge_cuda.trainer import checkpoint_blocks, lr_schedule, train, train_step  # noqa: E402
+from forge_cuda.model import build_model, checkpoint_blocks, load_base  # noqa: E402
+from tests.forge_cuda.run import train  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -97,14 +98,22 @@ def test_dpo_continues_from_an_sft_adapter_which_is_also_the_reference(make_cfg,
 
 
 def _one_sgd_step(make_cfg, sft_file, batch_size, grad_accum):
-    """Parameter change of ONE train_step with SGD(lr=1): exactly minus the gradient the loop applies."""
+    """Parameter change of ONE optimizer step with SGD(lr=1), no clipping: exactly minus the gradient the
+    stepper applies (gradients of the loss sums, divided by the count over all micro-batches)."""
     cfg = make_cfg(sft_file, quant__bits=4, data__shuffle=False, train__batch_size=batch_size,
-                   train__grad_accum=grad_accum)
+                   train__grad_accum=grad_accum, train__max_grad_norm=0.0)
     model, tok, _, _ = build_model(cfg)
-    obj = objectives.build("sft", cfg, model, tok, None, quiet())
+    obj = objectives.build("sft", cfg, ops, model, tok, None, quiet())
+    stepper = ops.make_stepper(cfg, model, obj.loss_fn)
     params = trainable_params(model)
+    stepper.optimizer = torch.optim.SGD(params.values(), lr=1.0)
     before = {k: p.detach().clone() for k, p in params.items()}
-    loss_sum, count, _, _, _ = train_step(model, torch.optim.SGD(params.values(), lr=1.0), obj, grad_accum, 1.0, 0.0)
+    stepper.begin()
+    loss_sum = count = 0.0
+    for _ in range(grad_accum):
+        ls, c, _ = stepper.accumulate(obj.next_batch())
+        loss_sum, count = loss_sum + ls, count + c
+    stepper.update(count, 1.0)
     return (loss_sum / count).item(), {k: before[k] - p.detach() for k, p in params.items()}
 
 
@@ -123,7 +132,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_cfg, sft_
         if checkpoint:
             checkpoint_blocks(model)
         model.train()
-        obj = objectives.build("sft", cfg, model, tok, None, quiet())
+        obj = objectives.build("sft", cfg, ops, model, tok, None, quiet())
         ls, _, _ = obj.loss_fn(model, obj.next_batch())
         ls.backward()
         return ls.item(), {k: p.grad.clone() for k, p in trainable_params(model).items()}
@@ -156,11 +165,3 @@ def test_a_finished_run_is_not_overwritten(make_cfg, sft_file):
     train(cfg, console=quiet())
     with pytest.raises(ForgeError, match="already holds a run"):
         train(cfg, console=quiet())
-
-
-def test_lr_schedule_warmup_then_cosine_to_min_ratio(make_cfg):
-    t = make_cfg(train__lr=1.0, train__warmup=4, train__min_lr_ratio=0.1).train
-    lr = lr_schedule(t, 14)
-    assert [lr(i) for i in range(5)] == pytest.approx([0.25, 0.4375, 0.625, 0.8125, 1.0])
-    assert lr(4 + 5) == pytest.approx(0.55)  # half way through the cosine: (1 + 0.1) / 2
-    assert lr(14) == pytest.approx(0.1) and lr(100) == pytest.approx(0.1)

@@ -9,43 +9,22 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from forge_core.config import ForgeConfig  # noqa: E402
+from forge_core.objectives.dpo import dpo_loss  # noqa: E402
 from forge_core.preference import dpo_terms  # noqa: E402
-from forge_mlx.losses import dpo_loss  # noqa: E402
-from forge_mlx.trainer import train  # noqa: E402
+from forge_mlx import ops  # noqa: E402
+from tests.forge_core.test_preference import numpy_trl  # noqa: E402
+from tests.forge_mlx.run import train  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 
 
-def _numpy_trl(pc, pr, rc, rr, beta, loss_type, ls=0.0):
-    """TRL's DPOTrainer.dpo_loss written out independently in numpy."""
-    logits = (pc - pr) - (rc - rr)
-    if loss_type == "sigmoid":
-        sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
-        return -np.log(sig(beta * logits)) * (1 - ls) - np.log(sig(-beta * logits)) * ls
-    if loss_type == "ipo":
-        return (logits - 1 / (2 * beta)) ** 2
-    return np.maximum(0, 1 - beta * logits)
-
-
-@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0)])
-def test_dpo_terms_equal_trl_formulas(loss_type, ls):
+def test_dpo_terms_on_mlx_equal_numpy():
     rng = np.random.default_rng(0)
     pc, pr, rc, rr = (rng.normal(-40, 5, 16) for _ in range(4))
-    ours, rw_c, rw_r = dpo_terms(np, pc, pr, rc, rr, 0.1, loss_type, ls)
-    np.testing.assert_allclose(ours, _numpy_trl(pc, pr, rc, rr, 0.1, loss_type, ls), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(rw_c, 0.1 * (pc - rc), rtol=1e-6)
-    mlx_losses, _, _ = dpo_terms(mx, *(mx.array(a) for a in (pc, pr, rc, rr)), 0.1, loss_type, ls)
-    np.testing.assert_allclose(np.array(mlx_losses), ours, rtol=1e-5, atol=1e-5)
-
-
-def test_dpo_terms_match_torch_when_installed():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(1)
-    pc, pr, rc, rr = (rng.normal(-30, 8, 8) for _ in range(4))
-    logits = torch.tensor((pc - pr) - (rc - rr))
-    ref = -torch.nn.functional.logsigmoid(0.1 * logits).numpy()
-    ours, _, _ = dpo_terms(np, pc, pr, rc, rr, 0.1)
-    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+    for loss_type, ls in [("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0)]:
+        ours, _, _ = dpo_terms(np, pc, pr, rc, rr, 0.1, loss_type, ls)
+        mlx_losses, _, _ = dpo_terms(mx, *(mx.array(a) for a in (pc, pr, rc, rr)), 0.1, loss_type, ls)
+        np.testing.assert_allclose(np.array(mlx_losses), ours, rtol=1e-5, atol=1e-5)
 
 
 def test_dpo_loss_uses_one_concatenated_forward_chosen_first():
@@ -57,9 +36,9 @@ def test_dpo_loss_uses_one_concatenated_forward_chosen_first():
     mask = mx.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=mx.float32)  # 2 pairs
     batch = {"inputs": mx.zeros((4, 3), dtype=mx.int32), "targets": mx.zeros((4, 3), dtype=mx.int32),
              "mask": mask, "ref_logps": mx.zeros((4,))}
-    loss, n, metrics = dpo_loss(Fake(), batch, beta=0.5)
+    loss, n, metrics = dpo_loss(ops, Fake(), batch, beta=0.5)
     logp = -np.log(4) * np.array([2, 1, 3, 2])  # chosen rows 0,1; rejected rows 2,3
-    expected = _numpy_trl(logp[:2], logp[2:], 0, 0, 0.5, "sigmoid").sum()
+    expected = numpy_trl(logp[:2], logp[2:], 0, 0, 0.5, "sigmoid").sum()
     assert n.item() == 2
     np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
     np.testing.assert_allclose(metrics["rewards/chosen"].item(), 0.5 * logp[:2].sum(), rtol=1e-5)

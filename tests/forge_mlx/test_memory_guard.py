@@ -8,11 +8,11 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-import forge_mlx.trainer as trainer_mod  # noqa: E402
+import forge_mlx.step as step_mod  # noqa: E402
 from forge_core.config import ForgeConfig  # noqa: E402
 from forge_core.errors import ForgeError  # noqa: E402
 from forge_core.rundir import RunDir  # noqa: E402
-from forge_mlx.trainer import train  # noqa: E402
+from tests.forge_mlx.run import train  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 
@@ -70,7 +70,7 @@ def test_peak_over_limit_stops_at_step_1_with_a_checkpoint_and_resume_matches(ti
         train(_cfg(tiny_model, data, out, limit="1KB"))
     msg = str(err.value)
     assert "\n" not in msg
-    assert "at step 1 passed the memory limit 1.00 KB (memory.limit = 1KB)" in msg
+    assert "at step 1 passed the memory limit 1.00 KiB (memory.limit = 1KB)" in msg
     ckpt = out / "checkpoints" / "step_000001"
     assert f"checkpoint of step 1 ({ckpt})" in msg and f"forge train --resume {out}" in msg
     assert RunDir(out).latest() == (1, ckpt) and (ckpt / "adapters.safetensors").is_file()
@@ -85,10 +85,10 @@ def test_peak_over_limit_stops_at_step_1_with_a_checkpoint_and_resume_matches(ti
 def test_out_of_memory_in_step_3_keeps_step_2_and_resume_matches(tiny_model, tmp_path, straight, monkeypatch):
     """The error comes AFTER the optimizer update of step 3 was applied (lazily): the guard must put the
     step-2 weights and optimizer state back, so the saved checkpoint equals the straight run's step 2."""
-    real = trainer_mod._step_functions
+    real = step_mod.Stepper._build
 
-    def failing_at_step_3(*args, **kwargs):
-        micro, apply = real(*args, **kwargs)
+    def failing_at_step_3(self):
+        micro, apply = real(self)
         calls = []
 
         def apply_then_fail(grads, count):
@@ -100,7 +100,7 @@ def test_out_of_memory_in_step_3_keeps_step_2_and_resume_matches(tiny_model, tmp
 
         return micro, apply_then_fail
 
-    monkeypatch.setattr(trainer_mod, "_step_functions", failing_at_step_3)
+    monkeypatch.setattr(step_mod.Stepper, "_build", failing_at_step_3)
     data, out = tmp_path / "train.jsonl", tmp_path / "oom"
     with pytest.raises(ForgeError) as err:
         train(_cfg(tiny_model, data, out, save_every=100))
@@ -123,13 +123,13 @@ def test_out_of_memory_in_step_3_keeps_step_2_and_resume_matches(tiny_model, tmp
 
 
 def test_other_errors_in_a_step_are_not_swallowed(tiny_model, jsonl, tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
+    def broken(self):
         def micro(batch):
             raise RuntimeError("[matmul] Last dimension of first input with shape (4,8) must match")
 
         return micro, None
 
-    monkeypatch.setattr(trainer_mod, "_step_functions", broken)
+    monkeypatch.setattr(step_mod.Stepper, "_build", broken)
     with pytest.raises(RuntimeError, match=r"\[matmul\]"):
         train(_cfg(tiny_model, jsonl("train.jsonl", _rows()), tmp_path / "run"))
     assert RunDir(tmp_path / "run").latest() is None
@@ -148,7 +148,7 @@ def test_cli_stops_in_one_line_and_resumes_with_a_raised_limit(tiny_model, jsonl
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output
     errors = [line for line in res.output.splitlines() if line.startswith("forge: error:")]
-    assert len(errors) == 1 and "passed the memory limit 1.00 KB" in errors[0], res.output
+    assert len(errors) == 1 and "passed the memory limit 1.00 KiB" in errors[0], res.output
     assert f"forge train --resume {out}" in errors[0] and "--set memory.limit=SIZE" in errors[0]
     assert RunDir(out).latest()[0] == 1
     res = runner.invoke(cli, ["train", "--resume", str(out), "--set", "memory.limit=64GB", *args])

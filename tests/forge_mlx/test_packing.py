@@ -8,7 +8,8 @@ mx = pytest.importorskip("mlx.core")
 from forge_core.config import ForgeConfig  # noqa: E402
 from forge_core.data import TokenizedRow, collate_sft, pack  # noqa: E402
 from forge_mlx.model import build_model  # noqa: E402
-from forge_mlx.packing import packed_logits  # noqa: E402
+from forge_mlx.head import logits as head_logits  # noqa: E402
+from forge_mlx.packing import packed_hidden  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 
@@ -26,8 +27,8 @@ def test_packed_logits_equal_each_row_run_alone(tiny_model):
     packed = pack(rows, max_seq_len=24)
     assert len(packed) == 1  # all three fit in one sequence
     b = collate_sft(packed, pad_id=256, pad_multiple=8)
-    logits = np.array(packed_logits(model, mx.array(b["inputs"]), mx.array(b["segment_ids"]),
-                                    mx.array(b["position_ids"])))
+    logits = np.array(head_logits(model, packed_hidden(model, mx.array(b["inputs"]), mx.array(b["segment_ids"]),
+                                                       mx.array(b["position_ids"]))))
     seg = b["segment_ids"][0]
     for s in sorted(set(seg.tolist()) - {0}):
         where = np.nonzero(seg == s)[0]
@@ -38,7 +39,7 @@ def test_packed_logits_equal_each_row_run_alone(tiny_model):
 def test_packed_training_runs_and_loss_falls(tiny_model, jsonl, tmp_path):
     import json
 
-    from forge_mlx.trainer import train
+    from tests.forge_mlx.run import train
 
     rows = [{"messages": [{"role": "user", "content": f"n{i}"}, {"role": "assistant", "content": "ok ok"}]}
             for i in range(24)]

@@ -9,7 +9,7 @@ mx = pytest.importorskip("mlx.core")
 
 from forge_core.config import ForgeConfig  # noqa: E402
 from forge_core.errors import ForgeError  # noqa: E402
-from forge_mlx.trainer import train  # noqa: E402
+from tests.forge_mlx.run import train  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 
@@ -75,7 +75,7 @@ def test_resume_is_exact_5_plus_5_equals_10(tiny_model, jsonl, tmp_path):
 def test_plain_lora_adapter_loads_in_mlx_lm_with_same_logits(tiny_model, jsonl, tmp_path):
     import mlx_lm
 
-    from forge_mlx.model import load_adapted
+    from tests.forge_mlx.run import load_adapted
 
     data = jsonl("train.jsonl", _rows())
     cfg = _cfg(tiny_model, data, tmp_path / "run", steps=4, lr=5e-2)

@@ -1,0 +1,112 @@
+"""`forge generate` and `forge eval`, once for both backends: load the model as trained, then held-out
+loss / perplexity, the task metric by greedy generation, preference accuracy on held-out pairs.
+
+The backend supplies the tensor pieces (ops: build_model, sft_loss, sequence_logps, densify_for_cpu,
+complete); batching, averaging and scoring are here.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from functools import partial
+
+import numpy as np
+
+from forge_core import data as fdata
+from forge_core.config import ForgeConfig
+
+
+def load_adapted(ops, adapter: str | None, model_spec: str | None = None, quantized: bool = True):
+    """(model, tokenizer, config) for inference: the base alone, or base + forge adapter as trained.
+
+    quantized=False keeps the full-precision residual (W_res + s·BA) instead of Q(W_res).
+    """
+    if adapter is None:
+        cfg = ForgeConfig()
+        if model_spec:
+            cfg.model.path = model_spec
+        model, tokenizer = ops.load_base_for_inference(cfg)
+        return model, tokenizer, cfg
+    cfg, weights, factors = ops.load_adapter_dir(adapter)
+    if model_spec:
+        cfg.model.path = model_spec
+    if not quantized:
+        cfg.quant.bits = 0
+    model, tokenizer, _, _ = ops.build_model(cfg, pissa_init=factors, adapter_weights=weights)
+    return model, tokenizer, cfg
+
+
+def _for_inference(ops, adapter, model_spec):
+    model, tokenizer, cfg = load_adapted(ops, adapter, model_spec)
+    ops.densify_for_cpu(model)  # token-by-token decoding: dequantize each layer once, not per token
+    model.eval()
+    return model, tokenizer, cfg
+
+
+def generate(ops, model=None, adapter=None, prompt="", system="", max_tokens=96, temp=0.0) -> str:
+    """Stream the answer to `prompt` (chat template, optional system message) to stdout; return it."""
+    net, tokenizer, _ = _for_inference(ops, adapter, model)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = ops.complete(net, tokenizer, messages, max_tokens, temp,
+                        stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    return text
+
+
+def heldout_loss(ops, model, tokenizer, cfg: ForgeConfig, path: str) -> dict:
+    """Token-mean NLL of the loss-masked tokens of the SFT rows in `path`, perplexity, token count."""
+    hf = ops.hf_tokenizer(tokenizer)
+    rows, _ = fdata.load_sft(path, hf, cfg.data, cfg.train.max_seq_len)
+    pad, size = fdata.pad_token_id(hf), cfg.train.batch_size
+    loss_of = ops.no_grad(model, partial(ops.sft_loss, model))
+    total = count = 0.0
+    for s in range(0, len(rows), size):
+        b = fdata.collate_sft(rows[s:s + size], pad, max_len=cfg.train.max_seq_len)
+        loss_sum, n = loss_of(ops.to_batch(model, b))
+        total, count = total + loss_sum.item(), count + n.item()
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": int(count)}
+
+
+def task_metrics(cfg: ForgeConfig, path, complete) -> dict:
+    """Greedy answers to the held-out prompts, scored against the references (forge_core.metrics).
+
+    `complete(messages) -> str` is the backend's generator.
+    """
+    from forge_core.data.eval_rows import prompts_and_references
+    from forge_core.metrics import score_rows
+
+    if cfg.eval.metric == "none":
+        return {}
+    pairs = prompts_and_references(path, cfg.data)
+    if cfg.eval.limit:
+        pairs = pairs[: cfg.eval.limit]
+    preds = [complete(msgs) for msgs, _ in pairs]
+    return {**score_rows(preds, [ref for _, ref in pairs], metric=cfg.eval.metric), "examples": len(pairs)}
+
+
+def evaluate(ops, cfg: ForgeConfig, adapter: str | None = None, model_spec: str | None = None) -> dict:
+    """Held-out loss/perplexity and, when the metric applies, the task metric by greedy generation."""
+    net, tokenizer, _ = _for_inference(ops, adapter, model_spec or (cfg.model.path if not adapter else None))
+    path = cfg.data.valid or cfg.data.train
+    result = heldout_loss(ops, net, tokenizer, cfg, path)
+    result.update(task_metrics(cfg, path, lambda msgs: ops.complete(net, tokenizer, msgs, cfg.eval.max_new_tokens)))
+    return result
+
+
+def evaluate_preferences(ops, cfg: ForgeConfig, adapter: str | None = None) -> dict:
+    """On the held-out pairs: how often the model itself prefers chosen (log π(y_w) > log π(y_l))."""
+    net, tokenizer, _ = _for_inference(ops, adapter, None if adapter else cfg.model.path)
+    hf = ops.hf_tokenizer(tokenizer)
+    rows, _ = fdata.load_preferences(cfg.data.valid or cfg.data.train, hf, cfg.data, cfg.train.max_seq_len)
+    pad, cap, size = fdata.pad_token_id(hf), fdata.loss_row_cap(rows), cfg.train.batch_size
+    logps_of = ops.no_grad(net, partial(ops.sequence_logps, net))
+    margins = []
+    for s in range(0, len(rows), size):
+        chunk = rows[s:s + size]
+        b = fdata.add_loss_positions(fdata.collate_dpo(chunk, pad), cap)
+        lp = ops.to_numpy(logps_of(ops.to_batch(net, b))).astype(np.float32)
+        margins.append(lp[:len(chunk)] - lp[len(chunk):])
+    m = np.concatenate(margins)
+    return {"pref_accuracy": float((m > 0).mean()), "logp_margin": float(m.mean()), "pairs": int(len(m))}

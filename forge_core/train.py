@@ -1,0 +1,194 @@
+"""THE training loop: one readable path from a config to an adapter, for every objective and both backends.
+
+    config -> run dir (new, or resumed) -> ops.build_model: base -> PiSSA on targets (fp32 SVD) -> quantize
+    W_res and the rest -> LoRA -> objective (data, loss, eval; DPO: reference log-probs, once) -> stepper
+    (optimizer + step functions) -> for each step: seed, step, log, eval, save, memory guard -> RUN/adapter
+
+Nothing here touches a tensor framework: `ops` is the backend's ops module (forge_core.backend.BackendOps).
+The loop does not know which loss it runs either: obj.loss_fn(model, batch) returns (loss SUM, count,
+metric sums); the stepper adds up gradients of the sums over `grad_accum` micro-batches and update()
+divides them by the total count, so accumulation equals one big batch exactly (and that division is
+the one averaging point a data-parallel all-reduce goes through).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console
+from safetensors.numpy import load_file
+
+from forge_core import objectives
+from forge_core.atomic import save_safetensors
+from forge_core.checkpoint import load_checkpoint, save_checkpoint
+from forge_core.config import ForgeConfig
+from forge_core.errors import ForgeError
+from forge_core.memory.budget import human
+from forge_core.memory.guard import MemoryGuard, oom_summary, save_once
+from forge_core.progress import TrainProgress
+from forge_core.rundir import RunDir, resumed_config, total_steps
+from forge_core.schedule import lr_schedule
+
+
+def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None, console: Console | None = None,
+          stop_at: int | None = None, memory_limit: int = 0) -> Path:
+    """Run (or resume) a training run with the backend `ops`; returns the run dir.
+
+    `stop_at` ends after that step as a kill would (tests). Resume: the run's saved config, with memory.*
+    from `cfg`. `memory_limit`: the memory plan's budget (launch passes it); the loop stops cleanly, with a
+    checkpoint, when the measured peak passes it or memory.limit, and on an out-of-memory error.
+    """
+    console = console or Console(stderr=True)
+    ops.preflight(console)
+    run = RunDir(resume or cfg.train.out_dir)
+    if resume:
+        cfg = resumed_config(run, cfg)
+    elif run.latest() is not None:
+        raise ForgeError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
+    else:
+        run.save_config(cfg.to_dict())
+    t = cfg.train
+
+    model, tokenizer, model_dir, factors = _build_model(cfg, kind, ops, run, console)
+    obj = objectives.build(kind, cfg, ops, model, tokenizer, run, console)
+    steps = total_steps(t, obj.n_rows)
+    lr_at = lr_schedule(t, steps)
+    stepper = ops.make_stepper(cfg, model, obj.loss_fn)
+    start = 0
+    if resume:  # weights, optimizer state and data position of the newest complete checkpoint
+        state = load_checkpoint(run, stepper)
+        start = state["step"]
+        obj.restore(state.get("data"))
+        run.truncate_metrics(start)  # records after the checkpoint are redone
+        console.print(f"resuming {run.path} at step {start}/{steps}")
+    if t.grad_checkpoint:
+        ops.checkpoint_blocks(model)
+    guard = MemoryGuard.for_run(cfg, kind, memory_limit)
+    if guard.limit and cfg.memory.limit and ops.guard_peak() is None:
+        console.print(f"memory.limit {cfg.memory.limit}: not checked here ({ops.name} reports no allocator peak "
+                      "on this device); out-of-memory errors still stop the run with a checkpoint")
+
+    def save(step: int, data: dict | None = None) -> None:
+        save_checkpoint(run, step, stepper, {"data": data or obj.state()})
+
+    tokens, tic = 0, time.perf_counter()
+    model.train()
+    with TrainProgress(steps, start, label=obj.kind, console=console) as bar:
+        for step in range(start + 1, steps + 1):
+            ops.seed(t.seed * 1_000_003 + step)  # the RNG is a function of the step: exact resume
+            lr = lr_at(step - 1)
+            before, oom = obj.state(), ""  # the data position before this step, for an out-of-memory stop
+            stepper.begin()
+            try:
+                loss_sum = count = msums = None
+                for _ in range(t.grad_accum):
+                    batch = obj.next_batch()
+                    tokens += math.prod(batch["inputs"].shape)
+                    ls, c, m = stepper.accumulate(batch)
+                    loss_sum, count, msums = _add(loss_sum, ls), _add(count, c), _add(msums, m)
+                norm = stepper.update(count, lr)
+                stepper.finish([loss_sum, count, norm, msums])
+            except Exception as exc:  # anything but out-of-memory goes up as it is
+                if not guard.is_oom(exc):
+                    raise
+                oom = oom_summary(exc)
+            if oom:  # outside the except: the traceback's frames (holding the step's activations) are gone
+                raise _out_of_memory(run, step, stepper, guard, oom, ops.guard_peak(), lambda s: save(s, before))
+
+            loss = (loss_sum / count).item()
+            if not math.isfinite(loss):
+                raise _nonfinite_loss(run, loss, step)
+            if step % t.log_every == 0 or step == steps or step == start + 1:
+                rec = {"split": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm.item(),
+                       "tok_s": tokens / max(time.perf_counter() - tic, 1e-9), "peak_memory": ops.peak_memory(),
+                       "epoch": obj.epoch(), **{k: (v / count).item() for k, v in (msums or {}).items()}}
+                run.log(rec)
+                bar.update(step, rec["loss"], rec["tok_s"], rec["peak_memory"], record=rec)
+                if not bar.progress.live.is_started or bar.progress.disable:
+                    console.print(log_line(rec), soft_wrap=True)
+                tokens, tic = 0, time.perf_counter()
+            else:
+                bar.update(step)
+
+            if (t.eval_every and step % t.eval_every == 0) or step == steps:
+                rec = {"split": "valid", "step": step, **obj.evaluate()}
+                if rec.get("loss") is not None:
+                    run.log(rec)
+                    console.print(log_line(rec), soft_wrap=True)
+                model.train()
+            if step % t.save_every == 0 or step == steps or step == stop_at:
+                save(step)
+            if step < steps:  # measured peak over the limit: checkpoint this step and stop
+                guard.check(run, step, ops.guard_peak(), save)
+            if step == stop_at:  # tests: stop here as a kill would
+                return run.path
+
+    ops.save_adapter(run.file("adapter"), model, cfg, factors, model_dir, extra={"kind": kind, "steps": steps})
+    run.plot(title=f"{kind.upper()} {cfg.model.path}")
+    console.print(f"adapter written to {run.file('adapter')}")
+    return run.path
+
+
+def _build_model(cfg: ForgeConfig, kind: str, ops, run: RunDir, console):
+    """The model as step 0 trains it. PiSSA factors come from the run dir (resume) or from the SFT adapter a
+    DPO run continues, so the SVD runs once per run and a resume rebuilds the same residual."""
+    pissa_file = run.file("pissa_init.safetensors")
+    pissa_init = ops.flat_to_factors(load_file(str(pissa_file))) if pissa_file.is_file() else None
+    adapter_weights = None
+    if kind == "dpo" and cfg.dpo.adapter:
+        _, adapter_weights, start_factors = ops.load_adapter_dir(cfg.dpo.adapter)
+        pissa_init = pissa_init or start_factors
+    t0 = time.perf_counter()
+    ops.seed(cfg.train.seed)  # LoRA's random A init follows the seed
+    model, tokenizer, model_dir, factors = ops.build_model(cfg, pissa_init=pissa_init, adapter_weights=adapter_weights)
+    if factors and not pissa_file.is_file():
+        save_safetensors(pissa_file, ops.factors_to_flat(factors))
+    trainable, total = ops.count_params(model)
+    console.print(f"model {cfg.model.path}: {total / 1e6:.1f}M stored params, {trainable / 1e6:.2f}M trainable "
+                  f"({cfg.lora.init}, rank {cfg.lora.rank}, base {cfg.quant.bits or 'full'}-bit), "
+                  f"built in {time.perf_counter() - t0:.1f}s{ops.describe(model)}")
+    return model, tokenizer, model_dir, factors
+
+
+def _add(acc, new):
+    """Running sum of a framework scalar or a {name: scalar} dict (None to start)."""
+    if acc is None:
+        return new
+    if isinstance(new, dict):
+        return {k: acc[k] + v for k, v in new.items()}
+    return acc + new
+
+
+def _out_of_memory(run: RunDir, step: int, stepper, guard: MemoryGuard, oom: str, peak, save_before) -> ForgeError:
+    """The failed step never happened: the stepper puts the pre-step state back, step - 1 is checkpointed
+    (with the data position from before the step) unless it already is, and the stop names that checkpoint.
+    A failure inside an in-place optimizer update cannot be undone: nothing is saved then."""
+    if stepper.rollback():
+        save_once(run, step - 1, save_before)
+    else:
+        oom += " - inside the optimizer's in-place update, so the half-updated weights are not saved"
+    return guard.stop_error(run, step, peak, oom=oom)
+
+
+def _nonfinite_loss(run: RunDir, loss: float, step: int) -> ForgeError:
+    """The error a NaN/inf loss stops the run with; the last good checkpoint stays in place."""
+    last = run.latest()
+    where = f"last good checkpoint: step {last[0]} ({last[1]})" if last else "no checkpoint was saved yet"
+    return ForgeError(f"loss became {loss} at step {step}; stopped - {where}. Lower train.lr or check the data.")
+
+
+def log_line(rec: dict) -> str:
+    """One metrics record as a readable line (used when no live progress bar is shown)."""
+    parts = [f"{rec['split']} step {rec['step']}"]
+    for k, v in rec.items():
+        if k in ("split", "step") or not isinstance(v, (int, float)):
+            continue
+        if k == "peak_memory":
+            parts.append(f"peak {human(v)}")
+        elif k == "tok_s":
+            parts.append(f"{v:.0f} tok/s")
+        else:
+            parts.append(f"{k} {v:.4g}")
+    return "  ".join(parts)

@@ -1,0 +1,73 @@
+"""forge_mlx as forge_core sees it: the BackendOps Protocol (forge_core/backend.py) in MLX.
+
+The loop, objectives and eval are forge_core's; this module gathers the framework pieces they call.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from . import cpu_math
+from .blas import warn_if_slow as preflight  # noqa: F401
+from .generate import complete, densify_for_cpu  # noqa: F401
+from .lora import factors_to_flat, flat_to_factors  # noqa: F401
+from .losses import sequence_logps, sft_loss  # noqa: F401
+from .model import (build_model, checkpoint_blocks, compute_dtype, count_params, load_adapter_dir,  # noqa: F401
+                    load_base, save_adapter)
+from .packing import enable_packing  # noqa: F401
+from .step import make_stepper  # noqa: F401
+
+name = "mlx"
+xp = mx
+
+
+def seed(n: int) -> None:
+    mx.random.seed(n)
+
+
+def to_batch(model, batch: dict) -> dict:
+    return {k: mx.array(v) for k, v in batch.items()}
+
+
+def to_numpy(x) -> np.ndarray:
+    return np.array(x)
+
+
+def scalar(value: float, like=None) -> mx.array:
+    return mx.array(value, dtype=mx.float32)
+
+
+def no_grad(model, fn):
+    """MLX computes no gradient unless asked; compiling with the model's state as input makes repeated
+    evals one cached graph per batch shape."""
+    return mx.compile(fn, inputs=[model.state])
+
+
+def peak_memory() -> int:
+    return int(mx.get_peak_memory())
+
+
+def guard_peak() -> int | None:
+    return int(mx.get_peak_memory())
+
+
+def set_memory_limit(nbytes: int) -> None:
+    """The memory plan's budget as MLX's allocator limit (a guideline: MLX frees its cache to stay under it).
+    The loop's MemoryGuard is what stops a run whose measured peak passes it."""
+    mx.set_memory_limit(int(nbytes))
+
+
+def describe(model) -> str:
+    return ""
+
+
+def hf_tokenizer(tokenizer):
+    """mlx-lm's TokenizerWrapper holds the transformers tokenizer."""
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def load_base_for_inference(cfg) -> tuple:
+    model, tokenizer, _ = load_base(cfg.model.path, compute_dtype(cfg))
+    cpu_math.install(model, cfg.model.fast_cpu_math)
+    return model, tokenizer
