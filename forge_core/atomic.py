@@ -53,14 +53,6 @@ def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """numpy arrays -> safetensors, atomically."""
-    from safetensors.numpy import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-
-
 @contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Build a directory under a temp name, then swap it in place of `path`.

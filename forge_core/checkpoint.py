@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
+from forge_core.adapters import safetensors_io as sio
 from forge_core.atomic import atomic_dir
 from forge_core.rundir import RunDir
 
@@ -24,8 +25,8 @@ from forge_core.rundir import RunDir
 def save_checkpoint(run: RunDir, step: int, stepper, loop_state: dict) -> None:
     weights, tensors, scalars = stepper.state_arrays()
     with atomic_dir(run.checkpoint_dir(step)) as tmp:
-        save_file(weights, str(tmp / "adapters.safetensors"))
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        sio.save(tmp / "adapters.safetensors", weights)
+        sio.save(tmp / "optimizer.safetensors", tensors)
         state = {"step": step, **loop_state, **({"optimizer_scalars": scalars} if scalars else {})}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
     run.mark_latest(step)  # the pointer moves only once the checkpoint is complete

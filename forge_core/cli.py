@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from forge_core.config import choices
 from forge_core.errors import ForgeError
 
 # CLI option name -> config key. Options left unset (None) do not override the recipe.
@@ -49,7 +50,7 @@ def config_options(f):
     opts = [
         click.option("--config", "recipe", type=click.Path(dir_okay=False), help="YAML recipe (configs/*.yaml)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. train.lr=1e-4."),
-        click.option("--backend", type=click.Choice(["auto", "mlx", "cuda"]), default=None),
+        click.option("--backend", type=click.Choice(choices("backend")), default=None),
         click.option("--model", help="HF dir, hub id, .gguf file or bundled name (see `forge models`)."),
         click.option("--data", type=click.Path(), help="Training data: JSONL file/dir or a datasets dir."),
         click.option("--valid", type=click.Path(), help="Validation data."),
@@ -65,7 +66,8 @@ def config_options(f):
         click.option("--rank", type=int),
         click.option("--alpha", type=float),
         click.option("--init", help="lora | pissa | pissa_niter_N"),
-        click.option("--quant", type=click.Choice(["none", "4", "8"]), callback=_quant_bits, help="Base weight bits."),
+        click.option("--quant", type=click.Choice(["none"] + [str(b) for b in choices("quant.bits") if b]),
+                     callback=_quant_bits, help="Base weight bits."),
         click.option("--train-on-prompt/--no-train-on-prompt", default=None),
         click.option("--packing/--no-packing", default=None),
         click.option("--skip-bad-rows/--no-skip-bad-rows", default=None),
@@ -122,7 +124,7 @@ def train(resume, force, **kw):
 @config_options
 @click.option("--adapter", type=click.Path(), help="Continue from this SFT adapter (also the DPO reference).")
 @click.option("--beta", type=float)
-@click.option("--loss-type", type=click.Choice(["sigmoid", "ipo", "hinge"]), default=None)
+@click.option("--loss-type", type=click.Choice(choices("dpo.loss_type")), default=None)
 @click.option("--resume", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True)
 @friendly
@@ -142,7 +144,7 @@ def dpo(adapter, beta, loss_type, resume, force, **kw):
 @click.option("--system", default="", help="System message.")
 @click.option("--max-tokens", type=int, default=None)
 @click.option("--temp", type=float, default=0.0)
-@click.option("--backend", type=click.Choice(["auto", "mlx", "cuda"]), default=None)
+@click.option("--backend", type=click.Choice(choices("backend")), default=None)
 @friendly
 def generate(model, adapter, prompt, system, max_tokens, temp, backend):
     """Generate from base + adapter with the chat template (streams)."""
@@ -189,7 +191,7 @@ def export(src, fmt, out, base, quantize, dtype, push_to_hub):
 @friendly
 def convert(src, dst, to, base):
     """Convert an adapter between mlx-lm and PEFT layouts (PiSSA -> plain rank-2r LoRA)."""
-    from forge_core.adapters.formats import convert as do_convert
+    from forge_core.adapters.convert import convert as do_convert
 
     do_convert(src, dst, to=to, base=base)
 
@@ -235,7 +237,7 @@ def import_gguf_cmd(src, out, dtype):
 @cli.command()
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), default="configs/demo.yaml")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
-@click.option("--backend", type=click.Choice(["auto", "mlx", "cuda"]), default=None)
+@click.option("--backend", type=click.Choice(choices("backend")), default=None)
 @friendly
 def demo(recipe, sets, backend):
     """Fine-tune the bundled model on the demo data and show before/after."""

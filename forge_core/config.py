@@ -12,8 +12,21 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from forge_core.errors import ForgeError
+
+# The allowed values of the fields that have a fixed set: declared once, checked by set_value and offered
+# by the CLI (choices(key)).
+Backend = Literal["auto", "mlx", "cuda"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+QuantBits = Literal[0, 2, 3, 4, 6, 8]
+QuantMode = Literal["auto", "affine", "nf4", "fp4"]
+Matmul = Literal["auto", "dequant", "fused"]
+Schedule = Literal["cosine", "linear", "constant"]
+Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
+DpoLoss = Literal["sigmoid", "ipo", "hinge"]
+Metric = Literal["auto", "exact", "json_fields", "none"]
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -21,7 +34,7 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 @dataclass
 class ModelConfig:
     path: str = "smollm2-135m"  # HF dir, hub id, .gguf file, or a bundled name (`forge models`)
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    dtype: Dtype = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
     fast_cpu_math: bool = True  # MLX on CPU: forge's exp kernels for softmax/SwiGLU/loss (forge_mlx/cpu_math.py)
 
 
@@ -50,18 +63,18 @@ class LoraConfig:
 
 @dataclass
 class QuantConfig:
-    bits: int = 4  # 0 = full precision base; 4 or 8
+    bits: QuantBits = 4  # 0 = full precision base; 4 or 8
     group_size: int = 64
-    mode: str = "auto"  # auto (affine on MLX, nf4 on CUDA) | affine | nf4 | fp4
+    mode: QuantMode = "auto"  # auto (affine on MLX, nf4 on CUDA) | affine | nf4 | fp4
     double_quant: bool = True  # bitsandbytes only
     embeddings: bool = False  # quantize embeddings / lm_head too
-    matmul: str = "auto"  # auto (dequant+BLAS on CPU, quantized_matmul on GPU) | dequant | fused
+    matmul: Matmul = "auto"  # auto (dequant+BLAS on CPU, quantized_matmul on GPU) | dequant | fused
 
 
 @dataclass
 class TrainConfig:
     lr: float = 2e-4  # SFT; `forge dpo` trains at dpo.lr instead
-    schedule: str = "cosine"  # cosine | linear | constant (all after linear warmup)
+    schedule: Schedule = "cosine"  # cosine | linear | constant (all after linear warmup)
     warmup: int = 10
     min_lr_ratio: float = 0.1
     steps: int = 0  # optimizer steps; 0 = derive from epochs
@@ -70,7 +83,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_seq_len: int = 512
     grad_checkpoint: bool = False
-    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (the last two: CUDA backend)
+    optimizer: Optimizer = "adamw"  # adamw | adamw8bit | paged_adamw8bit (the last two: CUDA backend)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 = no clipping
     seed: int = 0
@@ -86,7 +99,7 @@ class TrainConfig:
 class DpoConfig:
     lr: float = 2e-5  # DPO learning rate (typical 5e-6..5e-5); forge dpo copies it into train.lr
     beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
+    loss_type: DpoLoss = "sigmoid"  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # cDPO
     sft_weight: float = 0.0  # RPO-style NLL term on chosen
     adapter: str = ""  # continue from this SFT adapter (it is also the reference)
@@ -95,7 +108,7 @@ class DpoConfig:
 @dataclass
 class EvalConfig:
     max_new_tokens: int = 96
-    metric: str = "auto"  # auto | exact | json_fields | none
+    metric: Metric = "auto"  # auto | exact | json_fields | none
     limit: int = 0  # 0 = all rows
 
 
@@ -110,7 +123,7 @@ class MemoryConfig:
 
 @dataclass
 class ForgeConfig:
-    backend: str = "auto"  # auto | mlx | cuda
+    backend: Backend = "auto"  # auto | mlx | cuda
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -126,18 +139,11 @@ class ForgeConfig:
 
 SECTIONS = {name: cls for name, cls in typing.get_type_hints(ForgeConfig).items() if name != "backend"}
 
-_CHOICES = {
-    "backend": {"auto", "mlx", "cuda"},
-    "model.dtype": {"auto", "float32", "bfloat16", "float16"},
-    "lora.init": None,  # checked by lora_init_kind
-    "quant.bits": {0, 2, 3, 4, 6, 8},
-    "quant.mode": {"auto", "affine", "nf4", "fp4"},
-    "quant.matmul": {"auto", "dequant", "fused"},
-    "train.schedule": {"cosine", "linear", "constant"},
-    "train.optimizer": {"adamw", "adamw8bit", "paged_adamw8bit"},
-    "dpo.loss_type": {"sigmoid", "ipo", "hinge"},
-    "eval.metric": {"auto", "exact", "json_fields", "none"},
-}
+def choices(key: str) -> tuple:
+    """The allowed values of `section.key` (or `backend`), from its Literal type; () when any value goes."""
+    section, _, name = key.partition(".")
+    typ = _field_types(ForgeConfig)[section] if not name else _field_types(SECTIONS[section])[name]
+    return typing.get_args(typ) if typing.get_origin(typ) is Literal else ()
 
 
 def lora_init_kind(init: str) -> tuple[str, int]:
@@ -182,6 +188,12 @@ def _coerce(key: str, value, typ):
             return float(value)
         except (TypeError, ValueError):
             raise ForgeError(f"config key '{key}': expected a number, got {value!r}") from None
+    if origin is Literal:
+        allowed = typing.get_args(typ)
+        value = _coerce(key, value, type(allowed[0]))
+        if value not in allowed:
+            raise ForgeError(f"config key '{key}': {value!r} is not one of {sorted(allowed, key=str)}")
+        return value
     if typ is str:
         if value is None:
             return ""
@@ -197,18 +209,14 @@ def _field_types(cls) -> dict:
 
 
 def _check_choice(key: str, value) -> None:
-    allowed = _CHOICES.get(key)
-    if key == "lora.init":
+    if key == "lora.init":  # a pattern (pissa_niter_N), not a fixed set
         lora_init_kind(value)
-    elif allowed is not None and value not in allowed:
-        raise ForgeError(f"config key '{key}': {value!r} is not one of {sorted(allowed, key=str)}")
 
 
 def set_value(cfg: ForgeConfig, key: str, value) -> None:
     """Set `section.key` (or the top-level `backend`) with type checking."""
     if key == "backend":
-        cfg.backend = _coerce(key, value, str)
-        _check_choice(key, cfg.backend)
+        cfg.backend = _coerce(key, value, _field_types(ForgeConfig)["backend"])
         return
     section, _, name = key.partition(".")
     if not name:

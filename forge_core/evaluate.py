@@ -15,6 +15,8 @@ import numpy as np
 
 from forge_core import data as fdata
 from forge_core.config import ForgeConfig
+from forge_core.data.eval_rows import prompts_and_references
+from forge_core.metrics import score_rows
 
 
 def load_adapted(ops, adapter: str | None, model_spec: str | None = None, quantized: bool = True):
@@ -74,9 +76,6 @@ def task_metrics(cfg: ForgeConfig, path, complete) -> dict:
 
     `complete(messages) -> str` is the backend's generator.
     """
-    from forge_core.data.eval_rows import prompts_and_references
-    from forge_core.metrics import score_rows
-
     if cfg.eval.metric == "none":
         return {}
     pairs = prompts_and_references(path, cfg.data)

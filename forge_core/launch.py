@@ -14,9 +14,14 @@ from pathlib import Path
 from rich.console import Console
 
 from forge_core import backend as backends
+from forge_core import train as train_module
+from forge_core.adapters.formats import forge_adapter_dir
 from forge_core.config import ForgeConfig, from_dict
 from forge_core.errors import ForgeError
-from forge_core.rundir import RunDir, forge_adapter_dir, resumed_config
+from forge_core.evaluate import evaluate, generate
+from forge_core.memory.plan import check_before_launch, runtime_limit_bytes
+from forge_core.models.sources import resolve_model
+from forge_core.rundir import RunDir, resumed_config
 
 
 def _check_data(cfg: ForgeConfig) -> None:
@@ -29,15 +34,11 @@ def _check_data(cfg: ForgeConfig) -> None:
 
 
 def _model_config(cfg: ForgeConfig) -> dict:
-    from forge_core.models.sources import resolve_model
-
     return json.loads((Path(resolve_model(cfg.model.path)) / "config.json").read_text())
 
 
 def memory_check(cfg: ForgeConfig, kind: str, name: str, force: bool, console: Console):
     """The pre-launch memory check; returns the plan (or None when the planner cannot size this model)."""
-    from forge_core.memory.plan import check_before_launch
-
     return check_before_launch(cfg, kind, name, _model_config(cfg), force, console=console)
 
 
@@ -55,13 +56,9 @@ def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool =
     ops = backends.ops(name)
     limit = 0
     if plan is not None:  # None: the planner cannot size this model - no budget to hold it to
-        from forge_core.memory.plan import runtime_limit_bytes
-
         limit = runtime_limit_bytes(plan)
         ops.set_memory_limit(limit)  # the allocator's cap, and below the loop's guard (unless memory.limit)
-    from forge_core.train import train
-
-    return train(cfg, kind, ops=ops, resume=resume, console=console, memory_limit=limit)
+    return train_module.train(cfg, kind, ops=ops, resume=resume, console=console, memory_limit=limit)
 
 
 def _inherit_adapter(cfg: ForgeConfig) -> None:
@@ -78,8 +75,6 @@ def _inherit_adapter(cfg: ForgeConfig) -> None:
 def run_generate(model=None, adapter=None, prompt="", system="", max_tokens=None, temp=0.0, backend=None) -> str:
     cfg = ForgeConfig()
     name = backends.resolve(backend or "auto")
-    from forge_core.evaluate import generate
-
     return generate(backends.ops(name), model=model, adapter=adapter, prompt=prompt, system=system,
                         max_tokens=max_tokens or cfg.eval.max_new_tokens, temp=temp)
 
@@ -88,8 +83,6 @@ def run_eval(cfg: ForgeConfig, adapter: str | None = None, as_json: bool = False
     if not cfg.data.valid and not cfg.data.train:
         raise ForgeError("nothing to evaluate: pass --valid FILE.jsonl (or --data)")
     name = backends.resolve(cfg.backend)
-    from forge_core.evaluate import evaluate
-
     result = evaluate(backends.ops(name), cfg, adapter=adapter)
     if as_json:
         print(json.dumps(result, indent=2))

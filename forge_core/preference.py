@@ -11,7 +11,11 @@ With π the policy, π_ref the reference, y_w / y_l the chosen / rejected comple
 
 from __future__ import annotations
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+import typing
+
+from forge_core.config import DpoLoss
+
+LOSS_TYPES = typing.get_args(DpoLoss)
 
 
 def _log_sigmoid(xp, x):

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from forge_core.atomic import write_json, write_text
+from forge_core.config import from_dict
 from forge_core.errors import ForgeError
 
 KEEP_CHECKPOINTS = 2
@@ -132,24 +133,10 @@ class RunDir:
         ax.legend()
 
 
-def forge_adapter_dir(path) -> Path:
-    """The one resolver of "a run dir or an adapter dir": RUN/adapter when it holds forge.json, else `path`
-    itself when it does; anything else is an error that says what to do."""
-    path = Path(path)
-    if (path / "adapter" / "forge.json").is_file():
-        return path / "adapter"
-    if (path / "forge.json").is_file():
-        return path
-    raise ForgeError(f"{path}: not a forge adapter or run dir (no forge.json); "
-                     "use `forge convert` to bring a foreign adapter in")
-
-
 def resumed_config(run: RunDir, cfg):
     """The config a resume runs with: the run's saved config, except memory.* - how much memory this
     machine may use now (the planner's device and threshold, the runtime limit) - which comes from `cfg`,
     the config of this invocation. So `--resume RUN --set memory.limit=8GB` raises a limit that stopped it."""
-    from forge_core.config import from_dict
-
     saved = from_dict(run.load_config())
     saved.memory = copy.deepcopy(cfg.memory)
     return saved

@@ -21,7 +21,7 @@ from rich.console import Console
 from safetensors.numpy import load_file
 
 from forge_core import objectives
-from forge_core.atomic import save_safetensors
+from forge_core.adapters import safetensors_io as sio
 from forge_core.checkpoint import load_checkpoint, save_checkpoint
 from forge_core.config import ForgeConfig
 from forge_core.errors import ForgeError
@@ -144,7 +144,7 @@ def _build_model(cfg: ForgeConfig, kind: str, ops, run: RunDir, console):
     ops.seed(cfg.train.seed)  # LoRA's random A init follows the seed
     model, tokenizer, model_dir, factors = ops.build_model(cfg, pissa_init=pissa_init, adapter_weights=adapter_weights)
     if factors and not pissa_file.is_file():
-        save_safetensors(pissa_file, ops.factors_to_flat(factors))
+        sio.save(pissa_file, ops.factors_to_flat(factors))
     trainable, total = ops.count_params(model)
     console.print(f"model {cfg.model.path}: {total / 1e6:.1f}M stored params, {trainable / 1e6:.2f}M trainable "
                   f"({cfg.lora.init}, rank {cfg.lora.rank}, base {cfg.quant.bits or 'full'}-bit), "

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from forge_core.adapters import mapping as mp
-from forge_core.adapters.formats import collect
+from forge_core.adapters.mapping import collect
 from forge_core.config import ForgeConfig, lora_scale
 from forge_core.errors import ForgeError
 from forge_core.surgery import check_full_precision, pissa_split, select_targets, uses_pissa

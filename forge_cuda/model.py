@@ -17,12 +17,11 @@ import torch
 from torch import nn
 
 from forge_core.adapters.forge_json import training_meta
-from forge_core.adapters.formats import Adapter, read_adapter, write_peft_adapter
+from forge_core.adapters.formats import Adapter, forge_adapter_dir, read_adapter, write_peft_adapter
 from forge_core.config import ForgeConfig, from_dict, lora_scale
 from forge_core.data import load_tokenizer
 from forge_core.errors import ForgeError
 from forge_core.models.sources import resolve_model
-from forge_core.rundir import forge_adapter_dir
 
 from .lora import adapt_model, flat_to_tensors, load_trainable, num_blocks, tensors_to_flat, trainable_params
 from .quant import BLOCKSIZE, quant_kind

@@ -13,8 +13,16 @@ import torch
 from .generate import complete, densify_for_cpu  # noqa: F401
 from .lora import factors_to_flat, flat_to_factors  # noqa: F401
 from .losses import sequence_logps, sft_loss  # noqa: F401
-from .model import (build_model, checkpoint_blocks, compute_dtype, count_params, device,  # noqa: F401
-                    load_adapter_dir, load_base, save_adapter)
+from .model import (  # noqa: F401
+    build_model,
+    checkpoint_blocks,
+    compute_dtype,
+    count_params,
+    device,
+    load_adapter_dir,
+    load_base,
+    save_adapter,
+)
 from .packing import enable_packing  # noqa: F401
 from .step import make_stepper  # noqa: F401
 

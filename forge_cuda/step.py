@@ -15,6 +15,7 @@ from forge_core.config import ForgeConfig
 from forge_core.errors import ForgeError
 
 from .lora import load_trainable, trainable_params
+from .quant import bnb
 
 
 def make_optimizer(cfg: ForgeConfig, params):
@@ -25,8 +26,6 @@ def make_optimizer(cfg: ForgeConfig, params):
     if t.optimizer == "paged_adamw8bit" and not params[0].is_cuda:
         raise ForgeError("train.optimizer paged_adamw8bit pages optimizer state between GPU and CPU memory and "
                          "needs a CUDA GPU; on this machine use adamw8bit or adamw")
-    from .quant import bnb
-
     cls = bnb.optim.AdamW8bit if t.optimizer == "adamw8bit" else bnb.optim.PagedAdamW8bit
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 

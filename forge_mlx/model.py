@@ -16,12 +16,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from forge_core.adapters import safetensors_io as sio
 from forge_core.adapters.forge_json import training_meta
+from forge_core.adapters.formats import forge_adapter_dir
 from forge_core.atomic import atomic_dir
 from forge_core.config import ForgeConfig, from_dict, layer_indices, lora_scale
 from forge_core.errors import ForgeError
 from forge_core.models.sources import resolve_model
-from forge_core.rundir import forge_adapter_dir
 
 from . import cpu_math
 from .lora import adapt_model, factors_to_flat, flat_to_factors, load_trainable, trainable_params
@@ -86,8 +87,6 @@ def adapter_config(cfg: ForgeConfig, num_blocks: int, keys: list[str]) -> dict:
 def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, model_dir: Path,
                  extra: dict | None = None) -> Path:
     """Write adapters.safetensors + adapter_config.json + forge.json (+ pissa_init.safetensors), atomically."""
-    from safetensors.numpy import save_file
-
     weights = {k: np.ascontiguousarray(np.array(v.astype(mx.float32))) for k, v in trainable_params(model).items()}
     keys = sorted({".".join(k.split(".")[3:-1]) for k in weights})  # model.layers.N.<key>.lora_a
     blocks = len(model.layers)
@@ -95,11 +94,11 @@ def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, mod
     meta = training_meta(cfg, "mlx", model_dir, factors, blocks, quantization, extra,
                          targets=sorted({k.split(".")[-1] for k in keys}))
     with atomic_dir(out_dir) as tmp:
-        save_file(weights, str(tmp / "adapters.safetensors"), metadata={"format": "mlx"})
+        sio.save(tmp / "adapters.safetensors", weights, {"format": "mlx"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(cfg, blocks, keys), indent=2) + "\n")
         (tmp / "forge.json").write_text(json.dumps(meta, indent=2) + "\n")
         if factors:
-            save_file(factors_to_flat(factors), str(tmp / "pissa_init.safetensors"), metadata={"format": "mlx"})
+            sio.save(tmp / "pissa_init.safetensors", factors_to_flat(factors), {"format": "mlx"})
     return Path(out_dir)
 
 

@@ -29,9 +29,9 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from forge_core.adapters.formats import convert  # noqa: E402
-from forge_core.errors import ForgeError  # noqa: E402
+from forge_core.adapters.convert import convert  # noqa: E402
 from forge_core.adapters.export import export  # noqa: E402
+from forge_core.errors import ForgeError  # noqa: E402
 from tests.tiny import make_tiny_model  # noqa: E402
 
 IDS = [5, 17, 99, 200, 3, 44, 250, 7, 120, 64]

@@ -155,7 +155,7 @@ def train_and_eval(cfg, console) -> dict:
     """Init loss, then forge_core.train.train on MLX from exactly that init; final valid and train loss."""
     import mlx.core as mx
 
-    from forge_core.atomic import save_safetensors
+    from forge_core.adapters import safetensors_io as sio
     from forge_core.rundir import RunDir
     from forge_core.train import train
     from forge_mlx import ops
@@ -164,7 +164,7 @@ def train_and_eval(cfg, console) -> dict:
     init_loss, factors = loss_at_init(cfg, console)
     if factors:  # the run dir's documented PiSSA file: the trainer reuses these factors, no second SVD
         Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
-        save_safetensors(Path(cfg.train.out_dir) / "pissa_init.safetensors", factors_to_flat(factors))
+        sio.save(Path(cfg.train.out_dir) / "pissa_init.safetensors", factors_to_flat(factors))
     mx.random.seed(cfg.train.seed)  # LoRA's random A: same draw as in loss_at_init
     run = RunDir(train(cfg, "sft", ops=ops, console=console))
     metrics = run.metrics()

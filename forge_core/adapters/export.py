@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from forge_core.adapters import convert as cv
 from forge_core.adapters import formats as ad
 from forge_core.adapters import safetensors_io as sio
 from forge_core.atomic import atomic_dir, write_json, write_text
@@ -47,10 +48,10 @@ def export(src, fmt: str, out, base: str | None = None, quantize: bool = False,
     if dtype not in DTYPES:
         raise ForgeError(f"dtype '{dtype}': choose one of {', '.join(DTYPES)}")
     out = Path(out)
-    adapter = ad.read_for_output(src, out)
+    adapter = cv.read_for_output(src, out)
     base_dir = _base_dir(adapter, base, required=fmt == "merged")
-    total = ad.check_against_base(adapter, base_dir) if base_dir else None
-    plain = ad.for_foreign_tools(adapter, base)
+    total = cv.check_against_base(adapter, base_dir) if base_dir else None
+    plain = cv.for_foreign_tools(adapter, base)
     with atomic_dir(out) as tmp:
         if fmt in ("peft", "mlx"):
             ad.write_files(plain, tmp, fmt, total)
@@ -59,7 +60,7 @@ def export(src, fmt: str, out, base: str | None = None, quantize: bool = False,
         else:
             write_merged(plain, base_dir, tmp, dtype=dtype, shard_bytes=shard_bytes)
         write_text(tmp / "README.md", model_card(adapter, plain, fmt, src, quantize))
-    click.echo(f"wrote {out} ({fmt}{', quantized' if quantize else ''}; {ad.describe(adapter, plain)})")
+    click.echo(f"wrote {out} ({fmt}{', quantized' if quantize else ''}; {cv.describe(adapter, plain)})")
     if push_to_hub:
         push(out, push_to_hub)
     return out
@@ -70,10 +71,10 @@ def _base_dir(adapter: ad.Adapter, base: str | None, required: bool) -> Path | N
     else only when it is already on disk. Warns when forge.json's base hash does not match."""
     spec = base or adapter.base_model
     if not base and not required:
-        return ad.local_base(adapter)
+        return cv.local_base(adapter)
     if not spec:
         raise ForgeError("no base model: the adapter records none; pass --base MODEL")
-    base_dir = ad.resolve_base(spec)
+    base_dir = cv.resolve_base(spec)
     want = adapter.forge.get("base_model_hash")
     if want:
         try:
@@ -136,7 +137,7 @@ def write_merged(adapter: ad.Adapter, base: Path, out: Path, dtype: str = "float
         tensors = {}
         for name, f, info, _ in shard:
             arr = sio.read_tensor(f, info)
-            tensors[name] = ad.merged_weight(adapter, modules[name], arr) if name in modules else arr
+            tensors[name] = cv.merged_weight(adapter, modules[name], arr) if name in modules else arr
             weight_map[name] = fname
         sio.save(out / fname, tensors, metadata={"format": "pt"}, as_dtype={n: w for n, _, _, w in shard})
     write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total},
@@ -217,7 +218,7 @@ def model_card(adapter: ad.Adapter, plain: ad.Adapter, fmt: str, src, quantize: 
     front = ["---"] + ([f"base_model: {base}"] if _hub_id(base) else [])
     front += [f"library_name: {'mlx' if quantize else LIBRARY[fmt]}",
               f"tags: [forge, {adapter.init}]", "---", ""]
-    rows = [("base model", f"`{base}`"), ("method", ad.describe(adapter, plain)),
+    rows = [("base model", f"`{base}`"), ("method", cv.describe(adapter, plain)),
             ("scale", f"{plain.scale:g} (lora_alpha {plain.alpha:g}, rsLoRA: {plain.rslora})"),
             ("targets", ", ".join(plain.targets)), ("layers", _ranges(plain.layers))]
     if cfg:

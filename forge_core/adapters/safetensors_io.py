@@ -134,11 +134,17 @@ def save(path, tensors: dict[str, np.ndarray], metadata: dict | None = None,
     tags = {name: _tag(arr, per.get(name)) for name, arr in tensors.items()}
     # widest dtype first, then by name (as the reference writer does): every tensor starts aligned
     order = sorted(tensors, key=lambda n: (-np.dtype(STORAGE[tags[n]]).itemsize, n))
+    save_streaming(path, {n: (tuple(tensors[n].shape), tags[n]) for n in order}, tensors.__getitem__, metadata)
+
+
+def save_streaming(path, specs: dict[str, tuple[tuple, str]], produce, metadata: dict | None = None) -> None:
+    """The one safetensors writer: the header from `specs` {name: (shape, dtype tag)} in that order, then
+    each `produce(name)` encoded to its tag, one tensor at a time (peak memory: one tensor, not the file).
+    Atomic: the file appears whole or not at all."""
     header, offset = {}, 0
-    for name in order:
-        arr, tag = tensors[name], tags[name]
-        nbytes = int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(STORAGE[tag]).itemsize
-        header[name] = {"dtype": tag, "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+    for name, (shape, tag) in specs.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(STORAGE[tag]).itemsize
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -146,8 +152,11 @@ def save(path, tensors: dict[str, np.ndarray], metadata: dict | None = None,
     blob += b" " * (-len(blob) % 8)  # the spec pads the header to an 8-byte boundary
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for name in order:
-            f.write(_encode(tensors[name], tags[name]).tobytes())
+        for name, (shape, tag) in specs.items():
+            arr = produce(name)
+            if tuple(arr.shape) != tuple(shape):
+                raise ValueError(f"{path}: tensor {name} has shape {tuple(arr.shape)}, the header says {shape}")
+            f.write(_encode(arr, tag).tobytes())
 
 
 def _tag(arr: np.ndarray, as_dtype: str | None) -> str:

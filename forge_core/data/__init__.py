@@ -15,10 +15,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from forge_core.config import DataConfig
-from forge_core.data.batches import (BatchOrder, PackedRow, PreferenceRow, TokenizedRow, add_loss_positions, collate_dpo,
-                           collate_sft, loss_row_cap, pack)
+from forge_core.data.batches import (
+    BatchOrder,
+    PackedRow,
+    PreferenceRow,
+    TokenizedRow,
+    add_loss_positions,
+    collate_dpo,
+    collate_sft,
+    loss_row_cap,
+    pack,
+)
 from forge_core.data.rows import RowProblem, iter_rows, parse_preference, parse_sft, read_rows
-from forge_core.data.tokenize import ChatTokenizer, load_tokenizer, pad_token_id, truncate_preference, truncate_sft
+from forge_core.data.tokenize import (
+    ChatTokenizer,
+    load_tokenizer,
+    pad_token_id,
+    truncate_preference,
+    truncate_sft,
+)
 from forge_core.errors import ForgeError, located
 
 __all__ = ["BatchOrder", "DataStats", "PackedRow", "PreferenceRow", "TokenizedRow", "add_loss_positions",

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 
 from forge_core.config import ForgeConfig, set_value
 from forge_core.errors import ForgeError
-from forge_core.models.known import load_model_config
 from forge_core.memory.budget import device_budget, human, parse_size, plans_for_gpu  # noqa: F401  (parse_size: public API)
 from forge_core.memory.estimate import (
     Component,
@@ -26,6 +25,7 @@ from forge_core.memory.estimate import (
     peak_bytes,
     phase_total,
 )
+from forge_core.models.known import load_model_config
 
 TIGHT = 0.9  # "tight": above 90% of the allowed fraction (threshold x budget), still allowed
 

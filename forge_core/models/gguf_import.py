@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from forge_core.adapters import safetensors_io as sio
 from forge_core.atomic import atomic_path, write_json
 from forge_core.errors import ForgeError
 
@@ -43,7 +44,7 @@ BLOCK_NAMES = {
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 # safetensors dtype tag and bytes per element for each output dtype we write.
-DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
+DTYPES = ("float32", "bfloat16", "float16")  # what the imported weights are stored as
 
 
 def read_gguf(path: Path):
@@ -143,45 +144,6 @@ def llama_config(meta: dict, tensor_names: set[str], dtype: str, eos_ids: list[i
     return cfg
 
 
-def to_dtype_bytes(a: np.ndarray, dtype: str) -> bytes:
-    """float32 array -> little-endian bytes in `dtype`. bf16 = round-to-nearest-even of the top 16 bits."""
-    f32 = np.ascontiguousarray(a, dtype="<f4")
-    if dtype == "float32":
-        return f32.tobytes()
-    if dtype == "float16":
-        return f32.astype("<f2").tobytes()
-    u = f32.view(np.uint32).astype(np.uint64)  # uint64: the rounding add cannot wrap
-    bf = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
-    bf[np.isnan(f32)] = 0x7FC0
-    return bf.tobytes()
-
-
-def write_safetensors_streaming(path: Path, shapes: dict[str, tuple], produce, dtype: str,
-                                metadata: dict | None = None) -> None:
-    """Write a safetensors file one tensor at a time: peak memory is one tensor, not the model.
-
-    Format: u64 little-endian header length, JSON header {name: {dtype, shape, data_offsets}},
-    padded with spaces to 8 bytes, then the tensors' bytes back to back in header order.
-    `produce(name)` returns that tensor as a float32 array of shape `shapes[name]`.
-    """
-    tag, size = DTYPES[dtype]
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        n = int(np.prod(shape, dtype=np.int64)) * size
-        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, shape in shapes.items():
-            a = produce(name)
-            assert a.shape == tuple(shape), (name, a.shape, shape)
-            f.write(to_dtype_bytes(a, dtype))
-
-
 def tensor_plan(tensors, n_head: int, n_kv_head: int):
     """{hf name: (gguf tensor, rows to unpermute by n heads or 0)} sorted by HF name."""
     plan = {}
@@ -219,7 +181,9 @@ def gguf_to_hf(src: Path, out: Path, dtype: str = "float32", source: str | None 
     cfg = llama_config(meta, names, dtype, eos_ids)
     plan = tensor_plan(tensors, cfg["num_attention_heads"], cfg["num_key_value_heads"])
     shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, (t, _) in plan.items()}
-    write_safetensors_streaming(out / "model.safetensors", shapes, lambda n: dequantized(*plan[n]), dtype)
+    # one dequantized tensor at a time: the import never holds the float model in memory
+    sio.save_streaming(out / "model.safetensors", {n: (tuple(shape), sio.TAGS[dtype]) for n, shape in shapes.items()},
+                       lambda n: dequantized(*plan[n]), {"format": "pt"})
     write_json(out / "config.json", cfg)
     save_tokenizer(meta, src, out)
     types = collections.Counter(t.tensor_type.name for t in tensors)

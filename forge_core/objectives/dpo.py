@@ -13,7 +13,7 @@ from functools import partial
 import numpy as np
 
 from forge_core import data as fdata
-from forge_core.atomic import save_safetensors
+from forge_core.adapters import safetensors_io as sio
 from forge_core.objectives.base import Objective, load_split
 from forge_core.preference import dpo_objective
 
@@ -73,7 +73,7 @@ class DPOObjective(Objective):
                 return cached["train"], cached["valid"]
         console.print(f"scoring {self.n_rows + len(self.valid)} pairs with the reference (policy at init)...")
         ref = {"train": self._score(self.rows), "valid": self._score(self.valid)}
-        save_safetensors(f, ref)
+        sio.save(f, ref)
         return ref["train"], ref["valid"]
 
     def next_batch(self):

@@ -16,16 +16,8 @@ from safetensors.numpy import load_file, save_file
 
 from forge_core.adapters import mapping as mp
 from forge_core.adapters import safetensors_io as sio
-from forge_core.adapters.formats import (
-    Adapter,
-    convert,
-    delta_weights,
-    merged_weight,
-    read_adapter,
-    to_plain_lora,
-    write_mlx_adapter,
-    write_peft_adapter,
-)
+from forge_core.adapters.convert import convert, delta_weights, merged_weight, to_plain_lora
+from forge_core.adapters.formats import Adapter, read_adapter, write_mlx_adapter, write_peft_adapter
 from forge_core.cli import cli
 from forge_core.errors import ForgeError
 

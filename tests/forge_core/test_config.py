@@ -2,8 +2,15 @@
 
 import pytest
 
-from forge_core.config import (ForgeConfig, build_config, from_dict, layer_indices, lora_init_kind, lora_scale,
-                               set_value)
+from forge_core.config import (
+    ForgeConfig,
+    build_config,
+    from_dict,
+    layer_indices,
+    lora_init_kind,
+    lora_scale,
+    set_value,
+)
 from forge_core.errors import ForgeError
 
 
@@ -52,3 +59,18 @@ def test_scale_init_and_layers_helpers():
     assert layer_indices("-2:", 6) == [4, 5] and layer_indices("3", 6) == [3, 4, 5] and layer_indices("all", 2) == [0, 1]
     with pytest.raises(ForgeError, match="lora.layers"):
         layer_indices("x", 4)
+
+
+def test_allowed_values_come_from_the_field_types():
+    from forge_core.config import ForgeConfig, choices, set_value
+
+    assert choices("quant.bits") == (0, 2, 3, 4, 6, 8)
+    assert choices("backend") == ("auto", "mlx", "cuda")
+    assert choices("train.lr") == ()
+    cfg = ForgeConfig()
+    set_value(cfg, "quant.bits", "8")  # --set gives strings: coerced to the Literal's type
+    assert cfg.quant.bits == 8
+    with pytest.raises(ForgeError, match=r"config key 'quant.bits': 5 is not one of \[0, 2, 3, 4, 6, 8\]"):
+        set_value(cfg, "quant.bits", 5)
+    with pytest.raises(ForgeError, match=r"config key 'backend': 'rocm' is not one of \['auto', 'cuda', 'mlx'\]"):
+        set_value(cfg, "backend", "rocm")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from forge_core.adapters import safetensors_io as sio
+from forge_core.adapters.export import export, push
 from forge_core.adapters.formats import write_mlx_adapter, write_peft_adapter
 from forge_core.errors import ForgeError
-from forge_core.adapters.export import export, push
 from tests.forge_core.test_adapters import fake_base, rand_adapter
 
 

@@ -13,18 +13,18 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from forge_core.memory import estimate as me
 from forge_core.cli import cli
 from forge_core.config import ForgeConfig, set_value
 from forge_core.errors import ForgeError
-from forge_core.models.known import known_model_config, load_model_config
+from forge_core.memory import estimate as me
+from forge_core.memory.estimate import ModelShape, estimate, peak_bytes, phase_total
 from forge_core.memory.plan import (
     check_before_launch,
     parse_size,
     plan_memory,
     runtime_limit_bytes,
 )
-from forge_core.memory.estimate import ModelShape, estimate, peak_bytes, phase_total
+from forge_core.models.known import known_model_config, load_model_config
 from tests.tiny import make_tiny_model, tiny_config
 
 TINY = tiny_config(259)

@@ -13,9 +13,10 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-from forge_core.models import gguf_import as gguf_import
-from forge_core.models import sources as models
+from forge_core.adapters import safetensors_io as sio
 from forge_core.errors import ForgeError
+from forge_core.models import gguf_import
+from forge_core.models import sources as models
 from forge_core.models.sources import import_gguf, list_models, model_hash, resolve_model
 from tests.tiny import CHATML, make_tiny_model
 
@@ -232,7 +233,7 @@ def test_bfloat16_import_rounds_to_nearest_even(tiny_pair, tmp_path):
 def test_bf16_rounding_ties_go_to_even():
     # 1 + 2^-8 is halfway between bf16 1.0 and 1 + 2^-7: ties to even -> 1.0; 1 + 3*2^-8 -> 1 + 2^-6.
     a = np.array([1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, -2.5, np.nan], np.float32)
-    bits = np.frombuffer(gguf_import.to_dtype_bytes(a, "bfloat16"), "<u2").astype(np.uint32) << 16
+    bits = sio.f32_to_bf16(a).astype(np.uint32) << 16
     out = bits.view(np.float32)
     assert out[:3].tolist() == [1.0, 1 + 2.0 ** -6, -2.5] and np.isnan(out[3])
 
@@ -241,7 +242,7 @@ def test_bf16_bits_equal_torch_conversion():
     torch = pytest.importorskip("torch")
     scales = 10.0 ** np.arange(-20, 20, 4).repeat(1000)  # 1e-20 .. 1e16
     a = (np.random.default_rng(1).standard_normal(10_000) * scales).astype(np.float32)
-    ours = np.frombuffer(gguf_import.to_dtype_bytes(a, "bfloat16"), "<u2")
+    ours = sio.f32_to_bf16(a)
     theirs = torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
     np.testing.assert_array_equal(ours, theirs)
 

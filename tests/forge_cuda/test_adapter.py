@@ -10,9 +10,9 @@ pytest.importorskip("bitsandbytes")
 
 from safetensors.numpy import load_file  # noqa: E402
 
+from forge_core.adapters.formats import forge_adapter_dir  # noqa: E402
 from forge_core.errors import ForgeError  # noqa: E402
 from forge_cuda.lora import trainable_params  # noqa: E402
-from forge_core.rundir import forge_adapter_dir  # noqa: E402
 from forge_cuda.model import build_model, load_adapter_dir, load_base, save_adapter  # noqa: E402
 from tests.forge_cuda.run import load_adapted  # noqa: E402
 

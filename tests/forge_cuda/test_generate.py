@@ -10,9 +10,15 @@ pytest.importorskip("bitsandbytes")
 from rich.console import Console  # noqa: E402
 
 from forge_cuda.generate import complete, densify_for_cpu  # noqa: E402
-from tests.forge_cuda.run import evaluate, evaluate_preferences, generate, heldout_loss, load_adapted  # noqa: E402
 from forge_cuda.quant import is_quantized  # noqa: E402
-from tests.forge_cuda.run import train  # noqa: E402
+from tests.forge_cuda.run import (  # noqa: E402
+    evaluate,
+    evaluate_preferences,
+    generate,
+    heldout_loss,
+    load_adapted,
+    train,  # noqa: E402
+)
 
 pytestmark = pytest.mark.cuda
 
@@ -62,7 +68,8 @@ def test_evaluate_reports_heldout_loss_and_the_task_metric(sft_run):
     direct = heldout_loss(model, tok, cfg, cfg.data.valid)
     assert result["loss"] == pytest.approx(direct["loss"], abs=1e-4)  # densified == packed weights
     assert result["tokens"] == direct["tokens"] > 0
-    assert result["metric"] == "exact" and result["examples"] == 2 and 0.0 <= result["exact"] <= 1.0
+    # byte tokens: 8 new tokens are at most 8 characters, shorter than "apple apple apple" and "pear pear pear"
+    assert result["metric"] == "exact" and result["examples"] == 2 and result["exact"] == 0.0
 
 
 def test_evaluate_preferences_rises_after_dpo(make_cfg, dpo_file):

@@ -13,10 +13,10 @@ pytest.importorskip("bitsandbytes")
 from rich.console import Console  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+from forge_core import objectives  # noqa: E402
 from forge_core.errors import ForgeError  # noqa: E402
 from forge_core.pissa import pissa_factors  # noqa: E402
 from forge_core.rundir import RunDir  # noqa: E402
-from forge_core import objectives  # noqa: E402
 from forge_cuda import ops  # noqa: E402
 from forge_cuda.lora import trainable_params  # noqa: E402
 from forge_cuda.model import build_model, checkpoint_blocks, load_base  # noqa: E402

@@ -7,8 +7,8 @@ mx = pytest.importorskip("mlx.core")
 
 from forge_core.config import ForgeConfig  # noqa: E402
 from forge_core.data import TokenizedRow, collate_sft, pack  # noqa: E402
-from forge_mlx.model import build_model  # noqa: E402
 from forge_mlx.head import logits as head_logits  # noqa: E402
+from forge_mlx.model import build_model  # noqa: E402
 from forge_mlx.packing import packed_hidden  # noqa: E402
 
 pytestmark = pytest.mark.mlx

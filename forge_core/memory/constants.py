@@ -1,0 +1,80 @@
+"""The memory estimate's constants (estimate.py), each with how it was measured or derived: byte sizes that
+hold in both backends, and BACKEND_CONSTANTS - what differs between MLX (Metal / CPU) and torch (CUDA / CPU)."""
+
+from __future__ import annotations
+
+MiB, GiB = 2**20, 2**30
+LORA_BYTES = 4  # LoRA factors, their grads and AdamW states are fp32 in both backends
+NF4_BLOCK, NF4_DQ_BLOCK = 64, 256  # bitsandbytes 4-bit: absmax per 64 weights; double quant: fp32 per 256 absmax
+ADAM8_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this (min_8bit_size)
+LOGITS_BACKWARD_FP32 = 2  # softmax + gradient, fp32: measured 12·N·V bytes (fp32) / 16 (bf16) peak, MLX 0.32 CPU
+
+BACKEND_CONSTANTS = {
+    "mlx": {
+        "quant_mode": "affine",  # packed uint32 + a scale and a bias per group, in the compute dtype
+        # mx.fast.scaled_dot_product_attention runs its unfused fallback whenever gradients are traced
+        # (use_fallback() returns true for training in MLX's Metal and CPU backends), so each block keeps
+        # (B, H, T, T) probabilities. Measured (MLX 0.32.4, CPU, fp32 and bf16): n chained sdpa calls under
+        # mx.grad peak at ~1.3·n + 9.5 copies of B·H·T²·cb for n = 8..32, 3.9 copies for n = 1.
+        "attention": "eager",
+        "scores_kept_per_block": 1.5,  # 1.3 measured, rounded up
+        "scores_backward": 4.0,  # one block's attention backward (n = 1 measurement)
+        "gqa_repeat": False,  # the fallback reshapes q to (B, KV, H/KV, T, d); k, v are not repeated
+        "norm_fp32": False,  # mx.fast.rms_norm keeps its input in the compute dtype
+        "lora_fp32_inputs": False,  # forge_mlx/lora.py casts lora_a, lora_b to x.dtype: no fp32 input copies
+        # forge_mlx/quant.py "dequant" matmul (auto on CPU) is a custom function whose backward dequantizes
+        # again (after its cotangent exists): 16 chained 1024² 4-bit layers, grad wrt x, peak 89 -> 27.5 MiB
+        # against plain autodiff, which kept every dense W for the backward.
+        "dequant_kept": False,
+        "fused_reads_packed": True,  # mx.quantized_matmul (Metal/CUDA) reads the packed weights
+        # Gradient checkpointing (forge_mlx/trainer.py checkpoint_blocks, mx.checkpoint per block), measured on
+        # the tiny Llama (h=128, T=512, B=4, fp32 CPU) as the peak's growth per extra block, 8 -> 16 blocks:
+        # compiled step: 8.3 MiB (i=512) and 5.0 MiB (i=256) per block = ~1.7·h + 1.65·i values per token, so
+        # kept per token per block = 2·h + 2·i in the compute dtype (theory: h, the block input). Uncompiled
+        # (train.compile=false): 23.4 MiB per block, a whole block's activations: no saving except attention.
+        "ckpt_kept": (2, 2),
+        "ckpt_needs_compile": True,
+        # forge_mlx/model.py loads lazily; adapt_model / quantize_rest materialise, factorize, quantize and
+        # swap in one linear at a time, so only one dense weight is alive during surgery.
+        "init_holds_dense_model": False,
+        # Python + mlx + mlx_lm + transformers: 276 MiB RSS measured (Linux x86, MLX CPU). Metal adds its kernel
+        # library and command buffers: +100 MiB, an estimate to calibrate on a Mac.
+        "overhead": {"gpu": 384 * MiB, "cpu": 320 * MiB},
+        "ckpt_block_copies": 1.0,  # the recomputed block's activations, counted once (Metal: to calibrate)
+        "ckpt_backward_share": 1.0,  # the backward working set comes on top of them in full
+        "causal_chunk": 0,  # 0: attention computes the whole T x T square
+        # On the CPU forge_mlx/cpu_math.py replaces attention, SwiGLU and the loss's log-softmax (model.fast_cpu_math).
+        # Fitted on random Llamas (h256 i1024, B4, T 256/512, L 4 vs 8, fp32, MLX 0.32.4 CPU; tools/bench_memory.py
+        # and docs/BENCHMARKS.md): per block it keeps ONE copy of the probabilities of the causal query blocks
+        # (0.53 copies of B·H·T² at T512, where 56% of the square is computed) and the backward needs ~2 more;
+        # activations per token match block_token_bytes; checkpointing keeps 4.8 KiB/token/block at h256 i1024
+        # = (h + i) values, and its backward holds ~2.6 recomputed blocks at once (2.75 with margin).
+        "cpu_kernels": {"scores_kept_per_block": 1.0, "scores_backward": 2.0, "causal_chunk": 64,
+                        "ckpt_kept": (1, 1), "ckpt_block_copies": 2.75},
+    },
+    "cuda": {
+        "quant_mode": "nf4",  # bitsandbytes; quant.bits=8 -> LLM.int8 (int8 + fp32 row scales)
+        "attention": "sdpa",  # transformers' default: flash / mem-efficient kernels keep only the logsumexp
+        "scores_kept_per_block": 0.0,
+        "scores_backward": 0.0,
+        "gqa_repeat": True,  # transformers' sdpa path repeat_kv()s k and v to H heads when a mask is passed
+        "norm_fp32": True,  # LlamaRMSNorm upcasts: its backward keeps the fp32 copy of the input
+        "lora_fp32_inputs": True,  # PEFT autocast_adapter_dtype: fp32 adapters, input cast to fp32 per module
+        "dequant_kept": False,  # bitsandbytes dequantizes one weight per matmul, forward and backward
+        "fused_reads_packed": False,  # even its "fused" 4-bit matmul makes a dense copy per call
+        "ckpt_kept": (1, 0),  # torch.utils.checkpoint keeps the block input (theory, to calibrate)
+        "ckpt_needs_compile": False,
+        # forge_cuda/lora.py: the dense model stays in HOST memory; each target is factorized there, quantized
+        # and moved to the device one at a time, so the device never holds the dense model.
+        "init_holds_dense_model": False,
+        # GPU: CUDA context (0.3-0.5 GiB), cuBLAS workspaces, caching-allocator slack: an estimate to calibrate.
+        # CPU: torch + transformers + peft imported: 408 MiB RSS measured (Linux x86).
+        "overhead": {"gpu": 1 * GiB, "cpu": 448 * MiB},
+        "ckpt_block_copies": 1.0,
+        # With checkpointing torch frees the recomputed block's activations while it goes back through it, so
+        # only part of the backward working set adds to them: h256 i1024 NF4, T 256/512, L 4 vs 8 (CPU RSS)
+        # fit 0.3-0.4 of it; 0.5 keeps a margin.
+        "ckpt_backward_share": 0.5,
+        "causal_chunk": 0,
+    },
+}
