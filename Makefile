@@ -15,7 +15,7 @@ else
 EXTRAS := mlx-linux,cuda,dev
 endif
 
-.PHONY: demo demo-sft demo-dpo test test-fast bench bench-dpo bench-memory fidelity venv clean sysdeps
+.PHONY: demo demo-sft demo-dpo test test-fast bench bench-dpo bench-memory bench-dp fidelity venv clean sysdeps
 
 # Linux only, optional: an optimized BLAS for MLX's CPU wheel (forge_mlx/blas.py preloads it; ~90x
 # faster fp32 matmul than the wheel's reference BLAS). Installed with apt when we are root; otherwise
@@ -68,6 +68,9 @@ bench-dpo: $(VENV)/.stamp
 
 bench-memory: $(VENV)/.stamp
 	$(PY) tools/bench_memory.py --write docs/BENCHMARKS.md
+
+bench-dp: $(VENV)/.stamp
+	$(PY) tools/bench_data_parallel.py --write docs/BENCHMARKS.md
 
 fidelity: $(VENV)/.stamp
 	$(PY) tools/fidelity.py --write docs/BENCHMARKS.md

@@ -126,6 +126,16 @@ class BackendOps(Protocol):
     def set_memory_limit(self, nbytes: int) -> None:
         """The memory plan's budget as the allocator's cap, where the framework has one."""
 
+    # ---- data-parallel (forge_core/distributed.py)
+    def init_world(self) -> tuple[int, int]:
+        """Join the launcher's process group (mlx.launch, torchrun) if there is one: (rank, world size)."""
+
+    def all_sum(self, arrays: list) -> list:
+        """Each framework array summed over ranks, one buffer on the wire (identity alone)."""
+
+    def reduce_numpy(self, values, op: str):
+        """A small float32 numpy array reduced over ranks with op "sum" or "max"."""
+
     # ---- inference
     def densify_for_cpu(self, model) -> None:
         """On the CPU: dequantize each quantized layer once for token-by-token decoding."""

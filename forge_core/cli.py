@@ -85,6 +85,28 @@ def build_from_cli(kw: dict, extra: dict | None = None):
     return build_config(kw.pop("recipe", None), kw.pop("sets", ()), overrides)
 
 
+def nproc_option(f):
+    return click.option("--nproc", type=int, default=None, metavar="N",
+                        help="Train data-parallel in N processes on this machine (mlx.launch / torchrun).")(f)
+
+
+def _relaunch(nproc: int, cfg, resume) -> None:
+    """--nproc N: exec the backend's launcher with this same command line, minus --nproc."""
+    from forge_core.launch import relaunch
+    from forge_core.rundir import RunDir, resumed_config
+
+    backend = resumed_config(RunDir(resume), cfg).backend if resume else cfg.backend
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    relaunch(nproc, backend, argv)
+
+
 def friendly(f):
     """Turn ForgeError (and a few well-known OS errors) into one line on stderr, exit 2."""
 
@@ -93,10 +115,18 @@ def friendly(f):
         try:
             return f(*args, **kwargs)
         except ForgeError as e:
-            click.echo(f"forge: error: {e}", err=True)
+            from forge_core.distributed import PeerLost, env_rank  # here: `forge --help` stays numpy-free
+
+            # under a launcher rank 0 speaks for all (every rank stops on the same agreed error); another rank
+            # speaks only when it lost the others (then rank 0 may be the one that is gone)
+            if env_rank() == 0 or isinstance(e, PeerLost):
+                click.echo(f"forge: error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("forge: interrupted", err=True)
+            from forge_core.distributed import env_rank
+
+            if env_rank() == 0:
+                click.echo("forge: interrupted", err=True)
             sys.exit(130)
 
     return wrapper
@@ -112,12 +142,16 @@ def cli():
 @config_options
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory exactly.")
 @click.option("--force", is_flag=True, help="Launch even when the memory check says it will not fit.")
+@nproc_option
 @friendly
-def train(resume, force, **kw):
+def train(resume, force, nproc, **kw):
     """Supervised fine-tuning (LoRA / PiSSA / QPiSSA)."""
     from forge_core.launch import launch
 
-    launch(build_from_cli(kw), kind="sft", resume=resume, force=force)
+    cfg = build_from_cli(kw)
+    if nproc and nproc > 1:
+        _relaunch(nproc, cfg, resume)
+    launch(cfg, kind="sft", resume=resume, force=force)
 
 
 @cli.command()
@@ -127,13 +161,16 @@ def train(resume, force, **kw):
 @click.option("--loss-type", type=click.Choice(choices("dpo.loss_type")), default=None)
 @click.option("--resume", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True)
+@nproc_option
 @friendly
-def dpo(adapter, beta, loss_type, resume, force, **kw):
+def dpo(adapter, beta, loss_type, resume, force, nproc, **kw):
     """Direct preference optimisation on {prompt, chosen, rejected} rows (--lr sets dpo.lr)."""
     from forge_core.launch import launch
 
     extra = {"dpo.adapter": adapter, "dpo.beta": beta, "dpo.loss_type": loss_type, "dpo.lr": kw.pop("lr")}
     cfg = build_from_cli(kw, extra)
+    if nproc and nproc > 1:
+        _relaunch(nproc, cfg, resume)
     launch(cfg, kind="dpo", resume=resume, force=force)
 
 
@@ -201,13 +238,14 @@ def convert(src, dst, to, base):
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--device-memory", default=None, help='Plan for another device, e.g. "24GB".')
 @click.option("--dpo", "is_dpo", is_flag=True, help="Plan a DPO run (chosen + rejected).")
+@click.option("--nproc", type=int, default=1, metavar="N", help="Plan one of N data-parallel processes.")
 @friendly
-def memory(as_json, device_memory, is_dpo, **kw):
+def memory(as_json, device_memory, is_dpo, nproc, **kw):
     """Estimate peak memory for a run and compare it with the device."""
     from forge_core.memory.plan import memory_command
 
     cfg = build_from_cli(kw, {"memory.device_memory": device_memory})
-    memory_command(cfg, as_json=as_json, kind="dpo" if is_dpo else "sft")
+    memory_command(cfg, as_json=as_json, kind="dpo" if is_dpo else "sft", nproc=max(1, nproc))
 
 
 @cli.group(invoke_without_command=True)

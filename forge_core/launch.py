@@ -9,6 +9,8 @@ imports a framework at module import.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -17,8 +19,10 @@ from forge_core import backend as backends
 from forge_core import train as train_module
 from forge_core.adapters.formats import forge_adapter_dir
 from forge_core.config import ForgeConfig, from_dict
+from forge_core.distributed import env_rank, local_ranks
 from forge_core.errors import ForgeError
 from forge_core.evaluate import evaluate, generate
+from forge_core.memory.budget import plans_for_gpu
 from forge_core.memory.plan import check_before_launch, runtime_limit_bytes
 from forge_core.models.sources import resolve_model
 from forge_core.rundir import RunDir, resumed_config
@@ -38,12 +42,15 @@ def _model_config(cfg: ForgeConfig) -> dict:
 
 
 def memory_check(cfg: ForgeConfig, kind: str, name: str, force: bool, console: Console):
-    """The pre-launch memory check; returns the plan (or None when the planner cannot size this model)."""
-    return check_before_launch(cfg, kind, name, _model_config(cfg), force, console=console)
+    """The pre-launch memory check; returns the plan (or None when the planner cannot size this model).
+    Under a launcher: one rank's plan; ranks on this machine share its memory unless each has its own GPU."""
+    own_gpu = name == "cuda" and plans_for_gpu(name, cfg)
+    return check_before_launch(cfg, kind, name, _model_config(cfg), force, console=console, nproc=local_ranks(),
+                               shared=not own_gpu)
 
 
 def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool = False) -> Path:
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=env_rank() != 0)  # under a launcher rank 0 speaks for all
     if resume:
         cfg = resumed_config(RunDir(resume), cfg)  # the run's config; memory.* from this invocation
     if kind == "dpo" and not resume:
@@ -52,13 +59,41 @@ def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool =
         _inherit_adapter(cfg)
     _check_data(cfg)
     name = backends.resolve(cfg.backend)
-    plan = memory_check(cfg, kind, name, force, console)
     ops = backends.ops(name)
+    ops.init_world()  # join the launcher's group first: a CUDA rank then plans and caps its own GPU
+    plan = memory_check(cfg, kind, name, force, console)
     limit = 0
     if plan is not None:  # None: the planner cannot size this model - no budget to hold it to
         limit = runtime_limit_bytes(plan)
         ops.set_memory_limit(limit)  # the allocator's cap, and below the loop's guard (unless memory.limit)
     return train_module.train(cfg, kind, ops=ops, resume=resume, console=console, memory_limit=limit)
+
+
+def launcher_command(nproc: int, backend: str, argv: list[str], port: int | None = None) -> list[str]:
+    """`forge train --nproc N ...` as the backend's own launcher runs it on this machine: mlx.launch with the
+    ring backend, or torchrun (gloo on the CPU, nccl on GPUs), each process running `forge <argv>`."""
+    forge = [sys.executable, "-m", "forge_core.cli", *argv]
+    if backend == "mlx":
+        ring = ["--backend", "ring"] + (["--starting-port", str(port)] if port else [])
+        return [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()", "-n", str(nproc),
+                *ring, "--", *forge]
+    rdzv = [f"--master-port={port}"] if port else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *rdzv,
+            "-m", "forge_core.cli", *argv]
+
+
+def under_launcher() -> bool:
+    return any(os.environ.get(k) for k in ("MLX_RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK"))
+
+
+def relaunch(nproc: int, backend: str, argv: list[str]) -> None:
+    """Replace this process by the launcher running `nproc` copies of `forge <argv>` (argv without --nproc)."""
+    if under_launcher():
+        raise ForgeError("--nproc: this process already runs under a launcher; drop --nproc")
+    name = backends.resolve(backend)
+    Console(stderr=True).print(f"launching {nproc} data-parallel processes with "
+                               f"{'mlx.launch (ring)' if name == 'mlx' else 'torchrun'}", markup=False, highlight=False)
+    os.execv(sys.executable, launcher_command(nproc, name, argv))
 
 
 def _inherit_adapter(cfg: ForgeConfig) -> None:

@@ -16,6 +16,8 @@ import typing
 from forge_core.config import DpoLoss
 
 LOSS_TYPES = typing.get_args(DpoLoss)
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+           "logps/rejected")  # the metric sums dpo_objective returns, in this order
 
 
 def _log_sigmoid(xp, x):

@@ -146,9 +146,9 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def total_steps(train_cfg, n_rows: int) -> int:
-    """train.steps, or enough optimizer steps for train.epochs over n_rows."""
+def total_steps(train_cfg, n_rows: int, world_size: int = 1) -> int:
+    """train.steps, or enough optimizer steps for train.epochs over n_rows (batch_size is per rank)."""
     if train_cfg.steps > 0:
         return train_cfg.steps
-    per_step = train_cfg.batch_size * train_cfg.grad_accum
+    per_step = train_cfg.batch_size * world_size * train_cfg.grad_accum
     return max(1, math.ceil(train_cfg.epochs * n_rows / per_step))

@@ -24,6 +24,7 @@ from forge_core import objectives
 from forge_core.adapters import safetensors_io as sio
 from forge_core.checkpoint import load_checkpoint, save_checkpoint
 from forge_core.config import ForgeConfig
+from forge_core.distributed import World
 from forge_core.errors import ForgeError
 from forge_core.memory.budget import human
 from forge_core.memory.guard import MemoryGuard, oom_summary, save_once
@@ -38,22 +39,26 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
 
     `stop_at` ends after that step as a kill would (tests). Resume: the run's saved config, with memory.*
     from `cfg`. `memory_limit`: the memory plan's budget (launch passes it); the loop stops cleanly, with a
-    checkpoint, when the measured peak passes it or memory.limit, and on an out-of-memory error.
+    checkpoint, when the measured peak passes it or memory.limit, and on an out-of-memory error. Under a
+    launcher (mlx.launch, torchrun) every rank runs this function; rank 0 alone writes (distributed.py).
     """
+    world = World(ops)
     console = console or Console(stderr=True)
+    if not world.main:  # one voice: the other ranks print nothing (their errors reach rank 0 or the CLI)
+        console = Console(stderr=True, quiet=True)
     ops.preflight(console)
     run = RunDir(resume or cfg.train.out_dir)
     if resume:
         cfg = resumed_config(run, cfg)
     elif run.latest() is not None:
         raise ForgeError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
-    else:
+    elif world.main:
         run.save_config(cfg.to_dict())
     t = cfg.train
 
-    model, tokenizer, model_dir, factors = _build_model(cfg, kind, ops, run, console)
-    obj = objectives.build(kind, cfg, ops, model, tokenizer, run, console)
-    steps = total_steps(t, obj.n_rows)
+    model, tokenizer, model_dir, factors = _build_model(cfg, kind, ops, run, console, world)
+    obj = objectives.build(kind, cfg, ops, model, tokenizer, run, console, world)
+    steps = total_steps(t, obj.n_rows, world.size)
     lr_at = lr_schedule(t, steps)
     stepper = ops.make_stepper(cfg, model, obj.loss_fn)
     start = 0
@@ -61,8 +66,12 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
         state = load_checkpoint(run, stepper)
         start = state["step"]
         obj.restore(state.get("data"))
-        run.truncate_metrics(start)  # records after the checkpoint are redone
+        if world.main:
+            run.truncate_metrics(start)  # records after the checkpoint are redone
         console.print(f"resuming {run.path} at step {start}/{steps}")
+    if world.size > 1:
+        console.print(f"data-parallel over {world.size} ranks: global batch = {t.batch_size} rows per rank x "
+                      f"{world.size} ranks x {t.grad_accum} accumulation = {obj.global_micro_batch * t.grad_accum} rows")
     if t.grad_checkpoint:
         ops.checkpoint_blocks(model)
     guard = MemoryGuard.for_run(cfg, kind, memory_limit)
@@ -71,40 +80,58 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
                       "on this device); out-of-memory errors still stop the run with a checkpoint")
 
     def save(step: int, data: dict | None = None) -> None:
-        save_checkpoint(run, step, stepper, {"data": data or obj.state()})
+        if world.main:
+            save_checkpoint(run, step, stepper, {"data": data or obj.state()})
 
-    tokens, tic = 0, time.perf_counter()
+    tokens, tic, step = 0, time.perf_counter(), start
     model.train()
-    with TrainProgress(steps, start, label=obj.kind, console=console) as bar:
+    with TrainProgress(steps, start, label=obj.kind, console=console) as bar, world.stops_cleanly(run, lambda: step):
         for step in range(start + 1, steps + 1):
-            ops.seed(t.seed * 1_000_003 + step)  # the RNG is a function of the step: exact resume
+            # the RNG is a function of the step (exact resume) and of the rank (each rank its own dropout masks)
+            ops.seed((t.seed * 1_000_003 + step) * world.size + world.rank)
             lr = lr_at(step - 1)
             before, oom = obj.state(), ""  # the data position before this step, for an out-of-memory stop
             stepper.begin()
-            try:
+            try:  # this rank's micro-batches: forward, backward, gradients of the loss sums
                 loss_sum = count = msums = None
                 for _ in range(t.grad_accum):
                     batch = obj.next_batch()
                     tokens += math.prod(batch["inputs"].shape)
                     ls, c, m = stepper.accumulate(batch)
                     loss_sum, count, msums = _add(loss_sum, ls), _add(count, c), _add(msums, m)
-                norm = stepper.update(count, lr)
-                stepper.finish([loss_sum, count, norm, msums])
             except Exception as exc:  # anything but out-of-memory goes up as it is
                 if not guard.is_oom(exc):
                     raise
                 oom = oom_summary(exc)
+            failed = world.which(bool(oom))  # every rank learns of an out-of-memory error on any rank
+            if failed and not oom:
+                oom = f"on rank {', '.join(map(str, failed))}"
+            if not oom:
+                try:  # the global batch's sums, then the update (gradients summed over ranks / global count)
+                    loss_sum, count, msums = world.all_sum([loss_sum, count, msums])
+                    norm = stepper.update(count, lr)
+                    stepper.finish([loss_sum, count, norm, msums])
+                except Exception as exc:
+                    if not guard.is_oom(exc):
+                        raise
+                    if world.size > 1:  # one rank failed inside the exchange: no agreement possible any more
+                        raise guard.stop_error(run, step, ops.guard_peak(), oom=f"{oom_summary(exc)} - on rank "
+                                               f"{world.rank}, during the gradient exchange or the update") from None
+                    oom = oom_summary(exc)
             if oom:  # outside the except: the traceback's frames (holding the step's activations) are gone
-                raise _out_of_memory(run, step, stepper, guard, oom, ops.guard_peak(), lambda s: save(s, before))
+                raise _out_of_memory(run, step, stepper, guard, oom, world.max(ops.guard_peak()),
+                                     lambda s: save(s, before))
 
-            loss = (loss_sum / count).item()
+            loss = (loss_sum / count).item()  # the global loss: every rank takes the same decisions on it
             if not math.isfinite(loss):
                 raise _nonfinite_loss(run, loss, step)
             if step % t.log_every == 0 or step == steps or step == start + 1:
                 rec = {"split": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm.item(),
-                       "tok_s": tokens / max(time.perf_counter() - tic, 1e-9), "peak_memory": ops.peak_memory(),
-                       "epoch": obj.epoch(), **{k: (v / count).item() for k, v in (msums or {}).items()}}
-                run.log(rec)
+                       "tok_s": world.size * tokens / max(time.perf_counter() - tic, 1e-9),
+                       "peak_memory": ops.peak_memory(), "epoch": obj.epoch(),
+                       **{k: (v / count).item() for k, v in (msums or {}).items()}}
+                if world.main:
+                    run.log(rec)
                 bar.update(step, rec["loss"], rec["tok_s"], rec["peak_memory"], record=rec)
                 if not bar.progress.live.is_started or bar.progress.disable:
                     console.print(log_line(rec), soft_wrap=True)
@@ -115,26 +142,32 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
             if (t.eval_every and step % t.eval_every == 0) or step == steps:
                 rec = {"split": "valid", "step": step, **obj.evaluate()}
                 if rec.get("loss") is not None:
-                    run.log(rec)
+                    if world.main:
+                        run.log(rec)
                     console.print(log_line(rec), soft_wrap=True)
                 model.train()
             if step % t.save_every == 0 or step == steps or step == stop_at:
                 save(step)
-            if step < steps:  # measured peak over the limit: checkpoint this step and stop
-                guard.check(run, step, ops.guard_peak(), save)
-            if step == stop_at:  # tests: stop here as a kill would
+            if step < steps:  # measured peak (the largest of any rank) over the limit: checkpoint, stop
+                guard.check(run, step, world.max(ops.guard_peak()), save)
+            if step == stop_at and step < steps:  # tests: stop here as a kill would
                 return run.path
 
-    ops.save_adapter(run.file("adapter"), model, cfg, factors, model_dir, extra={"kind": kind, "steps": steps})
-    run.plot(title=f"{kind.upper()} {cfg.model.path}")
+    if world.main:
+        ops.save_adapter(run.file("adapter"), model, cfg, factors, model_dir, extra={"kind": kind, "steps": steps})
+        run.plot(title=f"{kind.upper()} {cfg.model.path}")
     console.print(f"adapter written to {run.file('adapter')}")
     return run.path
 
 
-def _build_model(cfg: ForgeConfig, kind: str, ops, run: RunDir, console):
+def _build_model(cfg: ForgeConfig, kind: str, ops, run: RunDir, console, world: World):
     """The model as step 0 trains it. PiSSA factors come from the run dir (resume) or from the SFT adapter a
-    DPO run continues, so the SVD runs once per run and a resume rebuilds the same residual."""
+    DPO run continues, so the SVD runs once per run and a resume rebuilds the same residual. Under a
+    launcher rank 0 builds first and writes the factors; the other ranks then build from that file, so
+    every rank holds the same model even where SVDs would differ in sign across machines."""
     pissa_file = run.file("pissa_init.safetensors")
+    if not world.main:
+        world.any(False)  # wait for rank 0's factors
     pissa_init = ops.flat_to_factors(load_file(str(pissa_file))) if pissa_file.is_file() else None
     adapter_weights = None
     if kind == "dpo" and cfg.dpo.adapter:
@@ -143,8 +176,10 @@ def _build_model(cfg: ForgeConfig, kind: str, ops, run: RunDir, console):
     t0 = time.perf_counter()
     ops.seed(cfg.train.seed)  # LoRA's random A init follows the seed
     model, tokenizer, model_dir, factors = ops.build_model(cfg, pissa_init=pissa_init, adapter_weights=adapter_weights)
-    if factors and not pissa_file.is_file():
+    if world.main and factors and not pissa_file.is_file():
         sio.save(pissa_file, ops.factors_to_flat(factors))
+    if world.main and world.size > 1:
+        world.any(False)  # the factors are on disk: the other ranks may build
     trainable, total = ops.count_params(model)
     console.print(f"model {cfg.model.path}: {total / 1e6:.1f}M stored params, {trainable / 1e6:.2f}M trainable "
                   f"({cfg.lora.init}, rank {cfg.lora.rank}, base {cfg.quant.bits or 'full'}-bit), "

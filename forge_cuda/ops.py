@@ -10,6 +10,7 @@ import resource
 import numpy as np
 import torch
 
+from .distributed import all_sum, init_world, reduce_numpy  # noqa: F401
 from .generate import complete, densify_for_cpu  # noqa: F401
 from .lora import factors_to_flat, flat_to_factors  # noqa: F401
 from .losses import sequence_logps, sft_loss  # noqa: F401

@@ -14,6 +14,7 @@ import torch
 from forge_core.config import ForgeConfig
 from forge_core.errors import ForgeError
 
+from . import distributed
 from .lora import load_trainable, trainable_params
 from .quant import bnb
 
@@ -50,9 +51,11 @@ class Stepper:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = list(self.params.values())
+        # the averaging point: gradients of the loss sums, summed over ranks, / the global count
+        distributed.all_sum_([p.grad for p in params if p.grad is not None])
         for p in params:
             if p.grad is not None:
-                p.grad.div_(count)  # the averaging point
+                p.grad.div_(count)
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0 else float("inf"))
         self._updating = True  # from here an out-of-memory error leaves some parameters updated
         self.optimizer.step()

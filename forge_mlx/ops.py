@@ -10,6 +10,7 @@ import numpy as np
 
 from . import cpu_math
 from .blas import warn_if_slow as preflight  # noqa: F401
+from .distributed import all_sum, init_world, reduce_numpy  # noqa: F401
 from .generate import complete, densify_for_cpu  # noqa: F401
 from .lora import factors_to_flat, flat_to_factors  # noqa: F401
 from .losses import sequence_logps, sft_loss  # noqa: F401

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from forge_core.config import ForgeConfig
 from forge_core.errors import ForgeError
 
+from . import distributed
 from .lora import load_trainable, trainable_params
 
 
@@ -52,7 +53,11 @@ class Stepper:
             return loss_sum, count, metrics, grads
 
         def apply(grads, count):
-            grads = tree_map(lambda g: g / count, grads)  # the averaging point
+            # the averaging point: gradients of the loss sums, summed over ranks, / the global count
+            if distributed.size() > 1:
+                flat = tree_flatten(grads)
+                grads = tree_unflatten(list(zip([k for k, _ in flat], distributed.all_sum([g for _, g in flat]))))
+            grads = tree_map(lambda g: g / count, grads)
             grads, norm = optim.clip_grad_norm(grads, max_norm if max_norm > 0 else float("inf"))
             optimizer.update(model, grads)
             return norm
@@ -70,6 +75,8 @@ class Stepper:
     def accumulate(self, batch):
         loss_sum, count, metrics, grads = self._fns[0](batch)
         self._grads = _add(self._grads, grads)
+        if distributed.size() > 1:  # this rank's part now: an out-of-memory error surfaces before any exchange
+            mx.eval(loss_sum, count, metrics, self._grads)
         return loss_sum, count, metrics
 
     def update(self, count, lr: float):

@@ -378,10 +378,15 @@ def init_components(run: Run) -> list[Component]:
 # ------------------------------------------------------------------------------------------- all
 
 def estimate(cfg: ForgeConfig, shape: ModelShape, kind: str = "sft", backend: str = "mlx",
-             on_gpu: bool = True) -> list[Component]:
-    """Every component of the plan, in display order (see the module docstring for the model)."""
+             on_gpu: bool = True, nproc: int = 1) -> list[Component]:
+    """Every component of ONE process's plan, in display order (see the module docstring for the model).
+    nproc > 1 (data-parallel): each rank holds the whole model and its batch_size rows, plus the flat fp32
+    buffer its LoRA gradients are summed over ranks in (the concatenation and the result)."""
     run = make_run(cfg, shape, kind, backend, on_gpu)
     parts = weight_components(run) + lora_components(run) + activation_components(run)
+    if nproc > 1:
+        parts.append(Component("gradient all-reduce buffer", 2 * LORA_BYTES * sum(lora_tensor_sizes(run)),
+                               f"LoRA gradients as one fp32 buffer, summed over {nproc} ranks"))
     deq, why = dequant_bytes(run)
     if deq:
         parts.append(Component("dequantized weights", deq, why))

@@ -153,24 +153,32 @@ def _combined(cfg: ForgeConfig, knobs: list[list[dict]], total_of, limit: float)
 # ------------------------------------------------------------------------------------------- plan
 
 def plan_memory(cfg: ForgeConfig, model_config: dict, kind: str = "sft", backend: str = "mlx",
-                on_gpu: bool | None = None) -> MemoryPlan:
-    """Estimate, budget, verdict, and (when over) the changes that fit."""
+                on_gpu: bool | None = None, nproc: int = 1, shared: bool = True) -> MemoryPlan:
+    """Estimate, budget, verdict, and (when over) the changes that fit - for ONE process.
+
+    nproc > 1: that many data-parallel processes; `shared`: they share this machine's device (one Mac's
+    unified memory, the CPU's RAM), so each is held to 1/nproc of the budget. Not shared: one GPU per rank,
+    or --device-memory (the size of each rank's own device).
+    """
     gpu = plans_for_gpu(backend, cfg) if on_gpu is None else on_gpu
     shape = ModelShape.from_config(model_config)
 
     def total_of(c: ForgeConfig) -> int:
-        return peak_bytes(estimate(c, shape, kind, backend, gpu))
+        return peak_bytes(estimate(c, shape, kind, backend, gpu, nproc))
 
-    components = estimate(cfg, shape, kind, backend, gpu)
+    components = estimate(cfg, shape, kind, backend, gpu, nproc)
     total = peak_bytes(components)
     budget, source = device_budget(backend, cfg)
+    if nproc > 1 and shared and not cfg.memory.device_memory:
+        budget, source = budget // nproc, f"{source} / {nproc} processes on this machine"
     threshold = cfg.memory.threshold
     if not 0 < threshold <= 1:
         raise ForgeError(f"memory.threshold: {threshold} must be a fraction in (0, 1], e.g. 0.8")
     result = verdict(total, budget, threshold)
     dtype = {4: "float32", 2: "float16" if cfg.model.dtype == "float16" else "bfloat16"}[
         compute_bytes(cfg.model.dtype, gpu)]
-    context = {"model": cfg.model.path, "kind": kind, "backend": backend, "on_gpu": gpu, "compute_dtype": dtype}
+    context = {"model": cfg.model.path, "kind": kind, "backend": backend, "on_gpu": gpu, "compute_dtype": dtype,
+               "nproc": nproc}
     plan = MemoryPlan(components, total, budget, source, threshold, result, context=context)
     if result == "over":
         plan.suggestions = suggestions(cfg, total_of, threshold * budget)
@@ -205,9 +213,10 @@ def over_message(plan: MemoryPlan) -> str:
 
 
 def check_before_launch(cfg: ForgeConfig, kind: str, backend: str, model_config: dict, force: bool,
-                        console=None) -> MemoryPlan:
-    """Print the one-line plan; over budget: raise ForgeError (the verdict and fixes), unless force."""
-    plan = plan_memory(cfg, model_config, kind=kind, backend=backend)
+                        console=None, nproc: int = 1, shared: bool = True) -> MemoryPlan:
+    """Print the one-line plan; over budget: raise ForgeError (the verdict and fixes), unless force.
+    Under a launcher every rank runs this with the number of ranks on its machine, and all refuse alike."""
+    plan = plan_memory(cfg, model_config, kind=kind, backend=backend, nproc=nproc, shared=shared)
     _say(console, summary(plan))
     if plan.verdict == "over":
         if not force:
@@ -236,11 +245,12 @@ def _backend_name(name: str) -> str:
     return resolve(name)
 
 
-def memory_command(cfg: ForgeConfig, as_json: bool = False, kind: str = "sft") -> MemoryPlan:
-    """`forge memory`: the table (or one JSON object) for this config on this (or the named) device."""
+def memory_command(cfg: ForgeConfig, as_json: bool = False, kind: str = "sft", nproc: int = 1) -> MemoryPlan:
+    """`forge memory`: the table (or one JSON object) for this config on this (or the named) device;
+    nproc > 1: one rank's plan when that many data-parallel processes run on it."""
     backend = _backend_name(cfg.backend)
     model_config, source = load_model_config(cfg.model.path)
-    plan = plan_memory(cfg, model_config, kind=kind, backend=backend)
+    plan = plan_memory(cfg, model_config, kind=kind, backend=backend, nproc=nproc)
     if as_json:
         import click
 

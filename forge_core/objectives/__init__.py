@@ -3,15 +3,17 @@ ops), eval. sft.py: token NLL; dpo.py: the DPO family against a reference scored
 
 from __future__ import annotations
 
+from forge_core.distributed import World
 from forge_core.objectives.dpo import DPOObjective
 from forge_core.objectives.sft import SFTObjective
 
 KINDS = ("sft", "dpo")
 
 
-def build(kind: str, cfg, ops, model, tokenizer, run, console):
+def build(kind: str, cfg, ops, model, tokenizer, run, console, world: World | None = None):
+    world = world or World()
     if kind == "sft":
-        return SFTObjective(cfg, ops, model, tokenizer, console)
+        return SFTObjective(cfg, ops, model, tokenizer, console, world)
     if kind == "dpo":
-        return DPOObjective(cfg, ops, model, tokenizer, run, console)
+        return DPOObjective(cfg, ops, model, tokenizer, run, console, world)
     raise ValueError(f"unknown objective {kind!r}; one of {KINDS}")

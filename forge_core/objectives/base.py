@@ -9,37 +9,56 @@ An objective is what the loop optimises (forge_core/train.py):
 from __future__ import annotations
 
 from forge_core import data as fdata
+from forge_core.distributed import World
+from forge_core.errors import ForgeError
 
 
 class Objective:
     kind = ""
 
-    def __init__(self, cfg, ops, model, tokenizer, rows: list, valid: list):
-        self.cfg, self.ops, self.model = cfg, ops, model
+    def __init__(self, cfg, ops, model, tokenizer, rows: list, valid: list, world: World):
+        self.cfg, self.ops, self.model, self.world = cfg, ops, model, world
         self.rows, self.valid, self.n_rows = rows, valid, len(rows)
+        world.check_rows(len(rows), cfg.train.batch_size)
         self.pad = fdata.pad_token_id(ops.hf_tokenizer(tokenizer))
         # the most trained tokens in any row, so every batch of a width pads its loss positions to one
         # size: one compiled shape per batch width (forge_mlx/head.py runs the head at those positions)
         self.cap = fdata.loss_row_cap(rows + valid)
-        self.order = fdata.BatchOrder(len(rows), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
+        # ONE order of global micro-batches (batch_size per rank x world), the single-process order at that size
+        self.order = fdata.BatchOrder(len(rows), self.global_micro_batch, cfg.train.seed, cfg.data.shuffle)
+
+    @property
+    def global_micro_batch(self) -> int:
+        return self.cfg.train.batch_size * self.world.size
+
+    def next_indices(self) -> list[int]:
+        """This rank's rows of the next global micro-batch."""
+        return self.world.shard(self.order.next_batch(), self.cfg.train.batch_size)
 
     def state(self) -> dict:
         return self.order.state()
 
     def restore(self, state: dict | None) -> None:
-        if state:
-            self.order = fdata.BatchOrder.from_state(self.n_rows, self.cfg.train.batch_size, state)
+        if not state:
+            return
+        saved = state.get("batch_size", self.global_micro_batch)
+        if saved != self.global_micro_batch:
+            raise ForgeError(f"resume: this run's global micro-batch was {saved} rows, now it would be "
+                             f"{self.cfg.train.batch_size} per rank x {self.world.size} rank(s) = "
+                             f"{self.global_micro_batch}; resume with a world size that gives {saved} rows")
+        self.order = fdata.BatchOrder.from_state(self.n_rows, self.global_micro_batch, state)
 
     def epoch(self) -> float:
         return float(self.order.epoch)
 
     def eval_batches(self):
-        """(start, stop) of each validation batch: all of them, or the first train.eval_batches."""
+        """(start, stop) of this rank's validation batches: every world-size-th of all of them (or of the
+        first train.eval_batches); the objective sums its results over ranks."""
         size = self.cfg.train.batch_size
         starts = list(range(0, len(self.valid), size))
         if self.cfg.train.eval_batches:
             starts = starts[: self.cfg.train.eval_batches]
-        return [(s, min(s + size, len(self.valid))) for s in starts]
+        return [(s, min(s + size, len(self.valid))) for s in starts[self.world.rank::self.world.size]]
 
 
 def load_split(load, cfg, tokenizer, console) -> tuple[list, list]:

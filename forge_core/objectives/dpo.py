@@ -14,8 +14,9 @@ import numpy as np
 
 from forge_core import data as fdata
 from forge_core.adapters import safetensors_io as sio
+from forge_core.distributed import World
 from forge_core.objectives.base import Objective, load_split
-from forge_core.preference import dpo_objective
+from forge_core.preference import METRICS, dpo_objective
 
 
 def dpo_loss(ops, model, batch, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -34,9 +35,9 @@ def dpo_loss(ops, model, batch, beta: float, loss_type: str = "sigmoid", label_s
 class DPOObjective(Objective):
     kind = "dpo"
 
-    def __init__(self, cfg, ops, model, tokenizer, run, console):
+    def __init__(self, cfg, ops, model, tokenizer, run, console, world: World):
         rows, valid = load_split(fdata.load_preferences, cfg, ops.hf_tokenizer(tokenizer), console)
-        super().__init__(cfg, ops, model, tokenizer, rows, valid)
+        super().__init__(cfg, ops, model, tokenizer, rows, valid, world)
         d = cfg.dpo
         self.loss_fn = partial(dpo_loss, ops, beta=d.beta, loss_type=d.loss_type,
                                label_smoothing=d.label_smoothing, sft_weight=d.sft_weight)
@@ -63,6 +64,17 @@ class DPOObjective(Objective):
             out.append(np.stack([lp[:len(chunk)], lp[len(chunk):]], axis=1))
         return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
 
+    def _score_shared(self, rows) -> np.ndarray:
+        """_score with the rows shared out: rank r scores rows r, r + world, ...; the sum over ranks of the
+        zero-filled (N, 2) arrays is every row's score."""
+        if self.world.size == 1 or not rows:  # every rank has the same rows: all skip the exchange alike
+            return self._score(rows)
+        mine = list(range(self.world.rank, len(rows), self.world.size))
+        out = np.zeros((len(rows), 2), np.float32)
+        if mine:
+            out[mine] = self._score([rows[i] for i in mine])
+        return self.world.sum(out)
+
     def _reference(self, run, console):
         from safetensors.numpy import load_file
 
@@ -72,12 +84,13 @@ class DPOObjective(Objective):
             if cached["train"].shape[0] == self.n_rows and cached["valid"].shape[0] == len(self.valid):
                 return cached["train"], cached["valid"]
         console.print(f"scoring {self.n_rows + len(self.valid)} pairs with the reference (policy at init)...")
-        ref = {"train": self._score(self.rows), "valid": self._score(self.valid)}
-        sio.save(f, ref)
+        ref = {"train": self._score_shared(self.rows), "valid": self._score_shared(self.valid)}
+        if self.world.main:
+            sio.save(f, ref)
         return ref["train"], ref["valid"]
 
     def next_batch(self):
-        idx = np.array(self.order.next_batch())
+        idx = np.array(self.next_indices())
         return self.batch([self.rows[i] for i in idx], self.ref, idx)
 
     def evaluate(self) -> dict:
@@ -91,4 +104,6 @@ class DPOObjective(Objective):
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             n += count.item()
-        return {k: v / max(n, 1) for k, v in sums.items()}
+        keys = ["loss", *METRICS]  # the same list on every rank, even one without validation batches
+        *totals, n = self.world.sum([sums.get(k, 0.0) for k in keys] + [n])
+        return {k: float(v / max(n, 1)) for k, v in zip(keys, totals)}

@@ -5,20 +5,21 @@ from __future__ import annotations
 import math
 
 from forge_core import data as fdata
+from forge_core.distributed import World
 from forge_core.objectives.base import Objective, load_split
 
 
 class SFTObjective(Objective):
     kind = "sft"
 
-    def __init__(self, cfg, ops, model, tokenizer, console):
+    def __init__(self, cfg, ops, model, tokenizer, console, world: World):
         rows, valid = load_split(fdata.load_sft, cfg, ops.hf_tokenizer(tokenizer), console)
         if cfg.data.packing:
             ops.enable_packing(model)
             packed = fdata.pack(rows, cfg.train.max_seq_len)
             console.print(f"packed {len(rows)} rows into {len(packed)} sequences of <= {cfg.train.max_seq_len} tokens")
             rows = packed
-        super().__init__(cfg, ops, model, tokenizer, rows, valid)
+        super().__init__(cfg, ops, model, tokenizer, rows, valid, world)
         # the loss SUM and the token count: the stepper divides by the count over all micro-batches,
         # so gradient accumulation equals one big batch exactly
         self.loss_fn = lambda m, b: (*ops.sft_loss(m, b), {})
@@ -29,7 +30,7 @@ class SFTObjective(Objective):
         return self.ops.to_batch(self.model, fdata.add_loss_positions(b, self.cap))
 
     def next_batch(self):
-        return self.batch([self.rows[i] for i in self.order.next_batch()])
+        return self.batch([self.rows[i] for i in self.next_indices()])
 
     def evaluate(self) -> dict:
         if not self.valid:
@@ -39,5 +40,6 @@ class SFTObjective(Objective):
         for start, stop in self.eval_batches():
             loss_sum, n = self._eval(self.batch(self.valid[start:stop]))
             total, count = total + loss_sum.item(), count + n.item()
-        loss = total / max(count, 1)
+        total, count = self.world.sum([total, count])  # every rank evaluated its share of the batches
+        loss = float(total / max(count, 1))
         return {"loss": loss, "ppl": math.exp(min(loss, 50))}

@@ -79,7 +79,7 @@ def test_launch_runs_dpo_at_dpo_lr(monkeypatch, tmp_path):
     got = {}
     monkeypatch.setattr(train_mod, "train", lambda cfg, kind, **kw: got.update(lr=cfg.train.lr, kind=kind))
     monkeypatch.setattr(launch_mod.backends, "resolve", lambda name: "mlx")
-    monkeypatch.setattr(launch_mod.backends, "ops", lambda name: types.SimpleNamespace())
+    monkeypatch.setattr(launch_mod.backends, "ops", lambda name: types.SimpleNamespace(init_world=lambda: (0, 1)))
     monkeypatch.setattr(launch_mod, "memory_check", lambda *a, **k: None)
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')

@@ -152,7 +152,7 @@ def _fake_launch(monkeypatch, tmp_path, plan):
     import forge_core.train as train_mod
 
     got = {}
-    fake = types.SimpleNamespace(set_memory_limit=lambda n: got.update(allocator=n))
+    fake = types.SimpleNamespace(set_memory_limit=lambda n: got.update(allocator=n), init_world=lambda: (0, 1))
     monkeypatch.setattr(train_mod, "train", lambda cfg, kind, **kw: got.update(cfg=cfg, **kw))
     monkeypatch.setattr(launch_mod.backends, "resolve", lambda name: "mlx")
     monkeypatch.setattr(launch_mod.backends, "ops", lambda name: fake)

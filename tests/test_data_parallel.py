@@ -1,0 +1,198 @@
+"""Data-parallel training under the engines' own launchers, 2 local processes: mlx.launch (ring backend)
+and torchrun (gloo). Two ranks at batch_size B give the single-process run at 2·B, step for step; a killed
+rank stops the other within a minute and a resume under the launcher ends bit-identical; a bad row stops
+both ranks with one message; a resume with another global batch is refused in one line."""
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from forge_core.launch import launcher_command
+
+pytestmark = pytest.mark.slow
+BACKENDS = [pytest.param("mlx", marks=pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="no mlx")),
+            pytest.param("cuda", marks=pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="no torch"))]
+WEIGHTS = {"mlx": "adapters.safetensors", "cuda": "adapter_model.safetensors"}
+WORDS = ["red", "blue", "green", "gold", "pink", "grey"]
+
+
+def _free_ports(n: int = 2) -> int:
+    """A port p with p .. p+n-1 free (mlx's ring backend listens on one port per rank)."""
+    for _ in range(100):
+        p = random.randint(20000, 40000)
+        try:
+            socks = []
+            for i in range(n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p + i))
+                socks.append(s)
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def _sft_rows(n=24):
+    return [{"messages": [{"role": "user", "content": f"color {i}"},
+                          {"role": "assistant", "content": f"{WORDS[i % 6]} {WORDS[(i * 5) % 6]}"}]} for i in range(n)]
+
+
+def _dpo_rows(n=16):
+    return [{"prompt": f"spell {w}{i}", "chosen": " ".join(w), "rejected": w[::-1]} for i, w in enumerate(WORDS * 3)][:n]
+
+
+def _args(backend, model, data, out, batch, steps=10, kind="sft", extra=()):
+    return [kind, "--backend", backend, "--model", str(model), "--data", str(data), "--steps", str(steps),
+            "--rank", "4", "--quant", "none", "--init", "pissa", "--out", str(out),
+            "--set", f"train.batch_size={batch}", "--set", "train.log_every=1", "--set", "train.eval_every=0",
+            "--lr", "5e-3", "--set", "train.warmup=2", "--set", "model.dtype=float32", *extra]
+
+
+def _run(cmd, timeout=400, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), **kw)
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("MLX_RANK", None)
+    env.pop("RANK", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # torch: gloo on the CPU, as on a machine without GPUs
+    return env
+
+
+def _single(args):
+    return _run([sys.executable, "-m", "forge_core.cli", *args])
+
+
+def _launched(backend, args, **kw):
+    return _run(launcher_command(2, backend, args, port=_free_ports()), **kw)
+
+
+def _losses(run):
+    recs = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r["split"] == "train"]
+
+
+def _weights(run, backend):
+    return load_file(str(Path(run) / "adapter" / WEIGHTS[backend]))
+
+
+def _assert_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_two_ranks_equal_one_process_at_the_same_global_batch(backend, kind, tiny_model, jsonl, tmp_path):
+    data = jsonl("data.jsonl", _sft_rows() if kind == "sft" else _dpo_rows())
+    one = _single(_args(backend, tiny_model, data, tmp_path / "one", batch=4, kind=kind))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _launched(backend, _args(backend, tiny_model, data, tmp_path / "two", batch=2, kind=kind))
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "global batch = 2 rows per rank x 2 ranks x 1 accumulation = 4 rows" in two.stderr + two.stdout
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 10
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    assert a[-1] != a[0]  # it trained
+    _assert_weights(_weights(tmp_path / "two", backend), _weights(tmp_path / "one", backend), atol=1e-5)
+    # rank 0 alone wrote the run dir: one record per step, one checkpoint pointer, one adapter
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in (tmp_path / "one").iterdir() if not p.name.startswith("."))
+
+
+def _rank_pid(out: Path, rank: int) -> int | None:
+    """The pid of the rank-`rank` process of the run writing to `out` (from /proc: its environment)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().split(b"\0")
+            env = dict(e.split(b"=", 1) for e in (d / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and b"forge_core.cli" in cmdline and \
+                (env.get(b"MLX_RANK") == str(rank).encode() or env.get(b"RANK") == str(rank).encode()):
+            return int(d.name)
+    return None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_killed_rank_stops_the_other_and_resume_under_the_launcher_is_exact(backend, tiny_model, jsonl, tmp_path):
+    data = jsonl("data.jsonl", _sft_rows(48))
+    extra = ("--set", "train.save_every=10", "--set", "lora.dropout=0.1")
+    straight = _launched(backend, _args(backend, tiny_model, data, tmp_path / "straight", 2, steps=400, extra=extra))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(launcher_command(2, backend, _args(backend, tiny_model, data, out, 2, steps=400, extra=extra),
+                                             port=_free_ports()), stdout=log, stderr=subprocess.STDOUT, env=_env())
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for a checkpoint at step >= 20, then kill -9 rank 1
+        latest = out / "latest.json"
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 20:
+            break
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.02)
+    pid = _rank_pid(out, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    proc.wait(timeout=120)
+    assert time.time() - killed_at < 60
+    text = (tmp_path / "killed.log").read_text()
+    assert proc.returncode != 0 or backend == "mlx"  # mlx.launch itself exits 0 and warns per failed node
+    assert "forge: error: rank 0 of 2" in text, text[-3000:]  # the survivor says what happened, in one line
+    assert 'forge_core/' not in text and 'forge_mlx/' not in text, text[-3000:]  # no traceback through forge
+    step = json.loads((out / "latest.json").read_text())["step"]
+    assert 20 <= step < 400
+
+    resumed = _launched(backend, ["train", "--resume", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _losses(out) == _losses(tmp_path / "straight")
+    _assert_weights(_weights(out, backend), _weights(tmp_path / "straight", backend), atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_row_stops_both_ranks_with_one_message(backend, tiny_model, tmp_path):
+    rows = [json.dumps(r) for r in _sft_rows(12)]
+    rows[9] = '{"messages": [{"role": "user", "content": "hi"}'  # line 10: broken JSON
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    res = _launched(backend, _args(backend, tiny_model, data, tmp_path / "run", batch=2))
+    assert res.returncode != 0
+    errors = [line for line in (res.stdout + res.stderr).splitlines() if "forge: error:" in line]
+    assert len(errors) == 1, res.stdout + res.stderr
+    assert f"{data}:10" in errors[0]
+    assert "forge_core/" not in res.stdout + res.stderr  # no traceback through forge
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_with_another_global_batch_is_refused_in_one_line(backend, tiny_model, jsonl, tmp_path):
+    data = jsonl("data.jsonl", _sft_rows())
+    two = _launched(backend, _args(backend, tiny_model, data, tmp_path / "run", batch=2, steps=4,
+                                    extra=("--set", "train.save_every=2")))
+    assert two.returncode == 0, two.stderr[-3000:]
+    (tmp_path / "run" / "adapter").rename(tmp_path / "adapter.done")
+    state = json.loads((tmp_path / "run" / "latest.json").read_text())
+    assert state["step"] == 4
+    alone = _single(["train", "--resume", str(tmp_path / "run")])
+    assert alone.returncode == 2
+    assert "global micro-batch was 4 rows, now it would be 2 per rank x 1 rank(s) = 2" in alone.stderr
+    assert "Traceback" not in alone.stderr
