@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -35,6 +37,9 @@ from forge_core.errors import ForgeError
 # MLX's ring backend (send/recv failures on the closed socket).
 PEER_LOST_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote process",
                      "[ring]", "recv failed", "send failed", "socket", "nccl error")
+
+
+GRACE_S = 5.0  # how long a signalled rank may take to stop by itself before its watchdog ends it
 
 
 class PeerLost(ForgeError):
@@ -126,16 +131,38 @@ class World:
     @contextmanager
     def stops_cleanly(self, run, step_now):
         """Around the loop under a launcher: the launcher's SIGTERM (sent when another rank failed) and a
-        collective that finds a peer gone both end this rank with one PeerLost line, never a hang."""
+        collective that finds a peer gone both end this rank with one PeerLost line, never a hang.
+
+        A Python signal handler runs only when the main thread is back in the interpreter, and a rank can be
+        stuck inside a collective whose peer is gone. So a watchdog thread also hears the signal (the
+        interpreter's wakeup fd): if the rank has not ended GRACE_S seconds later, it says so and exits."""
         if self.size == 1:
             yield
             return
 
-        def terminated(signum, frame):
-            raise PeerLost(f"rank {self.rank} of {self.size} was stopped by the launcher at step {step_now()} "
-                           "(another rank failed or the job was cancelled)")
+        def message(signum: int) -> str:
+            what = "was interrupted" if signum == signal.SIGINT else "was stopped by the launcher"
+            return (f"rank {self.rank} of {self.size} {what} at step {step_now()} "
+                    "(another rank failed or the job was cancelled)")
 
+        def terminated(signum, frame):
+            raise PeerLost(message(signum))
+
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        previous_fd = signal.set_wakeup_fd(write_fd)
         previous = signal.signal(signal.SIGTERM, terminated)
+
+        def watchdog():
+            signum = os.read(read_fd, 1)[0]
+            if not signum:  # 0: the loop ended and closes the watch
+                os.close(read_fd)
+            else:
+                time.sleep(GRACE_S)
+                os.write(2, f"forge: error: {message(signum)}\n".encode())
+                os._exit(2)
+
+        threading.Thread(target=watchdog, name="forge-stop-watchdog", daemon=True).start()
         try:
             yield
         except PeerLost:
@@ -146,6 +173,9 @@ class World:
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.set_wakeup_fd(previous_fd)
+            os.write(write_fd, b"\0")
+            os.close(write_fd)
 
     def lost_peers(self, exc: BaseException, step: int, run) -> PeerLost:
         last = run.latest()

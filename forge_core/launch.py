@@ -50,7 +50,7 @@ def memory_check(cfg: ForgeConfig, kind: str, name: str, force: bool, console: C
 
 
 def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool = False) -> Path:
-    console = Console(stderr=True, quiet=env_rank() != 0)  # under a launcher rank 0 speaks for all
+    console = Console(stderr=True, soft_wrap=True, quiet=env_rank() != 0)  # under a launcher rank 0 speaks for all
     if resume:
         cfg = resumed_config(RunDir(resume), cfg)  # the run's config; memory.* from this invocation
     if kind == "dpo" and not resume:

@@ -43,7 +43,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
     launcher (mlx.launch, torchrun) every rank runs this function; rank 0 alone writes (distributed.py).
     """
     world = World(ops)
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     if not world.main:  # one voice: the other ranks print nothing (their errors reach rank 0 or the CLI)
         console = Console(stderr=True, quiet=True)
     ops.preflight(console)

@@ -1,7 +1,8 @@
 """Data-parallel training under the engines' own launchers, 2 local processes: mlx.launch (ring backend)
-and torchrun (gloo). Two ranks at batch_size B give the single-process run at 2·B, step for step; a killed
-rank stops the other within a minute and a resume under the launcher ends bit-identical; a bad row stops
-both ranks with one message; a resume with another global batch is refused in one line."""
+and torchrun (gloo). Two ranks at batch_size B give the single-process run at the same global batch (B rows
+x 2 micro-batches: the same rows, grouped as the ranks group them), step for step; a killed
+rank stops the other within a minute, a resume with another global batch is refused in one line and a
+resume under the launcher ends bit-identical; a bad row stops both ranks with one message."""
 
 import importlib.util
 import json
@@ -56,7 +57,7 @@ def _dpo_rows(n=16):
 
 
 def _args(backend, model, data, out, batch, steps=10, kind="sft", extra=()):
-    return [kind, "--backend", backend, "--model", str(model), "--data", str(data), "--steps", str(steps),
+    return [{"sft": "train", "dpo": "dpo"}[kind], "--backend", backend, "--model", str(model), "--data", str(data), "--steps", str(steps),
             "--rank", "4", "--quant", "none", "--init", "pissa", "--out", str(out),
             "--set", f"train.batch_size={batch}", "--set", "train.log_every=1", "--set", "train.eval_every=0",
             "--lr", "5e-3", "--set", "train.warmup=2", "--set", "model.dtype=float32", *extra]
@@ -101,7 +102,8 @@ def _assert_weights(a, b, atol):
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_two_ranks_equal_one_process_at_the_same_global_batch(backend, kind, tiny_model, jsonl, tmp_path):
     data = jsonl("data.jsonl", _sft_rows() if kind == "sft" else _dpo_rows())
-    one = _single(_args(backend, tiny_model, data, tmp_path / "one", batch=4, kind=kind))
+    one = _single(_args(backend, tiny_model, data, tmp_path / "one", batch=2, kind=kind,
+                        extra=("--set", "train.grad_accum=2")))
     assert one.returncode == 0, one.stderr[-3000:]
     two = _launched(backend, _args(backend, tiny_model, data, tmp_path / "two", batch=2, kind=kind))
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
@@ -135,18 +137,18 @@ def _rank_pid(out: Path, rank: int) -> int | None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_killed_rank_stops_the_other_and_resume_under_the_launcher_is_exact(backend, tiny_model, jsonl, tmp_path):
     data = jsonl("data.jsonl", _sft_rows(48))
-    extra = ("--set", "train.save_every=10", "--set", "lora.dropout=0.1")
-    straight = _launched(backend, _args(backend, tiny_model, data, tmp_path / "straight", 2, steps=400, extra=extra))
+    extra = ("--set", "train.save_every=5", "--set", "lora.dropout=0.1")
+    straight = _launched(backend, _args(backend, tiny_model, data, tmp_path / "straight", 2, steps=60, extra=extra))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = tmp_path / "killed"
     log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(launcher_command(2, backend, _args(backend, tiny_model, data, out, 2, steps=400, extra=extra),
+    proc = subprocess.Popen(launcher_command(2, backend, _args(backend, tiny_model, data, out, 2, steps=60, extra=extra),
                                              port=_free_ports()), stdout=log, stderr=subprocess.STDOUT, env=_env())
     deadline = time.time() + 300
-    while time.time() < deadline:  # wait for a checkpoint at step >= 20, then kill -9 rank 1
+    while time.time() < deadline:  # wait for a checkpoint at step >= 10, then kill -9 rank 1
         latest = out / "latest.json"
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= 20:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 10:
             break
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
         time.sleep(0.02)
@@ -161,8 +163,12 @@ def test_killed_rank_stops_the_other_and_resume_under_the_launcher_is_exact(back
     assert "forge: error: rank 0 of 2" in text, text[-3000:]  # the survivor says what happened, in one line
     assert 'forge_core/' not in text and 'forge_mlx/' not in text, text[-3000:]  # no traceback through forge
     step = json.loads((out / "latest.json").read_text())["step"]
-    assert 20 <= step < 400
+    assert 10 <= step < 60
 
+    # another world size would change the global micro-batch (2 rows x 1 rank): refused, in one line
+    alone = _single(["train", "--resume", str(out)])
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    assert "global micro-batch was 4 rows, now it would be 2 per rank x 1 rank(s) = 2" in alone.stderr
     resumed = _launched(backend, ["train", "--resume", str(out)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _losses(out) == _losses(tmp_path / "straight")
@@ -176,23 +182,9 @@ def test_bad_row_stops_both_ranks_with_one_message(backend, tiny_model, tmp_path
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(rows) + "\n")
     res = _launched(backend, _args(backend, tiny_model, data, tmp_path / "run", batch=2))
-    assert res.returncode != 0
+    assert res.returncode != 0 or backend == "mlx"  # mlx.launch itself exits 0 and warns per failed node
+    assert "exited with code 2" in res.stderr or backend != "mlx"
     errors = [line for line in (res.stdout + res.stderr).splitlines() if "forge: error:" in line]
     assert len(errors) == 1, res.stdout + res.stderr
     assert f"{data}:10" in errors[0]
     assert "forge_core/" not in res.stdout + res.stderr  # no traceback through forge
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_with_another_global_batch_is_refused_in_one_line(backend, tiny_model, jsonl, tmp_path):
-    data = jsonl("data.jsonl", _sft_rows())
-    two = _launched(backend, _args(backend, tiny_model, data, tmp_path / "run", batch=2, steps=4,
-                                    extra=("--set", "train.save_every=2")))
-    assert two.returncode == 0, two.stderr[-3000:]
-    (tmp_path / "run" / "adapter").rename(tmp_path / "adapter.done")
-    state = json.loads((tmp_path / "run" / "latest.json").read_text())
-    assert state["step"] == 4
-    alone = _single(["train", "--resume", str(tmp_path / "run")])
-    assert alone.returncode == 2
-    assert "global micro-batch was 4 rows, now it would be 2 per rank x 1 rank(s) = 2" in alone.stderr
-    assert "Traceback" not in alone.stderr

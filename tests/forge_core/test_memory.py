@@ -404,3 +404,24 @@ def test_mlx_cpu_kernels_change_the_attention_terms_only_on_cpu():
     assert probs(False, False) == int(1.5 * 4 * square)  # MLX's sdpa fallback: 1.5 copies per block
     assert probs(True, False) == int(1.0 * (36 / 64) * 4 * square)  # forge's kernels: the causal blocks, once
     assert probs(True, True) == int(1.5 * 4 * 2 * 8 * 512 ** 2 * 2)  # Metal: bf16, the kernels are not used
+
+
+def test_data_parallel_plan_is_one_ranks_share_of_this_machine():
+    model = known_model_config("smollm2-135m")
+    cfg = cfg_with(**{"memory.device_memory": ""})
+    one = plan_memory(cfg, model, backend="mlx", on_gpu=False)
+    two = plan_memory(cfg, model, backend="mlx", on_gpu=False, nproc=2)
+    buffer = [c for c in two.components if c.name == "gradient all-reduce buffer"]
+    # rank 16 on q,k,v,o,gate,up,down of 30 blocks: 16 x (in + out) summed = 4,884,480 params; fp32, twice
+    assert len(buffer) == 1 and buffer[0].bytes == 2 * 4 * 4_884_480
+    assert two.total_bytes == one.total_bytes + buffer[0].bytes
+    assert two.budget_bytes == one.budget_bytes // 2 and two.budget_source.endswith("/ 2 processes on this machine")
+    own = plan_memory(cfg, model, backend="mlx", on_gpu=False, nproc=2, shared=False)  # one device per rank
+    assert own.budget_bytes == one.budget_bytes
+
+
+def test_cli_memory_nproc_plans_one_rank(tmp_path):
+    res = CliRunner().invoke(cli, ["memory", "--model", "smollm2-135m", "--nproc", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert plan["nproc"] == 2 and "2 processes on this machine" in plan["budget_source"]
