@@ -83,7 +83,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
         if world.main:
             save_checkpoint(run, step, stepper, {"data": data or obj.state()})
 
-    tokens, tic, step = 0, time.perf_counter(), start
+    tokens, tic, step, last_log = 0, time.perf_counter(), start, start
     model.train()
     with TrainProgress(steps, start, label=obj.kind, console=console) as bar, world.stops_cleanly(run, lambda: step):
         for step in range(start + 1, steps + 1):
@@ -126,8 +126,9 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
             if not math.isfinite(loss):
                 raise _nonfinite_loss(run, loss, step)
             if step % t.log_every == 0 or step == steps or step == start + 1:
+                elapsed = max(time.perf_counter() - tic, 1e-9)
                 rec = {"split": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm.item(),
-                       "tok_s": world.size * tokens / max(time.perf_counter() - tic, 1e-9),
+                       "tok_s": world.size * tokens / elapsed, "step_s": elapsed / (step - last_log),
                        "peak_memory": ops.peak_memory(), "epoch": obj.epoch(),
                        **{k: (v / count).item() for k, v in (msums or {}).items()}}
                 if world.main:
@@ -135,7 +136,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
                 bar.update(step, rec["loss"], rec["tok_s"], rec["peak_memory"], record=rec)
                 if not bar.progress.live.is_started or bar.progress.disable:
                     console.print(log_line(rec), soft_wrap=True)
-                tokens, tic = 0, time.perf_counter()
+                tokens, tic, last_log = 0, time.perf_counter(), step
             else:
                 bar.update(step)
 

@@ -28,6 +28,13 @@ WEIGHTS = {"mlx": "adapters.safetensors", "cuda": "adapter_model.safetensors"}
 WORDS = ["red", "blue", "green", "gold", "pink", "grey"]
 
 
+@pytest.fixture(autouse=True)
+def _one_blas_thread(monkeypatch):
+    """Every process (the single one and each rank) runs its BLAS on one thread: the same GEMM partitioning,
+    so the comparison sees only what data-parallel changes (torchrun sets OMP_NUM_THREADS=1 itself)."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+
+
 def _free_ports(n: int = 2) -> int:
     """A port p with p .. p+n-1 free (mlx's ring backend listens on one port per rank)."""
     for _ in range(100):

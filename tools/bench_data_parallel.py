@@ -48,8 +48,9 @@ def run(nproc: int, batch: int, args, out: Path) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"run with {nproc} process(es) failed:\n{res.stderr[-3000:]}")
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    tok_s = [r["tok_s"] for r in recs if r["split"] == "train"][args.warmup:]
-    return {"tok_s": statistics.median(tok_s), "wall_s": time.perf_counter() - tic, "runs": tok_s}
+    train = [r for r in recs if r["split"] == "train"][args.warmup:]
+    return {"tok_s": statistics.median(r["tok_s"] for r in train), "step_s": statistics.median(r["step_s"] for r in train),
+            "wall_s": time.perf_counter() - tic, "runs": [r["tok_s"] for r in train]}
 
 
 def adapter_params(args) -> int:
@@ -67,16 +68,17 @@ def adapter_params(args) -> int:
 def report(one: dict, two: dict, args, command: str, load_before: str) -> str:
     params = adapter_params(args)
     volume = 4 * params  # bytes of fp32 gradients summed per step (one buffer)
-    tokens_per_step = 2 * args.batch_size * args.seq_len
-    step_one = tokens_per_step / one["tok_s"]
+    step_one = one["step_s"]
     note = (f"SmolLM2-135M-Instruct (bundled), {TRAIN}, backend {args.backend}, LoRA rank {args.rank} on all 7 "
-            f"targets of 30 blocks ({params / 1e6:.2f}M trainable parameters), base {args.quant}-bit, max seq len "
+            f"targets of 30 blocks ({params / 1e6:.2f}M trainable parameters), base "
+            f"{'full precision' if args.quant == 'none' else args.quant + '-bit'}, max seq len "
             f"{args.seq_len}; global batch {2 * args.batch_size} rows: 1 process x {2 * args.batch_size} vs 2 "
-            f"processes x {args.batch_size}. tok/s counts padded rows x width, all ranks together; median of "
+            f"processes x {args.batch_size}. tok/s counts padded rows x width, all ranks together; step s and tok/s: "
+            f"medians of "
             f"{args.steps} steps after {args.warmup} warm-up steps. This machine has 2 cores: the 2-process run "
             "shares them, so its ratio is the overhead of data-parallel training here, not a speed-up.")
-    rows = [["1 process", f"{one['tok_s']:.1f}", f"{one['wall_s']:.0f}", " / ".join(f"{x:.0f}" for x in one["runs"])],
-            ["2 processes", f"{two['tok_s']:.1f}", f"{two['wall_s']:.0f}", " / ".join(f"{x:.0f}" for x in two["runs"])]]
+    rows = [[name, f"{r['step_s']:.2f}", f"{r['tok_s']:.1f}", f"{r['wall_s']:.0f}", " / ".join(f"{x:.0f}" for x in r["runs"])]
+            for name, r in (("1 process", one), ("2 processes (mlx.launch ring)", two))]
     paper = []
     for name, (n, gbps, lat_ms) in LINKS.items():
         ring = 2 * (n - 1) / n * volume / (gbps * 1e9) + lat_ms / 1e3  # ring all-reduce: 2(n-1)/n of the buffer
@@ -84,7 +86,7 @@ def report(one: dict, two: dict, args, command: str, load_before: str) -> str:
                       f"{ring * 1e3:.2f} ms", f"{step_one / (step_one + ring):.1%}"])
     return "\n\n".join([
         bc.provenance(command, load_before, note),
-        bc.table(["run", "tok/s (median)", "wall s (incl. model build)", "tok/s per step"], rows),
+        bc.table(["run", "step s", "tok/s", "wall s (incl. start-up and model build)", "tok/s per step"], rows),
         bc.table(["comparison", "ratio"], [["2 processes / 1 process, tok/s at the same global batch",
                                             f"{two['tok_s'] / one['tok_s']:.2f}x"]]),
         "Expected scaling elsewhere, on paper: each rank computes its share of the batch in the single-device "

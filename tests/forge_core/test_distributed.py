@@ -2,6 +2,7 @@
 tree sums, and the launcher command lines forge execs for --nproc."""
 
 import json
+import os
 import sys
 
 from forge_core.distributed import World, _flatten, _rebuild, env_rank, is_peer_lost, local_ranks
@@ -54,11 +55,13 @@ def test_peer_loss_is_recognised_from_the_collectives_messages():
     assert not is_peer_lost(ValueError("[ring] not a runtime error"))
 
 
-def test_nproc_execs_the_engines_own_launchers():
+def test_nproc_execs_the_engines_own_launchers(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
     mlx = launcher_command(2, "mlx", ["train", "--steps", "3"], port=4000)
     assert mlx[:2] == [sys.executable, "-c"] and "mlx._distributed_utils.launch" in mlx[2]
-    assert mlx[3:] == ["-n", "2", "--backend", "ring", "--starting-port", "4000", "--", sys.executable, "-m",
-                       "forge_core.cli", "train", "--steps", "3"]
+    assert mlx[3:] == ["-n", "2", "--backend", "ring", "--starting-port", "4000", "--env", "OPENBLAS_NUM_THREADS=4",
+                       "--", sys.executable, "-m", "forge_core.cli", "train", "--steps", "3"]
     torch = launcher_command(4, "cuda", ["dpo", "--data", "p.jsonl"])
     assert torch == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
                      "forge_core.cli", "dpo", "--data", "p.jsonl"]
