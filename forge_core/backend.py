@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import platform
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from forge_core.errors import ForgeError
 
@@ -55,7 +56,7 @@ class BackendOps(Protocol):
     """The framework code a backend provides; everything else is forge_core's."""
 
     name: str  # "mlx" | "cuda"
-    xp: ModuleType  # the array module forge_core.preference's formulas run on (mlx.core, torch)
+    xp: ModuleType  # the array module forge_core/losses' formulas run on (mlx.core, torch)
 
     # ---- model and adapter files
     def build_model(self, cfg, pissa_init: dict | None = None, adapter_weights: dict | None = None) -> tuple:

@@ -13,6 +13,7 @@ import click
 
 from forge_core.config import choices
 from forge_core.errors import ForgeError
+from forge_core.methods import KINDS
 
 # CLI option name -> config key. Options left unset (None) do not override the recipe.
 TRAIN_OPTIONS = {
@@ -135,7 +136,7 @@ def friendly(f):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="forge-tune", prog_name="forge")
 def cli():
-    """Forge: fine-tune LLMs on your own machine (QPiSSA + LoRA, SFT and DPO; MLX and CUDA)."""
+    """Forge: fine-tune LLMs on your own machine (QPiSSA + LoRA; SFT, DPO, ORPO, SimPO, CPO, KTO; MLX and CUDA)."""
 
 
 @cli.command()
@@ -154,24 +155,55 @@ def train(resume, force, nproc, **kw):
     launch(cfg, kind="sft", resume=resume, force=force)
 
 
-@cli.command()
-@config_options
-@click.option("--adapter", type=click.Path(), help="Continue from this SFT adapter (also the DPO reference).")
-@click.option("--beta", type=float)
-@click.option("--loss-type", type=click.Choice(choices("dpo.loss_type")), default=None)
-@click.option("--resume", type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True)
-@nproc_option
-@friendly
-def dpo(adapter, beta, loss_type, resume, force, nproc, **kw):
-    """Direct preference optimisation on {prompt, chosen, rejected} rows (--lr sets dpo.lr)."""
-    from forge_core.launch import launch
+# The preference methods: one command each, the same shape. Each method's own options map onto its config
+# section (forge_core/methods.py); --lr sets that section's lr.
+METHOD_OPTIONS = {
+    "dpo": [click.option("--loss-type", type=click.Choice(choices("dpo.loss_type")), default=None)],
+    "orpo": [],
+    "simpo": [click.option("--gamma", type=float, help="Target reward margin.")],
+    "cpo": [click.option("--loss-type", type=click.Choice(choices("cpo.loss_type")), default=None)],
+    "kto": [click.option("--loss-type", type=click.Choice(choices("kto.loss_type")), default=None),
+            click.option("--desirable-weight", type=float), click.option("--undesirable-weight", type=float)],
+}
+METHOD_HELP = {
+    "dpo": "Direct preference optimisation on {prompt, chosen, rejected} rows, against the policy at init.",
+    "orpo": "ORPO on {prompt, chosen, rejected} rows: NLL + odds-ratio term, no reference, one phase from the base.",
+    "simpo": "SimPO on {prompt, chosen, rejected} rows: length-normalised reward with a target margin, no reference.",
+    "cpo": "CPO on {prompt, chosen, rejected} rows: log-prob reward + NLL on chosen, no reference.",
+    "kto": "KTO on {prompt, completion, label} rows (pairs are split), against the policy at init.",
+}
 
-    extra = {"dpo.adapter": adapter, "dpo.beta": beta, "dpo.loss_type": loss_type, "dpo.lr": kw.pop("lr")}
-    cfg = build_from_cli(kw, extra)
-    if nproc and nproc > 1:
-        _relaunch(nproc, cfg, resume)
-    launch(cfg, kind="dpo", resume=resume, force=force)
+
+def _preference_command(kind: str):
+    def command(adapter, beta, resume, force, nproc, **kw):
+        from forge_core.launch import launch
+
+        extra = {f"{kind}.adapter": adapter, f"{kind}.beta": beta, f"{kind}.lr": kw.pop("lr")}
+        for name in [k for k in kw if k not in TRAIN_OPTIONS and k not in ("recipe", "sets")]:
+            extra[f"{kind}.{name}"] = kw.pop(name)
+        cfg = build_from_cli(kw, extra)
+        if nproc and nproc > 1:
+            _relaunch(nproc, cfg, resume)
+        launch(cfg, kind=kind, resume=resume, force=force)
+
+    command.__doc__ = f"{METHOD_HELP[kind]} (--lr sets {kind}.lr)"
+    command = friendly(command)
+    for opt in reversed([
+        config_options,
+        click.option("--adapter", type=click.Path(), help="Continue from this SFT adapter"
+                     + (" (also the reference)." if kind in ("dpo", "kto") else ".")),
+        click.option("--beta", type=float),
+        *METHOD_OPTIONS[kind],
+        click.option("--resume", type=click.Path(file_okay=False)),
+        click.option("--force", is_flag=True),
+        nproc_option,
+    ]):
+        command = opt(command)
+    return cli.command(name=kind)(command)
+
+
+for _kind in METHOD_OPTIONS:
+    _preference_command(_kind)
 
 
 @cli.command()
@@ -237,15 +269,16 @@ def convert(src, dst, to, base):
 @config_options
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--device-memory", default=None, help='Plan for another device, e.g. "24GB".')
-@click.option("--dpo", "is_dpo", is_flag=True, help="Plan a DPO run (chosen + rejected).")
+@click.option("--method", type=click.Choice(KINDS), default=None, help="Plan this method's run (default sft).")
+@click.option("--dpo", "is_dpo", is_flag=True, help="Same as --method dpo.")
 @click.option("--nproc", type=int, default=1, metavar="N", help="Plan one of N data-parallel processes.")
 @friendly
-def memory(as_json, device_memory, is_dpo, nproc, **kw):
+def memory(as_json, device_memory, method, is_dpo, nproc, **kw):
     """Estimate peak memory for a run and compare it with the device."""
     from forge_core.memory.plan import memory_command
 
     cfg = build_from_cli(kw, {"memory.device_memory": device_memory})
-    memory_command(cfg, as_json=as_json, kind="dpo" if is_dpo else "sft", nproc=max(1, nproc))
+    memory_command(cfg, as_json=as_json, kind=method or ("dpo" if is_dpo else "sft"), nproc=max(1, nproc))
 
 
 @cli.group(invoke_without_command=True)

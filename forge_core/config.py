@@ -25,7 +25,10 @@ QuantMode = Literal["auto", "affine", "nf4", "fp4"]
 Matmul = Literal["auto", "dequant", "fused"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
-DpoLoss = Literal["sigmoid", "ipo", "hinge"]
+DpoLoss = Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
+                  "apo_down", "aot", "aot_unpaired", "discopop", "sigmoid_norm"]
+CpoLoss = Literal["sigmoid", "hinge", "ipo"]
+KtoLoss = Literal["kto", "apo_zero_unpaired"]
 Metric = Literal["auto", "exact", "json_fields", "none"]
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -73,7 +76,7 @@ class QuantConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = 2e-4  # SFT; `forge dpo` trains at dpo.lr instead
+    lr: float = 2e-4  # SFT; the preference commands train at their section's lr (dpo.lr, orpo.lr, ...)
     schedule: Schedule = "cosine"  # cosine | linear | constant (all after linear warmup)
     warmup: int = 10
     min_lr_ratio: float = 0.1
@@ -95,14 +98,58 @@ class TrainConfig:
     compile: bool = True
 
 
+# The preference methods (`forge dpo / orpo / simpo / cpo / kto`): each has its own section, and its command
+# copies the section's lr into train.lr. LoRA rates are the papers' full fine-tuning rates x 10 where a paper
+# gives one (Schulman et al. 2025, "LoRA Without Regret": LoRA's best rate is ~10x full fine-tuning's).
+# `adapter`: continue from this SFT adapter (for dpo and kto it is also the reference).
+
+
 @dataclass
 class DpoConfig:
-    lr: float = 2e-5  # DPO learning rate (typical 5e-6..5e-5); forge dpo copies it into train.lr
+    lr: float = 2e-5  # DPO learning rate (typical 5e-6..5e-5)
     beta: float = 0.1
-    loss_type: DpoLoss = "sigmoid"  # sigmoid | ipo | hinge
-    label_smoothing: float = 0.0  # cDPO
+    loss_type: DpoLoss = "sigmoid"  # the formulas: forge_core/losses/dpo.py
+    label_smoothing: float = 0.0  # ε: cDPO for sigmoid; robust (0 <= ε < 0.5), exo_pair (> 0, paper: 1e-3), aot
     sft_weight: float = 0.0  # RPO-style NLL term on chosen
-    adapter: str = ""  # continue from this SFT adapter (it is also the reference)
+    discopop_tau: float = 0.05  # discopop's temperature (paper default)
+    adapter: str = ""
+
+
+@dataclass
+class OrpoConfig:
+    lr: float = 8e-5  # ORPO paper: 8e-6 full fine-tuning (Mistral-ORPO), x 10 for LoRA
+    beta: float = 0.1  # λ, the odds-ratio term's weight (paper and TRL: 0.1)
+    adapter: str = ""
+
+
+@dataclass
+class SimpoConfig:
+    lr: float = 1e-5  # SimPO paper: 3e-7..1e-6 full fine-tuning, x 10 for LoRA
+    beta: float = 2.0  # SimPO paper's default reward scale
+    gamma: float = 1.0  # target reward margin γ (paper: γ/β = 0.5)
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0  # TRL's cpo_alpha: > 0 is CPO-SimPO
+    adapter: str = ""
+
+
+@dataclass
+class CpoConfig:
+    lr: float = 1e-5  # TRL's CPO rate 1e-6 (full fine-tuning), x 10 for LoRA
+    beta: float = 0.1
+    loss_type: CpoLoss = "sigmoid"  # sigmoid (CPO paper) | hinge | ipo
+    label_smoothing: float = 0.0
+    sft_weight: float = 1.0  # TRL's cpo_alpha: the NLL term on chosen (CPO paper: 1)
+    adapter: str = ""
+
+
+@dataclass
+class KtoConfig:
+    lr: float = 5e-6  # KTO paper: 5e-7 full fine-tuning (beta 0.1), x 10 for LoRA
+    beta: float = 0.1
+    loss_type: KtoLoss = "kto"  # kto | apo_zero_unpaired
+    desirable_weight: float = 1.0  # paper: keep weight x count of desirable : undesirable in [1, 4/3]
+    undesirable_weight: float = 1.0
+    adapter: str = ""
 
 
 @dataclass
@@ -130,6 +177,10 @@ class ForgeConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    orpo: OrpoConfig = field(default_factory=OrpoConfig)
+    simpo: SimpoConfig = field(default_factory=SimpoConfig)
+    cpo: CpoConfig = field(default_factory=CpoConfig)
+    kto: KtoConfig = field(default_factory=KtoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 

@@ -108,4 +108,4 @@ def evaluate_preferences(ops, cfg: ForgeConfig, adapter: str | None = None) -> d
         lp = ops.to_numpy(logps_of(ops.to_batch(net, b))).astype(np.float32)
         margins.append(lp[:len(chunk)] - lp[len(chunk):])
     m = np.concatenate(margins)
-    return {"pref_accuracy": float((m > 0).mean()), "logp_margin": float(m.mean()), "pairs": int(len(m))}
+    return {"pref_accuracy": float((m > 0).mean()), "logp_margin": float(m.mean()), "pairs": len(m)}

@@ -24,6 +24,7 @@ from forge_core.errors import ForgeError
 from forge_core.evaluate import evaluate, generate
 from forge_core.memory.budget import plans_for_gpu
 from forge_core.memory.plan import check_before_launch, runtime_limit_bytes
+from forge_core.methods import section
 from forge_core.models.sources import resolve_model
 from forge_core.rundir import RunDir, resumed_config
 
@@ -53,10 +54,11 @@ def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool =
     console = Console(stderr=True, soft_wrap=True, quiet=env_rank() != 0)  # under a launcher rank 0 speaks for all
     if resume:
         cfg = resumed_config(RunDir(resume), cfg)  # the run's config; memory.* from this invocation
-    if kind == "dpo" and not resume:
-        cfg.train.lr = cfg.dpo.lr  # the saved config then holds the rate the run really used
-    if kind == "dpo" and cfg.dpo.adapter:
-        _inherit_adapter(cfg)
+    sec = section(cfg, kind)
+    if sec is not None and not resume:
+        cfg.train.lr = sec.lr  # the saved config then holds the rate the run really used
+    if sec is not None and sec.adapter:
+        _inherit_adapter(cfg, kind)
     _check_data(cfg)
     name = backends.resolve(cfg.backend)
     ops = backends.ops(name)
@@ -100,15 +102,16 @@ def relaunch(nproc: int, backend: str, argv: list[str]) -> None:
     os.execv(sys.executable, launcher_command(nproc, name, argv))
 
 
-def _inherit_adapter(cfg: ForgeConfig) -> None:
-    """DPO on top of an SFT adapter: model, LoRA shape and quantization must be the adapter's."""
+def _inherit_adapter(cfg: ForgeConfig, kind: str) -> None:
+    """A preference run on top of an SFT adapter: model, LoRA shape and quantization must be the adapter's."""
+    sec = section(cfg, kind)
     try:
-        meta_file = forge_adapter_dir(cfg.dpo.adapter) / "forge.json"
+        meta_file = forge_adapter_dir(sec.adapter) / "forge.json"
     except ForgeError as e:
-        raise ForgeError(f"dpo.adapter: {e}") from None
+        raise ForgeError(f"{kind}.adapter: {e}") from None
     saved = from_dict(json.loads(meta_file.read_text())["config"])
     cfg.model, cfg.lora, cfg.quant = saved.model, saved.lora, saved.quant
-    cfg.dpo.adapter = str(meta_file.parent)
+    sec.adapter = str(meta_file.parent)
 
 
 def run_generate(model=None, adapter=None, prompt="", system="", max_tokens=None, temp=0.0, backend=None) -> str:

@@ -28,6 +28,7 @@ from forge_core.distributed import World
 from forge_core.errors import ForgeError
 from forge_core.memory.budget import human
 from forge_core.memory.guard import MemoryGuard, oom_summary, save_once
+from forge_core.methods import start_adapter
 from forge_core.progress import TrainProgress
 from forge_core.rundir import RunDir, resumed_config, total_steps
 from forge_core.schedule import lr_schedule
@@ -130,7 +131,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
                 rec = {"split": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm.item(),
                        "tok_s": world.size * tokens / elapsed, "step_s": elapsed / (step - last_log),
                        "peak_memory": ops.peak_memory(), "epoch": obj.epoch(),
-                       **{k: (v / count).item() for k, v in (msums or {}).items()}}
+                       **obj.metric_means({k: v.item() for k, v in (msums or {}).items()}, count.item())}
                 if world.main:
                     run.log(rec)
                 bar.update(step, rec["loss"], rec["tok_s"], rec["peak_memory"], record=rec)
@@ -163,16 +164,16 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
 
 def _build_model(cfg: ForgeConfig, kind: str, ops, run: RunDir, console, world: World):
     """The model as step 0 trains it. PiSSA factors come from the run dir (resume) or from the SFT adapter a
-    DPO run continues, so the SVD runs once per run and a resume rebuilds the same residual. Under a
+    preference run continues, so the SVD runs once per run and a resume rebuilds the same residual. Under a
     launcher rank 0 builds first and writes the factors; the other ranks then build from that file, so
     every rank holds the same model even where SVDs would differ in sign across machines."""
     pissa_file = run.file("pissa_init.safetensors")
     if not world.main:
         world.any(False)  # wait for rank 0's factors
     pissa_init = ops.flat_to_factors(load_file(str(pissa_file))) if pissa_file.is_file() else None
-    adapter_weights = None
-    if kind == "dpo" and cfg.dpo.adapter:
-        _, adapter_weights, start_factors = ops.load_adapter_dir(cfg.dpo.adapter)
+    adapter_weights, adapter = None, start_adapter(cfg, kind)
+    if adapter:
+        _, adapter_weights, start_factors = ops.load_adapter_dir(adapter)
         pissa_init = pissa_init or start_factors
     t0 = time.perf_counter()
     ops.seed(cfg.train.seed)  # LoRA's random A init follows the seed

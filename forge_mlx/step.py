@@ -10,9 +10,9 @@ pre-step weights and optimizer state, which is all rollback() needs.
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from forge_core.config import ForgeConfig
@@ -50,6 +50,10 @@ class Stepper:
 
         def micro(batch):
             (loss_sum, count, metrics), grads = loss_and_grad(model, batch)
+            # each metric as a node of its own: MLX 0.32's compile merges equal subexpressions and fails
+            # ("_Map_base::at") when a merged one is both inside the differentiated loss and an aux output
+            # (CPO's NLL and its logps/chosen metric are both sum(log p(chosen)))
+            metrics = {k: v + 0.0 for k, v in metrics.items()}
             return loss_sum, count, metrics, grads
 
         def apply(grads, count):

@@ -12,7 +12,10 @@ tokenizer is loaded; `datasets` only for a datasets directory.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from forge_core.config import DataConfig
 from forge_core.data.batches import (
@@ -20,13 +23,15 @@ from forge_core.data.batches import (
     PackedRow,
     PreferenceRow,
     TokenizedRow,
+    UnpairedRow,
     add_loss_positions,
+    collate_completions,
     collate_dpo,
     collate_sft,
     loss_row_cap,
     pack,
 )
-from forge_core.data.rows import RowProblem, iter_rows, parse_preference, parse_sft, read_rows
+from forge_core.data.rows import RowProblem, iter_rows, parse_preference, parse_sft, parse_unpaired, read_rows
 from forge_core.data.tokenize import (
     ChatTokenizer,
     load_tokenizer,
@@ -36,9 +41,26 @@ from forge_core.data.tokenize import (
 )
 from forge_core.errors import ForgeError, located
 
-__all__ = ["BatchOrder", "DataStats", "PackedRow", "PreferenceRow", "TokenizedRow", "add_loss_positions",
-           "collate_dpo", "collate_sft", "loss_row_cap",
-           "load_preferences", "load_sft", "load_tokenizer", "pack", "pad_token_id", "read_rows"]
+__all__ = [
+    "BatchOrder",
+    "DataStats",
+    "PackedRow",
+    "PreferenceRow",
+    "TokenizedRow",
+    "UnpairedRow",
+    "add_loss_positions",
+    "collate_completions",
+    "collate_dpo",
+    "collate_sft",
+    "load_preferences",
+    "load_sft",
+    "load_tokenizer",
+    "load_unpaired",
+    "loss_row_cap",
+    "pack",
+    "pad_token_id",
+    "read_rows",
+]
 
 MAX_REASONS = 5
 
@@ -66,7 +88,7 @@ def _load(path, data_cfg: DataConfig, build) -> tuple[list, DataStats]:
         try:
             if isinstance(row, RowProblem):
                 raise row
-            item, cut = build(row)
+            item, cut = build(row)  # one item, or a list (a KTO pair split in two)
         except RowProblem as e:
             where = located(file, line, str(e))
             if not data_cfg.skip_bad_rows:
@@ -75,8 +97,9 @@ def _load(path, data_cfg: DataConfig, build) -> tuple[list, DataStats]:
             if len(stats.reasons) < MAX_REASONS:
                 stats.reasons.append(where)
             continue
-        items.append(item)
-        stats.rows += 1
+        more = item if isinstance(item, list) else [item]
+        items.extend(more)
+        stats.rows += len(more)
         stats.truncated += int(cut)
     if not items:
         first = f"; first problem: {stats.reasons[0]}" if stats.reasons else ""
@@ -117,6 +140,39 @@ def load_preferences(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) ->
     def build(row):
         ex = parse_preference(row, data_cfg.system_prompt, data_cfg.columns)
         p, c, r, cut = truncate_preference(*chat.preference(ex), max_seq_len)
+        _check_distinct(c, r, cut, max_seq_len)
         return PreferenceRow(p, c, r), cut
+
+    return _load(path, data_cfg, build)
+
+
+def _check_distinct(chosen, rejected, cut: bool, max_seq_len: int) -> None:
+    """A pair whose two completions are the same tokens teaches nothing (every pairwise loss is flat there)."""
+    if np.array_equal(chosen, rejected):
+        why = f" after truncation to max_seq_len={max_seq_len}" if cut else ""
+        raise RowProblem(f"chosen and rejected are identical{why}: nothing to prefer "
+                         "(fix the row, or set data.skip_bad_rows to skip such rows)")
+
+
+def load_unpaired(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) -> tuple[list[UnpairedRow], DataStats]:
+    """KTO rows -> UnpairedRow(prompt, completion, label, pair); a {prompt, chosen, rejected} row becomes two rows
+    (chosen desirable, rejected undesirable) that remember their pair for held-out pairwise accuracy."""
+    chat = ChatTokenizer(tokenizer)
+    _check_system(chat, data_cfg)
+    pair_ids = itertools.count()
+
+    def build(row):
+        examples = parse_unpaired(row, data_cfg.system_prompt, data_cfg.columns)
+        if len(examples) == 2:  # a pair: tokenized and truncated together, as the preference loader does
+            good, bad = examples
+            answers = chat.answers(good.prompt, good.system, (good.completion, bad.completion))
+            p, c, r, cut = truncate_preference(*answers, max_seq_len)
+            _check_distinct(c, r, cut, max_seq_len)
+            k = next(pair_ids)
+            return [UnpairedRow(p, c, True, k), UnpairedRow(p, r, False, k)], cut
+        ex = examples[0]
+        prompt, completion = chat.unpaired(ex)
+        p, c, _, cut = truncate_preference(prompt, completion, completion, max_seq_len)
+        return [UnpairedRow(p, c, ex.label)], cut
 
     return _load(path, data_cfg, build)

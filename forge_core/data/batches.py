@@ -41,6 +41,14 @@ class PreferenceRow:
 
 
 @dataclass
+class UnpairedRow:
+    prompt: np.ndarray  # int32, as PreferenceRow's
+    completion: np.ndarray  # int32
+    label: bool  # desirable
+    pair: int = -1  # index of the pair it was split from (-1: an unpaired row); held-out pairwise accuracy
+
+
+@dataclass
 class PackedRow:
     tokens: np.ndarray  # int32 (L,), L <= max_seq_len: several rows back to back
     mask: np.ndarray  # bool (L,)
@@ -151,18 +159,28 @@ def add_loss_positions(batch: dict, row_cap: int = 0, buckets: int = 8) -> dict:
 def loss_row_cap(rows: list) -> int:
     """The most loss-carrying tokens one row can bring to a batch (SFT: its trained targets; DPO: the longer
     completion), for add_loss_positions."""
-    caps = [max(len(r.chosen), len(r.rejected)) if isinstance(r, PreferenceRow) else int(np.count_nonzero(r.mask[1:]))
-            for r in rows]
-    return max(caps, default=0)
+    def cap(r) -> int:
+        if isinstance(r, PreferenceRow):
+            return max(len(r.chosen), len(r.rejected))
+        if isinstance(r, UnpairedRow):
+            return len(r.completion)
+        return int(np.count_nonzero(r.mask[1:]))
+
+    return max((cap(r) for r in rows), default=0)
 
 
 def collate_dpo(rows: list[PreferenceRow], pad_id: int, pad_multiple: int = 32) -> dict[str, np.ndarray]:
-    """One concatenated batch of 2B sequences: [prompt+chosen for each row] + [prompt+rejected for each row].
+    """One concatenated batch of 2B sequences: [prompt+chosen for each row] + [prompt+rejected for each row]."""
+    return collate_completions([(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows],
+                               pad_id, pad_multiple)
 
-    inputs/targets (2B,T) int32, mask (2B,T) float32 = 1 exactly where targets[t] is a completion token
+
+def collate_completions(seqs: list[tuple[np.ndarray, np.ndarray]], pad_id: int, pad_multiple: int = 32) -> dict:
+    """(prompt, completion) pairs -> one batch of their concatenations.
+
+    inputs/targets (N,T) int32, mask (N,T) float32 = 1 exactly where targets[t] is a completion token
     (t + 1 >= len(prompt)); the prompt is never scored. Sequence log-prob = sum(logp(targets) * mask).
     """
-    seqs = [(r.prompt, r.chosen) for r in rows] + [(r.prompt, r.rejected) for r in rows]
     T = _width(max(len(p) + len(c) for p, c in seqs), pad_multiple)
     inputs = np.full((len(seqs), T), pad_id, np.int32)
     targets = np.full((len(seqs), T), pad_id, np.int32)

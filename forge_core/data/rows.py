@@ -10,6 +10,8 @@ Row formats (after `DataConfig.columns` renames: our name -> the dataset's colum
     SFT          {"messages": [{"role", "content"}, ...]} | {"prompt", "completion"} | {"text"}
     preference   {"prompt", "chosen", "rejected"}: each a string or a message list; chosen/rejected as a
                  list hold exactly one assistant message
+    unpaired     {"prompt", "completion", "label"} (KTO; TRL's unpaired preference format): label true for a
+                 desirable completion, false for an undesirable one
     any row may carry "system" (a string) - used when the conversation has no system message.
 
 Problems are raised as `RowProblem(what)`; the caller adds `path:line:` and decides to stop or skip.
@@ -24,7 +26,7 @@ from pathlib import Path
 from forge_core.errors import ForgeError, located
 
 ROLES = ("system", "user", "assistant")
-FIELDS = ("messages", "prompt", "completion", "text", "chosen", "rejected", "system")
+FIELDS = ("messages", "prompt", "completion", "text", "chosen", "rejected", "label", "system")
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
                int: "a number", float: "a number", type(None): "null"}
 
@@ -47,6 +49,14 @@ class PreferenceExample:
     chosen: str
     rejected: str
     system: str = ""  # for a string prompt: the system message to put before it ("" = none)
+
+
+@dataclass
+class UnpairedExample:
+    prompt: list[dict] | str
+    completion: str
+    label: bool  # True: desirable
+    system: str = ""
 
 
 # ---------------------------------------------------------------- sources
@@ -263,6 +273,16 @@ def _completion(r: _Row, field: str) -> str:
     return r.string(field)
 
 
+def _prompt(r: _Row, system: str) -> tuple[list[dict] | str, str]:
+    """(prompt as messages with the system message in, ""), or (prompt string, its system message)."""
+    if isinstance(r.raw("prompt"), list):
+        msgs = r.messages("prompt")
+        if msgs[-1]["role"] == "assistant":
+            raise RowProblem(f"{r.name('prompt')} ends with an assistant turn; it must end with the user turn")
+        return r.with_system(msgs, system), ""
+    return r.string("prompt"), r.string("system") if "system" in r else system
+
+
 def parse_preference(row: dict, system: str = "", columns: dict | None = None) -> PreferenceExample:
     """Check one preference row: prompt (string or messages), chosen, rejected, optional system."""
     r = _Row(row, columns)
@@ -270,11 +290,24 @@ def parse_preference(row: dict, system: str = "", columns: dict | None = None) -
         raise RowProblem(f"missing field {r.name('prompt')} (preference rows need prompt, chosen, rejected; "
                          f"found keys: {r.keys()})")
     chosen, rejected = _completion(r, "chosen"), _completion(r, "rejected")
-    if isinstance(r.raw("prompt"), list):
-        msgs = r.messages("prompt")
-        if msgs[-1]["role"] == "assistant":
-            raise RowProblem(f"{r.name('prompt')} ends with an assistant turn; it must end with the user turn")
-        return PreferenceExample(r.with_system(msgs, system), chosen, rejected)
-    prompt = r.string("prompt")
-    own = r.string("system") if "system" in r else system
+    prompt, own = _prompt(r, system)
     return PreferenceExample(prompt, chosen, rejected, system=own)
+
+
+def parse_unpaired(row: dict, system: str = "", columns: dict | None = None) -> list[UnpairedExample]:
+    """Check one KTO row: {prompt, completion, label: true/false}, or a pair {prompt, chosen, rejected}, which
+    becomes two rows (chosen desirable, rejected undesirable - TRL's unpair_preference_dataset)."""
+    r = _Row(row, columns)
+    if "label" not in r and ("chosen" in r or "rejected" in r):
+        ex = parse_preference(row, system, columns)
+        return [UnpairedExample(ex.prompt, ex.chosen, True, ex.system),
+                UnpairedExample(ex.prompt, ex.rejected, False, ex.system)]
+    if "prompt" not in r or "completion" not in r or "label" not in r:
+        raise RowProblem(f"expected 'prompt', 'completion' and 'label' (true/false), or a pair 'prompt', 'chosen', "
+                         f"'rejected' (found keys: {r.keys()}; map other names with data.columns)")
+    label = r.raw("label")
+    if not isinstance(label, bool):
+        raise RowProblem(f"{r.name('label')} must be true or false (desirable or not), got {json_type(label)} "
+                         f"{json.dumps(label)[:40]}")
+    prompt, own = _prompt(r, system)
+    return [UnpairedExample(prompt, _completion(r, "completion"), label, own)]

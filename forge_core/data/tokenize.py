@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forge_core.data.rows import PreferenceExample, RowProblem, SftExample
+from forge_core.data.rows import PreferenceExample, RowProblem, SftExample, UnpairedExample
 from forge_core.errors import ForgeError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -161,18 +161,26 @@ class ChatTokenizer:
 
     def preference(self, ex: PreferenceExample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(prompt incl. the assistant header, chosen incl. end-of-turn, rejected incl. end-of-turn)."""
+        return self.answers(ex.prompt, ex.system, (ex.chosen, ex.rejected))
+
+    def unpaired(self, ex: UnpairedExample) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt incl. the assistant header, completion incl. end-of-turn)."""
+        return self.answers(ex.prompt, ex.system, (ex.completion,))
+
+    def answers(self, prompt_in, system: str, answers) -> tuple[np.ndarray, ...]:
+        """(prompt ids, then each answer's ids as the assistant turn after that prompt)."""
         if not self.has_template:
-            if isinstance(ex.prompt, list) or ex.system:
+            if isinstance(prompt_in, list) or system:
                 raise RowProblem("the tokenizer has no chat template: use a string prompt without a system "
                                  "message, or a model with a chat template")
-            c, r = (self._closed(self._encode(s, False), False) for s in (ex.chosen, ex.rejected))
-            return _ids(self._encode(ex.prompt, True)), _ids(c), _ids(r)
-        msgs = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
-        if ex.system and msgs[0]["role"] != "system":
-            msgs = [{"role": "system", "content": ex.system}] + msgs
+            done = (_ids(self._closed(self._encode(s, False), False)) for s in answers)
+            return (_ids(self._encode(prompt_in, True)), *done)
+        msgs = prompt_in if isinstance(prompt_in, list) else [{"role": "user", "content": prompt_in}]
+        if system and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": system}] + msgs
         prompt = self.render(msgs, True)
         out = [_ids(prompt)]
-        for answer in (ex.chosen, ex.rejected):
+        for answer in answers:
             full = self.render(msgs + [{"role": "assistant", "content": answer}], False)
             if full[:len(prompt)] != prompt:
                 raise RowProblem("chat template is not prefix-stable: the prompt with the generation prompt does "

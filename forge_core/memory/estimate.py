@@ -25,9 +25,15 @@ from dataclasses import dataclass
 
 from forge_core.config import DEFAULT_TARGETS, ForgeConfig, layer_indices, lora_init_kind
 from forge_core.errors import ForgeError
-
-from forge_core.memory.constants import (ADAM8_MIN_NUMEL, BACKEND_CONSTANTS, LOGITS_BACKWARD_FP32,
-                                         LORA_BYTES, NF4_BLOCK, NF4_DQ_BLOCK)
+from forge_core.memory.constants import (
+    ADAM8_MIN_NUMEL,
+    BACKEND_CONSTANTS,
+    LOGITS_BACKWARD_FP32,
+    LORA_BYTES,
+    NF4_BLOCK,
+    NF4_DQ_BLOCK,
+)
+from forge_core.methods import method
 
 # Where each LoRA target reads its input from: targets sharing an input share its saved activation.
 TARGET_INPUT = {"q_proj": "xn", "k_proj": "xn", "v_proj": "xn", "o_proj": "attn",
@@ -138,9 +144,9 @@ def resolve_targets(targets: list[str], shape: ModelShape) -> tuple[str, ...]:
 def make_run(cfg: ForgeConfig, shape: ModelShape, kind: str, backend: str, on_gpu: bool) -> Run:
     if backend not in BACKEND_CONSTANTS:
         raise ForgeError(f"backend '{backend}': the memory planner knows {', '.join(BACKEND_CONSTANTS)}")
-    if kind not in ("sft", "dpo"):
-        raise ValueError(f"kind must be 'sft' or 'dpo', not {kind!r}")
-    rows = cfg.train.batch_size * (2 if kind == "dpo" else 1)
+    # the step's forward: chosen + rejected concatenated for the paired methods. KTO's extra forward for its
+    # reference point (mismatched pairs, no gradient) runs before the step and is freed before it.
+    rows = cfg.train.batch_size * method(kind).sequences
     const = dict(BACKEND_CONSTANTS[backend])
     if not on_gpu and cfg.model.fast_cpu_math and "cpu_kernels" in const:
         const.update(const["cpu_kernels"])

@@ -81,11 +81,11 @@ class MemoryGuard:
         last = run.latest()
         where = (f"resume point: checkpoint of step {last[0]} ({last[1]})" if last
                  else "no checkpoint yet (a resume starts from step 0)")
-        command = "dpo" if self.kind == "dpo" else "train"
+        command = "train" if self.kind == "sft" else self.kind
         todo = f"free memory and resume with `forge {command} --resume {run.path}`"
         if self.source.startswith("memory.limit"):
             todo += " (add --set memory.limit=SIZE to raise the limit)"
-        plan = f"forge memory --config {run.file('config.json')}" + (" --dpo" if command == "dpo" else "")
+        plan = f"forge memory --config {run.file('config.json')}" + ("" if self.kind == "sft" else f" --method {self.kind}")
         replan = (f"or re-plan with `{plan}` and start a new run with a smaller train.batch_size / "
                   "train.max_seq_len or --grad-checkpoint")
         return ForgeError(f"{what}; stopped - {where}. To go on: {todo}, {replan}")

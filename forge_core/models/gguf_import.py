@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from forge_core.adapters import safetensors_io as sio
-from forge_core.atomic import atomic_path, write_json
+from forge_core.atomic import write_json
 from forge_core.errors import ForgeError
 
 BLOCK_NAMES = {

@@ -4,6 +4,7 @@ An objective is what the loop optimises (forge_core/train.py):
     obj.loss_fn(model, batch) -> (loss SUM, count, {metric: sum})    tensor math via the backend's ops
     obj.next_batch() -> framework batch     obj.evaluate() -> {metric: mean over the validation rows}
     obj.state() / obj.restore(state)        the data position, for exact resume
+    obj.metric_means(sums, count)           the logged metrics from the global batch's sums
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class Objective:
 
     def epoch(self) -> float:
         return float(self.order.epoch)
+
+    def metric_means(self, sums: dict, count: float) -> dict:
+        """The global batch's metric sums (floats) -> the logged values: means over the examples."""
+        return {k: v / max(count, 1.0) for k, v in sums.items()}
 
     def eval_batches(self):
         """(start, stop) of this rank's validation batches: every world-size-th of all of them (or of the

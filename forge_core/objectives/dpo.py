@@ -1,10 +1,5 @@
-"""DPO against the policy at initialisation, whose log-probs are computed once before training.
-
-For PiSSA the policy at init is W_res + s·B0A0 (= the original model), not the adapter-off model W_res;
-continuing from an SFT adapter it is that adapter. Either way it is exactly the model built before the
-first step, so the data is scored with it once (RUN/reference_logps.safetensors) and no second copy of
-the weights is ever kept. The formulas are forge_core/preference.py's, on the backend's array module.
-"""
+"""DPO and its loss variants against the policy at initialisation (objectives/reference.py), whose log-probs
+are computed once before training. The formulas are forge_core/losses/dpo.py's, on the backend's arrays."""
 
 from __future__ import annotations
 
@@ -12,46 +7,54 @@ from functools import partial
 
 import numpy as np
 
-from forge_core import data as fdata
-from forge_core.adapters import safetensors_io as sio
 from forge_core.distributed import World
-from forge_core.objectives.base import Objective, load_split
-from forge_core.preference import METRICS, dpo_objective
+from forge_core.errors import ForgeError
+from forge_core.losses.dpo import METRICS, dpo_objective
+from forge_core.objectives.pairs import PairObjective, pair_loss
+from forge_core.objectives.reference import scored_once
+
+
+def _dpo(xp, logps, ntok, batch, **kw):
+    return dpo_objective(xp, logps, batch["ref_logps"], ntok, **kw)
 
 
 def dpo_loss(ops, model, batch, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             sft_weight: float = 0.0):
+             sft_weight: float = 0.0, discopop_tau: float = 0.05):
     """The DPO family on ONE concatenated forward: rows [0, B) are chosen, [B, 2B) rejected.
 
     batch["ref_logps"] (2B,) holds the reference's sequence log-probs. Returns (sum of the per-pair
     losses, number of pairs, {metric: sum}).
     """
-    logps = ops.sequence_logps(model, batch)  # (2B,)
-    losses, metrics = dpo_objective(ops.xp, logps, batch["ref_logps"], batch["mask"].sum(-1), beta, loss_type,
-                                    label_smoothing, sft_weight)
-    return losses.sum(), ops.scalar(logps.shape[0] // 2, logps), metrics
+    return pair_loss(ops, model, batch, _dpo, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                     sft_weight=sft_weight, discopop_tau=discopop_tau)
 
 
-class DPOObjective(Objective):
+def check_dpo_config(d) -> None:
+    """The loss types' own bounds on label_smoothing (TRL checks the same)."""
+    if d.loss_type == "robust" and not 0.0 <= d.label_smoothing < 0.5:
+        raise ForgeError(f"dpo.label_smoothing: the robust loss needs 0 <= ε < 0.5 (the flip rate), got {d.label_smoothing}")
+    if d.loss_type == "exo_pair" and not 0.0 < d.label_smoothing < 1.0:
+        raise ForgeError(f"dpo.label_smoothing: the exo_pair loss needs 0 < ε < 1 (the EXO paper uses 1e-3), "
+                         f"got {d.label_smoothing}")
+
+
+class DPOObjective(PairObjective):
     kind = "dpo"
+    METRICS = METRICS
 
     def __init__(self, cfg, ops, model, tokenizer, run, console, world: World):
-        rows, valid = load_split(fdata.load_preferences, cfg, ops.hf_tokenizer(tokenizer), console)
-        super().__init__(cfg, ops, model, tokenizer, rows, valid, world)
         d = cfg.dpo
-        self.loss_fn = partial(dpo_loss, ops, beta=d.beta, loss_type=d.loss_type,
-                               label_smoothing=d.label_smoothing, sft_weight=d.sft_weight)
-        self.ref, self.ref_valid = self._reference(run, console)
-        self._eval = ops.no_grad(model, lambda b: self.loss_fn(model, b))
+        check_dpo_config(d)
+        super().__init__(cfg, ops, model, tokenizer, console, world)
+        self.loss_fn = partial(dpo_loss, ops, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                               sft_weight=d.sft_weight, discopop_tau=d.discopop_tau)
+        ref = scored_once(run, world, console, "pairs", {"train": (self.rows, self._score),
+                                                          "valid": (self.valid, self._score)})
+        self.ref = {"train": ref["train"], "valid": ref["valid"]}
 
-    def _pairs(self, rows) -> dict:
-        b = fdata.collate_dpo(rows, self.pad)
-        return fdata.add_loss_positions(b, self.cap)
-
-    def batch(self, rows, ref: np.ndarray, idx) -> dict:
-        b = self._pairs(rows)
-        b["ref_logps"] = np.concatenate([ref[idx, 0], ref[idx, 1]]).astype(np.float32)
-        return self.ops.to_batch(self.model, b)
+    def extras(self, idx: np.ndarray, split: str) -> dict:
+        ref = self.ref[split]
+        return {"ref_logps": np.concatenate([ref[idx, 0], ref[idx, 1]]).astype(np.float32)}
 
     def _score(self, rows) -> np.ndarray:
         """(N, 2) chosen/rejected sequence log-probs of the current model, in row order."""
@@ -60,50 +63,6 @@ class DPOObjective(Objective):
         size, out = self.cfg.train.batch_size, []
         for s in range(0, len(rows), size):
             chunk = rows[s:s + size]
-            lp = self.ops.to_numpy(fn(self.ops.to_batch(self.model, self._pairs(chunk)))).astype(np.float32)
+            lp = self.ops.to_numpy(fn(self.ops.to_batch(self.model, self.pairs(chunk)))).astype(np.float32)
             out.append(np.stack([lp[:len(chunk)], lp[len(chunk):]], axis=1))
         return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
-
-    def _score_shared(self, rows) -> np.ndarray:
-        """_score with the rows shared out: rank r scores rows r, r + world, ...; the sum over ranks of the
-        zero-filled (N, 2) arrays is every row's score."""
-        if self.world.size == 1 or not rows:  # every rank has the same rows: all skip the exchange alike
-            return self._score(rows)
-        mine = list(range(self.world.rank, len(rows), self.world.size))
-        out = np.zeros((len(rows), 2), np.float32)
-        if mine:
-            out[mine] = self._score([rows[i] for i in mine])
-        return self.world.sum(out)
-
-    def _reference(self, run, console):
-        from safetensors.numpy import load_file
-
-        f = run.file("reference_logps.safetensors")
-        if f.is_file():
-            cached = load_file(str(f))
-            if cached["train"].shape[0] == self.n_rows and cached["valid"].shape[0] == len(self.valid):
-                return cached["train"], cached["valid"]
-        console.print(f"scoring {self.n_rows + len(self.valid)} pairs with the reference (policy at init)...")
-        ref = {"train": self._score_shared(self.rows), "valid": self._score_shared(self.valid)}
-        if self.world.main:
-            sio.save(f, ref)
-        return ref["train"], ref["valid"]
-
-    def next_batch(self):
-        idx = np.array(self.next_indices())
-        return self.batch([self.rows[i] for i in idx], self.ref, idx)
-
-    def evaluate(self) -> dict:
-        if not self.valid:
-            return {}
-        self.model.eval()
-        sums, n = {}, 0.0
-        for start, stop in self.eval_batches():
-            loss, count, metrics = self._eval(self.batch(self.valid[start:stop], self.ref_valid,
-                                                         np.arange(start, stop)))
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            n += count.item()
-        keys = ["loss", *METRICS]  # the same list on every rank, even one without validation batches
-        *totals, n = self.world.sum([sums.get(k, 0.0) for k in keys] + [n])
-        return {k: float(v / max(n, 1)) for k, v in zip(keys, totals)}

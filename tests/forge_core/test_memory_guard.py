@@ -128,7 +128,7 @@ def test_stop_error_is_one_line_naming_the_checkpoint_and_what_to_do(tmp_path):
                           "limit 1.00 GiB (memory.limit = 1GB)")
     assert f"resume point: checkpoint of step 2 ({run.checkpoint_dir(2)})" in msg
     assert f"`forge dpo --resume {run.path}` (add --set memory.limit=SIZE to raise the limit)" in msg
-    assert f"`forge memory --config {run.file('config.json')} --dpo`" in msg
+    assert f"`forge memory --config {run.file('config.json')} --method dpo`" in msg
     assert "train.batch_size" in msg and "--grad-checkpoint" in msg
     fresh = str(MemoryGuard(2**30, "the memory plan's device budget").stop_error(RunDir(tmp_path / "new"), 1))
     assert "peak not measured at step 1" in fresh

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from forge_core.objectives.dpo import dpo_loss
-from forge_core.preference import dpo_objective, dpo_terms
+from forge_core.losses.dpo import dpo_objective, dpo_terms
 
 
 def numpy_trl(pc, pr, rc, rr, beta, loss_type, ls=0.0):
