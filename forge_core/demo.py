@@ -2,13 +2,16 @@
 
 SFT recipe: held-out loss / perplexity and the task metric (valid JSON, exact match, field accuracy)
 of the base model, then training, then the same numbers for base + adapter.
-DPO recipe (continuing from the SFT demo adapter): held-out preference accuracy of the policy
-(log π(chosen) > log π(rejected)) before vs after, and the reward accuracy / margin against the
-reference. Results land in RUN/demo_results.json.
+Preference recipes (dpo_demo.yaml continues from the SFT demo adapter; orpo_ / simpo_ / cpo_ / kto_demo.yaml
+start from the base): on the held-out pairs, how often the policy prefers chosen (log π(y_w) > log π(y_l)), the
+implicit reward against the starting policy (the same yardstick for every method), the JSON task metric of
+greedy answers to the pairs' prompts, and the method's own held-out metrics from the run's last eval; seconds
+per step and peak memory from the run's records. Results land in RUN/demo_results.json.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -19,8 +22,9 @@ from forge_core import backend as backends
 from forge_core.atomic import write_json
 from forge_core.config import build_config
 from forge_core.errors import ForgeError
-from forge_core.evaluate import evaluate, evaluate_preferences
+from forge_core.evaluate import evaluate, evaluate_preferences, implicit_rewards
 from forge_core.launch import launch
+from forge_core.methods import KINDS, start_adapter
 from forge_core.rundir import RunDir
 
 
@@ -39,39 +43,52 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def demo_kind(recipe: str) -> str:
+    """The method a demo recipe runs, from its file name: dpo_demo.yaml -> dpo, demo.yaml -> sft."""
+    head = Path(recipe).stem.split("_")[0]
+    return head if head in KINDS else "sft"
+
+
 def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
     console = Console()
     cfg = build_config(recipe, sets, {"backend": backend})
-    kind = "dpo" if "dpo" in Path(recipe).stem else "sft"
+    kind = demo_kind(recipe)
     name = backends.resolve(cfg.backend)
     ops = backends.ops(name)
     run_dir = Path(cfg.train.out_dir)
     if (run_dir / "latest.json").exists():
         raise ForgeError(f"{run_dir} holds an earlier demo run; remove it (rm -rf {run_dir}) to run the demo again")
-    if kind == "dpo" and cfg.dpo.adapter and not Path(cfg.dpo.adapter).exists():
-        raise ForgeError(f"the DPO demo continues from {cfg.dpo.adapter}: run `make demo-sft` first")
+    start = start_adapter(cfg, kind) or None
+    if start and not Path(start).exists():
+        raise ForgeError(f"the {kind.upper()} demo continues from {start}: run `make demo-sft` first")
     t0 = time.perf_counter()
     console.rule(f"[bold]Forge demo: {kind.upper()} on {cfg.model.path} ({name} backend)")
     if kind == "sft":
         console.print("measuring the base model on the held-out set...")
         before = evaluate(ops, cfg, adapter=None, model_spec=cfg.model.path)
     else:
-        console.print("measuring the starting policy (the SFT adapter) on the held-out pairs...")
-        before = evaluate_preferences(ops, cfg, adapter=cfg.dpo.adapter)
-        # before training the policy IS the reference: every reward is exactly 0 (accuracy counts r_w > r_l)
-        before.update({"rewards/accuracy": 0.0, "rewards/margin": 0.0})
+        console.print(f"measuring the starting policy ({start or 'the base model'}) on the held-out pairs...")
+        before = evaluate_preferences(ops, cfg, adapter=start, with_task=True)
     launch(cfg, kind=kind)
     adapter = str(run_dir / "adapter")
-    after = evaluate(ops, cfg, adapter=adapter) if kind == "sft" else evaluate_preferences(ops, cfg, adapter=adapter)
-    keys = ["loss", "ppl", "valid_json", "exact", "field_acc"] if kind == "sft" else \
-        ["pref_accuracy", "logp_margin", "rewards/accuracy", "rewards/margin", "loss"]
-    if kind == "dpo":  # reward accuracy / margin against the reference, from the run's last eval
+    if kind == "sft":
+        after = evaluate(ops, cfg, adapter=adapter)
+        keys = ["loss", "ppl", "valid_json", "exact", "field_acc"]
+    else:
+        after = evaluate_preferences(ops, cfg, adapter=adapter, with_task=True)
+        after.update(implicit_rewards(before.pop("logps"), after.pop("logps")))
+        before.update({"implicit_accuracy": 0.0, "implicit_margin": 0.0})  # the start against itself
         last = [r for r in RunDir(run_dir).metrics() if r.get("split") == "valid"]
-        if last:
-            after.update({k: last[-1][k] for k in ("rewards/accuracy", "rewards/margin", "loss") if k in last[-1]})
+        if last:  # the method's own held-out numbers, from the run's last eval
+            after.update({f"{kind} {k}": v for k, v in last[-1].items() if k not in ("split", "step")})
+        keys = ["pref_accuracy", "logp_margin", "implicit_accuracy", "implicit_margin", "valid_json", "exact",
+                "field_acc", *[k for k in after if k.startswith(f"{kind} ")]]
+    train_recs = [r for r in RunDir(run_dir).metrics() if r.get("split") == "train"]
     console.print(_table(f"{kind.upper()} demo: before vs after ({cfg.data.valid})", before, after, keys))
-    result = {"kind": kind, "backend": name, "before": before, "after": after,
-              "seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir)}
+    result = {"kind": kind, "backend": name, "before": before, "after": after, "start": start or cfg.model.path,
+              "seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir),
+              "step_s": statistics.median(r["step_s"] for r in train_recs[1:] or train_recs) if train_recs else None,
+              "peak_memory": max((r["peak_memory"] for r in train_recs), default=None)}
     write_json(run_dir / "demo_results.json", result)
     console.print(f"run dir: {run_dir} (adapter/, metrics.jsonl, loss.png, demo_results.json) "
                   f"in {result['seconds']:.0f}s")

@@ -94,18 +94,42 @@ def evaluate(ops, cfg: ForgeConfig, adapter: str | None = None, model_spec: str 
     return result
 
 
-def evaluate_preferences(ops, cfg: ForgeConfig, adapter: str | None = None) -> dict:
-    """On the held-out pairs: how often the model itself prefers chosen (log π(y_w) > log π(y_l))."""
-    net, tokenizer, _ = _for_inference(ops, adapter, None if adapter else cfg.model.path)
+def pair_logps(ops, net, tokenizer, cfg: ForgeConfig) -> np.ndarray:
+    """(N, 2) completion log-probs (chosen, rejected) of the held-out pairs (data.valid, else data.train)."""
     hf = ops.hf_tokenizer(tokenizer)
     rows, _ = fdata.load_preferences(cfg.data.valid or cfg.data.train, hf, cfg.data, cfg.train.max_seq_len)
     pad, cap, size = fdata.pad_token_id(hf), fdata.loss_row_cap(rows), cfg.train.batch_size
     logps_of = ops.no_grad(net, partial(ops.sequence_logps, net))
-    margins = []
+    out = []
     for s in range(0, len(rows), size):
         chunk = rows[s:s + size]
         b = fdata.add_loss_positions(fdata.collate_dpo(chunk, pad), cap)
-        lp = ops.to_numpy(logps_of(ops.to_batch(net, b))).astype(np.float32)
-        margins.append(lp[:len(chunk)] - lp[len(chunk):])
-    m = np.concatenate(margins)
+        lp = ops.to_numpy(logps_of(ops.to_batch(net, b))).astype(np.float64)
+        out.append(np.stack([lp[:len(chunk)], lp[len(chunk):]], axis=1))
+    return np.concatenate(out)
+
+
+def preference_summary(lp: np.ndarray) -> dict:
+    m = lp[:, 0] - lp[:, 1]
     return {"pref_accuracy": float((m > 0).mean()), "logp_margin": float(m.mean()), "pairs": len(m)}
+
+
+def evaluate_preferences(ops, cfg: ForgeConfig, adapter: str | None = None, with_task: bool = False) -> dict:
+    """On the held-out pairs: how often the model itself prefers chosen (log π(y_w) > log π(y_l)); with_task
+    adds the task metric of greedy answers to their prompts, scored against chosen. "logps" holds the
+    (N, 2) per-pair log-probs, for comparing two models pair by pair (implicit_rewards)."""
+    net, tokenizer, _ = _for_inference(ops, adapter, None if adapter else cfg.model.path)
+    lp = pair_logps(ops, net, tokenizer, cfg)
+    out = {**preference_summary(lp), "logps": lp}
+    if with_task:
+        out.update(task_metrics(cfg, cfg.data.valid or cfg.data.train,
+                                lambda msgs: ops.complete(net, tokenizer, msgs, cfg.eval.max_new_tokens)))
+    return out
+
+
+def implicit_rewards(before: np.ndarray, after: np.ndarray) -> dict:
+    """DPO's implicit reward of the trained policy against the one it started from, per pair
+    h = [log π(y_w) − log π_0(y_w)] − [log π(y_l) − log π_0(y_l)] (β = 1): the same yardstick for every
+    method, reference-based or not. Accuracy = share of pairs with h > 0; margin = mean h."""
+    h = (after[:, 0] - before[:, 0]) - (after[:, 1] - before[:, 1])
+    return {"implicit_accuracy": float((h > 0).mean()), "implicit_margin": float(h.mean())}

@@ -40,8 +40,11 @@ class TrainProgress:
     def update(self, step: int, loss: float | None = None, tok_s: float | None = None, peak: int | None = None,
                record: dict | None = None):
         fields = {}
-        if record and "rewards/accuracy" in record:  # DPO: reward accuracy and margin vs the reference
-            fields["extra"] = f"acc {record['rewards/accuracy']:.2f} margin {record['rewards/margin']:.3f}"
+        if record and "rewards/margin" in record:  # preference methods: rewards and the method's own terms
+            parts = [f"acc {record['rewards/accuracy']:.2f}"] if "rewards/accuracy" in record else []
+            parts.append(f"margin {record['rewards/margin']:.3f}")
+            parts += [f"{k} {record[k]:.3f}" for k in ("kl", "nll_loss") if k in record]
+            fields["extra"] = " ".join(parts)
         if loss is not None:
             fields["loss"] = f"{loss:.4f}"
         if tok_s is not None:

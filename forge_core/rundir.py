@@ -84,7 +84,8 @@ class RunDir:
         write_text(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot(self, title: str = "") -> Path | None:
-        """loss.png from metrics.jsonl (train loss and, when present, validation loss)."""
+        """loss.png from metrics.jsonl: train and validation loss; for preference runs also the rewards and the
+        method's own terms."""
         try:
             import matplotlib
 
@@ -97,8 +98,10 @@ class RunDir:
         val = [(r["step"], r["loss"]) for r in recs if r.get("split") == "valid" and _finite(r.get("loss"))]
         if not train and not val:
             return None
-        rewards = [r for r in recs if "rewards/accuracy" in r]  # DPO runs: a second panel
-        fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), squeeze=False)
+        rewards = [r for r in recs if "rewards/margin" in r]  # preference runs: the rewards panel
+        terms = [k for k in OWN_TERMS if any(k in r for r in recs)]  # and the method's own terms
+        panels = 1 + bool(rewards) + bool(terms)
+        fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 1, 4), squeeze=False)
         ax = axes[0][0]
         if train:
             ax.plot(*zip(*train), label="train loss")
@@ -111,6 +114,8 @@ class RunDir:
         ax.legend()
         if rewards:
             self._plot_rewards(axes[0][1], rewards)
+        if terms:
+            self._plot_series(axes[0][-1], recs, terms, "the method's own terms")
         out = self.file("loss.png")
         tmp = out.with_suffix(".tmp.png")
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
@@ -121,16 +126,19 @@ class RunDir:
 
     @staticmethod
     def _plot_rewards(ax, recs: list[dict]) -> None:
+        RunDir._plot_series(ax, recs, ["rewards/accuracy", "rewards/margin"], "rewards (train -, validation o-)")
+
+    @staticmethod
+    def _plot_series(ax, recs: list[dict], keys: list[str], title: str) -> None:
         for split, style in (("train", "-"), ("valid", "o-")):
-            rows = [r for r in recs if r.get("split") == split]
-            if rows:
-                steps = [r["step"] for r in rows]
-                ax.plot(steps, [r["rewards/accuracy"] for r in rows], style, label=f"{split} reward accuracy")
-                ax.plot(steps, [r["rewards/margin"] for r in rows], style, label=f"{split} reward margin", alpha=0.7)
+            for key in keys:
+                rows = [r for r in recs if r.get("split") == split and _finite(r.get(key))]
+                if rows:
+                    ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=f"{split} {key}")
         ax.set_xlabel("optimizer step")
-        ax.set_title("DPO rewards (vs the reference)")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
 
 
 def resumed_config(run: RunDir, cfg):
@@ -140,6 +148,10 @@ def resumed_config(run: RunDir, cfg):
     saved = from_dict(run.load_config())
     saved.memory = copy.deepcopy(cfg.memory)
     return saved
+
+
+# the preference methods' own logged terms, plotted beside the rewards (forge_core/losses)
+OWN_TERMS = ("kl", "nll_loss", "log_odds_ratio", "log_odds_chosen")
 
 
 def _finite(x) -> bool:

@@ -59,12 +59,17 @@ def _sft_rows(n=24):
                           {"role": "assistant", "content": f"{WORDS[i % 6]} {WORDS[(i * 5) % 6]}"}]} for i in range(n)]
 
 
+def _kto_rows(n=16):
+    return [{"prompt": f"spell {w}{i}", "completion": " ".join(w) if i % 3 else w[::-1], "label": bool(i % 3)}
+            for i, w in enumerate(WORDS * 3)][:n]
+
+
 def _dpo_rows(n=16):
     return [{"prompt": f"spell {w}{i}", "chosen": " ".join(w), "rejected": w[::-1]} for i, w in enumerate(WORDS * 3)][:n]
 
 
 def _args(backend, model, data, out, batch, steps=10, kind="sft", extra=()):
-    return [{"sft": "train", "dpo": "dpo"}[kind], "--backend", backend, "--model", str(model), "--data", str(data), "--steps", str(steps),
+    return [{"sft": "train"}.get(kind, kind), "--backend", backend, "--model", str(model), "--data", str(data), "--steps", str(steps),
             "--rank", "4", "--quant", "none", "--init", "pissa", "--out", str(out),
             "--set", f"train.batch_size={batch}", "--set", "train.log_every=1", "--set", "train.eval_every=0",
             "--lr", "5e-3", "--set", "train.warmup=2", "--set", "model.dtype=float32", *extra]
@@ -103,6 +108,24 @@ def _assert_weights(a, b, atol):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kto_two_ranks_equal_one_process(backend, tiny_model, jsonl, tmp_path):
+    """KTO's reference point z0 averages the mismatched pairs of every rank's rows: 2 ranks of 2 rows give the
+    single process at 4 rows per micro-batch, step for step (the reference scoring is shared out too)."""
+    data = jsonl("data.jsonl", _kto_rows())
+    one = _single(_args(backend, tiny_model, data, tmp_path / "one", batch=4, kind="kto", steps=6))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _launched(backend, _args(backend, tiny_model, data, tmp_path / "two", batch=2, kind="kto", steps=6))
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    a, b = ([r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "train"] for run in ("one", "two"))
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        for key in ("loss", "kl", "rewards/chosen", "rewards/margin"):  # a batch of one label has no margin
+            assert (key in x) == (key in y) and y.get(key) == pytest.approx(x.get(key), abs=1e-5), (key, x["step"])
+    assert max(r["kl"] for r in a) > 0  # z0 was not the clamped 0 throughout: the exchange was exercised
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

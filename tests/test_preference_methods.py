@@ -209,3 +209,42 @@ def test_cli_kto_and_orpo_end_to_end(tiny_model, data, tmp_path):
     r = CliRunner().invoke(cli, ["kto", "--data", str(data["pairs"]), "--out", str(tmp_path / "bad"),
                                  "--set", "kto.loss_type=nope", *common])
     assert r.exit_code == 2 and "kto.loss_type" in r.output
+
+
+@pytest.mark.skipif(not HAVE["cuda"], reason="torch not installed")
+def test_export_and_convert_take_a_preference_adapter(tiny_model, data, tmp_path):
+    """An adapter is an adapter whatever trained it: a KTO run exports to PEFT, and that converts to mlx-lm's
+    layout with the factors a direct mlx export writes."""
+    from safetensors.numpy import load_file
+
+    from forge_core.adapters.convert import convert
+    from forge_core.adapters.export import export
+
+    cfg = config(tiny_model, data["unpaired"], tmp_path / "kto", "kto", **{"train.steps": 2, "lora.init": "lora"})
+    run = train(cfg, "kto", "cuda")
+    export(run, fmt="peft", out=tmp_path / "peft")
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    convert(tmp_path / "peft", tmp_path / "mlx", to="mlx")
+    export(run, fmt="mlx", out=tmp_path / "direct")
+    ours = load_file(str(tmp_path / "direct" / "adapters.safetensors"))
+    back = load_file(str(tmp_path / "mlx" / "adapters.safetensors"))
+    assert ours.keys() == back.keys()
+    for k in ours:
+        np.testing.assert_allclose(back[k], ours[k], atol=1e-6)
+
+
+def test_demo_kind_comes_from_the_recipe_name():
+    from forge_core.demo import demo_kind
+
+    assert [demo_kind(f"configs/{n}.yaml") for n in ("demo", "dpo_demo", "orpo_demo", "simpo_demo", "kto_demo",
+                                                     "smollm2_pissa")] == ["sft", "dpo", "orpo", "simpo", "kto", "sft"]
+
+
+def test_implicit_rewards_compare_each_pair_with_the_start():
+    from forge_core.evaluate import implicit_rewards
+
+    before = np.array([[-10.0, -12.0], [-8.0, -7.0], [-5.0, -5.0]])
+    after = np.array([[-9.0, -13.0], [-8.5, -7.0], [-5.0, -5.0]])
+    # h = (after_w - before_w) - (after_l - before_l): 1 - (-1) = 2; -0.5 - 0 = -0.5; 0
+    out = implicit_rewards(before, after)
+    assert out == {"implicit_accuracy": pytest.approx(1 / 3), "implicit_margin": pytest.approx(0.5)}

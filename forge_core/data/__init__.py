@@ -70,10 +70,11 @@ class DataStats:
     rows: int = 0  # rows kept
     truncated: int = 0  # kept rows cut to max_seq_len
     skipped: int = 0  # bad rows dropped (skip_bad_rows)
+    split_pairs: int = 0  # preference pairs read as two unpaired rows (KTO)
     reasons: list[str] = field(default_factory=list)  # the first MAX_REASONS skip reasons, `path:line: what`
 
     def summary(self) -> str:
-        parts = [f"{self.rows} rows"]
+        parts = [f"{self.rows} rows" + (f" ({self.split_pairs} pairs split in two)" if self.split_pairs else "")]
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
         if self.skipped:
@@ -175,4 +176,6 @@ def load_unpaired(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) -> tu
         p, c, _, cut = truncate_preference(prompt, completion, completion, max_seq_len)
         return [UnpairedRow(p, c, ex.label)], cut
 
-    return _load(path, data_cfg, build)
+    rows, stats = _load(path, data_cfg, build)
+    stats.split_pairs = sum(1 for r in rows if r.pair >= 0 and r.label)
+    return rows, stats

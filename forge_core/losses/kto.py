@@ -3,7 +3,8 @@
 TRL 1.16 trl/trainer/kto_trainer.py KTOTrainer._compute_loss (transcribed: TRL has no callable on log-probs
 alone), with ρ = log π(y|x) − log π_ref(y|x) per row (completion log-prob sums):
     z0 = max(0, mean over the batch (all ranks) of log π(y'|x) − log π_ref(y'|x))   y' a MISMATCHED completion:
-         row i's prompt with row i−1's completion, rotated within each chunk of batch_size rows; no gradient
+         row i's prompt with row i−1's completion, rotated within each chunk of rows (TRL: per-device batch;
+         Forge: the global micro-batch, so the pairing does not change with the number of ranks); no gradient
     kto                desirable: 1 − σ(β(ρ − z0))        undesirable: 1 − σ(β(z0 − ρ))
     apo_zero_unpaired  desirable: 1 − σ(βρ)               undesirable: σ(βρ)           (no z0)
     loss = mean over the rows of (desirable_weight or undesirable_weight) x the row's term

@@ -1,7 +1,7 @@
 """KTO on unpaired {prompt, completion, label} rows (pairs are split in two), against the policy at init.
 
 Each micro-batch first scores its MISMATCHED pairs (row i's prompt with its partner's completion, fixed at
-load time as TRL rotates them) with the current policy, without gradient, to get the reference point z0
+load time by TRL's rotation) with the current policy, without gradient, to get the reference point z0
 (averaged over every rank's rows); then the step runs on the matched rows with z0 as a constant. The
 reference's log-probs of both - matched and mismatched - are scored once before training
 (objectives/reference.py). Formulas: forge_core/losses/kto.py.
@@ -38,8 +38,10 @@ class KTOObjective(Objective):
         k = cfg.kto
         self.with_z0 = k.loss_type == "kto"  # apo_zero_unpaired has no reference point
         self.beta = k.beta
-        self.partner = {"train": mismatched_partners(len(rows), cfg.train.batch_size),
-                        "valid": mismatched_partners(len(valid), cfg.train.batch_size)}
+        # chunks of the GLOBAL micro-batch (TRL: of the per-device batch): the pairing, and so z0, is the same
+        # for any number of ranks at one global batch
+        self.partner = {"train": mismatched_partners(len(rows), self.global_micro_batch),
+                        "valid": mismatched_partners(len(valid), self.global_micro_batch)}
         _balance_note(rows, k, console)
         self.loss_fn = partial(kto_loss, ops, beta=k.beta, loss_type=k.loss_type,
                                desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight)
