@@ -23,7 +23,7 @@ from forge_core.distributed import env_rank, local_ranks
 from forge_core.errors import ForgeError
 from forge_core.evaluate import evaluate, generate
 from forge_core.memory.budget import plans_for_gpu
-from forge_core.memory.plan import check_before_launch, runtime_limit_bytes
+from forge_core.memory.plan import check_before_launch, data_shape_of, runtime_limit_bytes
 from forge_core.methods import section
 from forge_core.models.sources import resolve_model
 from forge_core.rundir import RunDir, resumed_config
@@ -47,7 +47,7 @@ def memory_check(cfg: ForgeConfig, kind: str, name: str, force: bool, console: C
     Under a launcher: one rank's plan; ranks on this machine share its memory unless each has its own GPU."""
     own_gpu = name == "cuda" and plans_for_gpu(name, cfg)
     return check_before_launch(cfg, kind, name, _model_config(cfg), force, console=console, nproc=local_ranks(),
-                               shared=not own_gpu)
+                               shared=not own_gpu, data=data_shape_of(cfg, kind))
 
 
 def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool = False) -> Path:

@@ -95,6 +95,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
             stepper.begin()
             try:  # this rank's micro-batches: forward, backward, gradients of the loss sums
                 loss_sum = count = msums = None
+                obj.prepare_step(t.grad_accum)
                 for _ in range(t.grad_accum):
                     batch = obj.next_batch()
                     tokens += math.prod(batch["inputs"].shape)

@@ -12,8 +12,11 @@ tokenizer is loaded; `datasets` only for a datasets directory.
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +33,7 @@ from forge_core.data.batches import (
     collate_sft,
     loss_row_cap,
     pack,
+    widest_batch,
 )
 from forge_core.data.rows import RowProblem, iter_rows, parse_preference, parse_sft, parse_unpaired, read_rows
 from forge_core.data.tokenize import (
@@ -60,9 +64,13 @@ __all__ = [
     "pack",
     "pad_token_id",
     "read_rows",
+    "source_key",
+    "truncate_preference",
+    "widest_batch",
 ]
 
 MAX_REASONS = 5
+_MEMO: dict = {}  # the last loads: the memory plan reads the data before training does (data_shape.py)
 
 
 @dataclass
@@ -108,11 +116,37 @@ def _load(path, data_cfg: DataConfig, build) -> tuple[list, DataStats]:
     return items, stats
 
 
+def source_key(path) -> tuple:
+    """What a data source's rows depend on, on disk: every file's path, size and mtime."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+def _memo(load):
+    """Remember a loader's last results per (source on disk, tokenizer, data config, max_seq_len), so the memory
+    plan and the objective tokenize a dataset once. Cleared as it fills; rows are never mutated downstream."""
+
+    @functools.wraps(load)
+    def wrapper(path, tokenizer, data_cfg: DataConfig, max_seq_len: int):
+        key = (load.__name__, source_key(path), getattr(tokenizer, "name_or_path", id(tokenizer)),
+               len(tokenizer), repr(data_cfg), max_seq_len)
+        if key not in _MEMO:
+            if len(_MEMO) >= 8:
+                _MEMO.clear()
+            _MEMO[key] = load(path, tokenizer, data_cfg, max_seq_len)
+        rows, stats = _MEMO[key]
+        return list(rows), copy.deepcopy(stats)
+
+    return wrapper
+
+
 def _check_system(chat: ChatTokenizer, data_cfg: DataConfig) -> None:
     if data_cfg.system_prompt and not chat.has_template:
         raise ForgeError("data.system_prompt is set but the tokenizer has no chat template to put it in")
 
 
+@_memo
 def load_sft(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) -> tuple[list[TokenizedRow], DataStats]:
     """SFT rows -> TokenizedRow(tokens int32 (L,), mask bool (L,)) with L <= max_seq_len.
 
@@ -130,6 +164,7 @@ def load_sft(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) -> tuple[l
     return _load(path, data_cfg, build)
 
 
+@_memo
 def load_preferences(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) -> tuple[list[PreferenceRow], DataStats]:
     """Preference rows -> PreferenceRow(prompt, chosen, rejected) with len(prompt) + len(longer) <= max_seq_len.
 
@@ -155,6 +190,7 @@ def _check_distinct(chosen, rejected, cut: bool, max_seq_len: int) -> None:
                          "(fix the row, or set data.skip_bad_rows to skip such rows)")
 
 
+@_memo
 def load_unpaired(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) -> tuple[list[UnpairedRow], DataStats]:
     """KTO rows -> UnpairedRow(prompt, completion, label, pair); a {prompt, chosen, rejected} row becomes two rows
     (chosen desirable, rejected undesirable) that remember their pair for held-out pairwise accuracy."""

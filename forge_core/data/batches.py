@@ -96,6 +96,20 @@ def _packed(rows: list[TokenizedRow]) -> PackedRow:
     )
 
 
+def row_length(r) -> int:
+    """Tokens a row brings to a batch: a pair its prompt and longer completion."""
+    if isinstance(r, PreferenceRow):
+        return len(r.prompt) + max(len(r.chosen), len(r.rejected))
+    if isinstance(r, UnpairedRow):
+        return len(r.prompt) + len(r.completion)
+    return len(r.tokens)
+
+
+def widest_batch(rows: list, max_len: int | None = None, pad_multiple: int = 32) -> int:
+    """T of the widest batch the collates can make from `rows` (its longest row, padded as they pad)."""
+    return _width(max(row_length(r) for r in rows), pad_multiple, max_len)
+
+
 def _width(longest: int, pad_multiple: int, max_len: int | None = None) -> int:
     """T = (longest - 1) rounded up to pad_multiple, capped at max_len."""
     t = max(longest - 1, 1)
@@ -109,7 +123,7 @@ def collate_sft(rows: list, pad_id: int, pad_multiple: int = 32, max_len: int | 
     When any row is packed, also segment_ids and position_ids (B,T) int32 aligned with inputs (a plain
     row counts as one segment). Rows longer than T + 1 tokens (only when max_len caps T) are cut.
     """
-    T = _width(max(len(r.tokens) for r in rows), pad_multiple, max_len)
+    T = widest_batch(rows, max_len, pad_multiple)
     B = len(rows)
     packed = any(isinstance(r, PackedRow) for r in rows)
     inputs = np.full((B, T), pad_id, np.int32)

@@ -12,6 +12,8 @@ LOGITS_BACKWARD_FP32 = 2  # softmax + gradient, fp32: measured 12·N·V bytes (f
 BACKEND_CONSTANTS = {
     "mlx": {
         "quant_mode": "affine",  # packed uint32 + a scale and a bias per group, in the compute dtype
+        # forge_mlx/head.py runs the vocabulary head at the batch's loss positions only (llama-style models)
+        "head_at_loss_positions": True,
         # mx.fast.scaled_dot_product_attention runs its unfused fallback whenever gradients are traced
         # (use_fallback() returns true for training in MLX's Metal and CPU backends), so each block keeps
         # (B, H, T, T) probabilities. Measured (MLX 0.32.4, CPU, fp32 and bf16): n chained sdpa calls under
@@ -54,6 +56,7 @@ BACKEND_CONSTANTS = {
     },
     "cuda": {
         "quant_mode": "nf4",  # bitsandbytes; quant.bits=8 -> LLM.int8 (int8 + fp32 row scales)
+        "head_at_loss_positions": False,  # forge_cuda/losses.py takes the model's logits at every position
         "attention": "sdpa",  # transformers' default: flash / mem-efficient kernels keep only the logsumexp
         "scores_kept_per_block": 0.0,
         "scores_backward": 0.0,

@@ -4,12 +4,13 @@ Pure arithmetic - no framework import, no I/O - so a CUDA run can be planned on 
 calibration tool can hold every Component against a measured peak. Notation:
 
     h hidden, i intermediate, L blocks, H / KV heads, d head_dim, q = H·d, kv = KV·d, V vocab,
-    r LoRA rank, B rows per micro-batch (2·batch_size for DPO: chosen and rejected rows go through
-    ONE forward; reference log-probs are precomputed, so there is no second model), T max_seq_len,
-    N = B·T tokens, cb bytes of the compute dtype (4 fp32, 2 bf16/fp16).
+    r LoRA rank, B rows per micro-batch (2·batch_size for the pair methods: chosen and rejected rows go
+    through ONE forward; reference log-probs are precomputed, so there is no second model), T max_seq_len
+    (or, planned from the data, its widest batch), N = B·T tokens, N_head the positions the vocabulary
+    head runs at (N, or on MLX B x the most trained tokens of any row), cb bytes of the compute dtype.
 
     training peak = base weights + LoRA params, grads, optimizer states + activations (+ attention
-                    probabilities when attention is unfused) + logits + backward working set
+                    probabilities when attention is unfused) + logits (N_head·V) + backward working set
                     + dequantized weights + framework overhead
     init peak     = the model while PiSSA/quantization rewrites it + the largest SVD + overhead
     total         = max(training peak, init peak)          (components carry their phase)
@@ -93,8 +94,9 @@ class Run:
     const: dict
     on_gpu: bool
     cb: int  # compute dtype bytes
-    rows: int  # B (doubled for DPO)
-    seq: int  # T
+    rows: int  # B (doubled for the pair methods)
+    seq: int  # T: max_seq_len, or the widest batch of the data
+    head_tokens: int  # positions the vocabulary head runs at per micro-batch (B·T, or B x the data's loss cap)
     targets: tuple[str, ...]
     lora_layers: int
     mode: str  # affine | nf4 | fp4 | int8 | none
@@ -141,7 +143,9 @@ def resolve_targets(targets: list[str], shape: ModelShape) -> tuple[str, ...]:
     return tuple(picked)
 
 
-def make_run(cfg: ForgeConfig, shape: ModelShape, kind: str, backend: str, on_gpu: bool) -> Run:
+def make_run(cfg: ForgeConfig, shape: ModelShape, kind: str, backend: str, on_gpu: bool, data=None) -> Run:
+    """data: a DataShape (memory/data_shape.py) - the widest batch and the head's positions of the real
+    rows - or None for the worst case (every row max_seq_len long, every position trained)."""
     if backend not in BACKEND_CONSTANTS:
         raise ForgeError(f"backend '{backend}': the memory planner knows {', '.join(BACKEND_CONSTANTS)}")
     # the step's forward: chosen + rejected concatenated for the paired methods. KTO's extra forward for its
@@ -150,8 +154,10 @@ def make_run(cfg: ForgeConfig, shape: ModelShape, kind: str, backend: str, on_gp
     const = dict(BACKEND_CONSTANTS[backend])
     if not on_gpu and cfg.model.fast_cpu_math and "cpu_kernels" in const:
         const.update(const["cpu_kernels"])
+    seq = data.seq if data else cfg.train.max_seq_len
+    per_row = data.head_per_row if data and const["head_at_loss_positions"] else seq
     return Run(cfg=cfg, shape=shape, const=const, on_gpu=on_gpu,
-               cb=compute_bytes(cfg.model.dtype, on_gpu), rows=rows, seq=cfg.train.max_seq_len,
+               cb=compute_bytes(cfg.model.dtype, on_gpu), rows=rows, seq=seq, head_tokens=rows * per_row,
                targets=resolve_targets(cfg.lora.targets or DEFAULT_TARGETS, shape),
                lora_layers=len(layer_indices(cfg.lora.layers, shape.layers)), mode=quant_mode(cfg, backend))
 
@@ -327,10 +333,11 @@ def activation_components(run: Run) -> list[Component]:
         blocks = 1 if ckpt else s.layers
         out.append(Component("attention probabilities", attention_scores_bytes(run, kept) * blocks,
                              f"unfused attention: B·H·T² x {kept:g} x {blocks} block(s)"))
-    v_bytes = n * s.vocab
+    v_bytes = run.head_tokens * s.vocab
     logits = v_bytes * (cb + 4 if cb < 4 else 4)
-    out.append(Component("logits + loss", logits, f"B·T·V = {v_bytes / 1e6:.1f}M: compute dtype + fp32 copy"
-                         if cb < 4 else f"B·T·V = {v_bytes / 1e6:.1f}M fp32"))
+    where = "B·T·V" if run.head_tokens == n else f"{run.head_tokens} loss positions x V"
+    out.append(Component("logits + loss", logits, f"{where} = {v_bytes / 1e6:.1f}M: compute dtype + fp32 copy"
+                         if cb < 4 else f"{where} = {v_bytes / 1e6:.1f}M fp32"))
     head_grad = v_bytes * (4 * LOGITS_BACKWARD_FP32 + (cb if cb < 4 else 0))
     block_grad = n * per_tok + attention_scores_bytes(run, run.const["scores_backward"])
     if ckpt:
@@ -384,11 +391,11 @@ def init_components(run: Run) -> list[Component]:
 # ------------------------------------------------------------------------------------------- all
 
 def estimate(cfg: ForgeConfig, shape: ModelShape, kind: str = "sft", backend: str = "mlx",
-             on_gpu: bool = True, nproc: int = 1) -> list[Component]:
+             on_gpu: bool = True, nproc: int = 1, data=None) -> list[Component]:
     """Every component of ONE process's plan, in display order (see the module docstring for the model).
     nproc > 1 (data-parallel): each rank holds the whole model and its batch_size rows, plus the flat fp32
     buffer its LoRA gradients are summed over ranks in (the concatenation and the result)."""
-    run = make_run(cfg, shape, kind, backend, on_gpu)
+    run = make_run(cfg, shape, kind, backend, on_gpu, data)
     parts = weight_components(run) + lora_components(run) + activation_components(run)
     if nproc > 1:
         parts.append(Component("gradient all-reduce buffer", 2 * LORA_BYTES * sum(lora_tensor_sizes(run)),

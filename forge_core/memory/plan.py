@@ -10,9 +10,13 @@ suggestion is a config change whose estimate was recomputed, never a rule of thu
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from forge_core.config import ForgeConfig, set_value
 from forge_core.errors import ForgeError
@@ -153,20 +157,23 @@ def _combined(cfg: ForgeConfig, knobs: list[list[dict]], total_of, limit: float)
 # ------------------------------------------------------------------------------------------- plan
 
 def plan_memory(cfg: ForgeConfig, model_config: dict, kind: str = "sft", backend: str = "mlx",
-                on_gpu: bool | None = None, nproc: int = 1, shared: bool = True) -> MemoryPlan:
+                on_gpu: bool | None = None, nproc: int = 1, shared: bool = True, data=None) -> MemoryPlan:
     """Estimate, budget, verdict, and (when over) the changes that fit - for ONE process.
 
     nproc > 1: that many data-parallel processes; `shared`: they share this machine's device (one Mac's
     unified memory, the CPU's RAM), so each is held to 1/nproc of the budget. Not shared: one GPU per rank,
-    or --device-memory (the size of each rank's own device).
+    or --device-memory (the size of each rank's own device). data: the DataShape of the run's rows
+    (memory/data_shape.py); None plans the worst case, every row max_seq_len long.
     """
     gpu = plans_for_gpu(backend, cfg) if on_gpu is None else on_gpu
     shape = ModelShape.from_config(model_config)
 
-    def total_of(c: ForgeConfig) -> int:
-        return peak_bytes(estimate(c, shape, kind, backend, gpu, nproc))
+    def total_of(c: ForgeConfig) -> int:  # a suggestion's max_seq_len also cuts the data's rows
+        d = data and dataclasses.replace(data, seq=min(data.seq, c.train.max_seq_len),
+                                         head_per_row=min(data.head_per_row, c.train.max_seq_len))
+        return peak_bytes(estimate(c, shape, kind, backend, gpu, nproc, d))
 
-    components = estimate(cfg, shape, kind, backend, gpu, nproc)
+    components = estimate(cfg, shape, kind, backend, gpu, nproc, data)
     total = peak_bytes(components)
     budget, source = device_budget(backend, cfg)
     if nproc > 1 and shared and not cfg.memory.device_memory:
@@ -178,7 +185,8 @@ def plan_memory(cfg: ForgeConfig, model_config: dict, kind: str = "sft", backend
     dtype = {4: "float32", 2: "float16" if cfg.model.dtype == "float16" else "bfloat16"}[
         compute_bytes(cfg.model.dtype, gpu)]
     context = {"model": cfg.model.path, "kind": kind, "backend": backend, "on_gpu": gpu, "compute_dtype": dtype,
-               "nproc": nproc}
+               "nproc": nproc, "rows": data.source if data else None,
+               "seq": data.seq if data else cfg.train.max_seq_len}
     plan = MemoryPlan(components, total, budget, source, threshold, result, context=context)
     if result == "over":
         plan.suggestions = suggestions(cfg, total_of, threshold * budget)
@@ -192,8 +200,12 @@ def runtime_limit_bytes(plan: MemoryPlan) -> int:
 
 def summary(plan: MemoryPlan) -> str:
     pct = 100 * plan.total_bytes / max(plan.budget_bytes, 1)
-    return (f"memory: planned peak {human(plan.total_bytes)} of {human(plan.budget_bytes)} "
-            f"({plan.budget_source}), {pct:.0f}% - {plan.verdict}")
+    overhead = plan.component("framework overhead")
+    basis = (f"from the data: batches up to {plan.context['seq']} tokens" if plan.context.get("rows")
+             else f"assumes rows of max_seq_len {plan.context['seq']}")
+    return (f"memory: planned peak {human(plan.total_bytes)} (arrays {human(plan.total_bytes - overhead)} + "
+            f"framework {human(overhead)}; {basis}) of {human(plan.budget_bytes)} ({plan.budget_source}), "
+            f"{pct:.0f}% - {plan.verdict}")
 
 
 def over_message(plan: MemoryPlan) -> str:
@@ -213,10 +225,10 @@ def over_message(plan: MemoryPlan) -> str:
 
 
 def check_before_launch(cfg: ForgeConfig, kind: str, backend: str, model_config: dict, force: bool,
-                        console=None, nproc: int = 1, shared: bool = True) -> MemoryPlan:
+                        console=None, nproc: int = 1, shared: bool = True, data=None) -> MemoryPlan:
     """Print the one-line plan; over budget: raise ForgeError (the verdict and fixes), unless force.
     Under a launcher every rank runs this with the number of ranks on its machine, and all refuse alike."""
-    plan = plan_memory(cfg, model_config, kind=kind, backend=backend, nproc=nproc, shared=shared)
+    plan = plan_memory(cfg, model_config, kind=kind, backend=backend, nproc=nproc, shared=shared, data=data)
     _say(console, summary(plan))
     if plan.verdict == "over":
         if not force:
@@ -247,27 +259,72 @@ def _backend_name(name: str) -> str:
 
 def memory_command(cfg: ForgeConfig, as_json: bool = False, kind: str = "sft", nproc: int = 1) -> MemoryPlan:
     """`forge memory`: the table (or one JSON object) for this config on this (or the named) device;
-    nproc > 1: one rank's plan when that many data-parallel processes run on it."""
+    nproc > 1: one rank's plan when that many data-parallel processes run on it. With data (--data or the
+    recipe's data.train) the plan is the data's, and the worst case is shown beside it."""
     backend = _backend_name(cfg.backend)
     model_config, source = load_model_config(cfg.model.path)
-    plan = plan_memory(cfg, model_config, kind=kind, backend=backend, nproc=nproc)
+    worst = plan_memory(cfg, model_config, kind=kind, backend=backend, nproc=nproc)
+    data, why = None, ""
+    if cfg.data.train:
+        try:  # the data is tokenized with the model's tokenizer: planning never downloads a model for it
+            with _offline():
+                data = data_shape_of(cfg, kind)
+        except ForgeError as e:
+            if not _model_missing(cfg):
+                raise
+            why = f"the data is not planned: the model's tokenizer is not on this machine ({str(e)[:120]})"
+    plan = plan_memory(cfg, model_config, kind=kind, backend=backend, nproc=nproc, data=data) if data else worst
     if as_json:
         import click
 
-        click.echo(json.dumps({**plan.to_dict(), "model_config_source": source}))
+        click.echo(json.dumps({**plan.to_dict(), "model_config_source": source,
+                               "worst_case_total_bytes": worst.total_bytes, "data_not_planned": why or None}))
     else:
-        _print_plan(plan, source)
+        _print_plan(plan, source, worst if data else None)
+        if why:
+            _say(None, why)
     return plan
 
 
-def _print_plan(plan: MemoryPlan, source: str) -> None:
+@contextlib.contextmanager
+def _offline():
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def _model_missing(cfg: ForgeConfig) -> bool:
+    """True when the model is a hub id with no local copy (the data problems are the user's to hear)."""
+    from forge_core.models.sources import HUB_ID
+
+    return bool(HUB_ID.match(str(cfg.model.path))) and not Path(cfg.model.path).exists()
+
+
+def data_shape_of(cfg: ForgeConfig, kind: str):
+    """The DataShape of the run's rows, tokenized with the model's own tokenizer (the objective reuses them)."""
+    from forge_core.data.tokenize import load_tokenizer
+    from forge_core.memory.data_shape import data_shape
+    from forge_core.models.sources import resolve_model
+
+    return data_shape(cfg, kind, load_tokenizer(resolve_model(cfg.model.path)))
+
+
+def _print_plan(plan: MemoryPlan, source: str, worst: MemoryPlan | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     ctx = plan.context
     device = ("GPU" if ctx["on_gpu"] else "CPU") + f", {ctx['compute_dtype']}"
+    basis = (f"planned from the data: {ctx['rows']}, widest batch {ctx['seq']} tokens" if ctx.get("rows")
+             else f"no data given: assumes rows of max_seq_len ({ctx['seq']}), trained at every position")
     table = Table(title=f"memory plan: {ctx['model']} ({ctx['kind']}, {ctx['backend']} {device})",
-                  caption=f"shapes from {source}")
+                  caption=f"shapes from {source}; {basis}")
     table.add_column("component")
     table.add_column("when")
     table.add_column("size", justify="right")
@@ -280,6 +337,9 @@ def _print_plan(plan: MemoryPlan, source: str) -> None:
     console.print(table)
     console.print(f"training peak {human(plan.phase_bytes('train'))}, model build peak "
                   f"{human(plan.phase_bytes('init'))} -> planned peak [bold]{human(plan.total_bytes)}[/bold]")
+    if worst is not None:
+        console.print(f"worst case (every row max_seq_len {worst.context['seq']}, trained at every position): "
+                      f"{human(worst.total_bytes)}", markup=False, highlight=False)
     console.print(f"budget {human(plan.budget_bytes)} ({plan.budget_source}); limit {plan.threshold:.0%} = "
                   f"{human(plan.limit_bytes)}")
     style = {"fits": "green", "tight": "yellow", "over": "red"}[plan.verdict]

@@ -52,6 +52,9 @@ class Objective:
     def epoch(self) -> float:
         return float(self.order.epoch)
 
+    def prepare_step(self, micro_batches: int) -> None:
+        """Work a step needs from every rank before its first micro-batch (KTO's z0); most objectives: none."""
+
     def metric_means(self, sums: dict, count: float) -> dict:
         """The global batch's metric sums (floats) -> the logged values: means over the examples."""
         return {k: v / max(count, 1.0) for k, v in sums.items()}

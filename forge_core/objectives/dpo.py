@@ -11,7 +11,7 @@ from forge_core.distributed import World
 from forge_core.errors import ForgeError
 from forge_core.losses.dpo import METRICS, dpo_objective
 from forge_core.objectives.pairs import PairObjective, pair_loss
-from forge_core.objectives.reference import scored_once
+from forge_core.objectives.reference import fingerprint, scored_once
 
 
 def _dpo(xp, logps, ntok, batch, **kw):
@@ -49,7 +49,7 @@ class DPOObjective(PairObjective):
         self.loss_fn = partial(dpo_loss, ops, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                                sft_weight=d.sft_weight, discopop_tau=d.discopop_tau)
         ref = scored_once(run, world, console, "pairs", {"train": (self.rows, self._score),
-                                                          "valid": (self.valid, self._score)})
+                                                          "valid": (self.valid, self._score)}, fingerprint(cfg, "dpo"))
         self.ref = {"train": ref["train"], "valid": ref["valid"]}
 
     def extras(self, idx: np.ndarray, split: str) -> dict:

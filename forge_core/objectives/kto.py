@@ -1,9 +1,10 @@
 """KTO on unpaired {prompt, completion, label} rows (pairs are split in two), against the policy at init.
 
-Each micro-batch first scores its MISMATCHED pairs (row i's prompt with its partner's completion, fixed at
-load time by TRL's rotation) with the current policy, without gradient, to get the reference point z0
-(averaged over every rank's rows); then the step runs on the matched rows with z0 as a constant. The
-reference's log-probs of both - matched and mismatched - are scored once before training
+The rows are taken in one fixed (seeded) order, a global micro-batch at a time, and each row's MISMATCHED
+completion is its neighbour's in the same micro-batch (TRL's rotation). Before each step the current policy
+scores the step's mismatched pairs without gradient, giving the reference point z0 of each micro-batch
+(averaged over every rank's rows, in one exchange); the step then runs on the matched rows with z0 as a
+constant. The reference's log-probs of both - matched and mismatched - are scored once before training
 (objectives/reference.py). Formulas: forge_core/losses/kto.py.
 """
 
@@ -15,9 +16,10 @@ import numpy as np
 
 from forge_core import data as fdata
 from forge_core.distributed import World
-from forge_core.losses.kto import METRICS, kl_reference_point, kto_means, kto_objective, mismatched_partners
+from forge_core.errors import ForgeError
+from forge_core.losses.kto import METRICS, kto_means, kto_objective, mismatched_partners
 from forge_core.objectives.base import Objective, load_split
-from forge_core.objectives.reference import scored_once
+from forge_core.objectives.reference import fingerprint, scored_once
 
 
 def kto_loss(ops, model, batch, beta: float, loss_type: str = "kto", desirable_weight: float = 1.0,
@@ -34,29 +36,42 @@ class KTOObjective(Objective):
 
     def __init__(self, cfg, ops, model, tokenizer, run, console, world: World):
         rows, valid = load_split(fdata.load_unpaired, cfg, ops.hf_tokenizer(tokenizer), console)
-        super().__init__(cfg, ops, model, tokenizer, rows, valid, world)
         k = cfg.kto
         self.with_z0 = k.loss_type == "kto"  # apo_zero_unpaired has no reference point
-        self.beta = k.beta
-        # chunks of the GLOBAL micro-batch (TRL: of the per-device batch): the pairing, and so z0, is the same
-        # for any number of ranks at one global batch
-        self.partner = {"train": mismatched_partners(len(rows), self.global_micro_batch),
-                        "valid": mismatched_partners(len(valid), self.global_micro_batch)}
+        size = cfg.train.batch_size * world.size
+        if self.with_z0 and size < 2:
+            raise ForgeError("kto: z0 pairs each row with another row of its micro-batch, so it needs at least 2 rows "
+                             "per micro-batch (train.batch_size x ranks); raise train.batch_size")
+        # TRL's layout: batches taken in a FIXED order, each row's mismatched completion its neighbour's in the
+        # same batch (the same set of completions, other prompts). Forge shuffles once (seeded) rather than per
+        # epoch, so that the reference can score the mismatched pairs before training.
+        seed = cfg.train.seed if cfg.data.shuffle else None
+        rows, valid = fixed_order(rows, size, seed), fixed_order(valid, cfg.train.batch_size, seed)
+        super().__init__(cfg, ops, model, tokenizer, rows, valid, world)
+        self.order = fdata.BatchOrder(len(rows), size, cfg.train.seed, shuffle=False)
+        self.partner = {"train": mismatched_partners(len(rows), size),  # eval batches: batch_size rows each
+                        "valid": mismatched_partners(len(valid), cfg.train.batch_size)}
+        self.beta, self._pending = k.beta, []
         _balance_note(rows, k, console)
         self.loss_fn = partial(kto_loss, ops, beta=k.beta, loss_type=k.loss_type,
                                desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight)
         self._logps = ops.no_grad(model, partial(ops.sequence_logps, model))
         self.ref = scored_once(run, world, console, "rows and their mismatched pairs",
                                {"train": (rows, partial(self._score, "train")),
-                                "valid": (valid, partial(self._score, "valid"))})
+                                "valid": (valid, partial(self._score, "valid"))},
+                               fingerprint(cfg, "kto", mismatched_chunk=size))
 
     def _collate(self, seqs) -> dict:
         return fdata.add_loss_positions(fdata.collate_completions(seqs, self.pad), self.cap)
 
     def _seqs(self, split: str, idx, mismatched: bool) -> list:
         rows = self.rows if split == "train" else self.valid
-        other = self.partner[split][idx] if mismatched else idx
-        return [(rows[i].prompt, rows[j].completion) for i, j in zip(idx, other)]
+        if not mismatched:
+            return [(rows[i].prompt, rows[i].completion) for i in idx]
+        # another row's completion after this prompt can be longer than any real row: cut it as a row is cut
+        limit = self.cfg.train.max_seq_len
+        return [fdata.truncate_preference(rows[i].prompt, rows[j].completion, rows[j].completion, limit)[:2]
+                for i, j in zip(idx, self.partner[split][idx])]
 
     def _logps_of(self, seqs) -> np.ndarray:
         """The current policy's completion log-probs, no gradient, in eval mode (no dropout)."""
@@ -79,10 +94,32 @@ class KTOObjective(Objective):
                                  self._logps_of(self._seqs(split, part, True))], axis=1))
         return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
 
-    def z0(self, split: str, idx: np.ndarray, world: World | None) -> float:
-        if not self.with_z0:
-            return 0.0
-        return kl_reference_point(self._logps_of(self._seqs(split, idx, True)), self.ref[split][idx, 1], world)
+    def _kl_sum(self, split: str, idx: np.ndarray) -> float:
+        """Σ over these rows of log π(y'|x) − log π_ref(y'|x) on their mismatched pairs (no gradient)."""
+        return float(np.sum(self._logps_of(self._seqs(split, idx, True)) - self.ref[split][idx, 1]))
+
+    def prepare_step(self, micro_batches: int) -> None:
+        """The step's micro-batches and their z0, before any gradient: z0 averages every rank's rows, and all
+        micro-batches' sums go in ONE exchange with a failure flag, so a rank that fails here (out of memory)
+        never leaves the others inside a collective - every rank then raises, and the loop stops them alike."""
+        idxs = [np.array(self.next_indices()) for _ in range(micro_batches)]
+        sums, failed = [], None
+        if self.with_z0:
+            try:
+                for idx in idxs:
+                    sums += [self._kl_sum("train", idx), float(len(idx))]
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+                failed, sums = exc, [0.0, 0.0] * micro_batches
+        else:
+            sums = [0.0, 1.0] * micro_batches
+        totals = self.world.sum(sums + [1.0 if failed is not None else 0.0]) if self.world.size > 1 else \
+            np.asarray(sums + [1.0 if failed is not None else 0.0])
+        if failed is not None:
+            raise failed
+        if totals[-1] > 0:
+            raise MemoryError("another rank failed while scoring KTO's mismatched pairs for this step")
+        self._pending = [(idx, max(0.0, float(s) / max(float(c), 1.0)))
+                         for idx, s, c in zip(idxs, totals[0:-1:2], totals[1:-1:2])]
 
     def batch(self, split: str, idx: np.ndarray, z0: float) -> dict:
         rows = self.rows if split == "train" else self.valid
@@ -93,8 +130,10 @@ class KTOObjective(Objective):
         return self.ops.to_batch(self.model, b)
 
     def next_batch(self):
-        idx = np.array(self.next_indices())
-        return self.batch("train", idx, self.z0("train", idx, self.world))  # z0 over every rank's rows
+        if not self._pending:  # called outside the loop (tools): this micro-batch alone
+            self.prepare_step(1)
+        idx, z0 = self._pending.pop(0)
+        return self.batch("train", idx, z0)
 
     def metric_means(self, sums: dict, count: float) -> dict:
         return kto_means(sums, count)
@@ -107,9 +146,10 @@ class KTOObjective(Objective):
         self.model.eval()
         sums, n = {}, 0.0
         rewards = np.zeros(len(self.valid), np.float32)
+        seen = np.zeros(len(self.valid), np.float32)  # train.eval_batches may evaluate only some rows
         for start, stop in self.eval_batches():
             idx = np.arange(start, stop)
-            z0 = self.z0("valid", idx, None)  # not a collective: ranks may hold different numbers of batches
+            z0 = max(0.0, self._kl_sum("valid", idx) / len(idx)) if self.with_z0 else 0.0  # this rank's batch
             logps = self._logps_of(self._seqs("valid", idx, False))
             ref = self.ref["valid"][idx, 0]
             labels = np.array([1.0 if self.valid[i].label else 0.0 for i in idx], np.float32)
@@ -118,20 +158,41 @@ class KTOObjective(Objective):
             for key, v in {"loss": losses.sum(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(v)
             n += len(idx)
-            rewards[idx] = self.beta * (logps - ref)
+            rewards[idx], seen[idx] = self.beta * (logps - ref), 1.0
         keys = ["loss", *METRICS]
         *totals, n = self.world.sum([sums.get(k, 0.0) for k in keys] + [n])
-        rewards = self.world.sum(rewards) if self.world.size > 1 else rewards
+        if self.world.size > 1:
+            rewards, seen = self.world.sum(rewards), self.world.sum(seen)
         out = {"loss": float(totals[0] / max(n, 1)), **kto_means(dict(zip(keys[1:], totals[1:])), n)}
-        out.update(_pairwise(self.valid, rewards))
+        out.update(_pairwise(self.valid, rewards, seen > 0))
         return out
 
 
-def _pairwise(rows, rewards: np.ndarray) -> dict:
-    """Reward accuracy over the rows that were split from pairs (the margin is kto_means' already)."""
+def fixed_order(rows: list, chunk: int, seed: int | None) -> list:
+    """The order KTO takes its rows in: with a seed, a shuffle in which no row's mismatched partner (its
+    neighbour within its chunk) shares its prompt - the first of up to 100 seeded shuffles with none, else the
+    one with fewest; without (data.shuffle false), the rows as given, except that the halves of split pairs
+    go chosen first, then rejected, as TRL's unpair_preference_dataset lays them out."""
+    if seed is None or len(rows) < 2:
+        return [r for r in rows if r.pair < 0 or r.label] + [r for r in rows if r.pair >= 0 and not r.label]
+    prompts = np.array([hash(r.prompt.tobytes()) for r in rows])
+    best = None
+    for attempt in range(100):
+        order = np.random.default_rng((seed + 7919 * attempt) % 2**63).permutation(len(rows))
+        p = prompts[order]
+        clashes = int(np.sum(p == p[mismatched_partners(len(rows), chunk)]))
+        if best is None or clashes < best[0]:
+            best = (clashes, order)
+        if clashes == 0:
+            break
+    return [rows[i] for i in best[1]]
+
+
+def _pairwise(rows, rewards: np.ndarray, seen: np.ndarray) -> dict:
+    """Reward accuracy over the evaluated rows that were split from pairs (the margin is kto_means' already)."""
     chosen, rejected = {}, {}
     for i, r in enumerate(rows):
-        if r.pair >= 0:
+        if r.pair >= 0 and seen[i]:
             (chosen if r.label else rejected)[r.pair] = rewards[i]
     both = [p for p in chosen if p in rejected]
     if not both:

@@ -8,25 +8,44 @@ the weights is ever kept. Under a launcher the rows are shared out and the score
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+
 import numpy as np
 from safetensors.numpy import load_file
 
 from forge_core.adapters import safetensors_io as sio
+from forge_core.data import source_key
+from forge_core.methods import section
 
 
-def scored_once(run, world, console, what: str, splits: dict) -> dict[str, np.ndarray]:
+def fingerprint(cfg, kind: str, **extra) -> str:
+    """What a run's reference scores depend on: the model, its adapter and quantization, the data and how it is
+    read, the method's settings (and e.g. KTO's pairing). A cache with another fingerprint is scored anew."""
+    files = [source_key(p) for p in (cfg.data.train, cfg.data.valid) if p]
+    return json.dumps({"kind": kind, "model": dataclasses.asdict(cfg.model), "lora": dataclasses.asdict(cfg.lora),
+                       "quant": dataclasses.asdict(cfg.quant), "data": dataclasses.asdict(cfg.data), "files": files,
+                       "max_seq_len": cfg.train.max_seq_len, "method": dataclasses.asdict(section(cfg, kind)),
+                       **extra}, sort_keys=True, default=str)
+
+
+def scored_once(run, world, console, what: str, splits: dict, key: str = "") -> dict[str, np.ndarray]:
     """{split: (N, k) scores} for splits {name: (rows, score)}, score(rows) -> (len(rows), k) float32, from the
-    run's cache when it holds every split at its size (a resume), else computed now and cached (rank 0)."""
+    run's cache when it was made for the same `key` (fingerprint) and holds every split at its size (a resume),
+    else computed now and cached (rank 0)."""
     f = run.file("reference_logps.safetensors")
+    tag = np.frombuffer(hashlib.sha256(key.encode()).digest(), np.uint8).copy()
     if f.is_file():
         cached = load_file(str(f))
-        if all(k in cached and cached[k].shape[0] == len(rows) for k, (rows, _) in splits.items()):
+        same = "fingerprint" in cached and np.array_equal(cached["fingerprint"], tag)
+        if same and all(k in cached and cached[k].shape[0] == len(rows) for k, (rows, _) in splits.items()):
             return {k: cached[k] for k in splits}
     console.print(f"scoring {sum(len(rows) for rows, _ in splits.values())} {what} with the reference "
                   "(the policy at init)...")
     ref = {k: score_shared(world, rows, score) for k, (rows, score) in splits.items()}
     if world.main:
-        sio.save(f, ref)
+        sio.save(f, {**ref, "fingerprint": tag})
     return ref
 
 

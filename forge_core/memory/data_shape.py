@@ -1,0 +1,45 @@
+"""What the training data makes of a batch, for the memory plan: the widest micro-batch's T and how many
+positions per row the vocabulary head runs at - read by the same loaders and collates the objectives use.
+
+Without data the plan assumes every row is max_seq_len long and trained at every position (the worst case);
+with it, a run on rows of ≤ 130 tokens whose answers are 40 tokens is planned as exactly that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from forge_core import data as fdata
+from forge_core.config import ForgeConfig
+from forge_core.methods import method
+
+
+@dataclass(frozen=True)
+class DataShape:
+    seq: int  # T of the widest micro-batch (tokens, padded as the collates pad)
+    head_per_row: int  # positions per row the loss needs logits at (the most trained tokens of any row, <= seq)
+    rows: int  # training rows (pairs, or unpaired rows) after packing / splitting
+    source: str  # what was read, for the plan's notes
+
+
+def loader(kind: str):
+    """The objective's loader for a method's rows."""
+    if kind == "sft":
+        return fdata.load_sft
+    return fdata.load_unpaired if kind == "kto" else fdata.load_preferences
+
+
+def data_shape(cfg: ForgeConfig, kind: str, tokenizer) -> DataShape:
+    """DataShape of cfg.data.train (+ data.valid: evaluation batches go through the same model) for `kind`."""
+    method(kind)
+    load = loader(kind)
+    rows, _ = load(cfg.data.train, tokenizer, cfg.data, cfg.train.max_seq_len)
+    valid = load(cfg.data.valid, tokenizer, cfg.data, cfg.train.max_seq_len)[0] if cfg.data.valid else []
+    n = len(rows)
+    if kind == "sft" and cfg.data.packing:
+        rows = fdata.pack(rows, cfg.train.max_seq_len)
+    every = rows + valid
+    seq = fdata.widest_batch(every, cfg.train.max_seq_len if kind == "sft" else None)
+    head = min(seq, fdata.loss_row_cap(every))
+    return DataShape(seq=seq, head_per_row=head, rows=len(rows),
+                     source=f"{cfg.data.train} ({n} rows{', packed' if kind == 'sft' and cfg.data.packing else ''})")
