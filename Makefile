@@ -15,7 +15,7 @@ else
 EXTRAS := mlx-linux,cuda,dev
 endif
 
-.PHONY: demo demo-sft demo-dpo test test-fast bench bench-dpo bench-memory bench-dp fidelity venv clean sysdeps
+.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto test test-fast bench bench-dpo bench-memory bench-dp bench-methods fidelity venv clean sysdeps
 
 # Linux only, optional: an optimized BLAS for MLX's CPU wheel (forge_mlx/blas.py preloads it; ~90x
 # faster fp32 matmul than the wheel's reference BLAS). Installed with apt when we are root; otherwise
@@ -59,6 +59,11 @@ demo-dpo: $(VENV)/.stamp
 	rm -rf runs/demo-dpo
 	$(VENV)/bin/forge demo --config configs/dpo_demo.yaml
 
+# the other preference methods, each from the base model on the demo pairs (configs/<method>_demo.yaml)
+demo-orpo demo-simpo demo-cpo demo-kto: demo-%: $(VENV)/.stamp
+	rm -rf runs/demo-$*
+	$(VENV)/bin/forge demo --config configs/$*_demo.yaml
+
 bench: $(VENV)/.stamp
 	$(PY) tools/bench_sft.py --batch-size 2 --seq-len 256 --steps 15 --warmup 3 --slow-steps 1 --slow-warmup 1 --repeats 5 --slow-repeats 1 --write docs/BENCHMARKS.md
 
@@ -71,6 +76,10 @@ bench-memory: $(VENV)/.stamp
 
 bench-dp: $(VENV)/.stamp
 	$(PY) tools/bench_data_parallel.py --write docs/BENCHMARKS.md
+
+# DPO, ORPO, SimPO, KTO, CPO side by side from the base on the demo pairs (about 75 minutes on 2 cores)
+bench-methods: $(VENV)/.stamp
+	$(PY) tools/bench_methods.py --write docs/BENCHMARKS.md
 
 fidelity: $(VENV)/.stamp
 	$(PY) tools/fidelity.py --write docs/BENCHMARKS.md

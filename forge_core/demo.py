@@ -24,7 +24,10 @@ from forge_core.config import build_config
 from forge_core.errors import ForgeError
 from forge_core.evaluate import evaluate, evaluate_preferences, implicit_rewards
 from forge_core.launch import launch
+from forge_core.memory.budget import human
+from forge_core.memory.plan import data_shape_of, plan_memory
 from forge_core.methods import KINDS, start_adapter
+from forge_core.models.known import load_model_config
 from forge_core.rundir import RunDir
 
 
@@ -47,6 +50,16 @@ def demo_kind(recipe: str) -> str:
     """The method a demo recipe runs, from its file name: dpo_demo.yaml -> dpo, demo.yaml -> sft."""
     head = Path(recipe).stem.split("_")[0]
     return head if head in KINDS else "sft"
+
+
+def _planned_arrays(cfg, kind: str, backend: str) -> int | None:
+    """The plan launch printed, less its framework constant: what the run's peak_memory measures."""
+    try:
+        model_config, _ = load_model_config(cfg.model.path)
+        plan = plan_memory(cfg, model_config, kind=kind, backend=backend, data=data_shape_of(cfg, kind))
+    except ForgeError:
+        return None
+    return plan.total_bytes - plan.component("framework overhead")
 
 
 def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
@@ -85,10 +98,15 @@ def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
                 "field_acc", *[k for k in after if k.startswith(f"{kind} ")]]
     train_recs = [r for r in RunDir(run_dir).metrics() if r.get("split") == "train"]
     console.print(_table(f"{kind.upper()} demo: before vs after ({cfg.data.valid})", before, after, keys))
+    planned = _planned_arrays(cfg, kind, name)
+    peak = max((r["peak_memory"] for r in train_recs), default=None)
+    if planned and peak:
+        console.print(f"memory: the plan's arrays {human(planned)} (its total less the framework constant) vs the "
+                      f"measured peak {human(peak)}: {planned / peak:.2f}x")
     result = {"kind": kind, "backend": name, "before": before, "after": after, "start": start or cfg.model.path,
               "seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir),
               "step_s": statistics.median(r["step_s"] for r in train_recs[1:] or train_recs) if train_recs else None,
-              "peak_memory": max((r["peak_memory"] for r in train_recs), default=None)}
+              "peak_memory": peak, "planned_arrays": planned}
     write_json(run_dir / "demo_results.json", result)
     console.print(f"run dir: {run_dir} (adapter/, metrics.jsonl, loss.png, demo_results.json) "
                   f"in {result['seconds']:.0f}s")

@@ -1,11 +1,14 @@
 """Memory planner calibration: forge_core.memory.plan's estimate against the peak a real run reaches.
 
-    python tools/bench_memory.py [--only mlx-h128-fp,...] [--backend mlx|cuda] [--write docs/BENCHMARKS.md]
+    python tools/bench_memory.py [--only mlx-h128-fp,...] [--backend mlx|cuda] [--bundled] [--write docs/BENCHMARKS.md]
 
-Each row of MATRIX builds a random Llama (tests/tiny.py, byte vocab 259), writes a JSONL whose rows are
-longer than max_seq_len (every batch is B x T, no short padding), and runs forge_core's training loop on the backend
-(forge_core.train.train with forge_mlx.ops / forge_cuda.ops) for 3 steps, eval off, in a fresh subprocess
-(forge_mlx is imported FIRST there: its BLAS preload must precede mlx.core). Like is compared with like:
+Each `h...` row of MATRIX builds a random Llama (tests/tiny.py, byte vocab 259), writes a JSONL whose rows are
+longer than max_seq_len (every batch is B x T, no short padding, every position trained); each `smol-...` row
+takes the bundled SmolLM2-135M-Instruct and the first rows of the demo task's data (real lengths, the prompt
+masked out of the loss). Each runs forge_core's training loop on the backend (forge_core.train.train with
+forge_mlx.ops / forge_cuda.ops) for 3 steps, eval off, in a fresh subprocess (forge_mlx is imported FIRST there:
+its BLAS preload must precede mlx.core), and is planned from its data as `forge train` plans it
+(forge_core/memory/data_shape.py). Like is compared with like:
 
     MLX:          measured = mx.get_peak_memory() over the whole run (model build + training): the MLX
                   allocator's arrays only, no interpreter or library code.
@@ -50,6 +53,13 @@ def _row(name, backend, hidden, layers, inter, batch, seq, rank, bits, ckpt=Fals
             "batch": batch, "seq": seq, "rank": rank, "bits": bits, "ckpt": ckpt, "kind": kind, "small": small}
 
 
+def _smol(name, kind="sft", bits=4, ckpt=False, packing=False, batch=4, seq=256):
+    """A row on the bundled SmolLM2-135M-Instruct with the demo task's real rows (the first BUNDLED_ROWS of
+    data/demo/*_train.jsonl): prompts masked out of the loss, batches as long as the data makes them."""
+    return {"name": name, "backend": "mlx", "model": "smollm2-135m", "batch": batch, "seq": seq, "rank": 16,
+            "bits": bits, "ckpt": ckpt, "kind": kind, "packing": packing, "small": False}
+
+
 # Model size, batch, seq len, rank, bits, checkpointing, SFT/DPO; heads = hidden/32, kv heads = heads/2.
 MATRIX = [
     _row("mlx-h128-fp", "mlx", 128, 4, 512, 2, 256, 8, 0, small=True),
@@ -66,7 +76,19 @@ MATRIX = [
     _row("torch-h256-nf4", "cuda", 256, 8, 1024, 4, 512, 16, 4),
     _row("torch-h256-nf4-ckpt", "cuda", 256, 8, 1024, 4, 512, 16, 4, ckpt=True),
     _row("torch-h256-nf4-dpo", "cuda", 256, 8, 1024, 2, 512, 16, 4, kind="dpo"),
+    # the bundled model on the demo data, planned from the data as `forge train` plans it
+    _smol("smol-sft-q4"),
+    _smol("smol-sft-fp", bits=0),
+    _smol("smol-sft-q4-ckpt", ckpt=True),
+    _smol("smol-sft-q4-pack", packing=True),
+    _smol("smol-sft-q4-b8", batch=8),
+    _smol("smol-dpo-q4", kind="dpo"),
+    _smol("smol-dpo-q4-ckpt", kind="dpo", ckpt=True),
+    _smol("smol-dpo-fp", kind="dpo", bits=0),
+    _smol("smol-orpo-q4", kind="orpo"),
+    _smol("smol-kto-q4", kind="kto"),
 ]
+BUNDLED_ROWS = 32  # rows of the demo data a bundled-model row reads (the reference scoring stays short)
 
 
 # ---------------------------------------------------------------- inputs (parent side)
@@ -97,6 +119,24 @@ def make_data(root: Path, kind: str, seq: int, n: int = 16) -> Path:
             rows.append({"prompt": c * (seq // 4), "chosen": c.upper() * seq, "rejected": c * seq})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def demo_subset(root: Path, kind: str) -> Path:
+    """The first BUNDLED_ROWS rows of the demo task's SFT or preference data."""
+    src = Path(bc.ROOT) / "data" / "demo" / ("sft_train.jsonl" if kind == "sft" else "dpo_train.jsonl")
+    out = root / f"demo_{'sft' if kind == 'sft' else 'pairs'}.jsonl"
+    out.write_text("".join(src.read_text().splitlines(keepends=True)[:BUNDLED_ROWS]))
+    return out
+
+
+def bundled_sets(row: dict, data: Path, out_dir: Path) -> list[str]:
+    """The demo recipe's settings (QPiSSA rank 16, pissa_niter_4), 3 steps, the row's changes."""
+    return ["backend=mlx", "model.path=smollm2-135m", f"data.train={data}", "data.valid=",
+            f"data.packing={str(row['packing']).lower()}", f"lora.rank={row['rank']}", f"lora.alpha={row['rank']}",
+            "lora.init=pissa_niter_4", f"quant.bits={row['bits']}", f"train.steps={STEPS}",
+            f"train.batch_size={row['batch']}", f"train.max_seq_len={row['seq']}",
+            f"train.grad_checkpoint={str(row['ckpt']).lower()}", "train.schedule=constant", "train.warmup=0",
+            "train.eval_every=0", "train.save_every=1000", "train.log_every=1", f"train.out_dir={out_dir}"]
 
 
 def config_sets(row: dict, model: Path, data: Path, out_dir: Path) -> list[str]:
@@ -194,15 +234,21 @@ def worker(spec: dict) -> dict:
     from forge_core.config import build_config
     from forge_core.memory.plan import plan_memory
 
+    from forge_core.memory.plan import data_shape_of
+    from forge_core.models.known import load_model_config
+
     cfg = build_config(None, spec["sets"])
     console = Console(stderr=True, quiet=True)
     tic = time.perf_counter()
     got = (_measure_mlx if spec["backend"] == "mlx" else _measure_torch)(cfg, spec["kind"], console)
     seconds = time.perf_counter() - tic
-    model_config = json.loads((Path(cfg.model.path) / "config.json").read_text())
-    plan = plan_memory(cfg, model_config, kind=spec["kind"], backend=spec["backend"], on_gpu=got["on_gpu"])
+    model_config, _ = load_model_config(cfg.model.path)
+    data = data_shape_of(cfg, spec["kind"])  # as launch plans it: from the rows
+    plan = plan_memory(cfg, model_config, kind=spec["kind"], backend=spec["backend"], on_gpu=got["on_gpu"],
+                       data=data)
     overhead = plan.component("framework overhead")
     return {**got, "name": spec["name"], "seconds": seconds, "estimate": plan.total_bytes - overhead,
+            "data_seq": data.seq, "head_per_row": data.head_per_row,
             "train": plan.phase_bytes("train") - overhead, "init": plan.phase_bytes("init") - overhead,
             "overhead": overhead, "components": {c.name: c.bytes for c in plan.components}}
 
@@ -211,21 +257,25 @@ def worker(spec: dict) -> dict:
 
 def measure(row: dict, root: Path, verbose: bool = False) -> dict:
     """Run one MATRIX row in a fresh subprocess; returns the worker's result with ratio = estimate / measured."""
-    model = make_model(root, row)
-    data = make_data(root, row["kind"], row["seq"])
     out_dir = Path(tempfile.mkdtemp(prefix=f"run_{row['name']}_", dir=root))
-    spec = {"name": row["name"], "backend": row["backend"], "kind": row["kind"],
-            "sets": config_sets(row, model, data, out_dir)}
+    if row.get("model"):
+        sets = bundled_sets(row, demo_subset(root, row["kind"]), out_dir)
+    else:
+        sets = config_sets(row, make_model(root, row), make_data(root, row["kind"], row["seq"]), out_dir)
+    spec = {"name": row["name"], "backend": row["backend"], "kind": row["kind"], "sets": sets}
     env = TORCH_CPU_ENV if row["backend"] == "cuda" else None
     result = bc.run_worker(Path(__file__), spec, env=env, timeout=900, verbose=verbose)
     result["ratio"] = result["estimate"] / max(result["measured"], 1)
     return result
 
 
-def describe(row: dict) -> str:
+def describe(row: dict, result: dict | None = None) -> str:
     bits = "fp" if row["bits"] == 0 else f"{row['bits']}-bit"
-    return (f"h{row['hidden']} L{row['layers']} i{row['intermediate']}, B{row['batch']} T{row['seq']}, "
-            f"r{row['rank']}, {bits}{', ckpt' if row['ckpt'] else ''}, {row['kind'].upper()}")
+    extra = f"{', ckpt' if row['ckpt'] else ''}{', packed' if row.get('packing') else ''}, {row['kind'].upper()}"
+    if row.get("model"):
+        seq = f"T<={result['data_seq']} (data)" if result else f"T<={row['seq']}"
+        return f"SmolLM2-135M, demo rows, B{row['batch']} {seq}, r{row['rank']}, {bits}{extra}"
+    return f"h{row['hidden']} L{row['layers']} i{row['intermediate']}, B{row['batch']} T{row['seq']}, r{row['rank']}, {bits}{extra}"
 
 
 def verdict(ratio: float) -> str:
@@ -235,7 +285,7 @@ def verdict(ratio: float) -> str:
 
 def report_rows(rows: list[dict], results: list[dict]) -> list[list]:
     mib = 2**20
-    return [[r["name"], "MLX" if r["backend"] == "mlx" else "torch", describe(r), f"{x['estimate'] / mib:.1f}",
+    return [[r["name"], "MLX" if r["backend"] == "mlx" else "torch", describe(r, x), f"{x['estimate'] / mib:.1f}",
              f"{x['measured'] / mib:.1f}", f"{x['ratio']:.2f}", verdict(x["ratio"]),
              "init" if x["init"] > x["train"] else "train"] for r, x in zip(rows, results)]
 
@@ -262,6 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated row names")
     ap.add_argument("--backend", choices=["mlx", "cuda"], help="only this backend's rows")
     ap.add_argument("--small", action="store_true", help="only the rows the regression test runs")
+    ap.add_argument("--bundled", action="store_true", help="only the rows on the bundled SmolLM2")
     ap.add_argument("--write", help="rewrite this file's '## Memory planner calibration' section")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -270,7 +321,7 @@ def main(argv=None) -> int:
         return 0
     only = {n for n in args.only.split(",") if n}
     rows = [r for r in MATRIX if (not only or r["name"] in only) and (not args.backend or r["backend"] == args.backend)
-            and (not args.small or r["small"])]
+            and (not args.small or r["small"]) and (not args.bundled or r.get("model"))]
     load_before = bc.machine()["load"]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
