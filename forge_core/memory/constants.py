@@ -8,10 +8,12 @@ LORA_BYTES = 4  # LoRA factors, their grads and AdamW states are fp32 in both ba
 NF4_BLOCK, NF4_DQ_BLOCK = 64, 256  # bitsandbytes 4-bit: absmax per 64 weights; double quant: fp32 per 256 absmax
 ADAM8_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this (min_8bit_size)
 LOGITS_BACKWARD_FP32 = 2  # softmax + gradient, fp32: measured 12·N·V bytes (fp32) / 16 (bf16) peak, MLX 0.32 CPU
+# (the default of BACKEND_CONSTANTS' "logits_backward_fp32": fp32 N·V copies the loss's backward holds at once)
 
 BACKEND_CONSTANTS = {
     "mlx": {
         "quant_mode": "affine",  # packed uint32 + a scale and a bias per group, in the compute dtype
+        "logits_backward_fp32": 3,  # mx cross_entropy: 4 copies of N·V at its peak, measured as below
         # forge_mlx/head.py runs the vocabulary head at the batch's loss positions only (llama-style models)
         "head_at_loss_positions": True,
         # mx.fast.scaled_dot_product_attention runs its unfused fallback whenever gradients are traced
@@ -51,11 +53,16 @@ BACKEND_CONSTANTS = {
         # (0.53 copies of B·H·T² at T512, where 56% of the square is computed) and the backward needs ~2 more;
         # activations per token match block_token_bytes; checkpointing keeps 4.8 KiB/token/block at h256 i1024
         # = (h + i) values, and its backward holds ~2.6 recomputed blocks at once (2.75 with margin).
+        # The loss's log-sum-exp (cpu_math.nll) holds 12 fp32 copies of the N·V logits at its peak where MLX's
+        # cross_entropy holds 4 (SmolLM2-135M, V = 49152, the head at 160 vs 496 loss positions, B4 T128: +2.25
+        # MiB per position with the kernels, +0.75 MiB without; tools/bench_memory.py smol rows): the logits
+        # themselves plus 11 copies in the backward. Invisible on the random models (vocabulary 259).
         "cpu_kernels": {"scores_kept_per_block": 1.0, "scores_backward": 2.0, "causal_chunk": 64,
-                        "ckpt_kept": (1, 1), "ckpt_block_copies": 2.75},
+                        "ckpt_kept": (1, 1), "ckpt_block_copies": 2.75, "logits_backward_fp32": 11},
     },
     "cuda": {
         "quant_mode": "nf4",  # bitsandbytes; quant.bits=8 -> LLM.int8 (int8 + fp32 row scales)
+        "logits_backward_fp32": LOGITS_BACKWARD_FP32,  # F.cross_entropy: to calibrate with a real vocabulary
         "head_at_loss_positions": False,  # forge_cuda/losses.py takes the model's logits at every position
         "attention": "sdpa",  # transformers' default: flash / mem-efficient kernels keep only the logsumexp
         "scores_kept_per_block": 0.0,

@@ -29,7 +29,6 @@ from forge_core.errors import ForgeError
 from forge_core.memory.constants import (
     ADAM8_MIN_NUMEL,
     BACKEND_CONSTANTS,
-    LOGITS_BACKWARD_FP32,
     LORA_BYTES,
     NF4_BLOCK,
     NF4_DQ_BLOCK,
@@ -338,7 +337,7 @@ def activation_components(run: Run) -> list[Component]:
     where = "B·T·V" if run.head_tokens == n else f"{run.head_tokens} loss positions x V"
     out.append(Component("logits + loss", logits, f"{where} = {v_bytes / 1e6:.1f}M: compute dtype + fp32 copy"
                          if cb < 4 else f"{where} = {v_bytes / 1e6:.1f}M fp32"))
-    head_grad = v_bytes * (4 * LOGITS_BACKWARD_FP32 + (cb if cb < 4 else 0))
+    head_grad = v_bytes * (4 * run.const["logits_backward_fp32"] + (cb if cb < 4 else 0))
     block_grad = n * per_tok + attention_scores_bytes(run, run.const["scores_backward"])
     if ckpt:
         block_grad = int(block_grad * run.const["ckpt_backward_share"])
