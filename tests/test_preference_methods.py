@@ -304,3 +304,33 @@ def test_a_stale_reference_cache_is_scored_anew(tmp_path):
     other = scored_once(run, World(), Quiet(), "pairs", {"train": ([1, 2, 3], score)}, key="b")
     assert calls == [3, 3]
     assert (again["train"] == first["train"]).all() and (other["train"] == 2.0).all()
+
+
+class _TwoRanks:
+    """Rank `rank` of a 2-rank world whose other rank sends `theirs` to every sum."""
+
+    def __init__(self, rank: int, theirs: list[float]):
+        self.rank, self.size, self.theirs, self.calls = rank, 2, theirs, 0
+
+    def sum(self, values):
+        self.calls += 1
+        return np.asarray(values, np.float64) + np.asarray(self.theirs, np.float64)
+
+
+def test_kto_exchange_keeps_every_rank_in_step_and_names_the_failure():
+    """KTO's z0 exchange: one collective whatever happened; the healthy rank then raises what the loop expects -
+    MemoryError (stop alike, with a checkpoint) for an out-of-memory rank, a ForgeError naming it otherwise."""
+    from forge_core.objectives.kto import exchange
+
+    ok = _TwoRanks(0, [1.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(exchange(ok, [3.0, 2.0], None), [4.0, 4.0])
+    oom_elsewhere = _TwoRanks(0, [0.0, 0.0, 0.0, 0.0, 1.0, 0.0])  # rank 1 flagged out of memory
+    with pytest.raises(MemoryError, match="out of memory on rank 1"):
+        exchange(oom_elsewhere, [3.0, 2.0], None)
+    err_elsewhere = _TwoRanks(0, [0.0, 0.0, 0.0, 0.0, 0.0, 1.0])  # rank 1 flagged another error
+    with pytest.raises(ForgeError, match="rank 1 stopped with an error"):
+        exchange(err_elsewhere, [3.0, 2.0], None)
+    mine = _TwoRanks(1, [1.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="boom"):  # the failing rank re-raises its own error, after the exchange
+        exchange(mine, [0.0, 0.0], ValueError("boom"))
+    assert mine.calls == 1 and oom_elsewhere.calls == 1
