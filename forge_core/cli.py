@@ -13,7 +13,7 @@ import click
 
 from forge_core.config import choices
 from forge_core.errors import ForgeError
-from forge_core.methods import KINDS
+from forge_core.methods import KINDS, method
 
 # CLI option name -> config key. Options left unset (None) do not override the recipe.
 TRAIN_OPTIONS = {
@@ -139,14 +139,13 @@ def cli():
     """Forge: fine-tune LLMs on your own machine (QPiSSA + LoRA; SFT, DPO, ORPO, SimPO, CPO, KTO; MLX and CUDA)."""
 
 
-@cli.command()
+@cli.command(help=method("sft").summary)
 @config_options
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory exactly.")
 @click.option("--force", is_flag=True, help="Launch even when the memory check says it will not fit.")
 @nproc_option
 @friendly
 def train(resume, force, nproc, **kw):
-    """Supervised fine-tuning (LoRA / PiSSA / QPiSSA)."""
     from forge_core.launch import launch
 
     cfg = build_from_cli(kw)
@@ -165,13 +164,6 @@ METHOD_OPTIONS = {
     "kto": [click.option("--loss-type", type=click.Choice(choices("kto.loss_type")), default=None),
             click.option("--desirable-weight", type=float), click.option("--undesirable-weight", type=float)],
 }
-METHOD_HELP = {
-    "dpo": "Direct preference optimisation on {prompt, chosen, rejected} rows, against the policy at init.",
-    "orpo": "ORPO on {prompt, chosen, rejected} rows: NLL + odds-ratio term, no reference, one phase from the base.",
-    "simpo": "SimPO on {prompt, chosen, rejected} rows: length-normalised reward with a target margin, no reference.",
-    "cpo": "CPO on {prompt, chosen, rejected} rows: log-prob reward + NLL on chosen, no reference.",
-    "kto": "KTO on {prompt, completion, label} rows (pairs are split), against the policy at init.",
-}
 
 
 def _preference_command(kind: str):
@@ -186,12 +178,12 @@ def _preference_command(kind: str):
             _relaunch(nproc, cfg, resume)
         launch(cfg, kind=kind, resume=resume, force=force)
 
-    command.__doc__ = f"{METHOD_HELP[kind]} (--lr sets {kind}.lr)"
+    command.__doc__ = f"{method(kind).summary} (--lr sets {kind}.lr)"
     command = friendly(command)
     for opt in reversed([
         config_options,
         click.option("--adapter", type=click.Path(), help="Continue from this SFT adapter"
-                     + (" (also the reference)." if kind in ("dpo", "kto") else ".")),
+                     + (" (also the reference)." if method(kind).reference else ".")),
         click.option("--beta", type=float),
         *METHOD_OPTIONS[kind],
         click.option("--resume", type=click.Path(file_okay=False)),

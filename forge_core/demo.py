@@ -84,6 +84,7 @@ def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
         before = evaluate_preferences(ops, cfg, adapter=start, with_task=True)
     launch(cfg, kind=kind)
     adapter = str(run_dir / "adapter")
+    records = RunDir(run_dir).metrics()
     if kind == "sft":
         after = evaluate(ops, cfg, adapter=adapter)
         keys = ["loss", "ppl", "valid_json", "exact", "field_acc"]
@@ -91,12 +92,12 @@ def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
         after = evaluate_preferences(ops, cfg, adapter=adapter, with_task=True)
         after.update(implicit_rewards(before.pop("logps"), after.pop("logps")))
         before.update({"implicit_accuracy": 0.0, "implicit_margin": 0.0})  # the start against itself
-        last = [r for r in RunDir(run_dir).metrics() if r.get("split") == "valid"]
+        last = [r for r in records if r.get("split") == "valid"]
         if last:  # the method's own held-out numbers, from the run's last eval
             after.update({f"{kind} {k}": v for k, v in last[-1].items() if k not in ("split", "step")})
         keys = ["pref_accuracy", "logp_margin", "implicit_accuracy", "implicit_margin", "valid_json", "exact",
                 "field_acc", *[k for k in after if k.startswith(f"{kind} ")]]
-    train_recs = [r for r in RunDir(run_dir).metrics() if r.get("split") == "train"]
+    train_recs = [r for r in records if r.get("split") == "train"]
     console.print(_table(f"{kind.upper()} demo: before vs after ({cfg.data.valid})", before, after, keys))
     planned = _planned_arrays(cfg, kind, name)
     peak = max((r["peak_memory"] for r in train_recs), default=None)

@@ -14,16 +14,19 @@ class Method:
     section: str  # the config section with its lr / beta / adapter ("" for sft: train.lr)
     sequences: int  # sequences per example in the step's forward (2: chosen + rejected, concatenated)
     reference: bool  # scores its data once with the policy at init (the reference)
-    summary: str
+    summary: str  # one line, for `forge <kind> --help`
 
 
 METHODS = {m.kind: m for m in (
-    Method("sft", "", 1, False, "supervised fine-tuning on chat / prompt-completion / text rows"),
-    Method("dpo", "dpo", 2, True, "direct preference optimisation and its loss variants, against the policy at init"),
-    Method("orpo", "orpo", 2, False, "odds-ratio preference optimisation: NLL + odds-ratio term, no reference"),
-    Method("simpo", "simpo", 2, False, "SimPO: length-normalised reward with a target margin, no reference"),
-    Method("cpo", "cpo", 2, False, "contrastive preference optimisation: sum log-prob reward + NLL, no reference"),
-    Method("kto", "kto", 1, True, "KTO on unpaired {prompt, completion, label} rows (pairs are split)"),
+    Method("sft", "", 1, False, "Supervised fine-tuning (LoRA / PiSSA / QPiSSA)."),
+    Method("dpo", "dpo", 2, True,
+           "Direct preference optimisation on {prompt, chosen, rejected} rows, against the policy at init."),
+    Method("orpo", "orpo", 2, False,
+           "ORPO on {prompt, chosen, rejected} rows: NLL + odds-ratio term, no reference, one phase from the base."),
+    Method("simpo", "simpo", 2, False,
+           "SimPO on {prompt, chosen, rejected} rows: length-normalised reward with a target margin, no reference."),
+    Method("cpo", "cpo", 2, False, "CPO on {prompt, chosen, rejected} rows: log-prob reward + NLL on chosen, no reference."),
+    Method("kto", "kto", 1, True, "KTO on {prompt, completion, label} rows (pairs are split), against the policy at init."),
 )}
 KINDS = tuple(METHODS)
 

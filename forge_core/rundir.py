@@ -113,7 +113,8 @@ class RunDir:
         ax.grid(alpha=0.3)
         ax.legend()
         if rewards:
-            self._plot_rewards(axes[0][1], rewards)
+            self._plot_series(axes[0][1], rewards, ["rewards/accuracy", "rewards/margin"],
+                              "rewards (train -, validation o-)")
         if terms:
             self._plot_series(axes[0][-1], recs, terms, "the method's own terms")
         out = self.file("loss.png")
@@ -123,10 +124,6 @@ class RunDir:
         tmp.replace(out)
         return out
 
-
-    @staticmethod
-    def _plot_rewards(ax, recs: list[dict]) -> None:
-        RunDir._plot_series(ax, recs, ["rewards/accuracy", "rewards/margin"], "rewards (train -, validation o-)")
 
     @staticmethod
     def _plot_series(ax, recs: list[dict], keys: list[str], title: str) -> None:

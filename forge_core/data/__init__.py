@@ -82,11 +82,12 @@ class DataStats:
     reasons: list[str] = field(default_factory=list)  # the first MAX_REASONS skip reasons, `path:line: what`
 
     def summary(self) -> str:
+        """e.g. '200 rows, 3 truncated to max_seq_len, 1 skipped (path:line: why)' - what a run prints per source."""
         parts = [f"{self.rows} rows" + (f" ({self.split_pairs} pairs split in two)" if self.split_pairs else "")]
         if self.truncated:
-            parts.append(f"{self.truncated} truncated")
+            parts.append(f"{self.truncated} truncated to max_seq_len")
         if self.skipped:
-            parts.append(f"{self.skipped} skipped (first: {self.reasons[0]})")
+            parts.append(f"{self.skipped} skipped ({'; '.join(self.reasons[:3])})")
         return ", ".join(parts)
 
 

@@ -28,7 +28,7 @@ METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected
 def kto_objective(xp, logps, ref, labels, z0, beta: float, loss_type: str = "kto", desirable_weight: float = 1.0,
                   undesirable_weight: float = 1.0):
     """Per-row KTO losses (B,) and metric sums. labels (B,) 1.0 desirable / 0.0 undesirable; z0 (1,) the
-    reference point (kl_reference_point), computed outside the gradient."""
+    reference point (reference_point), computed outside the gradient."""
     rho = logps - ref
     if loss_type == "kto":
         good, bad = 1 - sigmoid(xp, beta * (rho - z0)), 1 - sigmoid(xp, beta * (z0 - rho))
@@ -46,12 +46,11 @@ def kto_objective(xp, logps, ref, labels, z0, beta: float, loss_type: str = "kto
     return losses, metrics
 
 
-def kl_reference_point(policy_kl_logps: np.ndarray, ref_kl_logps: np.ndarray, world=None) -> float:
-    """z0: the clamped mean of the mismatched pairs' log-ratios over the global micro-batch (every rank's rows)."""
-    total, count = float(np.sum(policy_kl_logps - ref_kl_logps)), float(len(policy_kl_logps))
-    if world is not None and world.size > 1:
-        total, count = world.sum([total, count])
-    return max(0.0, total / max(count, 1.0))
+def reference_point(total: float, count: float) -> float:
+    """z0 from the SUM of the mismatched pairs' log-ratios over `count` of them (every rank's rows): their mean,
+    clamped at 0 as TRL clamps it."""
+    return max(0.0, float(total) / max(float(count), 1.0))
+
 
 
 def kto_means(sums: dict, count: float) -> dict:

@@ -78,10 +78,5 @@ def load_split(load, cfg, tokenizer, console) -> tuple[list, list]:
 
 def _load_reported(load, path, cfg, tokenizer, console) -> list:
     rows, stats = load(path, tokenizer, cfg.data, cfg.train.max_seq_len)
-    msg = f"{path}: {stats.rows} rows" + (f" ({stats.split_pairs} pairs split in two)" if stats.split_pairs else "")
-    if stats.truncated:
-        msg += f", {stats.truncated} truncated to max_seq_len"
-    if stats.skipped:
-        msg += f", {stats.skipped} skipped ({'; '.join(stats.reasons[:3])})"
-    console.print(msg)
+    console.print(f"{path}: {stats.summary()}")
     return rows

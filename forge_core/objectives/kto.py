@@ -17,7 +17,7 @@ import numpy as np
 from forge_core import data as fdata
 from forge_core.distributed import World
 from forge_core.errors import ForgeError
-from forge_core.losses.kto import METRICS, kto_means, kto_objective, mismatched_partners
+from forge_core.losses.kto import METRICS, kto_means, kto_objective, mismatched_partners, reference_point
 from forge_core.memory.guard import MemoryGuard
 from forge_core.objectives.base import Objective, load_split
 from forge_core.objectives.reference import fingerprint, scored_once
@@ -49,6 +49,7 @@ class KTOObjective(Objective):
         seed = cfg.train.seed if cfg.data.shuffle else None
         rows, valid = fixed_order(rows, size, seed), fixed_order(valid, cfg.train.batch_size, seed)
         super().__init__(cfg, ops, model, tokenizer, rows, valid, world)
+        self.splits = {"train": rows, "valid": valid}
         self.order = fdata.BatchOrder(len(rows), size, cfg.train.seed, shuffle=False)
         self.partner = {"train": mismatched_partners(len(rows), size),  # eval batches: batch_size rows each
                         "valid": mismatched_partners(len(valid), cfg.train.batch_size)}
@@ -66,7 +67,7 @@ class KTOObjective(Objective):
         return fdata.add_loss_positions(fdata.collate_completions(seqs, self.pad), self.cap)
 
     def _seqs(self, split: str, idx, mismatched: bool) -> list:
-        rows = self.rows if split == "train" else self.valid
+        rows = self.splits[split]
         if not mismatched:
             return [(rows[i].prompt, rows[i].completion) for i in idx]
         # another row's completion after this prompt can be longer than any real row: cut it as a row is cut
@@ -86,7 +87,7 @@ class KTOObjective(Objective):
     def _score(self, split: str, rows) -> np.ndarray:
         """(N, 2): log-probs of each row's own completion and of its mismatched pair's. `rows` is the split's
         rows or (under a launcher) a subset of them; the partner comes from the whole split."""
-        pos = {id(r): i for i, r in enumerate(self.rows if split == "train" else self.valid)}
+        pos = {id(r): i for i, r in enumerate(self.splits[split])}
         idx = np.array([pos[id(r)] for r in rows], dtype=np.int64)
         size, out = self.cfg.train.batch_size, []
         for s in range(0, len(idx), size):
@@ -114,14 +115,16 @@ class KTOObjective(Objective):
         else:
             sums = [0.0, 1.0] * micro_batches
         totals = exchange(self.world, sums, failed)
-        self._pending = [(idx, max(0.0, float(s) / max(float(c), 1.0)))
-                         for idx, s, c in zip(idxs, totals[0::2], totals[1::2])]
+        self._pending = [(idx, reference_point(s, c)) for idx, s, c in zip(idxs, totals[0::2], totals[1::2])]
+
+    def _labels(self, split: str, idx) -> np.ndarray:
+        """1.0 for a desirable row, 0.0 for an undesirable one."""
+        return np.array([1.0 if self.splits[split][i].label else 0.0 for i in idx], np.float32)
 
     def batch(self, split: str, idx: np.ndarray, z0: float) -> dict:
-        rows = self.rows if split == "train" else self.valid
         b = self._collate(self._seqs(split, idx, False))
         b["ref_logps"] = self.ref[split][idx, 0].astype(np.float32)
-        b["labels"] = np.array([1.0 if rows[i].label else 0.0 for i in idx], np.float32)
+        b["labels"] = self._labels(split, idx)
         b["z0"] = np.full((1,), z0, np.float32)
         return self.ops.to_batch(self.model, b)
 
@@ -145,11 +148,10 @@ class KTOObjective(Objective):
         seen = np.zeros(len(self.valid), np.float32)  # train.eval_batches may evaluate only some rows
         for start, stop in self.eval_batches():
             idx = np.arange(start, stop)
-            z0 = max(0.0, self._kl_sum("valid", idx) / len(idx)) if self.with_z0 else 0.0  # this rank's batch
+            z0 = reference_point(self._kl_sum("valid", idx), len(idx)) if self.with_z0 else 0.0  # this rank's batch
             logps = self._logps_of(self._seqs("valid", idx, False))
             ref = self.ref["valid"][idx, 0]
-            labels = np.array([1.0 if self.valid[i].label else 0.0 for i in idx], np.float32)
-            losses, metrics = kto_objective(np, logps, ref, labels, np.float32(z0), self.beta, self.cfg.kto.loss_type,
+            losses, metrics = kto_objective(np, logps, ref, self._labels("valid", idx), np.float32(z0), self.beta, self.cfg.kto.loss_type,
                                             self.cfg.kto.desirable_weight, self.cfg.kto.undesirable_weight)
             for key, v in {"loss": losses.sum(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(v)
@@ -157,8 +159,7 @@ class KTOObjective(Objective):
             rewards[idx], seen[idx] = self.beta * (logps - ref), 1.0
         keys = ["loss", *METRICS]
         *totals, n = self.world.sum([sums.get(k, 0.0) for k in keys] + [n])
-        if self.world.size > 1:
-            rewards, seen = self.world.sum(rewards), self.world.sum(seen)
+        rewards, seen = self.world.sum(rewards), self.world.sum(seen)
         out = {"loss": float(totals[0] / max(n, 1)), **kto_means(dict(zip(keys[1:], totals[1:])), n)}
         out.update(_pairwise(self.valid, rewards, seen > 0))
         return out
@@ -173,7 +174,7 @@ def exchange(world: World, sums: list[float], failed: BaseException | None) -> n
     flags = np.zeros(2 * world.size)
     if failed is not None:
         flags[2 * world.rank + (0 if oom else 1)] = 1.0
-    totals = np.asarray(world.sum(list(sums) + flags.tolist()) if world.size > 1 else list(sums) + flags.tolist())
+    totals = world.sum(list(sums) + flags.tolist())
     if failed is not None:
         raise failed
     got = totals[len(sums):]
