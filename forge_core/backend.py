@@ -111,8 +111,8 @@ class BackendOps(Protocol):
     def sequence_logps(self, model, batch: Batch):
         """(2B,) summed completion log-probs of a concatenated chosen+rejected batch."""
 
-    def no_grad(self, model, fn: Callable) -> Callable:
-        """`fn` run without gradients (compiled where the framework compiles)."""
+    def no_grad(self, model, fn: Callable, compiled: bool = True) -> Callable:
+        """`fn` run without gradients; compiled (where the framework compiles) for passes that come back."""
 
     # ---- training
     def make_stepper(self, cfg, model, loss_fn: LossFn) -> Stepper:
@@ -138,11 +138,16 @@ class BackendOps(Protocol):
         """A small float32 numpy array reduced over ranks with op "sum" or "max"."""
 
     # ---- inference
-    def densify_for_cpu(self, model) -> None:
-        """On the CPU: dequantize each quantized layer once for token-by-token decoding."""
+    def for_inference(self, model) -> None:
+        """On the CPU: fold each adapter into its layer and dequantize each quantized layer, once, into dense
+        weights for token-by-token decoding."""
 
     def complete(self, model, tokenizer, messages: list, max_tokens: int, temp: float = 0.0, stream=None) -> str:
         """Chat-templated generation with the framework's generator; `stream(text)` gets each piece."""
+
+    def complete_batch(self, model, tokenizer, conversations: list, max_tokens: int, temp: float = 0.0,
+                       batch_size: int = 32) -> list[str]:
+        """complete() for many conversations, `batch_size` decoded at once; greedy answers equal complete()'s."""
 
     def hf_tokenizer(self, tokenizer):
         """The transformers tokenizer behind the backend's tokenizer object."""

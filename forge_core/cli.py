@@ -202,7 +202,8 @@ for _kind in METHOD_OPTIONS:
 @click.option("--model", default=None, help="Base model (default: the run's or the bundled one).")
 @click.option("--adapter", type=click.Path(), help="Adapter dir or run dir.")
 @click.option("--prompt", "-p", required=True)
-@click.option("--system", default="", help="System message.")
+@click.option("--system", default=None,
+              help="System message (default: the one every training row of the run shared; '' for none).")
 @click.option("--max-tokens", type=int, default=None)
 @click.option("--temp", type=float, default=0.0)
 @click.option("--backend", type=click.Choice(choices("backend")), default=None)
@@ -219,12 +220,15 @@ def generate(model, adapter, prompt, system, max_tokens, temp, backend):
 @config_options
 @click.option("--adapter", type=click.Path(), help="Adapter dir or run dir (none: the base model).")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--system", default=None,
+              help="System message for rows without one (default: the one every training row of the run shared; "
+                   "'' for none).")
 @friendly
-def eval_(adapter, as_json, **kw):
+def eval_(adapter, as_json, system, **kw):
     """Held-out loss / perplexity and the task metric."""
     from forge_core.launch import run_eval
 
-    run_eval(build_from_cli(kw), adapter=adapter, as_json=as_json)
+    run_eval(build_from_cli(kw), adapter=adapter, as_json=as_json, system=system)
 
 
 @cli.command()

@@ -157,6 +157,7 @@ class EvalConfig:
     max_new_tokens: int = 96
     metric: Metric = "auto"  # auto | exact | json_fields | none
     limit: int = 0  # 0 = all rows
+    batch_size: int = 32  # answers generated at once (the held-out loss batches by train.batch_size)
 
 
 @dataclass

@@ -1,12 +1,13 @@
 """`forge generate` and `forge eval`, once for both backends: load the model as trained, then held-out
 loss / perplexity, the task metric by greedy generation, preference accuracy on held-out pairs.
 
-The backend supplies the tensor pieces (ops: build_model, sft_loss, sequence_logps, densify_for_cpu,
-complete); batching, averaging and scoring are here.
+The backend supplies the tensor pieces (ops: build_model, sft_loss, sequence_logps, for_inference,
+complete, complete_batch); batching, averaging and scoring are here.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from functools import partial
@@ -14,6 +15,7 @@ from functools import partial
 import numpy as np
 
 from forge_core import data as fdata
+from forge_core.adapters.formats import FORGE, forge_adapter_dir, read_json
 from forge_core.config import ForgeConfig
 from forge_core.data.eval_rows import prompts_and_references
 from forge_core.metrics import score_rows
@@ -39,15 +41,28 @@ def load_adapted(ops, adapter: str | None, model_spec: str | None = None, quanti
     return model, tokenizer, cfg
 
 
+def recorded_system_prompt(adapter: str | None) -> str:
+    """The system prompt every training row of the run shared (forge.json), "" without one."""
+    if adapter is None:
+        return ""
+    return read_json(forge_adapter_dir(adapter) / FORGE).get("system_prompt", "")
+
+
 def _for_inference(ops, adapter, model_spec):
     model, tokenizer, cfg = load_adapted(ops, adapter, model_spec)
-    ops.densify_for_cpu(model)  # token-by-token decoding: dequantize each layer once, not per token
+    ops.for_inference(model)  # CPU decoding: each layer one dense matrix, dequantized and fused once
     model.eval()
     return model, tokenizer, cfg
 
 
-def generate(ops, model=None, adapter=None, prompt="", system="", max_tokens=96, temp=0.0) -> str:
-    """Stream the answer to `prompt` (chat template, optional system message) to stdout; return it."""
+def generate(ops, model=None, adapter=None, prompt="", system=None, max_tokens=96, temp=0.0) -> str:
+    """Stream the answer to `prompt` (chat template, optional system message) to stdout; return it.
+
+    system=None: the run's recorded system prompt (said on stderr), so a model is asked as it was taught."""
+    if system is None:
+        system = recorded_system_prompt(adapter)
+        if system:
+            print(f"system prompt (the run's; --system '' for none): {system}", file=sys.stderr)
     net, tokenizer, _ = _for_inference(ops, adapter, model)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     text = ops.complete(net, tokenizer, messages, max_tokens, temp,
@@ -57,40 +72,66 @@ def generate(ops, model=None, adapter=None, prompt="", system="", max_tokens=96,
 
 
 def heldout_loss(ops, model, tokenizer, cfg: ForgeConfig, path: str) -> dict:
-    """Token-mean NLL of the loss-masked tokens of the SFT rows in `path`, perplexity, token count."""
+    """Token-mean NLL of the loss-masked tokens of the SFT rows in `path`, perplexity, token count.
+
+    Rows go in length order (a batch pads to its longest, to a multiple of 8), and the vocabulary head runs
+    at the scored tokens only, where the backend can: the sum is the same, the padding and the head's
+    work on prompt tokens are not paid for."""
     hf = ops.hf_tokenizer(tokenizer)
     rows, _ = fdata.load_sft(path, hf, cfg.data, cfg.train.max_seq_len)
-    pad, size = fdata.pad_token_id(hf), cfg.train.batch_size
-    loss_of = ops.no_grad(model, partial(ops.sft_loss, model))
+    rows = sorted(rows, key=lambda r: len(r.tokens))
+    pad, size, cap = fdata.pad_token_id(hf), cfg.train.batch_size, fdata.loss_row_cap(rows)
+    loss_of = ops.no_grad(model, partial(ops.sft_loss, model), compiled=False)
     total = count = 0.0
     for s in range(0, len(rows), size):
-        b = fdata.collate_sft(rows[s:s + size], pad, max_len=cfg.train.max_seq_len)
-        loss_sum, n = loss_of(ops.to_batch(model, b))
+        b = fdata.collate_sft(rows[s:s + size], pad, pad_multiple=8, max_len=cfg.train.max_seq_len)
+        loss_sum, n = loss_of(ops.to_batch(model, fdata.add_loss_positions(b, cap)))
         total, count = total + loss_sum.item(), count + n.item()
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": int(count)}
 
 
-def task_metrics(cfg: ForgeConfig, path, complete) -> dict:
+def task_metrics(cfg: ForgeConfig, path, complete_batch) -> dict:
     """Greedy answers to the held-out prompts, scored against the references (forge_core.metrics).
 
-    `complete(messages) -> str` is the backend's generator.
+    `complete_batch(conversations) -> [str]` is the backend's batched generator.
     """
     if cfg.eval.metric == "none":
         return {}
     pairs = prompts_and_references(path, cfg.data)
     if cfg.eval.limit:
         pairs = pairs[: cfg.eval.limit]
-    preds = [complete(msgs) for msgs, _ in pairs]
+    preds = complete_batch([msgs for msgs, _ in pairs])
     return {**score_rows(preds, [ref for _, ref in pairs], metric=cfg.eval.metric), "examples": len(pairs)}
 
 
-def evaluate(ops, cfg: ForgeConfig, adapter: str | None = None, model_spec: str | None = None) -> dict:
-    """Held-out loss/perplexity and, when the metric applies, the task metric by greedy generation."""
+def _answers(ops, net, tokenizer, cfg: ForgeConfig):
+    """The batched greedy generator task_metrics calls, bound to a model and the eval settings."""
+    return partial(ops.complete_batch, net, tokenizer, max_tokens=cfg.eval.max_new_tokens,
+                   batch_size=cfg.eval.batch_size)
+
+
+def with_system_prompt(cfg: ForgeConfig, adapter: str | None, system: str | None = None) -> ForgeConfig:
+    """cfg whose data.system_prompt (put before rows that have none) is `system`; None: the config's own, else
+    the run's recorded one."""
+    if system is None:
+        system = cfg.data.system_prompt or recorded_system_prompt(adapter)
+    if system == cfg.data.system_prompt:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.data.system_prompt = system
+    return cfg
+
+
+def evaluate(ops, cfg: ForgeConfig, adapter: str | None = None, model_spec: str | None = None,
+             system: str | None = None) -> dict:
+    """Held-out loss/perplexity and, when the metric applies, the task metric by greedy generation. Rows
+    without a system message get `system`, by default the run's recorded one (with_system_prompt)."""
+    cfg = with_system_prompt(cfg, adapter, system)
     net, tokenizer, _ = _for_inference(ops, adapter, model_spec or (cfg.model.path if not adapter else None))
     path = cfg.data.valid or cfg.data.train
     result = heldout_loss(ops, net, tokenizer, cfg, path)
-    result.update(task_metrics(cfg, path, lambda msgs: ops.complete(net, tokenizer, msgs, cfg.eval.max_new_tokens)))
+    result.update(task_metrics(cfg, path, _answers(ops, net, tokenizer, cfg)))
     return result
 
 
@@ -99,7 +140,7 @@ def pair_logps(ops, net, tokenizer, cfg: ForgeConfig) -> np.ndarray:
     hf = ops.hf_tokenizer(tokenizer)
     rows, _ = fdata.load_preferences(cfg.data.valid or cfg.data.train, hf, cfg.data, cfg.train.max_seq_len)
     pad, cap, size = fdata.pad_token_id(hf), fdata.loss_row_cap(rows), cfg.train.batch_size
-    logps_of = ops.no_grad(net, partial(ops.sequence_logps, net))
+    logps_of = ops.no_grad(net, partial(ops.sequence_logps, net), compiled=False)
     out = []
     for s in range(0, len(rows), size):
         chunk = rows[s:s + size]
@@ -114,16 +155,17 @@ def preference_summary(lp: np.ndarray) -> dict:
     return {"pref_accuracy": float((m > 0).mean()), "logp_margin": float(m.mean()), "pairs": len(m)}
 
 
-def evaluate_preferences(ops, cfg: ForgeConfig, adapter: str | None = None, with_task: bool = False) -> dict:
+def evaluate_preferences(ops, cfg: ForgeConfig, adapter: str | None = None, with_task: bool = False,
+                         system: str | None = None) -> dict:
     """On the held-out pairs: how often the model itself prefers chosen (log π(y_w) > log π(y_l)); with_task
     adds the task metric of greedy answers to their prompts, scored against chosen. "logps" holds the
     (N, 2) per-pair log-probs, for comparing two models pair by pair (implicit_rewards)."""
+    cfg = with_system_prompt(cfg, adapter, system)
     net, tokenizer, _ = _for_inference(ops, adapter, None if adapter else cfg.model.path)
     lp = pair_logps(ops, net, tokenizer, cfg)
     out = {**preference_summary(lp), "logps": lp}
     if with_task:
-        out.update(task_metrics(cfg, cfg.data.valid or cfg.data.train,
-                                lambda msgs: ops.complete(net, tokenizer, msgs, cfg.eval.max_new_tokens)))
+        out.update(task_metrics(cfg, cfg.data.valid or cfg.data.train, _answers(ops, net, tokenizer, cfg)))
     return out
 
 

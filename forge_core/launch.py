@@ -21,7 +21,7 @@ from forge_core.adapters.formats import forge_adapter_dir
 from forge_core.config import ForgeConfig, from_dict
 from forge_core.distributed import env_rank, local_ranks
 from forge_core.errors import ForgeError
-from forge_core.evaluate import evaluate, generate
+from forge_core.evaluate import evaluate, generate, recorded_system_prompt
 from forge_core.memory.budget import plans_for_gpu
 from forge_core.memory.plan import check_before_launch, data_shape_of, runtime_limit_bytes
 from forge_core.methods import section
@@ -114,18 +114,21 @@ def _inherit_adapter(cfg: ForgeConfig, kind: str) -> None:
     sec.adapter = str(meta_file.parent)
 
 
-def run_generate(model=None, adapter=None, prompt="", system="", max_tokens=None, temp=0.0, backend=None) -> str:
+def run_generate(model=None, adapter=None, prompt="", system=None, max_tokens=None, temp=0.0, backend=None) -> str:
     cfg = ForgeConfig()
     name = backends.resolve(backend or "auto")
     return generate(backends.ops(name), model=model, adapter=adapter, prompt=prompt, system=system,
                         max_tokens=max_tokens or cfg.eval.max_new_tokens, temp=temp)
 
 
-def run_eval(cfg: ForgeConfig, adapter: str | None = None, as_json: bool = False) -> dict:
+def run_eval(cfg: ForgeConfig, adapter: str | None = None, as_json: bool = False, system: str | None = None) -> dict:
     if not cfg.data.valid and not cfg.data.train:
         raise ForgeError("nothing to evaluate: pass --valid FILE.jsonl (or --data)")
     name = backends.resolve(cfg.backend)
-    result = evaluate(backends.ops(name), cfg, adapter=adapter)
+    if system is None and not cfg.data.system_prompt and recorded_system_prompt(adapter):
+        print(f"system prompt (the run's, for rows without one; --system '' for none): "
+              f"{recorded_system_prompt(adapter)}", file=sys.stderr)
+    result = evaluate(backends.ops(name), cfg, adapter=adapter, system=system)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

@@ -24,6 +24,7 @@ from forge_core import objectives
 from forge_core.adapters import safetensors_io as sio
 from forge_core.checkpoint import load_checkpoint, save_checkpoint
 from forge_core.config import ForgeConfig
+from forge_core.data.eval_rows import shared_system_prompt
 from forge_core.distributed import World
 from forge_core.errors import ForgeError
 from forge_core.memory.budget import human
@@ -157,7 +158,8 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
                 return run.path
 
     if world.main:
-        ops.save_adapter(run.file("adapter"), model, cfg, factors, model_dir, extra={"kind": kind, "steps": steps})
+        extra = {"kind": kind, "steps": steps, "system_prompt": shared_system_prompt(cfg.data.train, cfg.data)}
+        ops.save_adapter(run.file("adapter"), model, cfg, factors, model_dir, extra=extra)
         run.plot(title=f"{kind.upper()} {cfg.model.path}")
     console.print(f"adapter written to {run.file('adapter')}")
     return run.path

@@ -1,10 +1,11 @@
 """Generation on PyTorch for `forge generate` / `forge eval` (forge_core/evaluate.py): chat template,
-transformers' generate().
+transformers' generate() (streamed for one answer, left-padded batches for many).
 
-On the CPU, inference dequantizes each 4/8-bit layer ONCE into a dense fp32 nn.Linear with the same
-values (Q(W_res), bit for bit): token-by-token decoding would otherwise dequantize every layer for every
-token. Training keeps weights packed (quant.py). Sampling: greedy at temp 0, else plain temperature
-sampling (no top-k / top-p), as forge_mlx does.
+On the CPU, inference first folds each layer into one dense nn.Linear (for_inference): an adapted layer
+becomes Q(W_res) + s·BA, any other 4/8-bit layer its dequantized values. Token-by-token decoding would
+otherwise dequantize every layer for every token and run two small extra matmuls per adapted layer.
+Training keeps weights packed and the adapter apart (quant.py, lora.py). Sampling: greedy at temp 0, else
+plain temperature sampling (no top-k / top-p), as forge_mlx does.
 """
 
 from __future__ import annotations
@@ -12,23 +13,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .lora import LoRALinear
 from .quant import is_quantized, set_module
 
 
-def densify_for_cpu(model: nn.Module) -> None:
-    """Replace quantized linears by nn.Linear with their dequantized weights (CPU inference only)."""
+def for_inference(model: nn.Module) -> None:
+    """CPU only: each LoRALinear folded into a dense nn.Linear, then each quantized linear dequantized once,
+    in the dtype the model computes in (its embedding's)."""
     if next(model.parameters()).device.type != "cpu":
         return
+    dtype = model.get_input_embeddings().weight.dtype
+    for path, m in [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]:
+        set_module(model, path, m.fuse().to(dtype).requires_grad_(False))
     for path, m in [(p, m) for p, m in model.named_modules() if is_quantized(m)]:
         dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         with torch.no_grad():
             dense.weight.copy_(m.dequantized(torch.float32))
             if m.bias is not None:
                 dense.bias.copy_(m.bias.float())
-        set_module(model, path, dense.requires_grad_(False))
+        set_module(model, path, dense.to(dtype).requires_grad_(False))
 
 
-def _chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
@@ -54,18 +60,50 @@ def _streamer(tokenizer, callback):
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-@torch.no_grad()
-def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: float = 0.0, stream=None) -> str:
+def _generation_config(model, tokenizer, max_tokens: int, temp: float):
+    """transformers' GenerationConfig for forge's sampling, and the ids that end an answer."""
     from transformers import GenerationConfig
 
-    model.eval()
-    ids = _chat_prompt(tokenizer, messages)
-    device = next(model.parameters()).device
-    inputs = torch.tensor([ids], device=device)
     stop = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [0])[0]
     sampling = {"do_sample": True, "temperature": temp, "top_k": 0, "top_p": 1.0} if temp > 0 else {"do_sample": False}
-    gen = GenerationConfig(max_new_tokens=max_tokens, eos_token_id=stop or None, pad_token_id=pad, **sampling)
+    return GenerationConfig(max_new_tokens=max_tokens, eos_token_id=stop or None, pad_token_id=pad, **sampling), stop
+
+
+@torch.no_grad()
+def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: float = 0.0, stream=None) -> str:
+    model.eval()
+    ids = chat_prompt(tokenizer, messages)
+    inputs = torch.tensor([ids], device=next(model.parameters()).device)
+    gen, _ = _generation_config(model, tokenizer, max_tokens, temp)
     out = model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=gen,
                          streamer=_streamer(tokenizer, stream) if stream else None)
     return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+@torch.no_grad()
+def complete_batch(model, tokenizer, conversations: list[list[dict]], max_tokens: int, temp: float = 0.0,
+                   batch_size: int = 32) -> list[str]:
+    """One answer per conversation, `batch_size` left-padded rows per generate() call (the attention mask
+    hides the padding; transformers derives the positions from it). Prompts go in length order, so a batch
+    pads little; the answers come back in the caller's order. Greedy answers equal complete()'s."""
+    model.eval()
+    device = next(model.parameters()).device
+    gen, stop = _generation_config(model, tokenizer, max_tokens, temp)
+    prompts = [chat_prompt(tokenizer, m) for m in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts = [""] * len(prompts)
+    for s in range(0, len(order), max(1, batch_size)):
+        rows = order[s:s + batch_size]
+        chunk = [prompts[i] for i in rows]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), gen.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=gen)
+        for i, row in zip(rows, out[:, width:].tolist()):
+            # a finished row is filled with padding up to the longest: cut at its first stop id
+            end = next((k for k, t in enumerate(row) if t in stop), len(row))
+            texts[i] = tokenizer.decode(row[:end], skip_special_tokens=True)
+    return texts

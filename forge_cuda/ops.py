@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .distributed import all_sum, init_world, reduce_numpy  # noqa: F401
-from .generate import complete, densify_for_cpu  # noqa: F401
+from .generate import complete, complete_batch, for_inference  # noqa: F401
 from .lora import factors_to_flat, flat_to_factors  # noqa: F401
 from .losses import sequence_logps, sft_loss  # noqa: F401
 from .model import (  # noqa: F401
@@ -53,7 +53,7 @@ def scalar(value: float, like) -> torch.Tensor:
     return torch.tensor(float(value), device=like.device)
 
 
-def no_grad(model, fn):
+def no_grad(model, fn, compiled: bool = True):
     return torch.no_grad()(fn)
 
 

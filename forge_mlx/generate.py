@@ -1,8 +1,11 @@
-"""Generation on MLX for `forge generate` / `forge eval` (forge_core/evaluate.py): chat template, mlx-lm's generator.
+"""Generation on MLX for `forge generate` / `forge eval` (forge_core/evaluate.py): chat template, mlx-lm's
+generators (stream_generate for one streamed answer, batch_generate for many).
 
-On the CPU, inference dequantizes each 4-bit layer ONCE into a dense fp32 copy of the same values
-(Q(W_res), bit for bit): token-by-token decoding would otherwise dequantize every layer for every
-token. Training keeps weights packed and dequantizes per call (quant.py).
+On the CPU, inference first folds each layer into one dense fp32 matrix (for_inference): an adapted layer
+becomes Q(W_res) + s·BA, any other 4-bit layer its dequantized values. Token-by-token decoding would
+otherwise dequantize every layer for every token, and run two small extra matmuls per adapted layer
+(measured on SmolLM2, docs/BENCHMARKS.md: ~20% of a decode step). Training keeps weights packed and the
+adapter apart (quant.py, lora.py).
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .lora import LoRALinear
 from .quant import QuantLinear
 
 
-def densify_for_cpu(model: nn.Module) -> None:
-    """Replace QuantLinear layers by nn.Linear with their dequantized weights (CPU inference only)."""
+def for_inference(model: nn.Module) -> None:
+    """CPU only: each LoRALinear folded into a dense nn.Linear, then each QuantLinear dequantized once."""
     if mx.default_device() != mx.cpu:
         return
+    swaps = [(path, m.fuse()) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
     swaps = []
     for path, m in model.named_modules():
         if isinstance(m, QuantLinear):
@@ -29,10 +36,10 @@ def densify_for_cpu(model: nn.Module) -> None:
             swaps.append((path, dense))
     if swaps:
         model.update_modules(tree_unflatten(swaps))
-        mx.eval(model.parameters())
+    mx.eval(model.parameters())
 
 
-def _chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
     if getattr(hf, "chat_template", None):
         out = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -45,9 +52,30 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: floa
     from mlx_lm.sample_utils import make_sampler
 
     text = ""
-    for resp in stream_generate(model, tokenizer, _chat_prompt(tokenizer, messages), max_tokens=max_tokens,
+    for resp in stream_generate(model, tokenizer, chat_prompt(tokenizer, messages), max_tokens=max_tokens,
                                 sampler=make_sampler(temp)):
         text += resp.text
         if stream:
             stream(resp.text)
     return text
+
+
+def complete_batch(model, tokenizer, conversations: list[list[dict]], max_tokens: int, temp: float = 0.0,
+                   batch_size: int = 32) -> list[str]:
+    """One answer per conversation, `batch_size` rows decoded at once (mlx-lm's continuous batching: a row
+    that stops makes room for the next). Prompts go in length order, so a prefill pads little; the answers
+    come back in the caller's order. Greedy answers equal complete()'s."""
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    if not conversations:
+        return []
+    prompts = [chat_prompt(tokenizer, m) for m in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    size = max(1, min(batch_size, len(prompts)))
+    out = batch_generate(model, tokenizer, [prompts[i] for i in order], max_tokens=max_tokens,
+                         sampler=make_sampler(temp), prefill_batch_size=size, completion_batch_size=size)
+    texts = [""] * len(prompts)
+    for i, text in zip(order, out.texts):
+        texts[i] = text
+    return texts

@@ -11,7 +11,7 @@ import numpy as np
 from . import cpu_math
 from .blas import warn_if_slow as preflight  # noqa: F401
 from .distributed import all_sum, init_world, reduce_numpy  # noqa: F401
-from .generate import complete, densify_for_cpu  # noqa: F401
+from .generate import complete, complete_batch, for_inference  # noqa: F401
 from .lora import factors_to_flat, flat_to_factors  # noqa: F401
 from .losses import sequence_logps, sft_loss  # noqa: F401
 from .model import (  # noqa: F401
@@ -46,10 +46,11 @@ def scalar(value: float, like=None) -> mx.array:
     return mx.array(value, dtype=mx.float32)
 
 
-def no_grad(model, fn):
-    """MLX computes no gradient unless asked; compiling with the model's state as input makes repeated
-    evals one cached graph per batch shape."""
-    return mx.compile(fn, inputs=[model.state])
+def no_grad(model, fn, compiled: bool = True):
+    """MLX computes no gradient unless asked. Compiling with the model's state as input makes evals that
+    come back (the loop's) one cached graph per batch shape; a one-off pass over many shapes (forge eval)
+    is faster eager, as compiling each shape costs about what running it once saves."""
+    return mx.compile(fn, inputs=[model.state]) if compiled else fn
 
 
 def peak_memory() -> int:

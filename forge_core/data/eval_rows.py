@@ -1,4 +1,5 @@
-"""Held-out rows as (prompt messages, reference answer) pairs for generation-based metrics.
+"""Held-out rows as (prompt messages, reference answer) pairs for generation-based metrics, and the system
+prompt a run's rows share (recorded in forge.json so generate/eval ask the trained model as it was taught).
 
 SFT rows: the conversation up to its LAST assistant turn is the prompt, that turn is the reference.
 Preference rows: the prompt, with `chosen` as the reference.
@@ -7,7 +8,7 @@ Preference rows: the prompt, with `chosen` as the reference.
 from __future__ import annotations
 
 from forge_core.config import DataConfig
-from forge_core.data.rows import RowProblem, iter_rows, parse_preference, parse_sft
+from forge_core.data.rows import RowProblem, iter_rows, parse_preference, parse_sft, parse_unpaired
 from forge_core.errors import ForgeError, located
 
 
@@ -39,3 +40,33 @@ def prompts_and_references(path, data_cfg: DataConfig) -> list[tuple[list[dict],
         if pair is not None:
             pairs.append(pair)
     return pairs
+
+
+def _prompt_system(row: dict, data_cfg: DataConfig) -> str | None:
+    """The system message a row's prompt starts with ("" for none); None for a row without a prompt."""
+    if "label" in row or data_cfg.columns.get("label") in row:  # KTO's unpaired rows
+        ex = parse_unpaired(row, data_cfg.system_prompt, data_cfg.columns)[0]
+        prompt = ex.prompt if not isinstance(ex.prompt, str) else [{"role": "system", "content": ex.system}]
+    else:
+        pair = _pair(row, data_cfg)
+        if pair is None:
+            return None
+        prompt = pair[0]
+    return prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else ""
+
+
+def shared_system_prompt(path, data_cfg: DataConfig) -> str:
+    """The system message every usable row of `path` starts its prompt with ("" when a row has none, or
+    rows differ). Bad rows are left out here: training stopped at them or skipped them."""
+    shared = None
+    for _, _, row in iter_rows(path, data_cfg.columns):
+        try:
+            system = None if isinstance(row, RowProblem) else _prompt_system(row, data_cfg)
+        except RowProblem:
+            continue
+        if system is None:
+            continue
+        if not system or (shared is not None and system != shared):
+            return ""
+        shared = system
+    return shared or ""

@@ -1,4 +1,5 @@
-"""`forge generate` / `forge eval` on the torch backend: adapter reload, CPU densify, greedy decoding, metrics."""
+"""`forge generate` / `forge eval` on the torch backend: adapter reload, CPU fold-in, greedy decoding (one row
+and batched), metrics."""
 
 import io
 
@@ -9,7 +10,8 @@ pytest.importorskip("bitsandbytes")
 
 from rich.console import Console  # noqa: E402
 
-from forge_cuda.generate import complete, densify_for_cpu  # noqa: E402
+from forge_cuda.generate import complete, complete_batch, for_inference  # noqa: E402
+from forge_cuda.lora import LoRALinear  # noqa: E402
 from forge_cuda.quant import is_quantized  # noqa: E402
 from tests.forge_cuda.run import (  # noqa: E402
     evaluate,
@@ -30,7 +32,7 @@ def sft_run(make_cfg, sft_file):
     return cfg, train(cfg, console=Console(file=io.StringIO()))
 
 
-def test_densify_keeps_the_quantized_values(sft_run):
+def test_for_inference_keeps_the_quantized_values_and_the_adapter(sft_run):
     _, run = sft_run
     model, _, _ = load_adapted(str(run))
     assert any(is_quantized(m) for m in model.modules())
@@ -38,9 +40,9 @@ def test_densify_keeps_the_quantized_values(sft_run):
     model.eval()
     with torch.no_grad():
         before = model(input_ids=tokens).logits
-        densify_for_cpu(model)
+        for_inference(model)
         after = model(input_ids=tokens).logits
-    assert not any(is_quantized(m) for m in model.modules())
+    assert not any(is_quantized(m) or isinstance(m, LoRALinear) for m in model.modules())
     assert torch.allclose(before, after, atol=1e-5)
 
 
@@ -50,9 +52,20 @@ def test_generate_streams_the_same_text_it_returns(sft_run, capsys):
     out = capsys.readouterr().out
     assert out == text + "\n"
     model, tok, _ = load_adapted(str(run))
-    densify_for_cpu(model)
+    for_inference(model)
     greedy = complete(model, tok, [{"role": "user", "content": "say fig"}], 12)
     assert greedy == text  # temp 0 is deterministic; streaming does not change it
+
+
+def test_batched_greedy_answers_equal_the_one_row_answers(sft_run):
+    _, run = sft_run
+    model, tok, _ = load_adapted(str(run))
+    for_inference(model)
+    prompts = ["say fig", "a much longer prompt than the others, to make left padding", "kiwi", "say fig"]
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    one = [complete(model, tok, c, 10) for c in convs]
+    assert complete_batch(model, tok, convs, 10, batch_size=3) == one
+    assert len(set(one)) > 1  # the rows differ: a row's answer is its own
 
 
 def test_generate_without_adapter_uses_the_base(tiny_model, capsys):
