@@ -108,6 +108,12 @@ class BackendOps(Protocol):
     def sft_loss(self, model, batch: Batch) -> tuple:
         """(sum of NLL over the loss-masked tokens, token count)."""
 
+    def prefix_state(self, model, ids: list):
+        """The KV cache of one token sequence run once, for sft_loss_after; None where unsupported."""
+
+    def sft_loss_after(self, model, batch: Batch, prefix) -> tuple:
+        """sft_loss of rows that start with prefix_state's tokens, given without them (with loss_positions)."""
+
     def sequence_logps(self, model, batch: Batch):
         """(2B,) summed completion log-probs of a concatenated chosen+rejected batch."""
 
@@ -148,6 +154,14 @@ class BackendOps(Protocol):
     def complete_batch(self, model, tokenizer, conversations: list, max_tokens: int, temp: float = 0.0,
                        batch_size: int = 32) -> list[str]:
         """complete() for many conversations, `batch_size` decoded at once; greedy answers equal complete()'s."""
+
+    def generate_tokens(self, model, tokenizer, prompts: list, max_tokens: int, temp: float = 0.0,
+                        batch_size: int = 32) -> list[list[int]]:
+        """The new token ids after each prompt (token ids, no template), stop token left out; batched."""
+
+    def continuation_scores(self, model, batch: Batch) -> tuple:
+        """Per row of an {inputs, targets, mask} batch: summed log-prob of the masked targets, and whether
+        every one of them is the argmax (lm-eval's loglikelihood, is_greedy)."""
 
     def hf_tokenizer(self, tokenizer):
         """The transformers tokenizer behind the backend's tokenizer object."""

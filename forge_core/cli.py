@@ -223,12 +223,23 @@ def generate(model, adapter, prompt, system, max_tokens, temp, backend):
 @click.option("--system", default=None,
               help="System message for rows without one (default: the one every training row of the run shared; "
                    "'' for none).")
+@click.option("--text", type=click.Path(dir_okay=False), default=None,
+              help="A text file: its sliding-window perplexity (windows of --max-seq-len tokens).")
+@click.option("--stride", type=int, default=None, help="--text: tokens between window starts (default: half a window).")
+@click.option("--lm-eval", "lm_eval", default=None, metavar="TASKS",
+              help="lm-evaluation-harness tasks, comma-separated (forge ships forge_mc; needs forge-tune[eval]).")
+@click.option("--lm-eval-include", type=click.Path(file_okay=False), default=None, help="A dir of your own task YAMLs.")
+@click.option("--lm-eval-limit", type=float, default=None, help="Rows per task (a fraction when < 1).")
+@click.option("--num-fewshot", type=int, default=None, help="Few-shot examples (default: the task's).")
 @friendly
-def eval_(adapter, as_json, system, **kw):
-    """Held-out loss / perplexity and the task metric."""
+def eval_(adapter, as_json, system, text, stride, lm_eval, lm_eval_include, lm_eval_limit, num_fewshot, **kw):
+    """Held-out loss / perplexity and the task metric; a text file's perplexity; lm-eval tasks."""
     from forge_core.launch import run_eval
 
-    run_eval(build_from_cli(kw), adapter=adapter, as_json=as_json, system=system)
+    extra = {"eval.text": text, "eval.stride": stride, "eval.lm_eval": lm_eval, "eval.lm_eval_include": lm_eval_include,
+             "eval.lm_eval_limit": lm_eval_limit, "eval.lm_eval_fewshot": num_fewshot}
+    run_eval(build_from_cli(kw, {k: v for k, v in extra.items() if v is not None}), adapter=adapter, as_json=as_json,
+             system=system)
 
 
 @cli.command()

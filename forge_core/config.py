@@ -96,6 +96,8 @@ class TrainConfig:
     save_every: int = 100
     out_dir: str = "runs/latest"
     compile: bool = True
+    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, trackio (tracking.py); rank 0 only
+    project: str = "forge"  # the W&B / Trackio project
 
 
 # The preference methods (`forge dpo / orpo / simpo / cpo / kto`): each has its own section, and its command
@@ -158,6 +160,12 @@ class EvalConfig:
     metric: Metric = "auto"  # auto | exact | json_fields | none
     limit: int = 0  # 0 = all rows
     batch_size: int = 32  # answers generated at once (the held-out loss batches by train.batch_size)
+    text: str = ""  # forge eval --text: a text file's sliding-window perplexity (windows of train.max_seq_len)
+    stride: int = 0  # tokens between window starts; 0 = half a window
+    lm_eval: str = ""  # forge eval --lm-eval: comma-separated lm-evaluation-harness tasks (forge ships forge_mc)
+    lm_eval_include: str = ""  # a directory of your own lm-eval task YAMLs
+    lm_eval_limit: float = 0  # rows per task (a fraction when < 1); 0 = all
+    lm_eval_fewshot: int = -1  # few-shot examples; -1 = the task's default
 
 
 @dataclass

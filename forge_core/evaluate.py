@@ -8,6 +8,7 @@ complete, complete_batch); batching, averaging and scoring are here.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from functools import partial
@@ -19,6 +20,7 @@ from forge_core.adapters.formats import FORGE, forge_adapter_dir, read_json
 from forge_core.config import ForgeConfig
 from forge_core.data.eval_rows import prompts_and_references
 from forge_core.metrics import score_rows
+from forge_core.perplexity import text_perplexity
 
 
 def load_adapted(ops, adapter: str | None, model_spec: str | None = None, quantized: bool = True):
@@ -75,20 +77,33 @@ def heldout_loss(ops, model, tokenizer, cfg: ForgeConfig, path: str) -> dict:
     """Token-mean NLL of the loss-masked tokens of the SFT rows in `path`, perplexity, token count.
 
     Rows go in length order (a batch pads to its longest, to a multiple of 8), and the vocabulary head runs
-    at the scored tokens only, where the backend can: the sum is the same, the padding and the head's
-    work on prompt tokens are not paid for."""
+    at the scored tokens only. The tokens every row starts with (a shared system prompt) run once, where the
+    backend keeps a KV cache (prefix_state): each batch then runs only the rest of its rows. The sum is the
+    same; the padding, the head on prompt tokens and the repeated prefix are not paid for."""
     hf = ops.hf_tokenizer(tokenizer)
     rows, _ = fdata.load_sft(path, hf, cfg.data, cfg.train.max_seq_len)
     rows = sorted(rows, key=lambda r: len(r.tokens))
+    n = fdata.shared_prefix([r.tokens[:first_scored(r)] for r in rows])  # never past a row's first target
+    prefix = ops.prefix_state(model, rows[0].tokens[:n]) if n else None
+    if prefix is not None:
+        rows = [dataclasses.replace(r, tokens=r.tokens[n:], mask=r.mask[n:]) for r in rows]
+        loss_of = partial(ops.sft_loss_after, model, prefix=prefix)
+    else:
+        loss_of = ops.no_grad(model, partial(ops.sft_loss, model), compiled=False)
     pad, size, cap = fdata.pad_token_id(hf), cfg.train.batch_size, fdata.loss_row_cap(rows)
-    loss_of = ops.no_grad(model, partial(ops.sft_loss, model), compiled=False)
     total = count = 0.0
     for s in range(0, len(rows), size):
         b = fdata.collate_sft(rows[s:s + size], pad, pad_multiple=8, max_len=cfg.train.max_seq_len)
-        loss_sum, n = loss_of(ops.to_batch(model, fdata.add_loss_positions(b, cap)))
-        total, count = total + loss_sum.item(), count + n.item()
+        loss_sum, n_tok = loss_of(ops.to_batch(model, fdata.add_loss_positions(b, cap)))
+        total, count = total + loss_sum.item(), count + n_tok.item()
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": int(count)}
+
+
+def first_scored(row) -> int:
+    """Index of a row's first scored token (the prefix a cache may hold must end before its predictor)."""
+    scored = np.flatnonzero(row.mask[1:])
+    return int(scored[0]) if len(scored) else len(row.tokens) - 1
 
 
 def task_metrics(cfg: ForgeConfig, path, complete_batch) -> dict:
@@ -125,13 +140,28 @@ def with_system_prompt(cfg: ForgeConfig, adapter: str | None, system: str | None
 
 def evaluate(ops, cfg: ForgeConfig, adapter: str | None = None, model_spec: str | None = None,
              system: str | None = None) -> dict:
-    """Held-out loss/perplexity and, when the metric applies, the task metric by greedy generation. Rows
+    """What cfg asks for, of one model built once: held-out loss/perplexity and the task metric by greedy
+    generation when the config names data; eval.text: the sliding-window perplexity of a text file
+    (perplexity.py); eval.lm_eval: lm-evaluation-harness tasks ("task/metric" keys; lm_eval_bridge.py). Rows
     without a system message get `system`, by default the run's recorded one (with_system_prompt)."""
     cfg = with_system_prompt(cfg, adapter, system)
+    e = cfg.eval
     net, tokenizer, _ = _for_inference(ops, adapter, model_spec or (cfg.model.path if not adapter else None))
+    result = {}
     path = cfg.data.valid or cfg.data.train
-    result = heldout_loss(ops, net, tokenizer, cfg, path)
-    result.update(task_metrics(cfg, path, _answers(ops, net, tokenizer, cfg)))
+    if path:
+        result.update(heldout_loss(ops, net, tokenizer, cfg, path))
+        result.update(task_metrics(cfg, path, _answers(ops, net, tokenizer, cfg)))
+    if e.text:
+        result.update(text_perplexity(ops, net, tokenizer, e.text, cfg.train.max_seq_len, e.stride,
+                                      cfg.train.batch_size))
+    if e.lm_eval:
+        from forge_core import lm_eval_bridge
+
+        lm = lm_eval_bridge.forge_model(ops, net, tokenizer, cfg.train.max_seq_len, cfg.train.batch_size)
+        scores = lm_eval_bridge.run_tasks(lm, e.lm_eval, e.lm_eval_include or None, e.lm_eval_limit or None,
+                                          None if e.lm_eval_fewshot < 0 else e.lm_eval_fewshot)
+        result.update({f"{task}/{k}": v for task, metrics in scores.items() for k, v in metrics.items()})
     return result
 
 

@@ -27,6 +27,7 @@ from forge_core.memory.plan import check_before_launch, data_shape_of, runtime_l
 from forge_core.methods import section
 from forge_core.models.sources import resolve_model
 from forge_core.rundir import RunDir, resumed_config
+from forge_core.tracking import check_installed as check_trackers
 
 
 def _check_data(cfg: ForgeConfig) -> None:
@@ -60,6 +61,7 @@ def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool =
     if sec is not None and sec.adapter:
         _inherit_adapter(cfg, kind)
     _check_data(cfg)
+    check_trackers(cfg.train.report_to)
     name = backends.resolve(cfg.backend)
     ops = backends.ops(name)
     ops.init_world()  # join the launcher's group first: a CUDA rank then plans and caps its own GPU
@@ -122,8 +124,8 @@ def run_generate(model=None, adapter=None, prompt="", system=None, max_tokens=No
 
 
 def run_eval(cfg: ForgeConfig, adapter: str | None = None, as_json: bool = False, system: str | None = None) -> dict:
-    if not cfg.data.valid and not cfg.data.train:
-        raise ForgeError("nothing to evaluate: pass --valid FILE.jsonl (or --data)")
+    if not (cfg.data.valid or cfg.data.train or cfg.eval.text or cfg.eval.lm_eval):
+        raise ForgeError("nothing to evaluate: pass --valid FILE.jsonl (or --data), --text FILE or --lm-eval TASKS")
     name = backends.resolve(cfg.backend)
     if system is None and not cfg.data.system_prompt and recorded_system_prompt(adapter):
         print(f"system prompt (the run's, for rows without one; --system '' for none): "

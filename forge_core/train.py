@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from safetensors.numpy import load_file
 
-from forge_core import objectives
+from forge_core import objectives, tracking
 from forge_core.adapters import safetensors_io as sio
 from forge_core.checkpoint import load_checkpoint, save_checkpoint
 from forge_core.config import ForgeConfig
@@ -87,7 +87,8 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
 
     tokens, tic, step, last_log = 0, time.perf_counter(), start, start
     model.train()
-    with TrainProgress(steps, start, label=obj.kind, console=console) as bar, world.stops_cleanly(run, lambda: step):
+    with TrainProgress(steps, start, label=obj.kind, console=console) as bar, world.stops_cleanly(run, lambda: step), \
+            tracking.opened(t.report_to, run.path, cfg.to_dict(), world.main, console) as tracker:
         for step in range(start + 1, steps + 1):
             # the RNG is a function of the step (exact resume) and of the rank (each rank its own dropout masks)
             ops.seed((t.seed * 1_000_003 + step) * world.size + world.rank)
@@ -136,6 +137,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
                        **obj.metric_means({k: v.item() for k, v in (msums or {}).items()}, count.item())}
                 if world.main:
                     run.log(rec)
+                    tracker.log(rec)
                 bar.update(step, rec["loss"], rec["tok_s"], rec["peak_memory"], record=rec)
                 if not bar.progress.live.is_started or bar.progress.disable:
                     console.print(log_line(rec), soft_wrap=True)
@@ -148,6 +150,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
                 if rec.get("loss") is not None:
                     if world.main:
                         run.log(rec)
+                        tracker.log(rec)
                     console.print(log_line(rec), soft_wrap=True)
                 model.train()
             if step % t.save_every == 0 or step == steps or step == stop_at:

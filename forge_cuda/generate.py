@@ -82,20 +82,19 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: floa
 
 
 @torch.no_grad()
-def complete_batch(model, tokenizer, conversations: list[list[dict]], max_tokens: int, temp: float = 0.0,
-                   batch_size: int = 32) -> list[str]:
-    """One answer per conversation, `batch_size` left-padded rows per generate() call (the attention mask
-    hides the padding; transformers derives the positions from it). Prompts go in length order, so a batch
-    pads little; the answers come back in the caller's order. Greedy answers equal complete()'s."""
+def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int, temp: float = 0.0,
+                    batch_size: int = 32) -> list[list[int]]:
+    """The new token ids (stop token left out) after each prompt, `batch_size` left-padded rows per generate()
+    call (the attention mask hides the padding; transformers derives the positions from it). Prompts go in
+    length order, so a batch pads little; the answers come back in the caller's order."""
     model.eval()
     device = next(model.parameters()).device
     gen, stop = _generation_config(model, tokenizer, max_tokens, temp)
-    prompts = [chat_prompt(tokenizer, m) for m in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts = [""] * len(prompts)
+    ids_out = [[] for _ in prompts]
     for s in range(0, len(order), max(1, batch_size)):
         rows = order[s:s + batch_size]
-        chunk = [prompts[i] for i in rows]
+        chunk = [list(prompts[i]) for i in rows]
         width = max(map(len, chunk))
         ids = torch.full((len(chunk), width), gen.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -104,6 +103,13 @@ def complete_batch(model, tokenizer, conversations: list[list[dict]], max_tokens
         out = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=gen)
         for i, row in zip(rows, out[:, width:].tolist()):
             # a finished row is filled with padding up to the longest: cut at its first stop id
-            end = next((k for k, t in enumerate(row) if t in stop), len(row))
-            texts[i] = tokenizer.decode(row[:end], skip_special_tokens=True)
-    return texts
+            ids_out[i] = row[:next((k for k, t in enumerate(row) if t in stop), len(row))]
+    return ids_out
+
+
+def complete_batch(model, tokenizer, conversations: list[list[dict]], max_tokens: int, temp: float = 0.0,
+                   batch_size: int = 32) -> list[str]:
+    """One answer per conversation (generate_tokens); greedy answers equal complete()'s."""
+    prompts = [chat_prompt(tokenizer, m) for m in conversations]
+    return [tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in generate_tokens(model, tokenizer, prompts, max_tokens, temp, batch_size)]

@@ -44,3 +44,21 @@ def sequence_logps(model, batch) -> torch.Tensor:
     """Sum of completion-token log-probs per sequence: (2B,) for a concatenated chosen+rejected batch."""
     logp = token_logps(model, batch["inputs"], batch["targets"])
     return (logp * batch["mask"]).sum(dim=-1)
+
+
+def continuation_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-prob of the masked targets, and whether each of them is the model's argmax
+    (lm-eval's loglikelihood and is_greedy)."""
+    logits = model(input_ids=batch["inputs"], use_cache=False).logits.float()
+    targets, mask = batch["targets"].long(), batch["mask"]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+    greedy = ((logits.argmax(dim=-1) == targets) | (mask == 0)).all(dim=-1)
+    return (logp * mask).sum(dim=-1), greedy
+
+
+def prefix_state(model, ids: list[int]):
+    """No shared-prefix cache on this backend yet: forge_core then runs whole rows (the same loss)."""
+
+
+def sft_loss_after(model, batch, prefix):
+    raise NotImplementedError("prefix_state returns None on this backend")

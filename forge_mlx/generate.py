@@ -14,6 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from forge_core.data.batches import shared_prefix
+
 from .lora import LoRALinear
 from .quant import QuantLinear
 
@@ -60,22 +62,39 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: floa
     return text
 
 
-def complete_batch(model, tokenizer, conversations: list[list[dict]], max_tokens: int, temp: float = 0.0,
-                   batch_size: int = 32) -> list[str]:
-    """One answer per conversation, `batch_size` rows decoded at once (mlx-lm's continuous batching: a row
-    that stops makes room for the next). Prompts go in length order, so a prefill pads little; the answers
-    come back in the caller's order. Greedy answers equal complete()'s."""
+def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int, temp: float = 0.0,
+                    batch_size: int = 32) -> list[list[int]]:
+    """The new token ids (stop token left out) after each prompt, `batch_size` rows decoded at once (mlx-lm's
+    continuous batching: a row that stops makes room for the next). The tokens all prompts start with (a
+    shared system prompt) are run once into a KV cache that every row starts from. Prompts go in length
+    order, so a prefill pads little; the answers come back in the caller's order. Greedy ids equal
+    stream_generate's."""
     from mlx_lm.generate import batch_generate
+    from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_sampler
 
-    if not conversations:
+    if not prompts:
         return []
-    prompts = [chat_prompt(tokenizer, m) for m in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     size = max(1, min(batch_size, len(prompts)))
-    out = batch_generate(model, tokenizer, [prompts[i] for i in order], max_tokens=max_tokens,
-                         sampler=make_sampler(temp), prefill_batch_size=size, completion_batch_size=size)
-    texts = [""] * len(prompts)
-    for i, text in zip(order, out.texts):
-        texts[i] = text
-    return texts
+    n = shared_prefix(prompts)
+    caches = None
+    if n:
+        cache = make_prompt_cache(model)
+        model(mx.array([list(prompts[0][:n])]), cache=cache)
+        mx.eval([c.state for c in cache])
+        caches = [cache] * len(prompts)  # batch_generate merges them into its own batch cache, never in place
+    out = batch_generate(model, tokenizer, [list(prompts[i][n:]) for i in order], prompt_caches=caches,
+                         max_tokens=max_tokens, sampler=make_sampler(temp), prefill_batch_size=size,
+                         completion_batch_size=size, return_token_ids=True)
+    ids = [[]] * len(prompts)
+    for i, toks in zip(order, out.token_ids):
+        ids[i] = list(toks)
+    return ids
+
+
+def complete_batch(model, tokenizer, conversations: list[list[dict]], max_tokens: int, temp: float = 0.0,
+                   batch_size: int = 32) -> list[str]:
+    """One answer per conversation (generate_tokens); greedy answers equal complete()'s."""
+    prompts = [chat_prompt(tokenizer, m) for m in conversations]
+    return [tokenizer.decode(ids) for ids in generate_tokens(model, tokenizer, prompts, max_tokens, temp, batch_size)]

@@ -6,6 +6,7 @@ Batches are the numpy dicts of forge_core.data (inputs, targets, mask (B, T)), c
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from . import head
 
@@ -45,3 +46,45 @@ def sequence_logps(model, batch) -> mx.array:
         return mx.zeros((rows,), mx.float32).at[batch["loss_positions"] // width].add(-nll * batch["loss_weights"])
     logp = token_logps(model, batch["inputs"], batch["targets"])
     return (logp * batch["mask"]).sum(axis=-1)
+
+
+def continuation_scores(model, batch) -> tuple[mx.array, mx.array]:
+    """Per row: the summed log-prob of the masked targets, and whether each of them is the model's argmax
+    (lm-eval's loglikelihood and is_greedy)."""
+    if head.splittable(model):
+        logits = head.logits(model, head.hidden(model, batch["inputs"]))
+    else:
+        logits = model(batch["inputs"])
+    logits = logits.astype(mx.float32)
+    logp = -head.token_nll(logits, batch["targets"])
+    mask = batch["mask"]
+    greedy = ((mx.argmax(logits, axis=-1) == batch["targets"]) | (mask == 0)).all(axis=-1)
+    return (logp * mask).sum(axis=-1), greedy
+
+
+def prefix_state(model, ids: list[int]):
+    """The KV cache of `ids` (one row) run through the body once, for sft_loss_after; None where the head is
+    not kept apart (head.splittable) and the loss cannot continue from a cache."""
+    if not head.splittable(model):
+        return None
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model.model(mx.array(np.asarray(ids, np.int32)[None]), cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def sft_loss_after(model, batch, prefix) -> tuple[mx.array, mx.array]:
+    """sft_loss of rows that all start with the prefix of `prefix` (prefix_state), given without it: the body
+    runs on the rest only, attending to the prefix's cached keys and values. Needs loss_positions."""
+    from mlx_lm.models.cache import KVCache
+
+    rows, cache = batch["inputs"].shape[0], []
+    for c in prefix:
+        k, v = c.keys_and_values()
+        layer = KVCache()
+        layer.state = (mx.repeat(k, rows, axis=0), mx.repeat(v, rows, axis=0), k.shape[2])
+        cache.append(layer)
+    nll = head.position_nll(model, model.model(batch["inputs"], cache=cache), batch)
+    return (nll * batch["loss_weights"]).sum(), batch["mask"].sum()

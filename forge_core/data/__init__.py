@@ -33,6 +33,7 @@ from forge_core.data.batches import (
     collate_sft,
     loss_row_cap,
     pack,
+    shared_prefix,
     widest_batch,
 )
 from forge_core.data.rows import RowProblem, iter_rows, parse_preference, parse_sft, parse_unpaired, read_rows
@@ -64,6 +65,7 @@ __all__ = [
     "pack",
     "pad_token_id",
     "read_rows",
+    "shared_prefix",
     "source_key",
     "truncate_preference",
     "widest_batch",

@@ -264,3 +264,16 @@ class BatchOrder:
         order._epoch, order.position = epoch, position
         order._order = order._permutation(epoch)
         return order
+
+
+def shared_prefix(seqs: list, least: int = 16, keep: int = 2) -> int:
+    """How many tokens every sequence of `seqs` starts with, each keeping at least `keep` of its own; 0 when
+    fewer than `least` (not worth a cache). Rows of one chat format with one system prompt share the whole
+    system turn: a backend runs it once and every row continues from its KV cache."""
+    if len(seqs) < 2:
+        return 0
+    n = min(len(s) for s in seqs) - keep
+    first = seqs[0]
+    for s in seqs[1:]:
+        n = next((i for i in range(max(n, 0)) if s[i] != first[i]), n)
+    return n if n >= least else 0
