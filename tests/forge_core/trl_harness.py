@@ -19,6 +19,7 @@ import torch
 from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 from trl.trainer.dpo_trainer import DPOTrainer
+from trl.trainer.grpo_trainer import GRPOTrainer
 from trl.trainer.kto_trainer import KTOTrainer
 
 WIDTH = 24  # tokens per row in the stand-in batches; every completion is shorter
@@ -27,11 +28,17 @@ WIDTH = 24  # tokens per row in the stand-in batches; every completion is shorte
 class _Accelerator:
     device = torch.device("cpu")
 
+    num_processes = 1
+
     @staticmethod
     def gather_for_metrics(x):
         return x
 
     gather = gather_for_metrics
+
+    @staticmethod
+    def reduce(x, reduction="sum"):
+        return x
 
 
 def _self(**attrs):
@@ -110,3 +117,23 @@ def cpo(lp_c, lp_r, beta, loss_type, label_smoothing=0.0, simpo_gamma=0.5):
     me = _self(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, alpha=0.0)
     out = CPOTrainer.cpo_loss(me, torch.from_numpy(lp_c), torch.from_numpy(lp_r))
     return [np.asarray(o.detach().numpy(), np.float64) for o in out]
+
+
+def grpo(logps, old, ref, advantages, mask, loss_type, beta, epsilon_low, epsilon_high, max_completion_length,
+         level="token", delta=None) -> tuple[float, dict]:
+    """GRPOTrainer._compute_loss on given per-token log-probs (B, T) of the completion tokens: the loss of one
+    micro-batch (no accumulation, one process) and its logged metrics."""
+    logps, mask = torch.from_numpy(logps), torch.from_numpy(mask)
+    n, t = logps.shape
+    inputs = {"prompt_ids": torch.zeros((n, 2), dtype=torch.long), "prompt_mask": torch.ones((n, 2), dtype=torch.long),
+              "completion_ids": torch.zeros((n, t), dtype=torch.long), "completion_mask": mask,
+              "advantages": torch.from_numpy(advantages), "old_per_token_logps": torch.from_numpy(old),
+              "ref_per_token_logps": torch.from_numpy(ref), "num_items_in_batch": mask.sum()}
+    me = _self(top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
+               loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, use_vllm=False,
+               current_gradient_accumulation_steps=1, max_completion_length=max_completion_length,
+               _entropy_bonus_enabled=False,
+               args=types.SimpleNamespace(use_bias_correction_kl=False, delta=delta, steps_per_generation=1))
+    me._get_per_token_logps_and_entropies = lambda *a, **kw: (logps, torch.zeros_like(logps), None)
+    loss = GRPOTrainer._compute_loss(me, None, inputs)
+    return float(loss), {k: v[0] for k, v in me._metrics["train"].items()}
