@@ -151,13 +151,10 @@ class BackendOps(Protocol):
     def complete(self, model, tokenizer, messages: list, max_tokens: int, temp: float = 0.0, stream=None) -> str:
         """Chat-templated generation with the framework's generator; `stream(text)` gets each piece."""
 
-    def complete_batch(self, model, tokenizer, conversations: list, max_tokens: int, temp: float = 0.0,
-                       batch_size: int = 32) -> list[str]:
-        """complete() for many conversations, `batch_size` decoded at once; greedy answers equal complete()'s."""
-
     def generate_tokens(self, model, tokenizer, prompts: list, max_tokens: int, temp: float = 0.0,
                         batch_size: int = 32) -> list[list[int]]:
-        """The new token ids after each prompt (token ids, no template), stop token left out; batched."""
+        """The new token ids after each prompt (token ids, no template), stop token left out, `batch_size` rows
+        decoded at once; greedy ids equal complete()'s (forge_core/generation.py orders and decodes)."""
 
     def continuation_scores(self, model, batch: Batch) -> tuple:
         """Per row of an {inputs, targets, mask} batch: summed log-prob of the masked targets, and whether

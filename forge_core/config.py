@@ -166,6 +166,7 @@ class EvalConfig:
     lm_eval_include: str = ""  # a directory of your own lm-eval task YAMLs
     lm_eval_limit: float = 0  # rows per task (a fraction when < 1); 0 = all
     lm_eval_fewshot: int = -1  # few-shot examples; -1 = the task's default
+    lm_eval_max_length: int = 2048  # context lm-eval's requests are cut to (HFLM's fallback length)
 
 
 @dataclass

@@ -74,22 +74,23 @@ def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
     start = start_adapter(cfg, kind) or None
     if start and not Path(start).exists():
         raise ForgeError(f"the {kind.upper()} demo continues from {start}: run `make demo-sft` first")
+    same = cfg.data.system_prompt  # before and after are asked the same way (not each with its own run's prompt)
     t0 = time.perf_counter()
     console.rule(f"[bold]Forge demo: {kind.upper()} on {cfg.model.path} ({name} backend)")
     if kind == "sft":
         console.print("measuring the base model on the held-out set...")
-        before = evaluate(ops, cfg, adapter=None, model_spec=cfg.model.path)
+        before = evaluate(ops, cfg, adapter=None, model_spec=cfg.model.path, system=same)
     else:
         console.print(f"measuring the starting policy ({start or 'the base model'}) on the held-out pairs...")
-        before = evaluate_preferences(ops, cfg, adapter=start, with_task=True)
+        before = evaluate_preferences(ops, cfg, adapter=start, with_task=True, system=same)
     launch(cfg, kind=kind)
     adapter = str(run_dir / "adapter")
     records = RunDir(run_dir).metrics()
     if kind == "sft":
-        after = evaluate(ops, cfg, adapter=adapter)
+        after = evaluate(ops, cfg, adapter=adapter, system=same)
         keys = ["loss", "ppl", "valid_json", "exact", "field_acc"]
     else:
-        after = evaluate_preferences(ops, cfg, adapter=adapter, with_task=True)
+        after = evaluate_preferences(ops, cfg, adapter=adapter, with_task=True, system=same)
         after.update(implicit_rewards(before.pop("logps"), after.pop("logps")))
         before.update({"implicit_accuracy": 0.0, "implicit_margin": 0.0})  # the start against itself
         last = [r for r in records if r.get("split") == "valid"]

@@ -1,8 +1,9 @@
 """`forge generate` and `forge eval`, once for both backends: load the model as trained, then held-out
 loss / perplexity, the task metric by greedy generation, preference accuracy on held-out pairs.
 
-The backend supplies the tensor pieces (ops: build_model, sft_loss, sequence_logps, for_inference,
-complete, complete_batch); batching, averaging and scoring are here.
+The backend supplies the tensor pieces (ops: build_model, for_inference, sft_loss, prefix_state /
+sft_loss_after, sequence_logps, complete, generate_tokens, continuation_scores); batching, averaging and
+scoring are here (batched answers: generation.py; --text: perplexity.py; --lm-eval: lm_eval_bridge.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from functools import partial
 import numpy as np
 
 from forge_core import data as fdata
+from forge_core import generation
 from forge_core.adapters.formats import FORGE, forge_adapter_dir, read_json
 from forge_core.config import ForgeConfig
 from forge_core.data.eval_rows import prompts_and_references
@@ -77,9 +79,10 @@ def heldout_loss(ops, model, tokenizer, cfg: ForgeConfig, path: str) -> dict:
     """Token-mean NLL of the loss-masked tokens of the SFT rows in `path`, perplexity, token count.
 
     Rows go in length order (a batch pads to its longest, to a multiple of 8), and the vocabulary head runs
-    at the scored tokens only. The tokens every row starts with (a shared system prompt) run once, where the
-    backend keeps a KV cache (prefix_state): each batch then runs only the rest of its rows. The sum is the
-    same; the padding, the head on prompt tokens and the repeated prefix are not paid for."""
+    at the scored tokens only where the backend keeps it apart (MLX). The tokens every row starts with (a
+    shared system prompt) run once, where the backend keeps a KV cache (prefix_state; MLX): each batch then
+    runs only the rest of its rows. The sum is the same; the padding, the head on prompt tokens and the
+    repeated prefix are not paid for."""
     hf = ops.hf_tokenizer(tokenizer)
     rows, _ = fdata.load_sft(path, hf, cfg.data, cfg.train.max_seq_len)
     rows = sorted(rows, key=lambda r: len(r.tokens))
@@ -106,23 +109,23 @@ def first_scored(row) -> int:
     return int(scored[0]) if len(scored) else len(row.tokens) - 1
 
 
-def task_metrics(cfg: ForgeConfig, path, complete_batch) -> dict:
+def task_metrics(cfg: ForgeConfig, path, answer) -> dict:
     """Greedy answers to the held-out prompts, scored against the references (forge_core.metrics).
 
-    `complete_batch(conversations) -> [str]` is the backend's batched generator.
+    `answer(conversations) -> [str]` is the batched generator (_answers).
     """
     if cfg.eval.metric == "none":
         return {}
     pairs = prompts_and_references(path, cfg.data)
     if cfg.eval.limit:
         pairs = pairs[: cfg.eval.limit]
-    preds = complete_batch([msgs for msgs, _ in pairs])
+    preds = answer([msgs for msgs, _ in pairs])
     return {**score_rows(preds, [ref for _, ref in pairs], metric=cfg.eval.metric), "examples": len(pairs)}
 
 
 def _answers(ops, net, tokenizer, cfg: ForgeConfig):
     """The batched greedy generator task_metrics calls, bound to a model and the eval settings."""
-    return partial(ops.complete_batch, net, tokenizer, max_tokens=cfg.eval.max_new_tokens,
+    return partial(generation.answers, ops, net, tokenizer, max_tokens=cfg.eval.max_new_tokens,
                    batch_size=cfg.eval.batch_size)
 
 
@@ -146,6 +149,10 @@ def evaluate(ops, cfg: ForgeConfig, adapter: str | None = None, model_spec: str 
     without a system message get `system`, by default the run's recorded one (with_system_prompt)."""
     cfg = with_system_prompt(cfg, adapter, system)
     e = cfg.eval
+    if e.lm_eval:
+        from forge_core import lm_eval_bridge
+
+        lm_eval_bridge.check_installed()  # before the model is built
     net, tokenizer, _ = _for_inference(ops, adapter, model_spec or (cfg.model.path if not adapter else None))
     result = {}
     path = cfg.data.valid or cfg.data.train
@@ -156,9 +163,7 @@ def evaluate(ops, cfg: ForgeConfig, adapter: str | None = None, model_spec: str 
         result.update(text_perplexity(ops, net, tokenizer, e.text, cfg.train.max_seq_len, e.stride,
                                       cfg.train.batch_size))
     if e.lm_eval:
-        from forge_core import lm_eval_bridge
-
-        lm = lm_eval_bridge.forge_model(ops, net, tokenizer, cfg.train.max_seq_len, cfg.train.batch_size)
+        lm = lm_eval_bridge.forge_model(ops, net, tokenizer, e.lm_eval_max_length, cfg.train.batch_size)
         scores = lm_eval_bridge.run_tasks(lm, e.lm_eval, e.lm_eval_include or None, e.lm_eval_limit or None,
                                           None if e.lm_eval_fewshot < 0 else e.lm_eval_fewshot)
         result.update({f"{task}/{k}": v for task, metrics in scores.items() for k, v in metrics.items()})

@@ -7,7 +7,7 @@ continuation as it does for its own Hugging Face model (HFLM); forge scores the 
   loglikelihood_rolling  lm-eval's disjoint rolling windows of L tokens, scored the same way
   generate_until         the backend's batched generator on the raw prompt (no chat template), cut at the
                          first stop string
-with L = train.max_seq_len. Tasks come from lm-eval's registry (its task YAMLs name hub datasets: they need
+with L = eval.lm_eval_max_length (2048, HFLM's fallback). Tasks come from lm-eval's registry (its task YAMLs name hub datasets: they need
 the network or a local copy), from --lm-eval-include DIR, or the one forge ships (forge_mc, below).
 """
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from forge_core.errors import ForgeError
+from forge_core.perplexity import scored_batch
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 
@@ -32,11 +32,15 @@ def _harness():
     return lm_eval, TemplateLM
 
 
+def check_installed() -> None:
+    """Stop before a model is built when lm-eval is not there."""
+    _harness()
+
+
 def forge_model(ops, model, tokenizer, max_length: int, batch_size: int):
     """A lm-eval LM scoring with `model` through the backend `ops`."""
-    from lm_eval import utils as lm_utils
-
     _, TemplateLM = _harness()
+    from lm_eval import utils as lm_utils
     hf = ops.hf_tokenizer(tokenizer)
 
     class ForgeLM(TemplateLM):
@@ -66,18 +70,13 @@ def forge_model(ops, model, tokenizer, max_length: int, batch_size: int):
             return hf.encode(string, **kw)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            # as HFLM: the last L + 1 tokens of context + continuation; the continuation's are scored (all of
+            # them, or its last L when it is longer than the window)
             rows = [(ctx + cont)[-(max_length + 1):] for _, ctx, cont in requests]
-            conts = [len(cont) for _, _, cont in requests]
+            firsts = [max(len(r) - len(cont), 1) for r, (_, _, cont) in zip(rows, requests)]
             out = []
             for s in range(0, len(rows), batch_size):
-                chunk, n_cont = rows[s:s + batch_size], conts[s:s + batch_size]
-                width = max(len(r) for r in chunk) - 1
-                batch = {k: np.zeros((len(chunk), width), dt) for k, dt in
-                         (("inputs", np.int32), ("targets", np.int32), ("mask", np.float32))}
-                for b, (r, c) in enumerate(zip(chunk, n_cont)):
-                    n = len(r) - 1
-                    batch["inputs"][b, :n], batch["targets"][b, :n] = r[:-1], r[1:]
-                    batch["mask"][b, n - c:n] = 1.0
+                batch = scored_batch(rows[s:s + batch_size], firsts[s:s + batch_size], hf.eos_token_id or 0)
                 logps, greedy = ops.continuation_scores(model, ops.to_batch(model, batch))
                 out += [(float(lp), bool(g)) for lp, g in zip(ops.to_numpy(logps), ops.to_numpy(greedy))]
             return out
@@ -144,6 +143,13 @@ def run_tasks(lm, tasks: str, include: str | None = None, limit: float | None = 
                          "your own: --lm-eval-include DIR with task YAMLs)")
     results = lm_eval.simple_evaluate(model=lm, tasks=[ours.get(n, n) for n in names], task_manager=manager,
                                       limit=limit, num_fewshot=num_fewshot, log_samples=False)
-    return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))
+    return {task: {_metric_name(k): v for k, v in metrics.items() if isinstance(v, (int, float))
                    and not k.startswith("alias")}
             for task, metrics in results["results"].items()}
+
+
+def _metric_name(key: str) -> str:
+    """lm-eval's "metric,filter" as "metric" for its default filter ("none"), else "metric,filter" (gsm8k has
+    exact_match,strict-match and exact_match,flexible-extract)."""
+    name, _, flt = key.partition(",")
+    return name if flt in ("", "none") else key

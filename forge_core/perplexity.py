@@ -37,18 +37,23 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def window_batch(ids: np.ndarray, spans: list[tuple[int, int, int]], pad_id: int) -> dict[str, np.ndarray]:
-    """A batch {inputs, targets, mask} of windows (right-padded to the widest): position t of a window predicts
-    ids[begin + t + 1], with mask 1 on the scored tokens."""
-    width = max(end - begin for begin, end, _ in spans) - 1
-    inputs = np.full((len(spans), width), pad_id, np.int32)
-    targets = np.full((len(spans), width), pad_id, np.int32)
-    mask = np.zeros((len(spans), width), np.float32)
-    for b, (begin, end, first) in enumerate(spans):
-        n = end - begin - 1
-        inputs[b, :n], targets[b, :n] = ids[begin:end - 1], ids[begin + 1:end]
-        mask[b, first - begin - 1:n] = 1.0
+def scored_batch(seqs: list, firsts: list[int], pad_id: int) -> dict[str, np.ndarray]:
+    """A batch {inputs, targets, mask} of token sequences (right-padded to the widest): position t of row b
+    predicts seqs[b][t + 1], and the mask is 1 on the targets from index firsts[b] of the sequence on."""
+    width = max(len(q) for q in seqs) - 1
+    inputs = np.full((len(seqs), width), pad_id, np.int32)
+    targets = np.full((len(seqs), width), pad_id, np.int32)
+    mask = np.zeros((len(seqs), width), np.float32)
+    for b, (q, first) in enumerate(zip(seqs, firsts)):
+        n = len(q) - 1
+        inputs[b, :n], targets[b, :n] = q[:-1], q[1:]
+        mask[b, max(first - 1, 0):n] = 1.0
     return {"inputs": inputs, "targets": targets, "mask": mask}
+
+
+def window_batch(ids: np.ndarray, spans: list[tuple[int, int, int]], pad_id: int) -> dict[str, np.ndarray]:
+    """scored_batch of windows (begin, end, first scored token) over ids."""
+    return scored_batch([ids[b:e] for b, e, _ in spans], [f - b for b, _, f in spans], pad_id)
 
 
 def read_text(path) -> str:

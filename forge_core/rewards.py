@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,11 +78,9 @@ def regex(pattern: str):
 
 
 def length(limit: str):
-    try:
-        n = int(limit)
-        assert n > 0
-    except (ValueError, AssertionError):
-        raise ForgeError(f"--reward builtin:length:{limit}: give a positive number of characters") from None
+    n = int(limit) if limit.isdigit() else 0
+    if n <= 0:
+        raise ForgeError(f"--reward builtin:length:{limit}: give a positive number of characters")
 
     def length(prompts, completions, **columns) -> list[float]:
         return [-max(0, len(c) - n) / n for c in completions]
@@ -107,11 +106,14 @@ def _from_file(spec: str) -> Callable:
     file = Path(path)
     if not file.is_file():
         raise ForgeError(f"--reward {spec}: {path} is not a file (a reward is a function in a local .py file)")
-    module_spec = importlib.util.spec_from_file_location(f"forge_reward_{file.stem}", file)
+    name_in_sys = f"forge_reward_{file.stem}"
+    module_spec = importlib.util.spec_from_file_location(name_in_sys, file)
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name_in_sys] = module  # registered first, as an import would (dataclasses and pickling need it)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as e:  # the user's file: say which and why, in one line
+    except Exception as e:  # noqa: BLE001 - the user's file: say which and why, in one line
+        del sys.modules[name_in_sys]
         raise ForgeError(f"--reward {spec}: importing {path} failed: {type(e).__name__}: {e}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
@@ -164,7 +166,7 @@ class Rewards:
             out = fn(prompts, completions, **columns)
         except ForgeError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the user's function: named, with its row, in one line
             row = _first_failing_row(fn, prompts, completions, columns)
             at = f" on {where[row]}" if row is not None else ""
             raise ForgeError(f"reward {spec} raised {type(e).__name__}: {e}{at}") from None
@@ -190,6 +192,6 @@ def _first_failing_row(fn, prompts, completions, columns) -> int | None:
     for i in range(len(completions)):
         try:
             fn(prompts[i:i + 1], completions[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure marks the row
             return i
     return None

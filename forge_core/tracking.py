@@ -7,8 +7,13 @@ one that is not installed stops the run before it starts, with the command that 
 
 Network: TensorBoard and Trackio write local files (Trackio: its local store; no Space is named). W&B goes
 online only when the user has set it up (WANDB_MODE, WANDB_API_KEY or a `wandb login` entry in ~/.netrc);
-otherwise it runs offline, in the run dir, to upload later with `wandb sync`. A resumed run continues the same
-W&B / Trackio run (its id is kept in the run dir).
+otherwise it runs offline, in the run dir, to upload later with `wandb sync`.
+
+Resume: a resumed run continues the same W&B / Trackio run (its id is kept in the run dir) and the same
+TensorBoard directory. The steps a killed run logged after its last checkpoint are done again: TensorBoard is
+told to drop its points past the checkpoint (a SessionLog START event at that step, TensorBoard's own way);
+W&B keeps the first values of a step and ignores the redone ones (it takes no step it has seen), so its
+curves can differ from metrics.jsonl between the checkpoint and the kill.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import importlib.util
 import json
 import netrc
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,10 +44,15 @@ def scalars(record: dict) -> dict[str, float]:
 class TensorBoard:
     """Event files in RUN/tensorboard, written with the tensorboard package's own writer (no TF, no torch)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, start: int = 0):
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.writer = EventFileWriter(str(run_dir / "tensorboard"))
+        if start:  # a resume: points past the checkpoint in earlier event files are orphans, to be dropped
+            # (TensorBoard drops the points at and after a START event's step)
+            self.writer.add_event(Event(wall_time=time.time(), step=start + 1,
+                                        session_log=SessionLog(status=SessionLog.START)))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
@@ -50,7 +61,7 @@ class TensorBoard:
         summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
         self.writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.flush()
         self.writer.close()
 
@@ -79,22 +90,22 @@ def _run_id(run_dir: Path, tracker: str) -> str:
 
 
 class WandB:
-    def __init__(self, run_dir: Path, config: dict, name: str, project: str):
+    def __init__(self, run_dir: Path, config: dict, project: str):
         import wandb
 
         self.mode = wandb_mode()
-        self.run = wandb.init(project=project, name=name, id=_run_id(run_dir, "wandb"), resume="allow",
-                              dir=str(run_dir), config=config, mode=self.mode)
+        self.run = wandb.init(project=project, name=run_dir.resolve().name, id=_run_id(run_dir, "wandb"),
+                              resume="allow", dir=str(run_dir), config=config, mode=self.mode)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class Trackio:
-    def __init__(self, run_dir: Path, config: dict, name: str, project: str):
+    def __init__(self, run_dir: Path, config: dict, project: str):
         import trackio
 
         self.trackio = trackio
@@ -103,7 +114,7 @@ class Trackio:
     def log(self, step: int, values: dict[str, float]) -> None:
         self.trackio.log(values, step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.trackio.finish()
 
 
@@ -127,30 +138,47 @@ class Trackers:
         for t in self.trackers:
             t.log(int(record["step"]), values)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close every tracker, even when one fails to (that one is said on stderr, not raised over the run's
+        own outcome)."""
         for t in self.trackers:
-            t.close()
+            try:
+                t.close(failed)
+            except Exception as e:  # noqa: BLE001 - a tracker's own trouble must not hide the run's result
+                print(f"forge: closing {type(t).__name__} failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _start(name: str, run_dir: Path, config: dict, project: str, start: int):
+    try:
+        if name == "tensorboard":
+            return TensorBoard(run_dir, start)
+        return WandB(run_dir, config, project) if name == "wandb" else Trackio(run_dir, config, project)
+    except ForgeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network, credentials, a broken install: one line, before any step
+        raise ForgeError(f"train.report_to: starting {name} failed: {type(e).__name__}: {e}") from None
 
 
 @contextmanager
-def opened(names: list[str], run_dir: Path, config: dict, main: bool, console=None):
-    """Trackers for the run (none off rank 0), closed however the run ends."""
+def opened(names: list[str], run_dir: Path, config: dict, main: bool, console=None, start: int = 0):
+    """Trackers for the run (none off rank 0), closed however the run ends; `start`: the step a resume
+    continues from."""
     if not main or not names:
         yield Trackers([])
         return
     check_installed(names)
-    run_dir, name = Path(run_dir), Path(run_dir).resolve().name
+    run_dir = Path(run_dir)
     project = config.get("train", {}).get("project") or "forge"
-    made = []
+    trackers = Trackers([])
+    failed = True
     try:
         for n in names:
-            made.append(TensorBoard(run_dir) if n == "tensorboard"
-                        else WandB(run_dir, config, name, project) if n == "wandb"
-                        else Trackio(run_dir, config, name, project))
+            trackers.trackers.append(_start(n, run_dir, config, project, start))
             if console is not None and n == "wandb":
-                console.print(f"W&B: {made[-1].mode}" + (" (upload later: wandb sync " f"{run_dir / 'wandb'})"
-                                                         if made[-1].mode == "offline" else ""))
-        trackers = Trackers(made)
+                mode = trackers.trackers[-1].mode
+                console.print(f"W&B: {mode}" + (f" (upload later: wandb sync {run_dir / 'wandb'})"
+                                                 if mode == "offline" else ""))
         yield trackers
+        failed = False
     finally:
-        Trackers(made).close()
+        trackers.close(failed)

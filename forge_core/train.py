@@ -85,10 +85,13 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
         if world.main:
             save_checkpoint(run, step, stepper, {"data": data or obj.state()})
 
+    # the system prompt every training row shares, for forge.json (generate/eval ask the model as it was taught):
+    # read now, so that nothing after the last step can stand between the run and its adapter
+    system_prompt = shared_system_prompt(cfg.data.train, cfg.data) if world.main else ""
     tokens, tic, step, last_log = 0, time.perf_counter(), start, start
     model.train()
     with TrainProgress(steps, start, label=obj.kind, console=console) as bar, world.stops_cleanly(run, lambda: step), \
-            tracking.opened(t.report_to, run.path, cfg.to_dict(), world.main, console) as tracker:
+            tracking.opened(t.report_to, run.path, cfg.to_dict(), world.main, console, start) as tracker:
         for step in range(start + 1, steps + 1):
             # the RNG is a function of the step (exact resume) and of the rank (each rank its own dropout masks)
             ops.seed((t.seed * 1_000_003 + step) * world.size + world.rank)
@@ -161,7 +164,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
                 return run.path
 
     if world.main:
-        extra = {"kind": kind, "steps": steps, "system_prompt": shared_system_prompt(cfg.data.train, cfg.data)}
+        extra = {"kind": kind, "steps": steps, "system_prompt": system_prompt}
         ops.save_adapter(run.file("adapter"), model, cfg, factors, model_dir, extra=extra)
         run.plot(title=f"{kind.upper()} {cfg.model.path}")
     console.print(f"adapter written to {run.file('adapter')}")

@@ -1,4 +1,4 @@
-"""Generation on PyTorch for `forge generate` / `forge eval` (forge_core/evaluate.py): chat template,
+"""Generation on PyTorch for `forge generate` / `forge eval` (forge_core/evaluate.py, generation.py):
 transformers' generate() (streamed for one answer, left-padded batches for many).
 
 On the CPU, inference first folds each layer into one dense nn.Linear (for_inference): an adapted layer
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from forge_core.generation import chat_prompt
 
 from .lora import LoRALinear
 from .quant import is_quantized, set_module
@@ -32,13 +34,6 @@ def for_inference(model: nn.Module) -> None:
             if m.bias is not None:
                 dense.bias.copy_(m.bias.float())
         set_module(model, path, dense.to(dtype).requires_grad_(False))
-
-
-def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-    return tokenizer.encode("\n".join(m["content"] for m in messages))
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
@@ -85,31 +80,21 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: floa
 def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int, temp: float = 0.0,
                     batch_size: int = 32) -> list[list[int]]:
     """The new token ids (stop token left out) after each prompt, `batch_size` left-padded rows per generate()
-    call (the attention mask hides the padding; transformers derives the positions from it). Prompts go in
-    length order, so a batch pads little; the answers come back in the caller's order."""
+    call (the attention mask hides the padding; transformers derives the positions from it)."""
     model.eval()
     device = next(model.parameters()).device
     gen, stop = _generation_config(model, tokenizer, max_tokens, temp)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    ids_out = [[] for _ in prompts]
-    for s in range(0, len(order), max(1, batch_size)):
-        rows = order[s:s + batch_size]
-        chunk = [list(prompts[i]) for i in rows]
+    size = max(1, batch_size)
+    out_ids = []
+    for s in range(0, len(prompts), size):
+        chunk = [list(p) for p in prompts[s:s + size]]
         width = max(map(len, chunk))
         ids = torch.full((len(chunk), width), gen.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, p in enumerate(chunk):
             ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
         out = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=gen)
-        for i, row in zip(rows, out[:, width:].tolist()):
+        for row in out[:, width:].tolist():
             # a finished row is filled with padding up to the longest: cut at its first stop id
-            ids_out[i] = row[:next((k for k, t in enumerate(row) if t in stop), len(row))]
-    return ids_out
-
-
-def complete_batch(model, tokenizer, conversations: list[list[dict]], max_tokens: int, temp: float = 0.0,
-                   batch_size: int = 32) -> list[str]:
-    """One answer per conversation (generate_tokens); greedy answers equal complete()'s."""
-    prompts = [chat_prompt(tokenizer, m) for m in conversations]
-    return [tokenizer.decode(ids, skip_special_tokens=True)
-            for ids in generate_tokens(model, tokenizer, prompts, max_tokens, temp, batch_size)]
+            out_ids.append(row[:next((k for k, t in enumerate(row) if t in stop), len(row))])
+    return out_ids

@@ -46,6 +46,7 @@ def sequence_logps(model, batch) -> torch.Tensor:
     return (logp * batch["mask"]).sum(dim=-1)
 
 
+@torch.no_grad()
 def continuation_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-prob of the masked targets, and whether each of them is the model's argmax
     (lm-eval's loglikelihood and is_greedy)."""

@@ -1,4 +1,4 @@
-"""Generation on MLX for `forge generate` / `forge eval` (forge_core/evaluate.py): chat template, mlx-lm's
+"""Generation on MLX for `forge generate` / `forge eval` (forge_core/evaluate.py, generation.py): mlx-lm's
 generators (stream_generate for one streamed answer, batch_generate for many).
 
 On the CPU, inference first folds each layer into one dense fp32 matrix (for_inference): an adapted layer
@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from forge_core.data.batches import shared_prefix
+from forge_core.generation import chat_prompt
 
 from .lora import LoRALinear
 from .quant import QuantLinear
@@ -41,24 +42,25 @@ def for_inference(model: nn.Module) -> None:
     mx.eval(model.parameters())
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    if getattr(hf, "chat_template", None):
-        out = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-    return hf.encode("\n".join(m["content"] for m in messages))
-
-
 def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: float = 0.0, stream=None) -> str:
+    """One answer with mlx-lm's stream_generate; its text is the tokens decoded without special tokens, as
+    forge_core/generation.py and the torch backend decode (`stream` gets it piece by piece, as transformers'
+    TextStreamer hands it out: never half a character)."""
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    text = ""
-    for resp in stream_generate(model, tokenizer, chat_prompt(tokenizer, messages), max_tokens=max_tokens,
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    ids, shown = [], ""
+    for resp in stream_generate(model, tokenizer, chat_prompt(hf, messages), max_tokens=max_tokens,
                                 sampler=make_sampler(temp)):
-        text += resp.text
-        if stream:
-            stream(resp.text)
+        ids.append(resp.token)
+        text = hf.decode(ids, skip_special_tokens=True)
+        if stream and text.startswith(shown) and not text.endswith("\ufffd"):
+            stream(text[len(shown):])
+            shown = text
+    text = hf.decode(ids, skip_special_tokens=True)
+    if stream and text != shown and text.startswith(shown):
+        stream(text[len(shown):])
     return text
 
 
@@ -66,8 +68,7 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int,
                     batch_size: int = 32) -> list[list[int]]:
     """The new token ids (stop token left out) after each prompt, `batch_size` rows decoded at once (mlx-lm's
     continuous batching: a row that stops makes room for the next). The tokens all prompts start with (a
-    shared system prompt) are run once into a KV cache that every row starts from. Prompts go in length
-    order, so a prefill pads little; the answers come back in the caller's order. Greedy ids equal
+    shared system prompt) are run once into a KV cache that every row starts from. Greedy ids equal
     stream_generate's."""
     from mlx_lm.generate import batch_generate
     from mlx_lm.models.cache import make_prompt_cache
@@ -75,7 +76,6 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int,
 
     if not prompts:
         return []
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     size = max(1, min(batch_size, len(prompts)))
     n = shared_prefix(prompts)
     caches = None
@@ -84,17 +84,7 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int,
         model(mx.array([list(prompts[0][:n])]), cache=cache)
         mx.eval([c.state for c in cache])
         caches = [cache] * len(prompts)  # batch_generate merges them into its own batch cache, never in place
-    out = batch_generate(model, tokenizer, [list(prompts[i][n:]) for i in order], prompt_caches=caches,
+    out = batch_generate(model, tokenizer, [list(p[n:]) for p in prompts], prompt_caches=caches,
                          max_tokens=max_tokens, sampler=make_sampler(temp), prefill_batch_size=size,
                          completion_batch_size=size, return_token_ids=True)
-    ids = [[]] * len(prompts)
-    for i, toks in zip(order, out.token_ids):
-        ids[i] = list(toks)
-    return ids
-
-
-def complete_batch(model, tokenizer, conversations: list[list[dict]], max_tokens: int, temp: float = 0.0,
-                   batch_size: int = 32) -> list[str]:
-    """One answer per conversation (generate_tokens); greedy answers equal complete()'s."""
-    prompts = [chat_prompt(tokenizer, m) for m in conversations]
-    return [tokenizer.decode(ids) for ids in generate_tokens(model, tokenizer, prompts, max_tokens, temp, batch_size)]
+    return [list(t) for t in out.token_ids]

@@ -53,8 +53,8 @@ class _Recorder(types.ModuleType):
     def log(self, values, step=None):
         self.calls.append(("log", values, step))
 
-    def finish(self):
-        self.calls.append(("finish",))
+    def finish(self, exit_code=0):
+        self.calls.append(("finish",) if not exit_code else ("finish", exit_code))
 
 
 @pytest.mark.parametrize("name", ["wandb", "trackio"])
@@ -108,3 +108,37 @@ def test_a_training_run_writes_its_records_to_tensorboard(tiny_model, tmp_path):
         assert len(want) >= 2 and [s for s, _ in got] == [s for s, _ in want]
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # float32 in the file
     assert "train/grad_norm" in events.Tags()["scalars"]
+
+
+def test_a_failed_run_finishes_its_wandb_run_as_failed(monkeypatch, tmp_path):
+    mod = _Recorder("wandb")
+    monkeypatch.setitem(sys.modules, "wandb", mod)
+    monkeypatch.setattr(tracking, "check_installed", lambda names: None)
+    with pytest.raises(RuntimeError), tracking.opened(["wandb"], tmp_path, {}, main=True):
+        raise RuntimeError("the step failed")
+    assert mod.calls[-1] == ("finish", 1)
+
+
+def test_a_tracker_that_cannot_start_is_one_line(monkeypatch, tmp_path):
+    mod = _Recorder("wandb")
+    mod.init = lambda **kw: (_ for _ in ()).throw(ConnectionError("no network"))
+    monkeypatch.setitem(sys.modules, "wandb", mod)
+    monkeypatch.setattr(tracking, "check_installed", lambda names: None)
+    with pytest.raises(ForgeError, match="starting wandb failed: ConnectionError: no network"), \
+            tracking.opened(["wandb"], tmp_path, {}, main=True):
+        pass
+
+
+def test_a_resume_drops_the_tensorboard_points_past_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with tracking.opened(["tensorboard"], tmp_path, {}, main=True) as t:  # killed after step 4
+        for step in range(1, 5):
+            t.log({"split": "train", "step": step, "loss": float(step)})
+    with tracking.opened(["tensorboard"], tmp_path, {}, main=True, start=2) as t:  # resumed from step 2
+        for step in (3, 4):
+            t.log({"split": "train", "step": step, "loss": 10.0 + step})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]

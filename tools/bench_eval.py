@@ -74,7 +74,7 @@ def adapter_for(base: Path) -> Path:
         sys.path.remove(str(base))
         for mod in [m for m in sys.modules if m == "forge_core" or m.startswith("forge_core.")]:
             del sys.modules[mod]
-    out = Path(tempfile.mkdtemp()) / "adapter"
+    out = Path(tempfile.mkdtemp(prefix="forge-bench-adapter-")) / "adapter"
     shutil.copytree(ADAPTER, out)
     meta = json.loads((out / "forge.json").read_text())
     meta["config"] = {sec: {k: v for k, v in vals.items() if k in known.get(sec, {})} if isinstance(vals, dict)
@@ -90,14 +90,15 @@ def eval_json(stdout: str) -> dict:
 def run_all(args) -> dict:
     ensure_adapter()
     base = baseline_tree(args.baseline)
-    system = json.loads((ADAPTER / "forge.json").read_text())["system_prompt"]
+    system = json.loads((ADAPTER / "forge.json").read_text()).get("system_prompt", "")
     merged = Path(tempfile.mkdtemp()) / "merged"
     timed([str(BIN / "forge"), "export", str(ADAPTER), "--format", "merged", "--out", str(merged)], ROOT)
     evals = {"now": [], "before": []}
     gens = {"forge": [], "mlx_lm": [], "mlx_lm_blas": []}
     metrics, texts = {}, {}
     eval_cmd = [str(BIN / "forge"), "eval", "--config", "configs/demo.yaml", "--adapter", str(ADAPTER), "--json"]
-    old_eval_cmd = eval_cmd[:5] + [str(adapter_for(base)), "--json"]
+    old_adapter = adapter_for(base)
+    old_eval_cmd = eval_cmd[:5] + [str(old_adapter), "--json"]
     gen_cmd = [str(BIN / "forge"), "generate", "--adapter", str(ADAPTER), "--prompt", PROMPT, "--max-tokens", "40"]
     mlx_args = ["--model", str(merged), "--system-prompt", system, "--prompt", PROMPT, "--max-tokens", "40"]
     blas_main = "import forge_mlx.blas, sys; from mlx_lm.generate import main; sys.argv[0] = 'mlx_lm'; main()"
@@ -117,6 +118,9 @@ def run_all(args) -> dict:
             gens[who].append(wall)
             texts[who] = out.split("==========")[1].strip() if "==========" in out else out.strip()
             print(f"generate {who}: {wall:.1f}s", file=sys.stderr)
+    for tmp in (merged.parent, old_adapter.parent):
+        shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False, capture_output=True)
     return {"evals": evals, "gens": gens, "metrics": metrics, "texts": texts, "rounds": args.rounds}
 
 

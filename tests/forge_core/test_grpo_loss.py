@@ -22,17 +22,19 @@ def _case(seed=0, n=6, t=9):
     return logps, old, ref, adv, mask
 
 
-CASES = [(lt, beta, eps, level) for lt in LOSS_TYPES for beta in (0.0, 0.04) for eps in ((0.2, 0.2), (0.2, 0.28))
-         for level in ("token", "sequence") if not (level == "sequence" and lt != "grpo")]
+CASES = [(lt, beta, eps, level, None) for lt in LOSS_TYPES for beta in (0.0, 0.04)
+         for eps in ((0.2, 0.2), (0.2, 0.28)) for level in ("token", "sequence")
+         if not (level == "sequence" and lt != "grpo")]
+CASES += [(lt, 0.04, (0.2, 0.28), "token", 1.3) for lt in LOSS_TYPES]  # two-sided clipping (delta)
 
 
 @pytest.mark.parametrize("name,xp,to,back", MODULES, ids=IDS)
-@pytest.mark.parametrize("loss_type,beta,eps,level", CASES)
-def test_grpo_loss_equals_trl(name, xp, to, back, loss_type, beta, eps, level):
+@pytest.mark.parametrize("loss_type,beta,eps,level,delta", CASES)
+def test_grpo_loss_equals_trl(name, xp, to, back, loss_type, beta, eps, level, delta):
     logps, old, ref, adv, mask = _case()
-    want, metrics = trl.grpo(logps, old, ref, adv, mask, loss_type, beta, eps[0], eps[1], 9, level)
+    want, metrics = trl.grpo(logps, old, ref, adv, mask, loss_type, beta, eps[0], eps[1], 9, level, delta)
     per_token, sums = grpo_terms(xp, to(logps), to(old), to(ref), to(adv), to(mask), epsilon_low=eps[0],
-                                 epsilon_high=eps[1], beta=beta, level=level)
+                                 epsilon_high=eps[1], beta=beta, level=level, delta=delta)
     total, count = grpo_reduce(xp, per_token, to(mask), loss_type, 9)
     assert float(back(total)) / float(back(count)) == pytest.approx(want, abs=TOL)
     tokens = mask.sum()
@@ -54,6 +56,8 @@ def test_on_policy_first_iteration_is_minus_the_mean_advantage():
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_group_advantages_equal_trls_formula(scale):
+    """TRL computes advantages inline in GRPOTrainer._generate_and_score_completions (no callable of its own):
+    its lines, with its own nanstd, on the same rewards."""
     torch = pytest.importorskip("torch")
     from trl.trainer.utils import nanstd
 
@@ -63,7 +67,7 @@ def test_group_advantages_equal_trls_formula(scale):
     rewards[9] = np.nan  # unscorable: left out of its group's mean, advantage 0
     r = torch.tensor(rewards)
     mean = torch.nanmean(r.view(-1, 4), dim=1).repeat_interleave(4)
-    std = nanstd(r) .expand_as(r) if scale == "batch" else nanstd(r.view(-1, 4), dim=1).repeat_interleave(4)
+    std = nanstd(r).expand_as(r) if scale == "batch" else nanstd(r.view(-1, 4), dim=1).repeat_interleave(4)
     want = r - mean
     if scale != "none":
         want = want / (std + 1e-4)

@@ -10,7 +10,8 @@ pytest.importorskip("bitsandbytes")
 
 from rich.console import Console  # noqa: E402
 
-from forge_cuda.generate import complete, complete_batch, for_inference  # noqa: E402
+from forge_cuda.generate import complete, for_inference  # noqa: E402
+from forge_core.generation import answers  # noqa: E402
 from forge_cuda.lora import LoRALinear  # noqa: E402
 from forge_cuda.quant import is_quantized  # noqa: E402
 from tests.forge_cuda.run import (  # noqa: E402
@@ -64,7 +65,9 @@ def test_batched_greedy_answers_equal_the_one_row_answers(sft_run):
     prompts = ["say fig", "a much longer prompt than the others, to make left padding", "kiwi", "say fig"]
     convs = [[{"role": "user", "content": p}] for p in prompts]
     one = [complete(model, tok, c, 10) for c in convs]
-    assert complete_batch(model, tok, convs, 10, batch_size=3) == one
+    from forge_cuda import ops
+
+    assert answers(ops, model, tok, convs, 10, batch_size=3) == one
     assert len(set(one)) > 1  # the rows differ: a row's answer is its own
 
 

@@ -9,13 +9,14 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from forge_mlx.generate import complete, complete_batch, for_inference  # noqa: E402
-from forge_mlx.lora import LoRALinear  # noqa: E402
-from forge_mlx.quant import QuantLinear  # noqa: E402
-from tests.forge_mlx.run import evaluate, generate, load_adapted, train  # noqa: E402
-from tests.forge_mlx.test_trainer import _cfg, _rows  # noqa: E402
+from forge_core.generation import answers
+from forge_mlx.generate import complete, for_inference
+from forge_mlx.lora import LoRALinear
+from forge_mlx.quant import QuantLinear
+from tests.forge_mlx.run import evaluate, generate, load_adapted, train
+from tests.forge_mlx.test_trainer import _cfg, _rows
 
 pytestmark = pytest.mark.mlx
 
@@ -46,14 +47,22 @@ def test_for_inference_keeps_the_outputs_of_the_quantized_adapted_model(run):
     np.testing.assert_allclose(np.array(model(tokens)), np.array(before), atol=1e-4)
 
 
-def test_batched_greedy_answers_equal_the_one_row_answers(run):
+@pytest.mark.parametrize("system", ["", SYSTEM])
+def test_batched_greedy_answers_equal_the_one_row_answers(run, system):
+    from forge_core.data import shared_prefix
+    from forge_core.generation import chat_prompt
+    from forge_mlx import ops
+
     _, out = run
     model, tok, _ = load_adapted(str(out))
     for_inference(model)
     prompts = ["color 3", "a much longer prompt than the others, to make left padding", "color 10", "color 3"]
-    convs = [[{"role": "user", "content": p}] for p in prompts]
+    convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+             for p in prompts]
+    # with the shared system prompt, the batch starts from one cached prefix (the path forge eval takes)
+    assert (shared_prefix([chat_prompt(tok._tokenizer, c) for c in convs]) > 0) == bool(system)
     one = [complete(model, tok, c, 10) for c in convs]
-    assert complete_batch(model, tok, convs, 10, batch_size=3) == one
+    assert answers(ops, model, tok, convs, 10, batch_size=3) == one
     assert len(set(one)) > 1 and all(one)
 
 
@@ -91,7 +100,8 @@ def test_the_run_remembers_its_system_prompt_and_generate_uses_it(run, capsys):
     assert taught != bare  # the system prompt changes the answer of this model
     capsys.readouterr()
     assert generate(adapter=str(out), prompt="color 3", max_tokens=12) == taught
-    assert SYSTEM in capsys.readouterr().err  # said, on stderr: stdout is the answer
+    said = capsys.readouterr()
+    assert SYSTEM in said.err and said.out == taught + "\n"  # stdout is the streamed answer, whole
     assert generate(adapter=str(out), prompt="color 3", max_tokens=12, system="") == bare
 
 
