@@ -244,19 +244,22 @@ def eval_(adapter, as_json, system, text, stride, lm_eval, lm_eval_include, lm_e
 
 @cli.command()
 @click.argument("src", type=click.Path(exists=True))
-@click.option("--format", "fmt", type=click.Choice(["peft", "merged", "mlx"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(["peft", "merged", "mlx", "gguf"]), required=True)
 @click.option("--out", required=True, type=click.Path())
 @click.option("--base", default=None, help="Base model (default: the one recorded in forge.json).")
 @click.option("--quantize", is_flag=True, help="merged: quantize the merged weights afterwards (mlx 4-bit).")
 @click.option("--dtype", type=click.Choice(["float32", "base", "bfloat16", "float16"]), default="float32",
               help="merged: dtype of the written weights (base = the base checkpoint's own).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16",
+              help="gguf: the tensor type of the file (from the exact float32 merge).")
 @click.option("--push-to-hub", default=None, metavar="REPO")
 @friendly
-def export(src, fmt, out, base, quantize, dtype, push_to_hub):
-    """Export a run or adapter: PEFT dir, merged HF checkpoint, or mlx-lm adapter."""
+def export(src, fmt, out, base, quantize, dtype, outtype, push_to_hub):
+    """Export a run or adapter: PEFT dir, merged HF checkpoint, mlx-lm adapter, or GGUF (llama.cpp/Ollama)."""
     from forge_core.adapters.export import export as do_export
 
-    do_export(src, fmt=fmt, out=out, base=base, quantize=quantize, push_to_hub=push_to_hub, dtype=dtype)
+    do_export(src, fmt=fmt, out=out, base=base, quantize=quantize, push_to_hub=push_to_hub, dtype=dtype,
+              outtype=outtype)
 
 
 @cli.command()

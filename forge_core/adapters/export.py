@@ -4,6 +4,8 @@
     mlx     mlx_lm.load(base, adapter_path=out) loads it as is
     merged  W' = W + s·(B A - B0 A0) added to the FULL-PRECISION base in float64, stored float32
             (DoRA: W' = m / ||W + ΔW||_row · (W + ΔW)); sharded safetensors + index + config + tokenizer
+    gguf    that float32 merge as one GGUF (--outtype f32 | f16 | bf16 | q8_0) for llama.cpp, Ollama and LM
+            Studio, with an Ollama Modelfile (forge_core/models/gguf_export.py)
 
 PiSSA adapters always leave as the plain rank-2r LoRA (adapters.to_plain_lora), valid on the original
 base, so no foreign tool needs the residual model. Every output dir appears atomically.
@@ -35,26 +37,29 @@ DTYPES = ("float32", "base", "bfloat16", "float16")
 
 
 def export(src, fmt: str, out, base: str | None = None, quantize: bool = False,
-           push_to_hub: str | None = None, dtype: str = "float32", shard_bytes: int = SHARD_BYTES) -> Path:
+           push_to_hub: str | None = None, dtype: str = "float32", shard_bytes: int = SHARD_BYTES,
+           outtype: str = "f16") -> Path:
     """Export SRC (a run dir with adapter/ or an adapter dir) as `fmt` into OUT.
 
     base: --base, else forge.json's base_model (resolved through forge_core.models.sources.resolve_model).
     dtype (merged): float32 (default) | base (the base's own storage dtype) | bfloat16 | float16.
     """
-    if fmt not in ("peft", "merged", "mlx"):
-        raise ForgeError(f"--format '{fmt}': choose peft, merged or mlx")
+    if fmt not in ("peft", "merged", "mlx", "gguf"):
+        raise ForgeError(f"--format '{fmt}': choose peft, merged, mlx or gguf")
     if quantize and fmt != "merged":
         raise ForgeError("--quantize applies to --format merged only (adapters stay full precision)")
     if dtype not in DTYPES:
         raise ForgeError(f"dtype '{dtype}': choose one of {', '.join(DTYPES)}")
     out = Path(out)
     adapter = cv.read_for_output(src, out)
-    base_dir = _base_dir(adapter, base, required=fmt == "merged")
+    base_dir = _base_dir(adapter, base, required=fmt in ("merged", "gguf"))
     total = cv.check_against_base(adapter, base_dir) if base_dir else None
     plain = cv.for_foreign_tools(adapter, base)
     with atomic_dir(out) as tmp:
         if fmt in ("peft", "mlx"):
             ad.write_files(plain, tmp, fmt, total)
+        elif fmt == "gguf":
+            _gguf(plain, base_dir, tmp, outtype, adapter.forge.get("system_prompt", ""))
         elif quantize:
             _merged_quantized(plain, base_dir, tmp, shard_bytes)
         else:
@@ -150,6 +155,17 @@ def write_merged(adapter: ad.Adapter, base: Path, out: Path, dtype: str = "float
     copy_tokenizer(base, out)
 
 
+def _gguf(adapter: ad.Adapter, base: Path, out: Path, outtype: str, system: str) -> None:
+    """The float32 merge (write_merged, in a temp dir beside `out`), written as model-<outtype>.gguf."""
+    from forge_core.models.gguf_export import modelfile, write_gguf
+
+    name = f"model-{outtype}.gguf"
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-f32.") as f32:
+        write_merged(adapter, base, Path(f32), "float32")
+        write_gguf(Path(f32), out / name, outtype, name=base.name)
+    write_text(out / "Modelfile", modelfile(name, system))
+
+
 def copy_tokenizer(base: Path, out: Path) -> None:
     for f in sorted(base.iterdir()):
         if f.is_file() and TOKENIZER_FILES.match(f.name):
@@ -201,7 +217,7 @@ def _hub_id(spec: str | None) -> bool:
     return bool(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not Path(spec).exists()
 
 
-LIBRARY = {"peft": "peft", "mlx": "mlx", "merged": "transformers"}
+LIBRARY = {"peft": "peft", "mlx": "mlx", "merged": "transformers", "gguf": "gguf"}
 USAGE = {
     "peft": "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
             'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "<this dir>")',
@@ -209,6 +225,7 @@ USAGE = {
     "merged": 'from transformers import AutoModelForCausalLM\n'
               'model = AutoModelForCausalLM.from_pretrained("<this dir>")',
     "quantized": 'from mlx_lm import load\nmodel, tokenizer = load("<this dir>")',
+    "gguf": '# llama.cpp: llama-cli -m model-<outtype>.gguf -cnv\n# Ollama:    ollama create my-model -f Modelfile',
 }
 
 
