@@ -15,7 +15,7 @@ else
 EXTRAS := mlx-linux,cuda,dev
 endif
 
-.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto test test-fast bench bench-dpo bench-memory bench-dp bench-methods bench-eval fidelity venv clean sysdeps
+.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto test test-fast bench bench-dpo bench-memory bench-dp bench-methods bench-eval bench-gguf fidelity venv clean sysdeps
 
 # Linux only, optional: an optimized BLAS for MLX's CPU wheel (forge_mlx/blas.py preloads it; ~90x
 # faster fp32 matmul than the wheel's reference BLAS). Installed with apt when we are root; otherwise
@@ -84,6 +84,10 @@ bench-methods: $(VENV)/.stamp
 # forge eval / generate on the demo adapter against forge before batched eval, and against mlx_lm (~12 minutes)
 bench-eval: $(VENV)/.stamp
 	$(PY) tools/bench_eval.py --rounds 3 --write docs/BENCHMARKS.md
+
+# GGUF export of the demo adapter: size and seconds per --outtype
+bench-gguf: $(VENV)/.stamp
+	$(PY) tools/bench_gguf.py --write docs/BENCHMARKS.md
 
 fidelity: $(VENV)/.stamp
 	$(PY) tools/fidelity.py --write docs/BENCHMARKS.md

@@ -4,9 +4,10 @@ tensor names (BLOCK_NAMES / TOP_NAMES), llama.cpp's rotary row order for q and k
 unpermute_rows), the byte-level BPE tokenizer (tokens, token types, merges, llama.cpp's pre-tokenizer name) and
 the chat template.
 
-Architectures: the llama layout (LlamaForCausalLM, MistralForCausalLM: llama.cpp's "llama"); others are refused
-with one line naming them. Tokenizers: byte-level BPE whose pre-tokenizer llama.cpp knows by name (GPT-2,
-digits + GPT-2 as SmolLM/StarCoder, Llama 3's regex); others are refused. Outtypes: f32, f16, bf16 (the
+Architectures (ARCHS): Llama and Mistral (llama.cpp's "llama": q and k rows permuted) and Qwen2 ("qwen2": q/k/v
+biases, no permutation); others are refused with one line naming them. Tokenizers: byte-level BPE whose
+pre-tokenizer llama.cpp knows by name (GPT-2, digits + GPT-2 as SmolLM/StarCoder, Llama 3's and Qwen2's
+regexes); others are refused. Outtypes: f32, f16, bf16 (the
 weights rounded once from the float32 merge) and q8_0 (llama.cpp's 8-bit blocks of 32; 1-D tensors stay f32,
 as llama.cpp's converter keeps norms). The source is the exact float32 merge: nothing already quantized is
 quantized again.
@@ -24,7 +25,10 @@ from forge_core.errors import ForgeError
 from forge_core.models.gguf_import import BLOCK_NAMES, CONTROL, LLAMA3_SPLIT, TOP_NAMES, USER_DEFINED
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+# HF architecture -> (llama.cpp architecture, whether llama.cpp permutes the q/k rows for its rotary order)
+ARCHS = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
+         "Qwen2ForCausalLM": ("qwen2", False)}
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2's regex: single digits
 _TO_GGUF = {hf: g for g, hf in {**BLOCK_NAMES, **TOP_NAMES}.items()}
 
 
@@ -54,8 +58,8 @@ def _pre_name(pre_tokenizer: dict | None) -> str:
         return "smollm"  # llama.cpp's name for digits-then-GPT-2 (DIGITS_PRE in gguf_import.py)
     if kinds == ["Split", "ByteLevel"]:
         regex = pre_tokenizer["pretokenizers"][0].get("pattern", {}).get("Regex")
-        if regex == LLAMA3_SPLIT:
-            return "llama-bpe"
+        if regex in (LLAMA3_SPLIT, QWEN2_SPLIT):
+            return "llama-bpe" if regex == LLAMA3_SPLIT else "qwen2"
     raise ForgeError(f"GGUF export: a pre-tokenizer llama.cpp has no name for ({' + '.join(map(str, kinds))}); "
                      "byte-level BPE tokenizers of the GPT-2, SmolLM/StarCoder and Llama 3 kinds are supported")
 
@@ -152,16 +156,18 @@ def write_gguf(src: Path, out: Path, outtype: str = "f16", name: str | None = No
         raise ForgeError(f"--outtype '{outtype}': choose one of {', '.join(OUTTYPES)}")
     cfg = json.loads((src / "config.json").read_text())
     archs = cfg.get("architectures") or ["unknown"]
-    if archs[0] not in LLAMA_ARCHS:
+    if archs[0] not in ARCHS:
         raise ForgeError(f"GGUF export: the {archs[0]} architecture is not supported yet "
-                         f"(supported: {', '.join(LLAMA_ARCHS)})")
-    writer = gguf.GGUFWriter(str(out), "llama")
+                         f"(supported: {', '.join(ARCHS)})")
+    arch, permuted = ARCHS[archs[0]]
+    writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name(name or src.name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
     _hyperparameters(writer, cfg)
     _tokenizer(writer, src, cfg)
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg.get("num_key_value_heads", cfg["num_attention_heads"])}
+    heads = heads if permuted else {}
     for f in sio.checkpoint_files(src):
         header, _ = sio.read_header(f)
         for hf in sorted(header):
