@@ -85,7 +85,8 @@ def test_dora_merge_in_a_checkpoint_has_the_magnitude_row_norms(tmp_path):
 @pytest.mark.parametrize("kw,message", [
     ({"fmt": "merged"}, "pass --base"),
     ({"fmt": "peft", "quantize": True}, "--format merged only"),
-    ({"fmt": "gguf"}, "choose peft, merged or mlx"),
+    ({"fmt": "gguf"}, "pass --base"),
+    ({"fmt": "onnx"}, "choose peft, merged, mlx or gguf"),
     ({"fmt": "merged", "dtype": "int8"}, "dtype 'int8'"),
 ])
 def test_export_refusals(tmp_path, kw, message):
