@@ -263,6 +263,27 @@ def export(src, fmt, out, base, quantize, dtype, outtype, push_to_hub):
 
 
 @cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path())
+@click.option("--method", type=click.Choice(["slerp", "linear", "ties"]), default="slerp")
+@click.option("--t", "t", multiple=True, metavar="[FILTER=]VALUES",
+              help="slerp: 0 = the first model, 1 = the second; a comma list is a gradient over the layers; "
+                   "FILTER= gives tensors whose name contains FILTER their own (e.g. self_attn=0,0.5,1).")
+@click.option("--weight", "weights", type=float, multiple=True, help="linear / ties: one per model (default 1).")
+@click.option("--base", default=None, help="ties: the model the others were fine-tuned from.")
+@click.option("--density", type=float, default=0.5, help="ties: share of each delta kept (largest magnitudes).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
+@friendly
+def merge(models, out, method, t, weights, base, density, dtype):
+    """Merge full checkpoints of one architecture (e.g. merged exports): SLERP, linear or TIES."""
+    from forge_core.merge import merge as do_merge
+
+    path = do_merge(list(models), out, method=method, t=list(t), weights=list(weights), base=base, density=density,
+                    dtype=dtype)
+    click.echo(f"wrote {path} ({method} of {len(models)} models)")
+
+
+@cli.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
 @click.option("--to", "to", type=click.Choice(["peft", "mlx"]), required=True)
