@@ -128,7 +128,7 @@ def _check_same(models: list[Path], tables: list[dict]) -> dict:
     for m, t in zip(models[1:], tables[1:]):
         missing = set(tables[0]) ^ set(t)
         if missing:
-            raise ForgeError(f"{m}: its weights differ from {models[0]}'s (e.g. {sorted(missing)[0]})")
+            raise ForgeError(f"{m}: its weights differ from {models[0]}'s (e.g. {min(missing)})")
         for name, (_, info) in t.items():
             if tuple(info.shape) != tuple(tables[0][name][1].shape):
                 raise ForgeError(f"{m}: {name} has shape {tuple(info.shape)}, {models[0]} has "
