@@ -336,6 +336,48 @@ def import_gguf_cmd(src, out, dtype):
     click.echo(f"wrote {path}")
 
 
+@cli.group()
+def data():
+    """Make training data: distil a teacher's answers."""
+
+
+@data.command()
+@click.argument("prompts", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="SFT rows (JSONL), appended on a resume.")
+@click.option("--teacher", default=None, help="A model forge loads (default: the bundled one).")
+@click.option("--adapter", type=click.Path(), default=None, help="The teacher's adapter or run dir.")
+@click.option("--teacher-url", default=None, help="An OpenAI-compatible server (e.g. http://127.0.0.1:8080/v1).")
+@click.option("--teacher-model", default="", help="--teacher-url: the model name to ask for.")
+@click.option("--samples", type=int, default=1, help="Answers per prompt; the best by --reward is kept.")
+@click.option("--reward", "rewards", multiple=True, metavar="SPEC", help="FILE.py:fn or builtin:NAME (GRPO's).")
+@click.option("--reward-weight", "reward_weights", type=float, multiple=True)
+@click.option("--pairs", type=click.Path(dir_okay=False), default=None, help="DPO pairs: best vs worst answer.")
+@click.option("--max-tokens", type=int, default=256)
+@click.option("--temp", type=float, default=None, help="Sampling temperature (default: 0.7 with --samples, else 0).")
+@click.option("--seed", type=int, default=0)
+@click.option("--backend", type=click.Choice(choices("backend")), default=None)
+@friendly
+def distill(prompts, out, teacher, adapter, teacher_url, teacher_model, samples, rewards, reward_weights, pairs,
+            max_tokens, temp, seed, backend):
+    """A teacher's answers to prompt rows as SFT rows (best-of-N with rewards; DPO pairs with --pairs)."""
+    from forge_core import backend as backends
+    from forge_core import distill as fd
+    from forge_core.rewards import Rewards
+
+    if teacher_url and (teacher or adapter):
+        raise ForgeError("give --teacher-url, or --teacher / --adapter: one teacher")
+    scorer = Rewards.from_specs(list(rewards), list(reward_weights)) if rewards else None
+    if teacher_url:
+        who = fd.URLTeacher(teacher_url, teacher_model)
+    else:
+        ops = backends.ops(backends.resolve(backend or "auto"))
+        who = fd.LocalTeacher(ops, None if adapter else (teacher or "smollm2-135m"), adapter)
+    temp = temp if temp is not None else (0.7 if samples > 1 else 0.0)
+    counts = fd.distill(prompts, out, who, samples, scorer, pairs, max_tokens, temp, seed)
+    click.echo(f"wrote {out}: {counts['kept']} rows for {counts['prompts']} prompts ({counts['asked']} asked now)"
+               + (f", {counts['pairs']} new pairs in {pairs}" if pairs else ""))
+
+
 @cli.command()
 @click.option("--config", "recipe", type=click.Path(dir_okay=False), default="configs/demo.yaml")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")

@@ -294,6 +294,19 @@ def parse_preference(row: dict, system: str = "", columns: dict | None = None) -
     return PreferenceExample(prompt, chosen, rejected, system=own)
 
 
+def parse_prompt(row: dict, system: str = "", columns: dict | None = None) -> tuple[list[dict], dict]:
+    """A prompt-only row {prompt (string or messages), ...}: (the prompt as messages, its other columns), the
+    columns row-aligned for reward functions (TRL's prompt-only format)."""
+    r = _Row(row, columns)
+    if "prompt" not in r:
+        raise RowProblem(f"missing field {r.name('prompt')} (prompt rows need 'prompt', a string or messages; "
+                         f"found keys: {r.keys()})")
+    prompt, own = _prompt(r, system)
+    if isinstance(prompt, str):
+        prompt = ([{"role": "system", "content": own}] if own else []) + [{"role": "user", "content": prompt}]
+    return prompt, {k: v for k, v in row.items() if k not in ("prompt", "system")}
+
+
 def parse_unpaired(row: dict, system: str = "", columns: dict | None = None) -> list[UnpairedExample]:
     """Check one KTO row: {prompt, completion, label: true/false}, or a pair {prompt, chosen, rejected}, which
     becomes two rows (chosen desirable, rejected undesirable - TRL's unpair_preference_dataset)."""
