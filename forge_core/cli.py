@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -338,7 +339,48 @@ def import_gguf_cmd(src, out, dtype):
 
 @cli.group()
 def data():
-    """Make training data: distil a teacher's answers."""
+    """Make training data: RAFT rows from a codebase, a teacher's answers distilled."""
+
+
+@data.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="RAFT SFT rows (JSONL); resumable.")
+@click.option("--teacher", default=None, help="A model forge loads (default: the bundled one).")
+@click.option("--adapter", type=click.Path(), default=None, help="The teacher's adapter or run dir.")
+@click.option("--teacher-url", default=None, help="An OpenAI-compatible server (e.g. http://127.0.0.1:8080/v1).")
+@click.option("--teacher-model", default="", help="--teacher-url: the model name to ask for.")
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(["explain", "usage", "debugging"]),
+              help="Question kinds (default: all three).")
+@click.option("--p-oracle", type=float, default=0.8, help="Share of rows that show the chunk among the documents.")
+@click.option("--distractors", type=int, default=3, help="Other chunks shown with each question.")
+@click.option("--layout", type=click.Path(dir_okay=False), default=None,
+              help="Also write RAFT's fields (instruction, context, oracle/distractor context, output).")
+@click.option("--limit", type=int, default=0, help="The first N chunks only (0: all).")
+@click.option("--max-tokens", type=int, default=256)
+@click.option("--seed", type=int, default=0)
+@click.option("--backend", type=click.Choice(choices("backend")), default=None)
+@friendly
+def raft(src, out, teacher, adapter, teacher_url, teacher_model, kinds, p_oracle, distractors, layout, limit,
+         max_tokens, seed, backend):
+    """RAFT rows from a codebase: a teacher's questions about each chunk and answers that quote it."""
+    from forge_core import raft as fr
+
+    who = _teacher(teacher, adapter, teacher_url, teacher_model, backend)
+    counts = fr.raft(src, out, who, list(kinds) or None, p_oracle, distractors, seed, max_tokens, layout, limit)
+    click.echo(f"wrote {out}: {counts['kept']} rows kept, {counts['dropped']} dropped (quotes not in the chunk; "
+               f"see {Path(out).with_name(Path(out).stem + '.dropped.jsonl')}), {counts['chunks']} chunks")
+
+
+def _teacher(teacher, adapter, teacher_url, teacher_model, backend):
+    from forge_core import backend as backends
+    from forge_core import distill as fd
+
+    if teacher_url and (teacher or adapter):
+        raise ForgeError("give --teacher-url, or --teacher / --adapter: one teacher")
+    if teacher_url:
+        return fd.URLTeacher(teacher_url, teacher_model)
+    ops = backends.ops(backends.resolve(backend or "auto"))
+    return fd.LocalTeacher(ops, None if adapter else (teacher or "smollm2-135m"), adapter)
 
 
 @data.command()
@@ -360,18 +402,11 @@ def data():
 def distill(prompts, out, teacher, adapter, teacher_url, teacher_model, samples, rewards, reward_weights, pairs,
             max_tokens, temp, seed, backend):
     """A teacher's answers to prompt rows as SFT rows (best-of-N with rewards; DPO pairs with --pairs)."""
-    from forge_core import backend as backends
     from forge_core import distill as fd
     from forge_core.rewards import Rewards
 
-    if teacher_url and (teacher or adapter):
-        raise ForgeError("give --teacher-url, or --teacher / --adapter: one teacher")
     scorer = Rewards.from_specs(list(rewards), list(reward_weights)) if rewards else None
-    if teacher_url:
-        who = fd.URLTeacher(teacher_url, teacher_model)
-    else:
-        ops = backends.ops(backends.resolve(backend or "auto"))
-        who = fd.LocalTeacher(ops, None if adapter else (teacher or "smollm2-135m"), adapter)
+    who = _teacher(teacher, adapter, teacher_url, teacher_model, backend)
     temp = temp if temp is not None else (0.7 if samples > 1 else 0.0)
     counts = fd.distill(prompts, out, who, samples, scorer, pairs, max_tokens, temp, seed)
     click.echo(f"wrote {out}: {counts['kept']} rows for {counts['prompts']} prompts ({counts['asked']} asked now)"

@@ -107,7 +107,7 @@ class URLTeacher:
         return out
 
 
-def _done_rows(path: Path) -> int:
+def done_rows(path: Path) -> int:
     """Complete rows already in `path` (a torn last line, from a kill, is cut off)."""
     if not path.exists():
         return 0
@@ -118,11 +118,11 @@ def _done_rows(path: Path) -> int:
     return keep.count(b"\n")
 
 
-def _keep_pairs_of(path: Path, done: set[str]) -> None:
-    """Keep the pairs of prompts whose SFT rows are written (a kill can leave a chunk's pairs without them)."""
+def keep_rows_of(path: Path, done: set[str]) -> None:
+    """Keep the rows of `path` whose "source" is in `done` (a kill can leave a chunk's pairs without their SFT rows)."""
     if not path.exists():
         return
-    _done_rows(path)
+    done_rows(path)
     lines = path.read_text().splitlines(keepends=True)
     kept = [ln for ln in lines if json.loads(ln).get("source") in done]
     if len(kept) != len(lines):
@@ -138,9 +138,9 @@ def distill(prompts, out, teacher, samples: int = 1, rewards=None, pairs: str | 
     if pairs and rewards is None:
         raise ForgeError("--pairs needs --reward (chosen / rejected are the best / worst answer by reward)")
     out, pairs_path = Path(out), Path(pairs) if pairs else None
-    start = _done_rows(out)
+    start = done_rows(out)
     if pairs_path is not None:
-        _keep_pairs_of(pairs_path, {where for _, _, where in rows[:start]})
+        keep_rows_of(pairs_path, {where for _, _, where in rows[:start]})
     counts = {"prompts": len(rows), "kept": start, "pairs": 0, "asked": 0}
     from rich.progress import Progress
 
