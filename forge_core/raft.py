@@ -33,7 +33,7 @@ TEXT_SUFFIXES = {".py", ".md", ".rst", ".txt", ".toml", ".yaml", ".yml", ".json"
 KINDS = {"explain": "a question asking what this code does and why",
          "usage": "a question asking how to use this code (which arguments, what it returns)",
          "debugging": "a question a developer would ask when this code fails or behaves unexpectedly"}
-QUOTE = re.compile(r"##begin_quote##(.*?)##end_quote##", re.S)
+QUOTE = re.compile(r"##begin_quote##(.*?)##end_quote##", re.DOTALL)
 SYSTEM = ("Answer the question from the documents. Quote the lines you rely on between ##begin_quote## and "
           "##end_quote##, then give the answer.")
 
