@@ -4,8 +4,9 @@ Language Model to Domain Specific RAG").
 1. Chunks: Python files by top-level function and class (the `ast` module; a class longer than MAX_LINES by method,
    anything still longer by lines), every other text file by windows of LINES lines overlapping by OVERLAP.
 2. For each chunk and question kind (explain, usage, debugging) the teacher writes a question, then an answer that
-   quotes the chunk between ##begin_quote## and ##end_quote##. An answer is kept only when it quotes, and every
-   quote occurs verbatim in the chunk; the others are dropped and counted (RUN.dropped.jsonl says why).
+   quotes the chunk between ##begin_quote## and ##end_quote## (asked after one worked example; a code block that
+   occurs verbatim in the chunk counts as a quote and is marked as one). An answer is kept only when it quotes,
+   and every quote occurs verbatim in the chunk; the others are dropped and counted (OUT.dropped.jsonl says why).
 3. Each kept row shows the model `distractors` other chunks and, with probability `p_oracle`, the chunk itself,
    shuffled (RAFT's mix, which teaches it to answer from the right document and to ignore the rest).
 Output: forge SFT rows {"messages": [system, user: documents + question, assistant: answer]} (trainable as is),
@@ -117,11 +118,29 @@ def question_prompt(chunk: Chunk, kind: str) -> list[dict]:
                                         "Reply with the question only."}]
 
 
+EXAMPLE = [{"role": "user", "content": "Document (calc.py):\ndef inc(x):\n    return x + 1\n\nQuestion: What does inc "
+                                     "return?\n\nCopy the relevant line(s) from the document exactly, as "
+                                     "##begin_quote##<line>##end_quote##, then answer."},
+           {"role": "assistant", "content": "##begin_quote##return x + 1##end_quote## inc returns its argument plus one."}]
+FENCE = re.compile(r"```[\w+-]*\n(.*?)\n?```", re.DOTALL)
+
+
 def answer_prompt(chunk: Chunk, question: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM},
+    """The answer request, after one worked example of the quoting format (small teachers follow an example
+    better than an instruction)."""
+    return [{"role": "system", "content": SYSTEM}, *EXAMPLE,
             {"role": "user", "content": f"Document ({chunk.path}):\n{chunk.text}\n\nQuestion: {question}\n\n"
                                         "Copy the relevant line(s) from the document exactly, as "
                                         "##begin_quote##<line>##end_quote##, then answer."}]
+
+
+def with_quote_marks(answer: str, oracle: str) -> str:
+    """An answer without quote marks whose code blocks occur verbatim in the oracle, with those blocks marked as
+    quotes (a teacher that quotes in markdown); any other answer as it is."""
+    if QUOTE.search(answer):
+        return answer
+    return FENCE.sub(lambda m: f"##begin_quote##{m.group(1)}##end_quote##" if m.group(1).strip() and
+                     m.group(1).strip() in oracle else m.group(0), answer)
 
 
 def documents(chunks: list[Chunk], i: int, seed: int, p_oracle: float, distractors: int) -> tuple[list[Chunk], bool]:
@@ -188,8 +207,9 @@ def raft(src, out, teacher, kinds: list[str] | None = None, p_oracle: float = 0.
             # the teacher is asked for the whole batch (its seed is per batch), then what was done is left out
             questions = [a[0].strip() for a in teacher.answer([question_prompt(order[i], k) for i, k in part], 1, 0.7,
                                                               max_tokens, seed * 1_000_003 + s)]
-            answers = [a[0] for a in teacher.answer([answer_prompt(order[i], q) for (i, _), q in zip(part, questions)],
-                                                    1, 0.0, max_tokens, seed * 1_000_003 + s + 1)]
+            answers = [with_quote_marks(a[0], order[i].text) for (i, _), a in zip(part, teacher.answer(
+                [answer_prompt(order[i], q) for (i, _), q in zip(part, questions)], 1, 0.0, max_tokens,
+                seed * 1_000_003 + s + 1))]
             counts["asked"] += len(todo)
             kept, lost, fields = [], [], []
             for (i, k), q, a in zip(part, questions, answers):

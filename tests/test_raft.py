@@ -154,3 +154,10 @@ def test_the_bundled_model_runs_the_pipeline_on_forge_core(tmp_path, monkeypatch
     chunks = {c.where: c.text for c in fr.chunk_source(src)}
     for r in kept:  # every kept answer quotes its own chunk
         assert fr.quotes_ok(r["messages"][2]["content"], chunks[r["source"].split("#")[0]])
+
+
+def test_a_code_block_quoting_the_chunk_is_marked_as_a_quote():
+    oracle = "def add(a, b):\n    return a + b\n"
+    got = fr.with_quote_marks("It adds:\n```python\n    return a + b\n```\nthat is all.", oracle)
+    assert got == "It adds:\n##begin_quote##    return a + b##end_quote##\nthat is all." and fr.quotes_ok(got, oracle)
+    assert fr.with_quote_marks("```\nmade up\n```", oracle) == "```\nmade up\n```"  # not in the chunk: as it was
