@@ -98,6 +98,16 @@ def test_forges_gguf_import_reads_the_f32_file_back_to_the_merged_weights(export
         assert np.array_equal(got[k], v), k
 
 
+def test_a_full_checkpoint_exports_to_gguf_as_it_is(exported, tmp_path):
+    merged, ggufs = exported
+    out = CliRunner().invoke(cli, ["export", str(merged), "--format", "gguf", "--outtype", "f32", "--out",
+                                   str(tmp_path / "g")])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "g" / "model-f32.gguf").read_bytes()[:4] == b"GGUF" and (tmp_path / "g" / "Modelfile").is_file()
+    np.testing.assert_allclose(_logits(tmp_path / "g", gguf_file="model-f32.gguf"),
+                               _logits(ggufs["f32"], gguf_file="model-f32.gguf"), atol=1e-6)
+
+
 def test_an_architecture_without_a_table_is_refused_by_name(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
     with pytest.raises(ForgeError, match="GPTNeoXForCausalLM architecture is not supported yet"):
@@ -172,5 +182,28 @@ def test_other_architectures_with_a_table_round_trip_through_transformers(arch, 
     gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
     meta, _ = gguf_import.read_gguf(tmp_path / "m.gguf")
     assert meta["general.architecture"] == ("llama" if arch == "mistral" else "qwen2")
+    want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_phi3_with_its_fused_projections_round_trips_through_transformers(tiny_model, tmp_path):
+    import shutil
+
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    base = json.loads((tiny_model / "config.json").read_text())
+    config = Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, vocab_size=base["vocab_size"], max_position_embeddings=128,
+                        original_max_position_embeddings=128, eos_token_id=base["eos_token_id"],
+                        pad_token_id=base["pad_token_id"], bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    src = tmp_path / "src"
+    Phi3ForCausalLM(config).float().save_pretrained(str(src), safe_serialization=True)
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copyfile(f, src / f.name)
+    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
+    meta, tensors = gguf_import.read_gguf(tmp_path / "m.gguf")
+    assert meta["general.architecture"] == "phi3" and "blk.0.attn_qkv.weight" in {t.name for t in tensors}
     want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())

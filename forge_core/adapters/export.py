@@ -51,6 +51,8 @@ def export(src, fmt: str, out, base: str | None = None, quantize: bool = False,
     if dtype not in DTYPES:
         raise ForgeError(f"dtype '{dtype}': choose one of {', '.join(DTYPES)}")
     out = Path(out)
+    if fmt == "gguf" and _is_model_dir(src):  # a full checkpoint (a merged export, a forge merge): as it is
+        return _model_to_gguf(Path(src), out, outtype)
     adapter = cv.read_for_output(src, out)
     base_dir = _base_dir(adapter, base, required=fmt in ("merged", "gguf"))
     total = cv.check_against_base(adapter, base_dir) if base_dir else None
@@ -153,6 +155,30 @@ def write_merged(adapter: ad.Adapter, base: Path, out: Path, dtype: str = "float
         cfg["dtype"] = cfg["torch_dtype"]
     write_json(out / "config.json", cfg)
     copy_tokenizer(base, out)
+
+
+def _is_model_dir(src) -> bool:
+    """An HF model dir (its config.json names a model type), not a run or adapter dir."""
+    d = Path(src)
+    if not (d / "config.json").is_file() or (d / ad.FORGE).is_file() or not any(d.glob("*.safetensors")):
+        return False
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
+
+
+def _model_to_gguf(src: Path, out: Path, outtype: str) -> Path:
+    """A full HF checkpoint (float weights) as one GGUF and a Modelfile."""
+    from forge_core.models.gguf_export import modelfile, write_gguf
+
+    name = f"model-{outtype}.gguf"
+    with atomic_dir(out) as tmp:
+        write_gguf(src, tmp / name, outtype, name=src.resolve().name)
+        write_text(tmp / "Modelfile", modelfile(name))
+    click.echo(f"wrote {out} (gguf {outtype} of the checkpoint {src})")
+    return out
 
 
 def _gguf(adapter: ad.Adapter, base: Path, out: Path, outtype: str, system: str) -> None:

@@ -4,8 +4,8 @@ tensor names (BLOCK_NAMES / TOP_NAMES), llama.cpp's rotary row order for q and k
 unpermute_rows), the byte-level BPE tokenizer (tokens, token types, merges, llama.cpp's pre-tokenizer name) and
 the chat template.
 
-Architectures (ARCHS): Llama and Mistral (llama.cpp's "llama": q and k rows permuted) and Qwen2 ("qwen2": q/k/v
-biases, no permutation); others are refused with one line naming them. Tokenizers: byte-level BPE whose
+Architectures (ARCHS): Llama and Mistral (llama.cpp's "llama": q and k rows permuted), Qwen2 ("qwen2": q/k/v
+biases, no permutation) and Phi-3 ("phi3": fused qkv and gate_up); others are refused with one line naming them. Tokenizers: byte-level BPE whose
 pre-tokenizer llama.cpp knows by name (GPT-2, digits + GPT-2 as SmolLM/StarCoder, Llama 3's and Qwen2's
 regexes); others are refused. Outtypes: f32, f16, bf16 (the
 weights rounded once from the float32 merge) and q8_0 (llama.cpp's 8-bit blocks of 32; 1-D tensors stay f32,
@@ -27,9 +27,11 @@ from forge_core.models.gguf_import import BLOCK_NAMES, CONTROL, LLAMA3_SPLIT, TO
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # HF architecture -> (llama.cpp architecture, whether llama.cpp permutes the q/k rows for its rotary order)
 ARCHS = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
-         "Qwen2ForCausalLM": ("qwen2", False)}
+         "Qwen2ForCausalLM": ("qwen2", False), "Phi3ForCausalLM": ("phi3", False)}
+# module names beyond the import's tables (Phi-3 keeps q/k/v and gate/up fused, as llama.cpp does)
+FUSED_NAMES = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2's regex: single digits
-_TO_GGUF = {hf: g for g, hf in {**BLOCK_NAMES, **TOP_NAMES}.items()}
+_TO_GGUF = {**{hf: g for g, hf in {**BLOCK_NAMES, **TOP_NAMES}.items()}, **FUSED_NAMES}
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -125,6 +127,9 @@ def _hyperparameters(writer, cfg: dict) -> None:
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // heads)
     scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) in ("default", None) and not any(
+            k in scaling for k in ("factor", "short_factor")):
+        scaling = {}
     if scaling.get("rope_type", scaling.get("type")) == "linear":
         import gguf
 
