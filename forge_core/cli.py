@@ -368,7 +368,7 @@ def raft(src, out, teacher, adapter, teacher_url, teacher_model, kinds, p_oracle
     who = _teacher(teacher, adapter, teacher_url, teacher_model, backend)
     counts = fr.raft(src, out, who, list(kinds) or None, p_oracle, distractors, seed, max_tokens, layout, limit)
     click.echo(f"wrote {out}: {counts['kept']} rows kept, {counts['dropped']} dropped (quotes not in the chunk; "
-               f"see {Path(out).with_name(Path(out).stem + '.dropped.jsonl')}), {counts['chunks']} chunks")
+               f"see {fr.dropped_path(Path(out))}), {counts['chunks']} chunks")
 
 
 def _teacher(teacher, adapter, teacher_url, teacher_model, backend):
@@ -380,7 +380,7 @@ def _teacher(teacher, adapter, teacher_url, teacher_model, backend):
     if teacher_url:
         return fd.URLTeacher(teacher_url, teacher_model)
     ops = backends.ops(backends.resolve(backend or "auto"))
-    return fd.LocalTeacher(ops, None if adapter else (teacher or "smollm2-135m"), adapter)
+    return fd.LocalTeacher(ops, teacher or (None if adapter else "smollm2-135m"), adapter)
 
 
 @data.command()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from forge_core.atomic import write_text
 from forge_core.config import DataConfig
 from forge_core.data.rows import RowProblem, iter_rows, parse_prompt
 from forge_core.errors import ForgeError, located
@@ -48,14 +49,18 @@ class LocalTeacher:
     """A model forge loads, answering through the backend's batched generator."""
 
     def __init__(self, ops, model_spec: str | None, adapter: str | None, batch_size: int = 32):
-        from forge_core.evaluate import _for_inference
+        from forge_core.evaluate import _for_inference, recorded_system_prompt
 
         self.ops, self.batch_size = ops, batch_size
         self.model, self.tokenizer, _ = _for_inference(ops, adapter, model_spec)
+        self.system = recorded_system_prompt(adapter)  # asked as it was taught, where a prompt has no system
 
     def answer(self, conversations: list[list[dict]], n: int, temp: float, max_tokens: int, seed: int) -> list[list[str]]:
         from forge_core import generation
 
+        if self.system:
+            conversations = [c if c[0]["role"] == "system" else [{"role": "system", "content": self.system}, *c]
+                             for c in conversations]
         self.ops.seed(seed)
         flat = generation.answers(self.ops, self.model, self.tokenizer, [c for c in conversations for _ in range(n)],
                                   max_tokens, temp, self.batch_size)
@@ -94,17 +99,20 @@ class URLTeacher:
         for i, messages in enumerate(conversations):
             body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temp,
                     "n": n, "seed": seed + i}
-            try:
-                choices = self._post(body)["choices"]
-                answers = [c["message"]["content"] or "" for c in choices]
-            except (KeyError, TypeError):
-                raise ForgeError(f"teacher {self.url}: no choices[].message.content in its answer") from None
-            if len(answers) != n:  # servers without `n`: ask again until there are n
-                while len(answers) < n:
-                    answers.append(self._post({**body, "n": 1, "seed": seed + i + 7919 * len(answers)}
-                                              )["choices"][0]["message"]["content"] or "")
+            answers = self._contents(self._post(body))
+            while len(answers) < n:  # a server that ignores `n`: asked again, one answer at a time
+                more = self._contents(self._post({**body, "n": 1, "seed": seed + i + 7919 * len(answers)}))
+                if not more:
+                    raise ForgeError(f"teacher {self.url}: an answer without choices")
+                answers.append(more[0])
             out.append(answers[:n])
         return out
+
+    def _contents(self, reply: dict) -> list[str]:
+        try:
+            return [c["message"]["content"] or "" for c in reply["choices"]]
+        except (KeyError, TypeError, IndexError):
+            raise ForgeError(f"teacher {self.url}: no choices[].message.content in its answer") from None
 
 
 def done_rows(path: Path) -> int:
@@ -114,7 +122,7 @@ def done_rows(path: Path) -> int:
     data = path.read_bytes()
     keep = data[: data.rfind(b"\n") + 1]
     if len(keep) != len(data):
-        path.write_bytes(keep)
+        os.truncate(path, len(keep))  # in place: a kill now leaves the same file, or the shorter one
     return keep.count(b"\n")
 
 
@@ -124,21 +132,41 @@ def keep_rows_of(path: Path, done: set[str]) -> None:
         return
     done_rows(path)
     lines = path.read_text().splitlines(keepends=True)
-    kept = [ln for ln in lines if json.loads(ln).get("source") in done]
+    kept = [ln for ln in lines if _source(ln, path) in done]
     if len(kept) != len(lines):
-        path.write_text("".join(kept))
+        write_text(path, "".join(kept))
+
+
+def _source(line: str, path: Path) -> str:
+    """The "source" of a row forge wrote; a file with other rows is not one to resume."""
+    try:
+        return json.loads(line)["source"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ForgeError(f"{path}: holds rows forge did not write (no \"source\"); give another output file") from None
 
 
 def distill(prompts, out, teacher, samples: int = 1, rewards=None, pairs: str | None = None, max_tokens: int = 256,
             temp: float = 0.7, seed: int = 0, chunk: int = 16, console=None) -> dict:
     """Write SFT rows (and DPO pairs) to `out` from the teacher's answers; returns counts."""
     rows = read_prompts(prompts)
+    if samples < 1:
+        raise ForgeError(f"--samples {samples}: at least 1")
+    if pairs and samples < 2:
+        raise ForgeError("--pairs needs --samples 2 or more (chosen / rejected are the best / worst of them)")
     if samples > 1 and rewards is None:
         raise ForgeError("--samples N > 1 picks the best answer by reward: give --reward FILE.py:fn or builtin:NAME")
     if pairs and rewards is None:
         raise ForgeError("--pairs needs --reward (chosen / rejected are the best / worst answer by reward)")
     out, pairs_path = Path(out), Path(pairs) if pairs else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if pairs_path:
+        pairs_path.parent.mkdir(parents=True, exist_ok=True)
     start = done_rows(out)
+    if start:  # the rows there must be this run's: the same prompts, in order
+        last = _source(out.read_text().splitlines()[start - 1], out)
+        if start > len(rows) or last != rows[start - 1][2]:
+            raise ForgeError(f"{out}: its row {start} answers {last}, not {rows[min(start, len(rows)) - 1][2]}; "
+                             "resume with the same prompts, or give another --out")
     if pairs_path is not None:
         keep_rows_of(pairs_path, {where for _, _, where in rows[:start]})
     counts = {"prompts": len(rows), "kept": start, "pairs": 0, "asked": 0}

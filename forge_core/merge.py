@@ -62,7 +62,7 @@ def trim(delta: np.ndarray, density: float) -> np.ndarray:
         return np.zeros_like(delta)
     k = max(1, int(density * delta.size))
     flat = delta.ravel()
-    keep = np.argsort(-np.abs(flat.astype(np.float32)), kind="stable")[:k]
+    keep = np.argpartition(-np.abs(flat), k - 1)[:k]  # the k largest (ties at the edge: any of them)
     out = np.zeros_like(flat)
     out[keep] = flat[keep]
     return out.reshape(delta.shape)
@@ -70,15 +70,19 @@ def trim(delta: np.ndarray, density: float) -> np.ndarray:
 
 def ties(base: np.ndarray, tensors: list[np.ndarray], weights: list[float], density: float,
          normalize: bool = True) -> np.ndarray:
-    b = base.astype(np.float64)
-    deltas = np.stack([trim(t.astype(np.float64) - b, density) for t in tensors])
-    w = np.asarray(weights, np.float64).reshape(-1, *([1] * base.ndim))
-    deltas = deltas * w
-    majority = np.where(deltas.sum(axis=0) >= 0, 1.0, -1.0)
-    agree = np.sign(deltas) == majority
-    mixed = (deltas * agree).sum(axis=0)
+    """TIES in two passes over the models, float32, one trimmed delta in memory at a time (plus the sums)."""
+    b = base.astype(np.float32)
+    total = np.zeros_like(b)  # Σ wᵢδᵢ: its sign is the elected one
+    for t, w in zip(tensors, weights):
+        total += w * trim(t.astype(np.float32) - b, density)
+    majority = np.where(total >= 0, 1.0, -1.0).astype(np.float32)
+    mixed, divisor = np.zeros_like(b), np.zeros_like(b)
+    for t, w in zip(tensors, weights):
+        d = w * trim(t.astype(np.float32) - b, density)
+        agree = np.sign(d) == majority
+        mixed += d * agree
+        divisor += w * agree
     if normalize:
-        divisor = (w * agree).sum(axis=0)
         mixed = mixed / np.where(divisor == 0, 1.0, divisor)
     return b + mixed
 
@@ -145,6 +149,16 @@ def merge(models: list[str], out: str, method: str = "slerp", t: list[str] | Non
 
     if method not in METHODS:
         raise ForgeError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    if t and method != "slerp":
+        raise ForgeError(f"--t is slerp's; {method} mixes by --weight")
+    if weights and method == "slerp":
+        raise ForgeError("--weight is for linear and ties; slerp mixes two models by --t")
+    if base and method != "ties":
+        raise ForgeError(f"--base is the model ties subtracts; {method} has none")
+    if method == "ties" and not 0 < density <= 1:
+        raise ForgeError(f"--density {density}: the share of each delta kept, in (0, 1]")
+    if weights and abs(sum(weights)) < 1e-8:
+        raise ForgeError("--weight values sum to 0; the merge divides by their sum")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ForgeError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     paths = [resolve_model(m) for m in models]
@@ -154,6 +168,11 @@ def merge(models: list[str], out: str, method: str = "slerp", t: list[str] | Non
         raise ForgeError("ties needs --base: the model the others were fine-tuned from")
     base_path = resolve_model(base) if base else None
     everyone = paths + ([base_path] if base_path else [])
+    for p in everyone:
+        c = json.loads((p / "config.json").read_text())
+        if c.get("quantization") or c.get("quantization_config"):
+            raise ForgeError(f"{p}: the checkpoint is quantized; merge full-precision checkpoints (a merged export "
+                             "without --quantize)")
     tables = [_tensors(p) for p in everyone]
     cfg = _check_same(everyone, tables)
     weights = list(weights) if weights else [1.0] * len(paths)

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge_core.distill import done_rows, keep_rows_of
+from forge_core.distill import _source, done_rows, keep_rows_of
 from forge_core.errors import ForgeError
 
 MAX_LINES, LINES, OVERLAP = 80, 40, 10
@@ -61,7 +61,8 @@ def _line_windows(path: str, lines: list[str], first: int = 1) -> list[Chunk]:
 
 
 def _python_chunks(path: str, source: str) -> list[Chunk]:
-    lines = source.splitlines(keepends=True)
+    lines = source.split("\n")  # ast's line numbers count "\n" only (splitlines also splits at \f, \u2028 ...)
+    lines = [ln + "\n" for ln in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
     try:
         tree = ast.parse(source)
     except SyntaxError:
@@ -101,16 +102,32 @@ def chunk_source(root) -> list[Chunk]:
         except UnicodeDecodeError:
             continue
         chunks += _python_chunks(str(rel), text) if f.suffix == ".py" else \
-            _line_windows(str(rel), text.splitlines(keepends=True))
+            _line_windows(str(rel), [ln + "\n" for ln in text.split("\n")][:-1] + ([text.split("\n")[-1]]
+                                                                                 if text.split("\n")[-1] else []))
     if not chunks:
         raise ForgeError(f"{root}: no text files to make chunks of")
     return chunks
 
 
+MIN_QUOTE, MIN_LINE = 16, 6  # non-space characters: ")" or "self" occur in almost any chunk
+
+
+def _long_enough(q: str, oracle: str) -> bool:
+    """A quote of at least MIN_QUOTE non-space characters, or a whole line of the chunk of at least MIN_LINE."""
+    n = len("".join(q.split()))
+    return n >= MIN_QUOTE or (n >= MIN_LINE and q in {ln.strip() for ln in oracle.split("\n")})
+
+
 def quotes_ok(answer: str, oracle: str) -> bool:
-    """The answer quotes at least once, and every quote occurs verbatim (ends trimmed) in the oracle chunk."""
+    """The answer quotes at least once, and every quote occurs verbatim (ends trimmed) in the oracle chunk and is
+    long enough to say something (_long_enough)."""
     quotes = [q.strip() for q in QUOTE.findall(answer)]
-    return bool(quotes) and all(q and q in oracle for q in quotes)
+    return bool(quotes) and all(q in oracle and _long_enough(q, oracle) for q in quotes)
+
+
+def dropped_path(out: Path) -> Path:
+    """Where the answers left out go, with the reason: OUT.dropped.jsonl beside OUT."""
+    return out.with_name(out.stem + ".dropped.jsonl")
 
 
 def question_prompt(chunk: Chunk, kind: str) -> list[dict]:
@@ -147,7 +164,10 @@ def documents(chunks: list[Chunk], i: int, seed: int, p_oracle: float, distracto
     """The documents row `i` shows: k distractors (other chunks) and, with probability p_oracle, chunk i; shuffled.
     A function of (seed, i) alone, so a resume or another teacher gives the same documents."""
     rng = random.Random(seed * 1_000_003 + i)
-    others = [j for j in range(len(chunks)) if j != i]
+    me = chunks[i]
+    # never a window of the same file that shares lines with the oracle: a "distractor" must not hold the answer
+    others = [j for j, c in enumerate(chunks) if j != i and not (c.path == me.path and c.start <= me.end
+                                                                  and me.start <= c.end)]
     picked = [chunks[j] for j in rng.sample(others, min(distractors, len(others)))]
     with_oracle = rng.random() < p_oracle
     docs = picked + ([chunks[i]] if with_oracle else [])
@@ -169,7 +189,7 @@ def _done(paths: list[Path]) -> set[str]:
     for p in paths:
         if p.exists():
             done_rows(p)
-            seen |= {json.loads(ln)["source"] for ln in p.read_text().splitlines()}
+            seen |= {_source(ln, p) for ln in p.read_text().splitlines()}
     return seen
 
 
@@ -183,19 +203,22 @@ def raft(src, out, teacher, kinds: list[str] | None = None, p_oracle: float = 0.
         raise ForgeError(f"--kind {bad[0]}: choose from {', '.join(KINDS)}")
     if not 0 <= p_oracle <= 1:
         raise ForgeError("--p-oracle is a probability: 0 to 1")
+    if distractors < 0:
+        raise ForgeError(f"--distractors {distractors}: 0 or more")
     chunks = chunk_source(src)
     order = chunks[:limit] if limit else chunks
     out = Path(out)
-    dropped_path = out.with_name(out.stem + ".dropped.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dropped = dropped_path(out)
     layout_path = Path(layout) if layout else None
-    done = _done([out, dropped_path])
+    done = _done([out, dropped])
     if layout_path is not None:
         keep_rows_of(layout_path, done)
     jobs = [(i, k) for i in range(len(order)) for k in kinds]
     counts = {"chunks": len(order), "kept": 0, "dropped": 0, "asked": 0}
     from rich.progress import Progress
 
-    with Progress(console=console, transient=True) as bar, out.open("a") as out_f, dropped_path.open("a") as drop_f, \
+    with Progress(console=console, transient=True) as bar, out.open("a") as out_f, dropped.open("a") as drop_f, \
             (layout_path.open("a") if layout_path else open(os.devnull, "w")) as layout_f:
         task = bar.add_task("raft", total=len(jobs))
         for s in range(0, len(jobs), batch):

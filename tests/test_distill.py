@@ -15,17 +15,20 @@ ANSWERS = {"Name a colour.": ["blue", "a long answer about colours", "red"],
            "Name a fruit.": ["apple", "pear", "a fruit, for example a plum"]}
 
 
-@pytest.fixture
-def server():
-    """An OpenAI-compatible stub: answers each user message from ANSWERS (n of them, in order)."""
-    asked = []
+@pytest.fixture(params=[False, True], ids=["n", "one-per-request"])
+def server(request):
+    """An OpenAI-compatible stub: answers each user message from ANSWERS (n of them, in order; or, like servers
+    without `n`, one per request, the seed choosing which)."""
+    asked, ignore_n = [], request.param
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - the http.server name
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             asked.append(body)
             user = body["messages"][-1]["content"]
-            choices = [{"message": {"role": "assistant", "content": a}} for a in ANSWERS[user][: body.get("n", 1)]]
+            n = 1 if ignore_n else body.get("n", 1)  # some servers answer once whatever n asks
+            pick = ANSWERS[user][: n] if not ignore_n else [ANSWERS[user][(body["seed"] // 7919) % 3]]
+            choices = [{"message": {"role": "assistant", "content": a}} for a in pick]
             data = json.dumps({"choices": choices}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -62,11 +65,15 @@ def test_best_of_n_rows_and_pairs_from_a_local_server(server, prompts, tmp_path)
     rows = _rows(out)
     # the length penalty prefers the short answers: the first of the best (argmax) is kept
     assert [r["messages"][-1]["content"] for r in rows] == ["blue", "apple"]
+    if len(asked) > 2:  # a server without `n`: forge asked again for the other answers
+        assert len(asked) == 6 and all(b["n"] == 1 for b in asked[1:3])
+        asked[:] = [asked[0], asked[3]]
     assert rows[0]["messages"][:2] == [{"role": "system", "content": "Be brief."},
                                        {"role": "user", "content": "Name a colour."}]
     assert [(p["chosen"], p["rejected"]) for p in _rows(pairs)] == [
         ("blue", "a long answer about colours"), ("apple", "a fruit, for example a plum")]
     assert [b["n"] for b in asked] == [3, 3] and all(b["temperature"] == 0.7 for b in asked)
+    asked.clear()
     # forge reads both files as training data
     from forge_core.config import DataConfig
     from forge_core.data.rows import parse_preference, parse_sft
@@ -76,7 +83,7 @@ def test_best_of_n_rows_and_pairs_from_a_local_server(server, prompts, tmp_path)
     # a resume asks nothing again
     res = CliRunner().invoke(cli, ["data", "distill", str(prompts), "--teacher-url", url, "--samples", "3",
                                    "--reward", "builtin:length:8", "--pairs", str(pairs), "--out", str(out)])
-    assert res.exit_code == 0 and len(asked) == 2 and len(_rows(out)) == 2 and len(_rows(pairs)) == 2
+    assert res.exit_code == 0 and not asked and len(_rows(out)) == 2 and len(_rows(pairs)) == 2
 
 
 def test_a_resume_after_a_kill_keeps_whole_rows_and_their_pairs(server, prompts, tmp_path):
@@ -85,11 +92,12 @@ def test_a_resume_after_a_kill_keeps_whole_rows_and_their_pairs(server, prompts,
     args = ["data", "distill", str(prompts), "--teacher-url", url, "--samples", "3", "--reward",
             "builtin:length:8", "--pairs", str(pairs), "--out", str(out)]
     assert CliRunner().invoke(cli, args).exit_code == 0
+    per_run = len(asked)
     first = out.read_text().splitlines(keepends=True)
     out.write_text(first[0] + first[1][:10])  # killed while writing the second row
     assert CliRunner().invoke(cli, args).exit_code == 0
     assert out.read_text().splitlines(keepends=True) == first  # the torn row is written again, whole
-    assert len(_rows(pairs)) == 2 and len(asked) == 4  # its chunk (both prompts) asked again
+    assert len(_rows(pairs)) == 2 and len(asked) == 2 * per_run  # its chunk (both prompts) asked again
 
 
 def test_an_unreachable_teacher_is_one_line(prompts, tmp_path):
@@ -131,3 +139,14 @@ def test_the_bundled_model_is_the_default_teacher(prompts, tmp_path, monkeypatch
     rows = _rows(out)
     assert len(rows) == 2 and all(r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"].strip()
                                   for r in rows)
+
+
+def test_flags_that_cannot_work_are_refused_in_one_line(server, prompts, tmp_path):
+    url, _ = server
+    out = tmp_path / "o.jsonl"
+    res = CliRunner().invoke(cli, ["data", "distill", str(prompts), "--teacher-url", url, "--pairs", str(tmp_path / "p"),
+                                   "--reward", "builtin:valid_json", "--out", str(out)])
+    assert res.exit_code != 0 and "--pairs needs --samples 2" in res.output
+    out.write_text(json.dumps({"messages": [], "source": "other.jsonl:1"}) + "\n")
+    res = CliRunner().invoke(cli, ["data", "distill", str(prompts), "--teacher-url", url, "--out", str(out)])
+    assert res.exit_code != 0 and "resume with the same prompts" in res.output

@@ -207,3 +207,27 @@ def test_phi3_with_its_fused_projections_round_trips_through_transformers(tiny_m
     assert meta["general.architecture"] == "phi3" and "blk.0.attn_qkv.weight" in {t.name for t in tensors}
     want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_embedding_rows_beyond_the_tokenizer_are_padding_entries(tmp_path):
+    from tests.tiny import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "src", seed=4)
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg["vocab_size"] == 259
+    # 13 more embedding and head rows than the tokenizer has ids (as Qwen2's 151936 rows for 151665 tokens)
+    from forge_core.adapters import safetensors_io as sio
+
+    weights = sio.load(src / "model.safetensors")
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[k] = np.concatenate([weights[k], np.random.default_rng(0).standard_normal((13, weights[k].shape[1]))
+                                     .astype(np.float32)])
+    sio.save(src / "model.safetensors", weights, metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({**cfg, "vocab_size": 272}))
+    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
+    meta, _ = gguf_import.read_gguf(tmp_path / "m.gguf")
+    assert len(meta["tokenizer.ggml.tokens"]) == 272 and meta["tokenizer.ggml.tokens"][-1] == "[PAD271]"
+    assert meta["tokenizer.ggml.token_type"][259:] == [gguf_export.UNUSED] * 13
+    assert meta["tokenizer.ggml.add_bos_token"] is False
+    want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())

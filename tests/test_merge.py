@@ -107,14 +107,25 @@ def test_slerp_ends_are_the_inputs_and_the_middle_loads_in_transformers_and_mlx_
 def test_linear_and_ties_from_the_shell(two_models, tmp_path):
     a, b = two_models
     runner = CliRunner()
-    out = runner.invoke(cli, ["merge", str(a), str(b), "--method", "linear", "--out", str(tmp_path / "lin")])
+    out = runner.invoke(cli, ["merge", str(a), str(b), "--method", "linear", "--weight", "3", "--weight", "1",
+                              "--out", str(tmp_path / "lin")])
     assert out.exit_code == 0, out.output
+    from forge_core.adapters import safetensors_io as sio
+
+    def weights(d):
+        return {k: v for f in sio.checkpoint_files(d) for k, v in sio.load(f).items()}
+
+    wa, wb, wl = weights(a), weights(b), weights(tmp_path / "lin")
+    for k in wa:  # (3A + B) / 4
+        np.testing.assert_allclose(wl[k], (3 * wa[k].astype(np.float64) + wb[k]) / 4, atol=1e-6)
     out = runner.invoke(cli, ["merge", str(b), "--method", "ties", "--base", str(a), "--density", "1",
                               "--out", str(tmp_path / "ties")])
     assert out.exit_code == 0, out.output
     np.testing.assert_allclose(_logits(tmp_path / "ties"), _logits(b), atol=1e-5)  # one model, all kept: B
     out = runner.invoke(cli, ["merge", str(a), str(b), "--method", "ties", "--out", str(tmp_path / "x")])
     assert out.exit_code != 0 and "needs --base" in out.output
+    out = runner.invoke(cli, ["merge", str(a), str(b), "--method", "linear", "--t", "0.3", "--out", str(tmp_path / "y")])
+    assert out.exit_code != 0 and "--t is slerp's" in out.output
 
 
 def test_models_of_different_shapes_are_refused_in_one_line(two_models, tmp_path):

@@ -39,7 +39,7 @@ def tree(tmp_path):
     root = tmp_path / "src"
     (root / "pkg").mkdir(parents=True)
     (root / "pkg" / "mod.py").write_text(SRC)
-    (root / "README.md").write_text("".join(f"line {i}\n" for i in range(1, 71)))
+    (root / "README.md").write_text("".join(f"this is line number {i}\n" for i in range(1, 71)))
     (root / ".hidden").mkdir()
     (root / ".hidden" / "x.py").write_text("def hidden():\n    pass\n")
     (root / "data.bin").write_bytes(b"\x00\x01")
@@ -92,6 +92,8 @@ def test_quotes_must_occur_in_the_chunk():
     assert fr.quotes_ok("##begin_quote## return a + b ##end_quote## adds", "def add(a, b):\n    return a + b\n")
     assert not fr.quotes_ok("no quote at all", "x")
     assert not fr.quotes_ok("##begin_quote##x = 1##end_quote## ##begin_quote##y##end_quote##", "x = 1")
+    assert not fr.quotes_ok("##begin_quote##)##end_quote##", "f(x)\n)\n")  # too short to say anything
+    assert not fr.quotes_ok("##begin_quote##a + b##end_quote##", "return a + b\n")  # part of a line, short
 
 
 def test_rows_are_kept_or_dropped_and_a_resume_writes_the_same_file(tree, tmp_path):

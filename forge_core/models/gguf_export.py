@@ -5,7 +5,9 @@ unpermute_rows), the byte-level BPE tokenizer (tokens, token types, merges, llam
 the chat template.
 
 Architectures (ARCHS): Llama and Mistral (llama.cpp's "llama": q and k rows permuted), Qwen2 ("qwen2": q/k/v
-biases, no permutation) and Phi-3 ("phi3": fused qkv and gate_up); others are refused with one line naming them. Tokenizers: byte-level BPE whose
+biases, no permutation) and Phi-3 ("phi3": fused qkv and gate_up); others are refused with one line naming them.
+The tokenizer must be byte-level BPE (Llama 3, Qwen2, SmolLM, GPT-2 style): checkpoints with SentencePiece-style
+tokenizers (Llama 2, Mistral 7B v0.1-0.3, Phi-3-mini) are refused for now, by name. Tokenizers: byte-level BPE whose
 pre-tokenizer llama.cpp knows by name (GPT-2, digits + GPT-2 as SmolLM/StarCoder, Llama 3's and Qwen2's
 regexes); others are refused. Outtypes: f32, f16, bf16 (the
 weights rounded once from the float32 merge) and q8_0 (llama.cpp's 8-bit blocks of 32; 1-D tensors stay f32,
@@ -22,7 +24,7 @@ import numpy as np
 
 from forge_core.adapters import safetensors_io as sio
 from forge_core.errors import ForgeError
-from forge_core.models.gguf_import import BLOCK_NAMES, CONTROL, LLAMA3_SPLIT, TOP_NAMES, USER_DEFINED
+from forge_core.models.gguf_import import BLOCK_NAMES, CONTROL, LLAMA3_SPLIT, QWEN2_SPLIT, TOP_NAMES, USER_DEFINED
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # HF architecture -> (llama.cpp architecture, whether llama.cpp permutes the q/k rows for its rotary order)
@@ -30,7 +32,7 @@ ARCHS = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", Tr
          "Qwen2ForCausalLM": ("qwen2", False), "Phi3ForCausalLM": ("phi3", False)}
 # module names beyond the import's tables (Phi-3 keeps q/k/v and gate/up fused, as llama.cpp does)
 FUSED_NAMES = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
-QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2's regex: single digits
+
 _TO_GGUF = {**{hf: g for g, hf in {**BLOCK_NAMES, **TOP_NAMES}.items()}, **FUSED_NAMES}
 
 
@@ -48,7 +50,7 @@ def gguf_name(hf: str) -> str:
             return f"blk.{n}.{_TO_GGUF[module]}.{suffix}"
     elif stem in _TO_GGUF:
         return f"{_TO_GGUF[stem]}.{suffix}"
-    raise ForgeError(f"GGUF export: no llama.cpp name for the weight {hf} (llama layout only)")
+    raise ForgeError(f"GGUF export: no llama.cpp name for the weight {hf}")
 
 
 def _pre_name(pre_tokenizer: dict | None) -> str:
@@ -63,23 +65,50 @@ def _pre_name(pre_tokenizer: dict | None) -> str:
         if regex in (LLAMA3_SPLIT, QWEN2_SPLIT):
             return "llama-bpe" if regex == LLAMA3_SPLIT else "qwen2"
     raise ForgeError(f"GGUF export: a pre-tokenizer llama.cpp has no name for ({' + '.join(map(str, kinds))}); "
-                     "byte-level BPE tokenizers of the GPT-2, SmolLM/StarCoder and Llama 3 kinds are supported")
+                     "byte-level BPE tokenizers of the GPT-2, SmolLM/StarCoder, Llama 3 and Qwen2 kinds are supported")
+
+
+UNUSED = 5  # llama.cpp's token type of the padding entries
+
+
+def _bos_added(tok: dict, tcfg: dict) -> bool:
+    """Whether the tokenizer puts BOS before a text: tokenizer_config's add_bos_token when it says, else whether
+    the post-processor's single-sequence template (nested in a Sequence or not) starts with a special token."""
+    if isinstance(tcfg.get("add_bos_token"), bool):
+        return tcfg["add_bos_token"]
+    procs = [tok.get("post_processor") or {}]
+    while procs and procs[0].get("type") == "Sequence":
+        procs = procs[0].get("processors", [])
+    for p in procs:
+        if p.get("type") == "TemplateProcessing":
+            single = p.get("single") or []
+            return bool(single) and "SpecialToken" in single[0]
+    return False
 
 
 def _tokenizer(writer, src: Path, cfg: dict) -> None:
+    if not (src / "tokenizer.json").is_file():
+        raise ForgeError(f"{src}: no tokenizer.json; GGUF export writes the tokenizer into the file and needs it")
     tok = json.loads((src / "tokenizer.json").read_text())
     model = tok.get("model", {})
     if model.get("type") != "BPE" or (tok.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ForgeError(f"{src}: GGUF export supports byte-level BPE tokenizers; this one is "
-                         f"{model.get('type')} with a {(tok.get('decoder') or {}).get('type')} decoder")
+        raise ForgeError(f"{src}: GGUF export supports byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, "
+                         f"SmolLM); this one is {model.get('type')} with a {(tok.get('decoder') or {}).get('type')} "
+                         "decoder (SentencePiece-style tokenizers are not written yet)")
     vocab = dict(model["vocab"])
     added = {t["content"]: t for t in tok.get("added_tokens", [])}
     for content, t in added.items():
         vocab.setdefault(content, t["id"])
-    tokens = [""] * (max(vocab.values()) + 1)
+    size = max(int(cfg["vocab_size"]), max(vocab.values()) + 1)
+    if size > int(cfg["vocab_size"]):
+        raise ForgeError(f"{src}: the tokenizer has ids up to {size - 1}, the model's vocab_size is "
+                         f"{cfg['vocab_size']}; they must agree")
+    # the embedding's rows beyond the tokenizer's ids are padding entries, as llama.cpp's converter writes them
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [UNUSED] * size
     for t, i in vocab.items():
         tokens[i] = t
-    types = [CONTROL if t in added and added[t].get("special") else USER_DEFINED if t in added else 1 for t in tokens]
+        types[i] = (CONTROL if added[t].get("special") else USER_DEFINED) if t in added else 1
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     tcfg = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").is_file() else {}
 
@@ -96,17 +125,16 @@ def _tokenizer(writer, src: Path, cfg: dict) -> None:
         writer.add_token_merges(merges)
     else:  # a byte-only vocabulary: GGUF cannot hold an empty list, and transformers then rebuilds merges
         writer.add_token_scores([0.0] * len(tokens))  # from the vocabulary and its scores (none to rebuild)
-    eos = cfg.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
-    eos = token_id("eos_token") if eos is None else eos
-    for add, value in ((writer.add_bos_token_id, token_id("bos_token") if cfg.get("bos_token_id") is None
-                        else cfg["bos_token_id"]),
-                       (writer.add_eos_token_id, eos),
-                       (writer.add_pad_token_id, token_id("pad_token") if cfg.get("pad_token_id") is None
-                        else cfg["pad_token_id"])):
+    eos = token_id("eos_token")  # the tokenizer's own end token first, as llama.cpp's converter reads it
+    if eos is None:
+        eos = cfg.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos
+    bos = token_id("bos_token") if token_id("bos_token") is not None else cfg.get("bos_token_id")
+    pad = token_id("pad_token") if token_id("pad_token") is not None else cfg.get("pad_token_id")
+    for add, value in ((writer.add_bos_token_id, bos), (writer.add_eos_token_id, eos), (writer.add_pad_token_id, pad)):
         if value is not None:
             add(int(value))
-    writer.add_add_bos_token(bool((tok.get("post_processor") or {}).get("type") == "TemplateProcessing"))
+    writer.add_add_bos_token(_bos_added(tok, tcfg))
     template = tcfg.get("chat_template")
     if not template and (src / "chat_template.jinja").is_file():
         template = (src / "chat_template.jinja").read_text()
@@ -114,7 +142,13 @@ def _tokenizer(writer, src: Path, cfg: dict) -> None:
         writer.add_chat_template(template)
 
 
-def _hyperparameters(writer, cfg: dict) -> None:
+def _hyperparameters(writer, cfg: dict, src: Path) -> None:
+    missing = [k for k in ("num_attention_heads", "num_hidden_layers", "hidden_size", "intermediate_size",
+                           "vocab_size") if k not in cfg]
+    if missing:
+        raise ForgeError(f"{src}/config.json: no '{missing[0]}'; GGUF export needs the model's shape")
+    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ForgeError(f"{src}: partial_rotary_factor {cfg['partial_rotary_factor']} is not written yet")
     heads = cfg["num_attention_heads"]
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg.get("max_position_embeddings", 2048))
@@ -125,7 +159,13 @@ def _hyperparameters(writer, cfg: dict) -> None:
     writer.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
     writer.add_vocab_size(cfg["vocab_size"])
-    writer.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != cfg["hidden_size"] // heads:  # llama.cpp assumes hidden / heads unless told
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
+        writer.add_sliding_window(int(cfg["sliding_window"]))
     scaling = cfg.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) in ("default", None) and not any(
             k in scaling for k in ("factor", "short_factor")):
@@ -154,22 +194,25 @@ def _encoded(a: np.ndarray, outtype: str):
 
 
 def write_gguf(src: Path, out: Path, outtype: str = "f16", name: str | None = None) -> Path:
-    """The HF dir `src` (float weights, llama layout) as the GGUF file `out`."""
+    """The HF dir `src` (float weights, an architecture of ARCHS) as the GGUF file `out`."""
     import gguf
 
     if outtype not in OUTTYPES:
         raise ForgeError(f"--outtype '{outtype}': choose one of {', '.join(OUTTYPES)}")
     cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("quantization") or cfg.get("quantization_config"):
+        raise ForgeError(f"{src}: the checkpoint is quantized; GGUF export writes from float weights (export the "
+                         "merge without --quantize)")
     archs = cfg.get("architectures") or ["unknown"]
     if archs[0] not in ARCHS:
         raise ForgeError(f"GGUF export: the {archs[0]} architecture is not supported yet "
                          f"(supported: {', '.join(ARCHS)})")
     arch, permuted = ARCHS[archs[0]]
-    writer = gguf.GGUFWriter(str(out), arch)
+    writer = gguf.GGUFWriter(str(out), arch, use_temp_file=True)  # tensors go to disk as they come, not to RAM
     writer.add_name(name or src.name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
-    _hyperparameters(writer, cfg)
+    _hyperparameters(writer, cfg, src)
     _tokenizer(writer, src, cfg)
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg.get("num_key_value_heads", cfg["num_attention_heads"])}
     heads = heads if permuted else {}

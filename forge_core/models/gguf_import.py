@@ -208,6 +208,8 @@ DIGITS_PRE = {"smollm", "starcoder", "refact", "codeshell"}
 LLAMA3_PRE = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"}
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PRE = {"qwen2", "stablelm2"}
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2's regex: single digits
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -240,7 +242,7 @@ def byte_level_tokenizer(meta: dict):
     from tokenizers import pre_tokenizers as pt
 
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in GPT2_PRE | DIGITS_PRE | LLAMA3_PRE:
+    if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in GPT2_PRE | DIGITS_PRE | LLAMA3_PRE | QWEN2_PRE:
         return None
     spell = byte_chars()
     alphabet = set(spell.values())
@@ -250,11 +252,12 @@ def byte_level_tokenizer(meta: dict):
              for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=pre not in LLAMA3_PRE)
+    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=pre not in LLAMA3_PRE | QWEN2_PRE)
     if pre in DIGITS_PRE:
         tok.pre_tokenizer = pt.Sequence([pt.Digits(individual_digits=True), byte_level])
-    elif pre in LLAMA3_PRE:
-        tok.pre_tokenizer = pt.Sequence([pt.Split(Regex(LLAMA3_SPLIT), behavior="isolated"), byte_level])
+    elif pre in LLAMA3_PRE | QWEN2_PRE:
+        split = LLAMA3_SPLIT if pre in LLAMA3_PRE else QWEN2_SPLIT
+        tok.pre_tokenizer = pt.Sequence([pt.Split(Regex(split), behavior="isolated"), byte_level])
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
