@@ -24,7 +24,14 @@ import numpy as np
 
 from forge_core.adapters import safetensors_io as sio
 from forge_core.errors import ForgeError
-from forge_core.models.gguf_import import BLOCK_NAMES, CONTROL, LLAMA3_SPLIT, QWEN2_SPLIT, TOP_NAMES, USER_DEFINED
+from forge_core.models.gguf_import import (
+    BLOCK_NAMES,
+    CONTROL,
+    LLAMA3_SPLIT,
+    QWEN2_SPLIT,
+    TOP_NAMES,
+    USER_DEFINED,
+)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # HF architecture -> (llama.cpp architecture, whether llama.cpp permutes the q/k rows for its rotary order)
