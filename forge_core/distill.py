@@ -7,9 +7,10 @@ GRPO's), the best of the N answers is the SFT row (best-of-N, rejection sampling
 
 Teachers: any model forge loads (base, or base + adapter) through the backend's batched generator, or an
 OpenAI-compatible chat endpoint the user names (a local llama.cpp / Ollama / vLLM server); the network is used
-only for a URL given. Resumable: the rows already in the output are kept (a torn last line is cut off). A resume
-starts again at the chunk (16 prompts) the kill interrupted, so that a local teacher, seeded per chunk with
---seed, writes the same file as an uninterrupted run; a server is asked with OpenAI's `seed` field per prompt.
+only for a URL given. Resumable: the rows already in the output are kept (a torn last line is cut off). A local
+teacher is seeded per chunk of 16 prompts, so a resume asks the interrupted chunk again whole and writes the same
+file as an uninterrupted run; a server is asked with OpenAI's `seed` field per prompt, so a resume asks it only
+for the prompts not yet written.
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ class LocalTeacher:
 
 
 class URLTeacher:
-    """An OpenAI-compatible /v1/chat/completions endpoint (OPENAI_API_KEY is sent when set)."""
+    """An OpenAI-compatible /v1/chat/completions endpoint (OPENAI_API_KEY is sent when set). Each prompt is asked
+    with its own seed (seed + its position in the list), so any subset can be asked again alike."""
+
+    per_prompt = True
 
     def __init__(self, url: str, model: str = "", timeout: float = 600):
         self.url = url.rstrip("/")
@@ -178,11 +182,14 @@ def distill(prompts, out, teacher, samples: int = 1, rewards=None, pairs: str | 
         # chunks start at multiples of `chunk` from the first prompt, whatever a resume starts at: a local
         # teacher's sampling seed is per chunk, so a resumed file is the file an uninterrupted run writes
         for s in range(start - start % chunk if start < len(rows) else start, len(rows), chunk):
-            part = rows[s:s + chunk]
-            answers = teacher.answer([m for m, _, _ in part], samples, temp, max_tokens, seed * 1_000_003 + s)
+            # a server is seeded per prompt (URLTeacher.per_prompt): only the prompts not written are asked, with
+            # the seeds an uninterrupted run gives them; a local teacher is seeded per chunk: the whole chunk
+            first = max(s, start) if getattr(teacher, "per_prompt", False) else s
+            part = rows[first:s + chunk]
+            answers = teacher.answer([m for m, _, _ in part], samples, temp, max_tokens, seed * 1_000_003 + first)
             counts["asked"] += len(part)
             sft_lines, pair_lines = [], []
-            for i, ((messages, columns, where), got) in enumerate(zip(part, answers), start=s):
+            for i, ((messages, columns, where), got) in enumerate(zip(part, answers), start=first):
                 if i < start:  # written before the kill: its answers were asked again only for the seed
                     continue
                 best = worst = 0

@@ -97,7 +97,9 @@ def test_a_resume_after_a_kill_keeps_whole_rows_and_their_pairs(server, prompts,
     out.write_text(first[0] + first[1][:10])  # killed while writing the second row
     assert CliRunner().invoke(cli, args).exit_code == 0
     assert out.read_text().splitlines(keepends=True) == first  # the torn row is written again, whole
-    assert len(_rows(pairs)) == 2 and len(asked) == 2 * per_run  # its chunk (both prompts) asked again
+    # a server seeds each prompt: only the torn row's prompt is asked again (the same requests as the first time)
+    assert len(_rows(pairs)) == 2 and len(asked) == per_run + per_run // 2
+    assert asked[per_run:] == asked[per_run // 2:per_run]
 
 
 def test_an_unreachable_teacher_is_one_line(prompts, tmp_path):
