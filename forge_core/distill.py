@@ -136,12 +136,12 @@ def keep_rows_of(path: Path, done: set[str]) -> None:
         return
     done_rows(path)
     lines = path.read_text().splitlines(keepends=True)
-    kept = [ln for ln in lines if _source(ln, path) in done]
+    kept = [ln for ln in lines if row_source(ln, path) in done]
     if len(kept) != len(lines):
         write_text(path, "".join(kept))
 
 
-def _source(line: str, path: Path) -> str:
+def row_source(line: str, path: Path) -> str:
     """The "source" of a row forge wrote; a file with other rows is not one to resume."""
     try:
         return json.loads(line)["source"]
@@ -167,7 +167,7 @@ def distill(prompts, out, teacher, samples: int = 1, rewards=None, pairs: str | 
         pairs_path.parent.mkdir(parents=True, exist_ok=True)
     start = done_rows(out)
     if start:  # the rows there must be this run's: the same prompts, in order
-        last = _source(out.read_text().splitlines()[start - 1], out)
+        last = row_source(out.read_text().splitlines()[start - 1], out)
         if start > len(rows) or last != rows[start - 1][2]:
             raise ForgeError(f"{out}: its row {start} answers {last}, not {rows[min(start, len(rows)) - 1][2]}; "
                              "resume with the same prompts, or give another --out")

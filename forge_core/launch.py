@@ -127,9 +127,9 @@ def run_eval(cfg: ForgeConfig, adapter: str | None = None, as_json: bool = False
     if not (cfg.data.valid or cfg.data.train or cfg.eval.text or cfg.eval.lm_eval):
         raise ForgeError("nothing to evaluate: pass --valid FILE.jsonl (or --data), --text FILE or --lm-eval TASKS")
     name = backends.resolve(cfg.backend)
-    if system is None and not cfg.data.system_prompt and recorded_system_prompt(adapter):
-        print(f"system prompt (the run's, for rows without one; --system '' for none): "
-              f"{recorded_system_prompt(adapter)}", file=sys.stderr)
+    recorded = recorded_system_prompt(adapter) if system is None and not cfg.data.system_prompt else ""
+    if recorded:
+        print(f"system prompt (the run's, for rows without one; --system '' for none): {recorded}", file=sys.stderr)
     result = evaluate(backends.ops(name), cfg, adapter=adapter, system=system)
     if as_json:
         print(json.dumps(result, indent=2))

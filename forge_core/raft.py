@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge_core.distill import _source, done_rows, keep_rows_of
+from forge_core.distill import done_rows, keep_rows_of, row_source
 from forge_core.errors import ForgeError
 
 MAX_LINES, LINES, OVERLAP = 80, 40, 10
@@ -60,9 +60,15 @@ def _line_windows(path: str, lines: list[str], first: int = 1) -> list[Chunk]:
     return out
 
 
+def _lines(text: str) -> list[str]:
+    """The lines of `text` with their ends, split at "\n" only: ast's line numbers count "\n" alone (splitlines
+    also splits at \f, \u2028 ...)."""
+    parts = text.split("\n")
+    return [ln + "\n" for ln in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
 def _python_chunks(path: str, source: str) -> list[Chunk]:
-    lines = source.split("\n")  # ast's line numbers count "\n" only (splitlines also splits at \f, \u2028 ...)
-    lines = [ln + "\n" for ln in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    lines = _lines(source)
     try:
         tree = ast.parse(source)
     except SyntaxError:
@@ -101,9 +107,7 @@ def chunk_source(root) -> list[Chunk]:
             text = f.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue
-        chunks += _python_chunks(str(rel), text) if f.suffix == ".py" else \
-            _line_windows(str(rel), [ln + "\n" for ln in text.split("\n")][:-1] + ([text.split("\n")[-1]]
-                                                                                 if text.split("\n")[-1] else []))
+        chunks += _python_chunks(str(rel), text) if f.suffix == ".py" else _line_windows(str(rel), _lines(text))
     if not chunks:
         raise ForgeError(f"{root}: no text files to make chunks of")
     return chunks
@@ -189,7 +193,7 @@ def _done(paths: list[Path]) -> set[str]:
     for p in paths:
         if p.exists():
             done_rows(p)
-            seen |= {_source(ln, p) for ln in p.read_text().splitlines()}
+            seen |= {row_source(ln, p) for ln in p.read_text().splitlines()}
     return seen
 
 
