@@ -77,6 +77,12 @@ class BackendOps(Protocol):
     def flat_to_factors(self, flat: dict) -> dict:
         """Inverse of factors_to_flat."""
 
+    def adapter_state(self, model) -> dict:
+        """A numpy copy of the trainable (adapter) weights: GRPO's reference swaps the ones at init in."""
+
+    def set_adapter_state(self, model, state: dict) -> None:
+        """Put adapter_state's weights back into the model."""
+
     def count_params(self, model) -> tuple[int, int]:
         """(trainable, total stored) parameter counts."""
 
@@ -117,6 +123,12 @@ class BackendOps(Protocol):
     def sequence_logps(self, model, batch: Batch):
         """(2B,) summed completion log-probs of a concatenated chosen+rejected batch."""
 
+    def per_token_logps(self, model, batch: Batch):
+        """(B, T) log-probs of the targets, 0 where batch["mask"] is 0 (GRPO's per-token ratios)."""
+
+    def stop_gradient(self, x):
+        """x as a constant: no gradient flows back through it."""
+
     def no_grad(self, model, fn: Callable, compiled: bool = True) -> Callable:
         """`fn` run without gradients; compiled (where the framework compiles) for passes that come back."""
 
@@ -152,9 +164,10 @@ class BackendOps(Protocol):
         """Chat-templated generation with the framework's generator; `stream(text)` gets each piece."""
 
     def generate_tokens(self, model, tokenizer, prompts: list, max_tokens: int, temp: float = 0.0,
-                        batch_size: int = 32) -> list[list[int]]:
+                        batch_size: int = 32, top_p: float = 1.0) -> list[list[int]]:
         """The new token ids after each prompt (token ids, no template), stop token left out, `batch_size` rows
-        decoded at once; greedy ids equal complete()'s (forge_core/generation.py orders and decodes)."""
+        decoded at once; greedy ids equal complete()'s (forge_core/generation.py orders and decodes). A row
+        shorter than max_tokens stopped at a stop token; sampling at temp > 0 keeps the top_p nucleus."""
 
     def continuation_scores(self, model, batch: Batch) -> tuple:
         """Per row of an {inputs, targets, mask} batch: summed log-prob of the masked targets, and whether

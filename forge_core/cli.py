@@ -137,7 +137,7 @@ def friendly(f):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="forge-tune", prog_name="forge")
 def cli():
-    """Forge: fine-tune LLMs on your own machine (QPiSSA + LoRA; SFT, DPO, ORPO, SimPO, CPO, KTO; MLX and CUDA)."""
+    """Forge: fine-tune LLMs on your own machine (QPiSSA + LoRA; SFT, DPO, ORPO, SimPO, CPO, KTO, GRPO; MLX and CUDA)."""
 
 
 @cli.command(help=method("sft").summary)
@@ -164,6 +164,19 @@ METHOD_OPTIONS = {
     "cpo": [click.option("--loss-type", type=click.Choice(choices("cpo.loss_type")), default=None)],
     "kto": [click.option("--loss-type", type=click.Choice(choices("kto.loss_type")), default=None),
             click.option("--desirable-weight", type=float), click.option("--undesirable-weight", type=float)],
+    "grpo": [click.option("--reward", "rewards", multiple=True, metavar="FILE.py:FN|builtin:NAME[:ARG]",
+                          help="A reward function (repeat for several, summed): your own fn(prompts, completions, "
+                               "**columns) -> list of floats, or builtin:valid_json, json_fields[:COL], exact[:COL], "
+                               "regex:PATTERN, length:N."),
+             click.option("--reward-weight", "reward_weights", type=float, multiple=True,
+                          help="One weight per --reward, in order (default 1 each)."),
+             click.option("--num-generations", type=int, help="Completions sampled per prompt (G)."),
+             click.option("--max-new-tokens", type=int, help="Longest completion sampled."),
+             click.option("--temperature", type=float), click.option("--top-p", type=float),
+             click.option("--loss-type", type=click.Choice(choices("grpo.loss_type")), default=None),
+             click.option("--scale-rewards", type=click.Choice(choices("grpo.scale_rewards")), default=None),
+             click.option("--epsilon", type=float), click.option("--epsilon-high", type=float),
+             click.option("--num-iterations", type=int, help="Optimizer steps per generation (μ).")],
 }
 
 
@@ -173,7 +186,8 @@ def _preference_command(kind: str):
 
         extra = {f"{kind}.adapter": adapter, f"{kind}.beta": beta, f"{kind}.lr": kw.pop("lr")}
         for name in [k for k in kw if k not in TRAIN_OPTIONS and k not in ("recipe", "sets")]:
-            extra[f"{kind}.{name}"] = kw.pop(name)
+            value = kw.pop(name)
+            extra[f"{kind}.{name}"] = (list(value) or None) if isinstance(value, tuple) else value  # repeatable
         cfg = build_from_cli(kw, extra)
         if nproc and nproc > 1:
             _relaunch(nproc, cfg, resume)

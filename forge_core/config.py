@@ -29,6 +29,9 @@ DpoLoss = Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "exo_pair", "
                   "apo_down", "aot", "aot_unpaired", "discopop", "sigmoid_norm"]
 CpoLoss = Literal["sigmoid", "hinge", "ipo"]
 KtoLoss = Literal["kto", "apo_zero_unpaired"]
+GrpoLoss = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+GrpoScale = Literal["group", "batch", "none"]
+GrpoLevel = Literal["token", "sequence"]
 Metric = Literal["auto", "exact", "json_fields", "none"]
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -155,6 +158,32 @@ class KtoConfig:
 
 
 @dataclass
+class GrpoConfig:
+    """GRPO (`forge grpo`), with TRL 1.16's defaults where they suit LoRA on one machine. train.batch_size counts
+    COMPLETIONS per micro-batch (TRL's per_device_train_batch_size); a step's batch_size x grad_accum completions
+    must be whole groups of num_generations."""
+
+    lr: float = 1e-5  # TRL: 1e-6 (full fine-tuning), x 10 for LoRA
+    rewards: list[str] = field(default_factory=list)  # FILE.py:FUNCTION or builtin:NAME[:ARG] (forge_core/rewards.py)
+    reward_weights: list[float] = field(default_factory=list)  # one per reward; empty = all 1
+    num_generations: int = 4  # G completions per prompt (TRL: 8)
+    max_new_tokens: int = 64  # TRL's max_completion_length (TRL: 512)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0  # KL to the policy at init (TRL 1.x: 0, no reference pass)
+    loss_type: GrpoLoss = "dapo"  # grpo | bnpo | dr_grpo | dapo (TRL 1.x default)
+    scale_rewards: GrpoScale = "group"  # group (the paper) | batch | none (Dr. GRPO)
+    epsilon: float = 0.2  # clip range, below
+    epsilon_high: float = 0.0  # clip range above (DAPO: 0.28); 0 = epsilon
+    delta: float = 0.0  # > 0: cap the ratio from above (two-sided clipping); 0 = off
+    importance_sampling_level: GrpoLevel = "token"  # token | sequence (GSPO)
+    num_iterations: int = 1  # optimizer steps per generation (μ); > 1 keeps the generation's log-probs as π_old
+    mask_truncated_completions: bool = False  # completions cut at max_new_tokens carry no loss (DAPO)
+    sample_batch_size: int = 0  # completions decoded at once; 0 = all of a step's
+    adapter: str = ""
+
+
+@dataclass
 class EvalConfig:
     max_new_tokens: int = 96
     metric: Metric = "auto"  # auto | exact | json_fields | none
@@ -191,6 +220,7 @@ class ForgeConfig:
     simpo: SimpoConfig = field(default_factory=SimpoConfig)
     cpo: CpoConfig = field(default_factory=CpoConfig)
     kto: KtoConfig = field(default_factory=KtoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
@@ -220,11 +250,14 @@ def _coerce(key: str, value, typ):
     """Check/convert one value against a dataclass field type; the error names the key."""
     origin = typing.get_origin(typ)
     if origin is list:
+        item = typing.get_args(typ)[0]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if item is str and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
             raise ForgeError(f"config key '{key}': expected a list of strings, got {value!r}")
-        return list(value)
+        if not isinstance(value, list):
+            raise ForgeError(f"config key '{key}': expected a list of numbers, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
             raise ForgeError(f"config key '{key}': expected a mapping, got {value!r}")

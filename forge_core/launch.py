@@ -61,6 +61,12 @@ def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool =
     if sec is not None and sec.adapter:
         _inherit_adapter(cfg, kind)
     _check_data(cfg)
+    if kind == "grpo":  # a reward that cannot load stops the launch before the model is built
+        from forge_core.objectives.grpo import check_grpo_config
+        from forge_core.rewards import Rewards
+
+        check_grpo_config(cfg)
+        Rewards.from_specs(cfg.grpo.rewards, cfg.grpo.reward_weights)
     check_trackers(cfg.train.report_to)
     name = backends.resolve(cfg.backend)
     ops = backends.ops(name)

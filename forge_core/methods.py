@@ -27,6 +27,8 @@ METHODS = {m.kind: m for m in (
            "SimPO on {prompt, chosen, rejected} rows: length-normalised reward with a target margin, no reference."),
     Method("cpo", "cpo", 2, False, "CPO on {prompt, chosen, rejected} rows: log-prob reward + NLL on chosen, no reference."),
     Method("kto", "kto", 1, True, "KTO on {prompt, completion, label} rows (pairs are split), against the policy at init."),
+    Method("grpo", "grpo", 1, False,
+           "GRPO on {prompt, ...} rows: samples completions, scores them with reward functions, reinforces the better."),
 )}
 KINDS = tuple(METHODS)
 

@@ -98,7 +98,8 @@ class RunDir:
         val = [(r["step"], r["loss"]) for r in recs if r.get("split") == "valid" and _finite(r.get("loss"))]
         if not train and not val:
             return None
-        rewards = [r for r in recs if "rewards/margin" in r]  # preference runs: the rewards panel
+        reward_keys = [k for k in ("rewards/accuracy", "rewards/margin", "reward") if any(k in r for r in recs)]
+        rewards = [r for r in recs if any(k in r for k in reward_keys)]  # preference and GRPO runs: rewards
         terms = [k for k in OWN_TERMS if any(k in r for r in recs)]  # and the method's own terms
         panels = 1 + bool(rewards) + bool(terms)
         fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 1, 4), squeeze=False)
@@ -113,8 +114,7 @@ class RunDir:
         ax.grid(alpha=0.3)
         ax.legend()
         if rewards:
-            self._plot_series(axes[0][1], rewards, ["rewards/accuracy", "rewards/margin"],
-                              "rewards (train -, validation o-)")
+            self._plot_series(axes[0][1], rewards, reward_keys, "rewards (train -, validation o-)")
         if terms:
             self._plot_series(axes[0][-1], recs, terms, "the method's own terms")
         out = self.file("loss.png")

@@ -150,7 +150,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
 
             if (t.eval_every and step % t.eval_every == 0) or step == steps:
                 rec = {"split": "valid", "step": step, **obj.evaluate()}
-                if rec.get("loss") is not None:
+                if len(rec) > 2:  # no validation data: nothing to log
                     if world.main:
                         run.log(rec)
                         tracker.log(rec)

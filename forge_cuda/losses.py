@@ -46,6 +46,11 @@ def sequence_logps(model, batch) -> torch.Tensor:
     return (logp * batch["mask"]).sum(dim=-1)
 
 
+def per_token_logps(model, batch) -> torch.Tensor:
+    """(B, T) log-probs of the targets, 0 where the mask is 0 (GRPO's per-token ratios)."""
+    return token_logps(model, batch["inputs"], batch["targets"]) * batch["mask"]
+
+
 @torch.no_grad()
 def continuation_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-prob of the masked targets, and whether each of them is the model's argmax

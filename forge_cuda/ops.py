@@ -12,8 +12,15 @@ import torch
 
 from .distributed import all_sum, init_world, reduce_numpy  # noqa: F401
 from .generate import complete, for_inference, generate_tokens  # noqa: F401
-from .lora import factors_to_flat, flat_to_factors  # noqa: F401
-from .losses import continuation_scores, prefix_state, sequence_logps, sft_loss, sft_loss_after  # noqa: F401
+from .lora import factors_to_flat, flat_to_factors, load_trainable, trainable_params  # noqa: F401
+from .losses import (  # noqa: F401
+    continuation_scores,
+    per_token_logps,
+    prefix_state,
+    sequence_logps,
+    sft_loss,
+    sft_loss_after,
+)
 from .model import (  # noqa: F401
     build_model,
     checkpoint_blocks,
@@ -51,6 +58,19 @@ def to_numpy(x) -> np.ndarray:
 
 def scalar(value: float, like) -> torch.Tensor:
     return torch.tensor(float(value), device=like.device)
+
+
+def stop_gradient(x) -> torch.Tensor:
+    return x.detach()
+
+
+def adapter_state(model) -> dict:
+    """A copy of the trainable (adapter) weights as numpy, for set_adapter_state."""
+    return {k: p.detach().float().cpu().numpy().copy() for k, p in trainable_params(model).items()}
+
+
+def set_adapter_state(model, state: dict) -> None:
+    load_trainable(model, state)
 
 
 def no_grad(model, fn, compiled: bool = True):

@@ -65,7 +65,7 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: floa
 
 
 def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int, temp: float = 0.0,
-                    batch_size: int = 32) -> list[list[int]]:
+                    batch_size: int = 32, top_p: float = 1.0) -> list[list[int]]:
     """The new token ids (stop token left out) after each prompt, `batch_size` rows decoded at once (mlx-lm's
     continuous batching: a row that stops makes room for the next). The tokens all prompts start with (a
     shared system prompt) are run once into a KV cache that every row starts from. Greedy ids equal
@@ -85,6 +85,7 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int,
         mx.eval([c.state for c in cache])
         caches = [cache] * len(prompts)  # batch_generate merges them into its own batch cache, never in place
     out = batch_generate(model, tokenizer, [list(p[n:]) for p in prompts], prompt_caches=caches,
-                         max_tokens=max_tokens, sampler=make_sampler(temp), prefill_batch_size=size,
+                         max_tokens=max_tokens, sampler=make_sampler(temp, top_p=top_p if top_p < 1.0 else 0.0),
+                         prefill_batch_size=size,
                          completion_batch_size=size, return_token_ids=True)
     return [list(t) for t in out.token_ids]

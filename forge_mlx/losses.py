@@ -48,6 +48,18 @@ def sequence_logps(model, batch) -> mx.array:
     return (logp * batch["mask"]).sum(axis=-1)
 
 
+def per_token_logps(model, batch) -> mx.array:
+    """(B, T) log-probs of the targets, 0 where the mask is 0 (GRPO's per-token ratios). With `loss_positions`
+    the head runs at the completion tokens only and their values are put back in place."""
+    if "loss_positions" in batch and head.splittable(model):
+        h = head.hidden(model, batch["inputs"])
+        rows, width = h.shape[0], h.shape[1]
+        nll = head.position_nll(model, h, batch)
+        flat = mx.zeros((rows * width,), mx.float32).at[batch["loss_positions"]].add(-nll * batch["loss_weights"])
+        return flat.reshape(rows, width)
+    return token_logps(model, batch["inputs"], batch["targets"]) * batch["mask"]
+
+
 def continuation_scores(model, batch) -> tuple[mx.array, mx.array]:
     """Per row: the summed log-prob of the masked targets, and whether each of them is the model's argmax
     (lm-eval's loglikelihood and is_greedy)."""

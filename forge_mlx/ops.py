@@ -12,8 +12,15 @@ from . import cpu_math
 from .blas import warn_if_slow as preflight  # noqa: F401
 from .distributed import all_sum, init_world, reduce_numpy  # noqa: F401
 from .generate import complete, for_inference, generate_tokens  # noqa: F401
-from .lora import factors_to_flat, flat_to_factors  # noqa: F401
-from .losses import continuation_scores, prefix_state, sequence_logps, sft_loss, sft_loss_after  # noqa: F401
+from .lora import factors_to_flat, flat_to_factors, load_trainable, trainable_params  # noqa: F401
+from .losses import (  # noqa: F401
+    continuation_scores,
+    per_token_logps,
+    prefix_state,
+    sequence_logps,
+    sft_loss,
+    sft_loss_after,
+)
 from .model import (  # noqa: F401
     build_model,
     checkpoint_blocks,
@@ -44,6 +51,19 @@ def to_numpy(x) -> np.ndarray:
 
 def scalar(value: float, like=None) -> mx.array:
     return mx.array(value, dtype=mx.float32)
+
+
+def stop_gradient(x) -> mx.array:
+    return mx.stop_gradient(x)
+
+
+def adapter_state(model) -> dict:
+    """A copy of the trainable (adapter) weights as numpy, for set_adapter_state."""
+    return {k: np.array(v) for k, v in trainable_params(model).items()}
+
+
+def set_adapter_state(model, state: dict) -> None:
+    load_trainable(model, {k: mx.array(v) for k, v in state.items()})
 
 
 def no_grad(model, fn, compiled: bool = True):

@@ -186,10 +186,11 @@ def test_planner_sizes_each_method(tiny_model):
     model_config = json.loads((tiny_model / "config.json").read_text())
     cfg = ForgeConfig()
     cfg.model.path = str(tiny_model)
-    totals = {k: plan_memory(cfg, model_config, kind=k, backend="mlx").total_bytes for k in METHODS + ["sft"]}
+    totals = {k: plan_memory(cfg, model_config, kind=k, backend="mlx").total_bytes for k in METHODS + ["sft", "grpo"]}
     assert totals["orpo"] == totals["simpo"] == totals["cpo"] == totals["dpo"] > totals["sft"] == totals["kto"]
-    with pytest.raises(ForgeError, match="unknown method 'grpo'"):
-        plan_memory(cfg, model_config, kind="grpo", backend="mlx")
+    assert totals["grpo"] > totals["sft"]  # one sequence per completion, plus the sampling's KV cache
+    with pytest.raises(ForgeError, match="unknown method 'ppo'"):
+        plan_memory(cfg, model_config, kind="ppo", backend="mlx")
 
 
 @pytest.mark.skipif(not HAVE["cuda"], reason="torch not installed")

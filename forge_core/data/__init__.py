@@ -25,6 +25,7 @@ from forge_core.data.batches import (
     BatchOrder,
     PackedRow,
     PreferenceRow,
+    PromptRow,
     TokenizedRow,
     UnpairedRow,
     add_loss_positions,
@@ -36,7 +37,15 @@ from forge_core.data.batches import (
     shared_prefix,
     widest_batch,
 )
-from forge_core.data.rows import RowProblem, iter_rows, parse_preference, parse_sft, parse_unpaired, read_rows
+from forge_core.data.rows import (
+    RowProblem,
+    iter_rows,
+    parse_preference,
+    parse_prompt,
+    parse_sft,
+    parse_unpaired,
+    read_rows,
+)
 from forge_core.data.tokenize import (
     ChatTokenizer,
     load_tokenizer,
@@ -51,6 +60,7 @@ __all__ = [
     "DataStats",
     "PackedRow",
     "PreferenceRow",
+    "PromptRow",
     "TokenizedRow",
     "UnpairedRow",
     "add_loss_positions",
@@ -58,6 +68,7 @@ __all__ = [
     "collate_dpo",
     "collate_sft",
     "load_preferences",
+    "load_prompts",
     "load_sft",
     "load_tokenizer",
     "load_unpaired",
@@ -110,6 +121,9 @@ def _load(path, data_cfg: DataConfig, build) -> tuple[list, DataStats]:
                 stats.reasons.append(where)
             continue
         more = item if isinstance(item, list) else [item]
+        for one in more:
+            if isinstance(one, PromptRow):  # reward errors name the row
+                one.where = f"{file}:{line}"
         items.extend(more)
         stats.rows += len(more)
         stats.truncated += int(cut)
@@ -131,13 +145,13 @@ def _memo(load):
     plan and the objective tokenize a dataset once. Cleared as it fills; rows are never mutated downstream."""
 
     @functools.wraps(load)
-    def wrapper(path, tokenizer, data_cfg: DataConfig, max_seq_len: int):
+    def wrapper(path, tokenizer, data_cfg: DataConfig, max_seq_len: int, *more):
         key = (load.__name__, source_key(path), getattr(tokenizer, "name_or_path", id(tokenizer)),
-               len(tokenizer), repr(data_cfg), max_seq_len)
+               len(tokenizer), repr(data_cfg), max_seq_len, *more)
         if key not in _MEMO:
             if len(_MEMO) >= 8:
                 _MEMO.clear()
-            _MEMO[key] = load(path, tokenizer, data_cfg, max_seq_len)
+            _MEMO[key] = load(path, tokenizer, data_cfg, max_seq_len, *more)
         rows, stats = _MEMO[key]
         return list(rows), copy.deepcopy(stats)
 
@@ -218,3 +232,31 @@ def load_unpaired(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) -> tu
     rows, stats = _load(path, data_cfg, build)
     stats.split_pairs = sum(1 for r in rows if r.pair >= 0 and r.label)
     return rows, stats
+
+
+@_memo
+def load_prompts(path, tokenizer, data_cfg: DataConfig, max_seq_len: int, max_new_tokens: int = 0) -> tuple[list[PromptRow], DataStats]:
+    """GRPO's prompt-only rows {prompt (string or messages), ...other columns} -> PromptRow: the prompt rendered
+    with the generation prompt (a string prompt without a chat template: tokenized as it is), cut from the LEFT to
+    max_seq_len - max_new_tokens so that its sampled completions fit (TRL's max_prompt_length cuts the same side)."""
+    chat = ChatTokenizer(tokenizer)
+    _check_system(chat, data_cfg)
+    room = max_seq_len - max_new_tokens
+    if room < 1:
+        raise ForgeError(f"train.max_seq_len {max_seq_len} leaves no room for a prompt before grpo.max_new_tokens "
+                         f"{max_new_tokens}; raise train.max_seq_len")
+
+    def build(row):
+        messages, columns = parse_prompt(row, data_cfg.system_prompt, data_cfg.columns)
+        given = row.get("prompt")
+        if chat.has_template:
+            ids = chat.answers(messages, "", ())[0]
+        elif isinstance(given, str) and len(messages) == 1:
+            ids = np.asarray(chat._encode(given, True), np.int32)
+        else:
+            raise RowProblem("the tokenizer has no chat template: give 'prompt' as a string without a system "
+                             "message, or use a model with a chat template")
+        cut = len(ids) > room
+        return PromptRow(np.asarray(ids[-room:], np.int32), given, columns, ""), cut
+
+    return _load(path, data_cfg, build)

@@ -49,6 +49,14 @@ class UnpairedRow:
 
 
 @dataclass
+class PromptRow:
+    prompt: np.ndarray  # int32, the chat-templated prompt incl. the generation prompt (GRPO samples after it)
+    given: object  # the prompt as the row gives it (a string or messages): what reward functions receive
+    columns: dict  # the row's other columns, for the reward functions
+    where: str  # "file:line", for errors that name the row
+
+
+@dataclass
 class PackedRow:
     tokens: np.ndarray  # int32 (L,), L <= max_seq_len: several rows back to back
     mask: np.ndarray  # bool (L,)
@@ -178,6 +186,8 @@ def loss_row_cap(rows: list) -> int:
             return max(len(r.chosen), len(r.rejected))
         if isinstance(r, UnpairedRow):
             return len(r.completion)
+        if isinstance(r, PromptRow):
+            return 0  # GRPO: its completions are sampled, their cap is grpo.max_new_tokens
         return int(np.count_nonzero(r.mask[1:]))
 
     return max((cap(r) for r in rows), default=0)

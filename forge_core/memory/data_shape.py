@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from forge_core import data as fdata
 from forge_core.config import ForgeConfig
 from forge_core.methods import method
@@ -29,9 +31,23 @@ def loader(kind: str):
     return fdata.load_unpaired if kind == "kto" else fdata.load_preferences
 
 
+def _grpo_shape(cfg: ForgeConfig, tokenizer) -> DataShape:
+    """GRPO trains on prompts + completions it samples: the widest prompt + max_new_tokens + the end-of-turn token
+    (as the collate pads it), the head at the completion tokens only."""
+    new = cfg.grpo.max_new_tokens
+    rows, _ = fdata.load_prompts(cfg.data.train, tokenizer, cfg.data, cfg.train.max_seq_len, new)
+    valid = fdata.load_prompts(cfg.data.valid, tokenizer, cfg.data, cfg.train.max_seq_len, new)[0] if cfg.data.valid else []
+    longest = max(len(r.prompt) for r in rows + valid)
+    seq = fdata.collate_completions([(np.zeros(longest, np.int32), np.zeros(new + 1, np.int32))], 0)["inputs"].shape[1]
+    return DataShape(seq=seq, head_per_row=new + 1, rows=len(rows),
+                     source=f"{cfg.data.train} ({len(rows)} prompts, completions of <= {new} tokens)")
+
+
 def data_shape(cfg: ForgeConfig, kind: str, tokenizer) -> DataShape:
     """DataShape of cfg.data.train (+ data.valid: evaluation batches go through the same model) for `kind`."""
     method(kind)
+    if kind == "grpo":
+        return _grpo_shape(cfg, tokenizer)
     load = loader(kind)
     rows, _ = load(cfg.data.train, tokenizer, cfg.data, cfg.train.max_seq_len)
     valid = load(cfg.data.valid, tokenizer, cfg.data, cfg.train.max_seq_len)[0] if cfg.data.valid else []

@@ -402,10 +402,24 @@ def estimate(cfg: ForgeConfig, shape: ModelShape, kind: str = "sft", backend: st
     deq, why = dequant_bytes(run)
     if deq:
         parts.append(Component("dequantized weights", deq, why))
+    if kind == "grpo":
+        parts.append(sampling_component(run))
     parts += init_components(run)
     side = "gpu" if on_gpu else "cpu"
     parts.append(Component("framework overhead", run.const["overhead"][side], f"{backend} ({side}) constant", "both"))
     return parts
+
+
+def sampling_component(run: Run) -> Component:
+    """GRPO's generation: the KV cache of the completions decoded at once (keys and values of every block,
+    rows x (prompt + max_new_tokens) rounded up to mlx-lm's 256-token cache steps) and their fp32 logits. It is
+    freed before the step's forward, so counting it beside the activations is an upper bound."""
+    g, s = run.cfg.grpo, run.shape
+    rows = g.sample_batch_size or run.cfg.train.batch_size * run.cfg.train.grad_accum
+    width = -(-run.seq // 256) * 256
+    kv = 2 * s.layers * s.kv_heads * s.head_dim * rows * width * run.cb
+    return Component("sampling KV cache", kv + rows * s.vocab * 4,
+                     f"{rows} completions x {width} positions, keys + values of {s.layers} blocks")
 
 
 def phase_total(components: list[Component], phase: str) -> int:

@@ -40,7 +40,7 @@ def test_unqualified_key_resolves_when_unique_and_refuses_when_ambiguous():
     cfg = ForgeConfig()
     set_value(cfg, "discopop_tau", 0.2)
     assert cfg.dpo.discopop_tau == 0.2
-    with pytest.raises(ForgeError, match=r"write it as section.key \(it is in dpo, orpo, simpo, cpo, kto\)"):
+    with pytest.raises(ForgeError, match=r"write it as section.key \(it is in dpo, orpo, simpo, cpo, kto, grpo\)"):
         set_value(cfg, "beta", 0.2)
     with pytest.raises(ForgeError, match="write it as section.key"):
         set_value(cfg, "nonexistent", 1)

@@ -1,0 +1,318 @@
+"""GRPO on prompt-only rows: sample G completions per prompt with the policy, score them with reward functions,
+and push the policy toward the completions that beat their group. The formulas are TRL 1.16's
+(forge_core/losses/grpo.py); this file is when and on what they run.
+
+A step, with μ = grpo.num_iterations (prepare_step, before any gradient):
+  - every μ-th step, a generation. This rank's prompts of the step (batch_size x grad_accum / G of them), each
+    G times, are decoded by the backend's batched generator (temperature, top_p, max_new_tokens). A completion
+    that stopped gets its end-of-turn token back, so the policy also learns where to stop. Rewards are summed
+    with their weights and turned into advantages over the global batch (every rank's rewards, one exchange).
+    With β > 0 the reference log-probs come from the policy at init: step 0's adapter weights are swapped in
+    for one no-grad pass and the current ones put back (never a second model). With μ > 1 the sampling
+    policy's log-probs are kept as π_old.
+  - the step trains on the generation's micro-batches, in order. With μ = 1, π_old is the policy's own
+    log-probs as constants (ratio 1: TRL's shortcut, no extra pass).
+Exact resume: the loop reseeds the RNG per step, so a step's sampling is a function of the weights. A
+generation that serves μ > 1 steps is saved (RUN/grpo_generation.safetensors, gathered to rank 0), so a resume
+inside its block trains on the same completions.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from forge_core import data as fdata
+from forge_core import generation
+from forge_core.adapters import safetensors_io as sio
+from forge_core.distributed import World
+from forge_core.errors import ForgeError
+from forge_core.losses.grpo import METRICS, group_advantages, grpo_reduce, grpo_terms
+from forge_core.objectives.base import Objective, load_split
+from forge_core.rewards import Rewards
+
+GENERATION_FILE = "grpo_generation.safetensors"
+
+
+def grpo_loss(ops, model, batch, *, on_policy: bool, epsilon_low: float, epsilon_high: float, beta: float,
+              delta: float | None, level: str, loss_type: str, max_new_tokens: int):
+    """(loss sum, count, metric sums) of one micro-batch of completions: batch holds inputs/targets/mask of
+    prompt + completion, advantages (B,), old_logps (B, T) unless on_policy, ref_logps (B, T) when beta > 0."""
+    logps = ops.per_token_logps(model, batch)
+    old = ops.stop_gradient(logps) if on_policy else batch["old_logps"]
+    ref = batch["ref_logps"] if beta else logps
+    mask = batch["mask"]
+    per_token, sums = grpo_terms(ops.xp, logps, old, ref, batch["advantages"], mask, epsilon_low=epsilon_low,
+                                 epsilon_high=epsilon_high, beta=beta, delta=delta, level=level)
+    total, count = grpo_reduce(ops.xp, per_token, mask, loss_type, max_new_tokens)
+    return total, count, {**sums, "tokens": mask.sum()}
+
+
+def reward_name(spec: str) -> str:
+    """builtin:json_fields:ref -> json_fields; rewards.py:format_ok -> format_ok (the metric's name)."""
+    if spec.startswith("builtin:"):
+        return spec.split(":")[1]
+    return spec.rpartition(":")[2]
+
+
+def check_grpo_config(cfg) -> None:
+    g, t = cfg.grpo, cfg.train
+    if g.num_generations < 2:
+        raise ForgeError(f"grpo.num_generations is {g.num_generations}: GRPO compares completions of one prompt, "
+                         "so it needs at least 2")
+    per_rank = t.batch_size * t.grad_accum
+    if per_rank % g.num_generations:
+        raise ForgeError(f"a step's completions per rank (train.batch_size {t.batch_size} x train.grad_accum "
+                         f"{t.grad_accum} = {per_rank}) must be whole groups of grpo.num_generations "
+                         f"{g.num_generations}; make batch_size x grad_accum a multiple of it")
+    if g.num_iterations < 1 or g.max_new_tokens < 1:
+        raise ForgeError("grpo.num_iterations and grpo.max_new_tokens must be at least 1")
+    if g.temperature <= 0:
+        raise ForgeError(f"grpo.temperature is {g.temperature}: GRPO needs different completions of a prompt, so "
+                         "sample (temperature > 0; TRL's default is 1.0)")
+    if not 0 < g.top_p <= 1:
+        raise ForgeError(f"grpo.top_p must be in (0, 1], got {g.top_p}")
+
+
+class GRPOObjective(Objective):
+    kind = "grpo"
+
+    def __init__(self, cfg, ops, model, tokenizer, run, console, world: World):
+        g = cfg.grpo
+        check_grpo_config(cfg)
+        self.cfg, self.ops, self.model, self.world, self.run, self.tokenizer = cfg, ops, model, world, run, tokenizer
+        self.rewards = Rewards.from_specs(g.rewards, g.reward_weights)
+        self.names = [reward_name(s) for s in g.rewards]
+        hf = ops.hf_tokenizer(tokenizer)
+        if hf.eos_token_id is None:
+            raise ForgeError("GRPO needs the tokenizer's end-of-turn (eos) token to end completions; this tokenizer has none")
+        self.eos, self.pad = int(hf.eos_token_id), fdata.pad_token_id(hf)
+        self.hf = hf
+        self.rows, self.valid = load_split(_prompt_loader(g.max_new_tokens), cfg, hf, console)
+        self.G, self.mu = g.num_generations, g.num_iterations
+        self.per_rank = cfg.train.batch_size * cfg.train.grad_accum // self.G  # prompts per rank per generation
+        world.check_rows(len(self.rows), self.per_rank)
+        # what an epoch trains on, for train.epochs: each prompt G times, each generation for μ steps
+        self.n_rows = len(self.rows) * self.G * self.mu
+        self.cap = g.max_new_tokens + 1  # loss positions per row: a completion and its end-of-turn token
+        self.order = fdata.BatchOrder(len(self.rows), self.per_rank * world.size, cfg.train.seed, cfg.data.shuffle)
+        self.iteration, self.generations, self._buffer, self._pending, self._gen_metrics = 0, 0, [], [], {}
+        self.init_adapter = ops.adapter_state(model) if g.beta else None  # the reference: the policy at init
+        self.loss_fn = partial(grpo_loss, ops, on_policy=self.mu == 1, epsilon_low=g.epsilon,
+                               epsilon_high=g.epsilon_high or g.epsilon, beta=g.beta, delta=g.delta or None,
+                               level=g.importance_sampling_level, loss_type=g.loss_type,
+                               max_new_tokens=g.max_new_tokens)
+        self._logps = ops.no_grad(model, partial(ops.per_token_logps, model))
+
+    # ------------------------------------------------------------------ data position (exact resume)
+
+    def next_indices(self) -> list[int]:
+        return self.world.shard(self.order.next_batch(), self.per_rank)
+
+    def state(self) -> dict:
+        return {**self.order.state(), "grpo_iteration": self.iteration, "grpo_generations": self.generations}
+
+    def restore(self, state: dict | None) -> None:
+        if not state:
+            return
+        size = self.per_rank * self.world.size
+        if state.get("batch_size", size) != size:
+            raise ForgeError(f"resume: this run sampled for {state['batch_size']} prompts per step, now it would be "
+                             f"{size}; resume with the same train.batch_size, grad_accum and number of ranks")
+        self.order = fdata.BatchOrder.from_state(len(self.rows), size, state)
+        self.iteration, self.generations = state.get("grpo_iteration", 0), state.get("grpo_generations", 0)
+        if self.iteration:  # inside a generation's μ steps: train on the same completions
+            self._buffer, self._gen_metrics = self._load_generation()
+
+    # ------------------------------------------------------------------ a step
+
+    def prepare_step(self, micro_batches: int) -> None:
+        if self.iteration == 0:
+            self._buffer, self._gen_metrics = self._generate(micro_batches)
+            self.generations += 1
+            if self.mu > 1:
+                self._save_generation()
+        else:  # the generation's completions again: this step spent no time sampling
+            self._gen_metrics.update({"time/sampling_s": 0.0, "time/reference_s": 0.0})
+        self._pending = [{k: v.copy() for k, v in b.items()} for b in self._buffer]
+        self.iteration = (self.iteration + 1) % self.mu
+
+    def next_batch(self):
+        if not self._pending:  # called outside the loop (tools): one step's worth
+            self.prepare_step(self.cfg.train.grad_accum)
+        return self.ops.to_batch(self.model, self._pending.pop(0))
+
+    def _sample(self, prompts: list[np.ndarray]) -> list[list[int]]:
+        """Each prompt's completion token ids (stop token left out), sampled with grpo's settings."""
+        g = self.cfg.grpo
+        return generation.generate(self.ops, self.model, self.tokenizer, [np.asarray(p).tolist() for p in prompts],
+                                   g.max_new_tokens, g.temperature, g.sample_batch_size or len(prompts), top_p=g.top_p)
+
+    def _generate(self, micro_batches: int) -> tuple[list[dict], dict]:
+        g, world = self.cfg.grpo, self.world
+        rows = [self.rows[i] for i in self.next_indices()]
+        group = [r for r in rows for _ in range(self.G)]  # prompt by prompt: G rows each
+        training = self.model.training
+        self.model.eval()
+        tic = time.perf_counter()
+        sampled = self._sample([r.prompt for r in group])
+        sample_s = time.perf_counter() - tic
+        stopped = np.array([len(c) < g.max_new_tokens for c in sampled])
+        completions = [list(c) + [self.eos] if s else list(c) for c, s in zip(sampled, stopped)]
+        texts = [self.hf.decode(c, skip_special_tokens=True) for c in sampled]
+        columns = {k: [r.columns.get(k) for r in group] for k in (group[0].columns if group else {})}
+        per_fn, total = self.rewards.score([r.given for r in group], texts, columns, [r.where for r in group])
+
+        # advantages over the GLOBAL batch (scale_rewards "batch" needs every rank's rewards): one exchange of
+        # [per-function rewards, total, length, stopped] laid out rank by rank
+        mine = np.column_stack([per_fn, total, [len(c) for c in sampled], stopped]).astype(np.float32)
+        everyone = np.zeros((world.size, *mine.shape), np.float32)
+        everyone[world.rank] = mine
+        everyone = np.asarray(world.sum(everyone)).reshape(-1, mine.shape[1])
+        f = per_fn.shape[1]
+        adv_all = group_advantages(everyone[:, f], self.G, g.scale_rewards)
+        adv = adv_all.reshape(world.size, -1)[world.rank].astype(np.float32)
+
+        seqs = [(r.prompt, np.asarray(c, np.int32)) for r, c in zip(group, completions)]
+        size = len(seqs) // micro_batches
+        batches = []
+        ref_s = 0.0
+        for m in range(micro_batches):
+            part = slice(m * size, (m + 1) * size)
+            b = fdata.add_loss_positions(fdata.collate_completions(seqs[part], self.pad), self.cap)
+            if g.mask_truncated_completions:  # a completion cut at max_new_tokens teaches nothing (DAPO)
+                b["mask"] = b["mask"] * stopped[part, None].astype(np.float32)
+                b = fdata.add_loss_positions({k: v for k, v in b.items() if k not in ("loss_positions", "loss_weights")},
+                                             self.cap)
+            b["advantages"] = adv[part]
+            if self.mu > 1:
+                b["old_logps"] = self._no_grad_logps(b)
+            if g.beta:
+                t0 = time.perf_counter()
+                b["ref_logps"] = self._reference_logps(b)
+                ref_s += time.perf_counter() - t0
+            batches.append(b)
+        if training:
+            self.model.train()
+
+        new_tokens = world.sum([float(sum(map(len, sampled))), sample_s])
+        metrics = self._generation_metrics(everyone, f)
+        metrics.update({"sampling_tok_s": float(new_tokens[0]) / max(sample_s, 1e-9), "time/sampling_s": sample_s,
+                        "time/reference_s": ref_s})
+        return batches, metrics
+
+    def _generation_metrics(self, everyone: np.ndarray, f: int) -> dict:
+        """TRL's logged reward statistics over the global batch."""
+        total, length, stopped = everyone[:, f], everyone[:, f + 1], everyone[:, f + 2]
+        grouped = total.reshape(-1, self.G)
+        out = {"reward": float(np.nanmean(total)) if np.isfinite(total).any() else float("nan"),
+               "reward_std": float(np.nanmean(np.nanstd(grouped, axis=1, ddof=1))),
+               "frac_reward_zero_std": float(np.mean(np.nanstd(grouped, axis=1) < 1e-8)),
+               "completions/mean_length": float(length.mean()),
+               "completions/clipped_ratio": float(1.0 - stopped.mean())}
+        for j, name in enumerate(self.names):
+            col = everyone[:, j]
+            out[f"rewards/{name}/mean"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
+        return out
+
+    def _no_grad_logps(self, b: dict) -> np.ndarray:
+        return self.ops.to_numpy(self._logps(self.ops.to_batch(self.model, b))).astype(np.float32)
+
+    def _reference_logps(self, b: dict) -> np.ndarray:
+        """The policy at init on these completions: step 0's adapter weights in, one no-grad pass, ours back."""
+        now = self.ops.adapter_state(self.model)
+        self.ops.set_adapter_state(self.model, self.init_adapter)
+        try:
+            return self._no_grad_logps(b)
+        finally:
+            self.ops.set_adapter_state(self.model, now)
+
+    def metric_means(self, sums: dict, count: float) -> dict:
+        tokens = max(sums.pop("tokens", 0.0), 1.0)
+        out = {k: v / tokens for k, v in sums.items() if k in METRICS}
+        return {**out, **self._gen_metrics}
+
+    # ------------------------------------------------------------------ μ > 1: the generation on disk
+
+    def _save_generation(self) -> None:
+        """Every rank's micro-batches of this generation, gathered to rank 0 and written atomically."""
+        arrays = {"generation": np.array([self.generations], np.int64),
+                  "metrics": np.array([self._gen_metrics[k] for k in sorted(self._gen_metrics)], np.float64)}
+        for m, b in enumerate(self._buffer):
+            for k, v in b.items():
+                arrays.update(_gathered(self.world, f"{m}/{k}", v))
+        if self.world.main:
+            sio.save(self.run.file(GENERATION_FILE), arrays)
+
+    def _load_generation(self) -> tuple[list[dict], dict]:
+        f = self.run.file(GENERATION_FILE)
+        saved = load_file(str(f)) if f.is_file() else {}
+        if "generation" not in saved or int(saved["generation"][0]) != self.generations:
+            raise ForgeError(f"resume: the checkpoint is inside generation {self.generations} (grpo.num_iterations "
+                             f"{self.mu}), but {f} does not hold it; resume from a checkpoint at a generation's last step")
+        buffer: dict[int, dict] = {}
+        for key in saved:
+            if "/" in key and not key.endswith("#shape"):
+                m, name = key.split("/", 1)
+                shape = tuple(int(d) for d in saved[f"{key}#shape"][self.world.rank])
+                part = saved[key][self.world.rank][tuple(slice(0, d) for d in shape)]
+                dtype = np.int32 if name in ("inputs", "targets", "loss_positions") else np.float32
+                buffer.setdefault(int(m), {})[name] = part.astype(dtype)
+        keys = sorted(self._metric_keys())
+        return [buffer[m] for m in sorted(buffer)], dict(zip(keys, saved["metrics"].tolist()))
+
+    def _metric_keys(self) -> list[str]:
+        return ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
+                *[f"rewards/{n}/mean" for n in self.names], "sampling_tok_s", "time/sampling_s", "time/reference_s"]
+
+    # ------------------------------------------------------------------ held-out reward
+
+    def evaluate(self) -> dict:
+        """The held-out prompts answered greedily, once each, and scored: mean reward (and per function)."""
+        if not self.valid:
+            return {}
+        g = self.cfg.grpo
+        rows = self.valid[: self.cfg.train.eval_batches * self.cfg.train.batch_size or None]
+        mine = list(range(self.world.rank, len(rows), self.world.size))
+        training = self.model.training
+        self.model.eval()
+        ids = generation.generate(self.ops, self.model, self.tokenizer, [rows[i].prompt.tolist() for i in mine],
+                                  g.max_new_tokens, 0.0, g.sample_batch_size or 32) if mine else []
+        if training:
+            self.model.train()
+        texts = [self.hf.decode(c, skip_special_tokens=True) for c in ids]
+        part = [rows[i] for i in mine]
+        columns = {k: [r.columns.get(k) for r in part] for k in (part[0].columns if part else {})}
+        f = len(self.names)
+        sums = np.zeros(2 * f + 4)
+        if part:
+            per_fn, total = self.rewards.score([r.given for r in part], texts, columns, [r.where for r in part])
+            sums[:f], sums[f:2 * f] = np.nansum(per_fn, 0), np.isfinite(per_fn).sum(0)
+            sums[2 * f:] = [np.nansum(total), np.isfinite(total).sum(), sum(map(len, ids)), len(ids)]
+        sums = self.world.sum(sums)
+        out = {"reward": float(sums[2 * f] / max(sums[2 * f + 1], 1)),
+               "completions/mean_length": float(sums[2 * f + 2] / max(sums[2 * f + 3], 1))}
+        for j, name in enumerate(self.names):
+            out[f"rewards/{name}/mean"] = float(sums[j] / max(sums[f + j], 1))
+        return out
+
+
+def _prompt_loader(max_new_tokens: int):
+    def load_prompts(path, tokenizer, data_cfg, max_seq_len):
+        return fdata.load_prompts(path, tokenizer, data_cfg, max_seq_len, max_new_tokens)
+    return load_prompts
+
+
+def _gathered(world: World, key: str, arr: np.ndarray) -> dict:
+    """{key: (ranks, *largest shape) every rank's array zero-padded, key#shape: (ranks, ndim) their shapes}, summed
+    over ranks (float32 on the wire: token ids are exact below 2^24)."""
+    arr = np.asarray(arr)
+    shapes = np.zeros((world.size, arr.ndim), np.float32)
+    shapes[world.rank] = arr.shape
+    shapes = np.asarray(world.sum(shapes)).astype(np.int64)
+    out = np.zeros((world.size, *shapes.max(0)), np.float32)
+    out[world.rank][tuple(slice(0, d) for d in arr.shape)] = arr
+    return {key: np.asarray(world.sum(out), np.float32), f"{key}#shape": shapes}
