@@ -160,6 +160,10 @@ class BackendOps(Protocol):
         """On the CPU: fold each adapter into its layer and dequantize each quantized layer, once, into dense
         weights for token-by-token decoding."""
 
+    def sampling_weights(self, model, cache: dict):
+        """A context manager: on the CPU the model decodes from dense weights (adapters folded, quantized layers
+        dequantized, the dequantized base kept in `cache` between calls) and gets its training layers back after."""
+
     def complete(self, model, tokenizer, messages: list, max_tokens: int, temp: float = 0.0, stream=None) -> str:
         """Chat-templated generation with the framework's generator; `stream(text)` gets each piece."""
 

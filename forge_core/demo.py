@@ -2,6 +2,8 @@
 
 SFT recipe: held-out loss / perplexity and the task metric (valid JSON, exact match, field accuracy)
 of the base model, then training, then the same numbers for base + adapter.
+GRPO recipe (grpo_demo.yaml, from the SFT demo adapter): the task metric of greedy answers to the held-out prompts
+before and after, the reward being field accuracy against each prompt's reference.
 Preference recipes (dpo_demo.yaml continues from the SFT demo adapter; orpo_ / simpo_ / cpo_ / kto_demo.yaml
 start from the base): on the held-out pairs, how often the policy prefers chosen (log π(y_w) > log π(y_l)), the
 implicit reward against the starting policy (the same yardstick for every method), the JSON task metric of
@@ -80,6 +82,9 @@ def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
     if kind == "sft":
         console.print("measuring the base model on the held-out set...")
         before = evaluate(ops, cfg, adapter=None, model_spec=cfg.model.path, system=same)
+    elif kind == "grpo":  # the reward's own yardstick: the task metric of greedy answers to the held-out prompts
+        console.print(f"measuring the starting policy ({start or 'the base model'}) on the held-out prompts...")
+        before = evaluate(ops, cfg, adapter=start, model_spec=None if start else cfg.model.path, system=same)
     else:
         console.print(f"measuring the starting policy ({start or 'the base model'}) on the held-out pairs...")
         before = evaluate_preferences(ops, cfg, adapter=start, with_task=True, system=same)
@@ -89,6 +94,9 @@ def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
     if kind == "sft":
         after = evaluate(ops, cfg, adapter=adapter, system=same)
         keys = ["loss", "ppl", "valid_json", "exact", "field_acc"]
+    elif kind == "grpo":
+        after = evaluate(ops, cfg, adapter=adapter, system=same)
+        keys = ["valid_json", "exact", "field_acc", "strict"]
     else:
         after = evaluate_preferences(ops, cfg, adapter=adapter, with_task=True, system=same)
         after.update(implicit_rewards(before.pop("logps"), after.pop("logps")))

@@ -20,7 +20,7 @@ from forge_core import data as fdata
 from forge_core import generation
 from forge_core.adapters.formats import FORGE, forge_adapter_dir, read_json
 from forge_core.config import ForgeConfig
-from forge_core.data.eval_rows import prompts_and_references
+from forge_core.data.eval_rows import prompt_only, prompts_and_references
 from forge_core.metrics import score_rows
 from forge_core.perplexity import text_perplexity
 
@@ -157,7 +157,8 @@ def evaluate(ops, cfg: ForgeConfig, adapter: str | None = None, model_spec: str 
     result = {}
     path = cfg.data.valid or cfg.data.train
     if path:
-        result.update(heldout_loss(ops, net, tokenizer, cfg, path))
+        if not prompt_only(path, cfg.data):  # GRPO's prompt rows have no answers to score a loss on
+            result.update(heldout_loss(ops, net, tokenizer, cfg, path))
         result.update(task_metrics(cfg, path, _answers(ops, net, tokenizer, cfg)))
     if e.text:
         result.update(text_perplexity(ops, net, tokenizer, e.text, cfg.train.max_seq_len, e.stride,

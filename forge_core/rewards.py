@@ -5,7 +5,8 @@ that completion), where `columns` holds each extra column of the data rows as a 
 functions come from a local Python file they name (imported as a module; nothing from a hub). Built-ins:
     builtin:valid_json          1 when the completion is one JSON object, else 0
     builtin:json_fields[:COL]   the share of the reference's fields (COL, default "reference": a JSON object or
-                                its text) the completion's JSON object gets exactly right; 0 when it is not JSON
+                                its text) that the first JSON object in the completion gets right - forge eval's
+                                field_acc (forge_core/metrics.py); 0 when the completion holds no JSON object
     builtin:exact[:COL]         1 when the stripped completion equals the stripped reference
     builtin:regex:PATTERN       1 when the completion matches PATTERN (re.search), else 0
     builtin:length:N            −(characters beyond N) / N: 0 up to N characters, −1 at 2N
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from forge_core.errors import ForgeError
+from forge_core.metrics import json_fields_score
 
 
 def _json_object(text: str):
@@ -50,11 +52,10 @@ def json_fields(column: str = "reference"):
         out = []
         for c, ref in zip(completions, refs):
             want = ref if isinstance(ref, dict) else _json_object(str(ref))
-            got = _json_object(c)
             if not want:
                 out.append(None)  # nothing to compare with: this row is not scored by this function
-            else:
-                out.append(0.0 if got is None else sum(got.get(k) == v for k, v in want.items()) / len(want))
+            else:  # forge eval's field_acc: the first JSON object in the completion, fields compared as JSON values
+                out.append(json_fields_score(c, json.dumps(want))["field_acc"])
         return out
     return json_fields
 

@@ -10,6 +10,8 @@ plain temperature sampling (no top-k / top-p), as forge_mlx does.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -34,6 +36,40 @@ def for_inference(model: nn.Module) -> None:
             if m.bias is not None:
                 dense.bias.copy_(m.bias.float())
         set_module(model, path, dense.to(dtype).requires_grad_(False))
+
+
+@contextmanager
+def sampling_weights(model: nn.Module, cache: dict):
+    """CPU only (GRPO's sampling from the model it trains): for the generation, each adapted layer becomes ONE dense
+    nn.Linear W_res + s·BA and each other quantized layer its dequantized values; the training layers go back
+    after. The dequantized residuals stay in `cache` between generations (the base is frozen): a dense copy of
+    the quantized weights for the run. On a GPU the bitsandbytes kernels decode as they are: nothing changes."""
+    if next(model.parameters()).device.type != "cpu":
+        yield
+        return
+    dtype = model.get_input_embeddings().weight.dtype
+    modules = dict(model.named_modules())
+    adapted = {path for path, m in modules.items() if isinstance(m, LoRALinear)}
+    originals = []
+    with torch.no_grad():
+        for path, m in modules.items():
+            layer = m.base_layer if path in adapted else m
+            if path not in adapted and not (is_quantized(m) and path.rpartition(".")[0] not in adapted):
+                continue
+            if path not in cache:
+                cache[path] = layer.dequantized(torch.float32) if is_quantized(layer) else layer.weight.float()
+            weight = cache[path] + m.delta() if path in adapted else cache[path]
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            dense.weight.data = weight.to(dtype)
+            if layer.bias is not None:
+                dense.bias.data = layer.bias.detach().to(dtype)
+            set_module(model, path, dense.requires_grad_(False))
+            originals.append((path, m))
+    try:
+        yield
+    finally:
+        for path, m in originals:
+            set_module(model, path, m)
 
 
 def _stop_ids(model, tokenizer) -> list[int]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .distributed import all_sum, init_world, reduce_numpy  # noqa: F401
-from .generate import complete, for_inference, generate_tokens  # noqa: F401
+from .generate import complete, for_inference, generate_tokens, sampling_weights  # noqa: F401
 from .lora import factors_to_flat, flat_to_factors, load_trainable, trainable_params  # noqa: F401
 from .losses import (  # noqa: F401
     continuation_scores,

@@ -10,6 +10,8 @@ adapter apart (quant.py, lora.py).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
@@ -40,6 +42,48 @@ def for_inference(model: nn.Module) -> None:
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     mx.eval(model.parameters())
+
+
+def _dense(layer: nn.Module, weight: mx.array) -> nn.Linear:
+    out_dims, in_dims = weight.shape
+    dense = nn.Linear(in_dims, out_dims, bias="bias" in layer)
+    dense.weight = weight
+    if "bias" in layer:
+        dense.bias = layer.bias
+    return dense
+
+
+@contextmanager
+def sampling_weights(model: nn.Module, cache: dict):
+    """CPU only (GRPO's sampling from the model it trains): for the generation, each adapted layer becomes ONE dense
+    matrix W_res + s·BA and each other quantized layer its dequantized values; the training layers go back after.
+    The dequantized residuals are kept in `cache` between generations (the base is frozen), so each generation
+    folds only the adapters: the cost is a dense fp32 copy of the quantized weights for the run (4 bytes/param)."""
+    if mx.default_device() != mx.cpu:
+        yield
+        return
+    modules = dict(model.named_modules())
+    adapted = {path for path, m in modules.items() if isinstance(m, LoRALinear)}
+    swaps, originals = [], []
+    for path, m in modules.items():
+        if path in adapted:
+            if path not in cache:
+                base = m.linear
+                cache[path] = base.dequantized(mx.float32) if isinstance(base, QuantLinear) else base.weight.astype(mx.float32)
+            swaps.append((path, _dense(m.linear, cache[path] + m.delta())))
+        elif isinstance(m, QuantLinear) and path.rpartition(".")[0] not in adapted:
+            if path not in cache:
+                cache[path] = m.dequantized(mx.float32)
+            swaps.append((path, _dense(m, cache[path])))
+        else:
+            continue
+        originals.append((path, m))
+    mx.eval([d.weight for _, d in swaps])
+    model.update_modules(tree_unflatten(swaps))
+    try:
+        yield
+    finally:
+        model.update_modules(tree_unflatten(originals))
 
 
 def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: float = 0.0, stream=None) -> str:

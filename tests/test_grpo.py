@@ -222,3 +222,25 @@ def test_cli_grpo_end_to_end(tiny_model, prompts, reward_file, tmp_path):
     res = CliRunner().invoke(cli, ["grpo", "--backend", "cuda", "--model", str(tiny_model), "--data", str(prompts),
                                    "--out", str(tmp_path / "bad"), "--reward", "builtin:nope"])
     assert res.exit_code == 2 and "no built-in 'nope'" in res.output
+
+
+def test_sft_rows_serve_as_prompts_with_their_answer_as_reference(tiny_model, tmp_path):
+    """`forge grpo --data sft.jsonl`: each conversation up to its last answer is the prompt, that answer the
+    `reference` column; forge eval reads prompt-only rows as (prompt, reference) and scores no held-out loss."""
+    from forge_core import data as fdata
+    from forge_core.config import DataConfig
+    from forge_core.data.eval_rows import prompt_only, prompts_and_references
+    from forge_core.data.tokenize import load_tokenizer
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "spell fig"},
+                                                             {"role": "assistant", "content": "f i g"}]}])
+    grpo = write_jsonl(tmp_path / "grpo.jsonl", [{"prompt": "spell fig", "reference": "f i g"}])
+    tok = load_tokenizer(tiny_model)
+    a, _ = fdata.load_prompts(sft, tok, DataConfig(), 64, 8)
+    b, _ = fdata.load_prompts(grpo, tok, DataConfig(), 64, 8)
+    assert np.array_equal(a[0].prompt, b[0].prompt) and a[0].columns == b[0].columns == {"reference": "f i g"}
+    assert b[0].where.endswith("grpo.jsonl:1")
+    assert prompt_only(grpo, DataConfig()) and not prompt_only(sft, DataConfig())
+    assert prompts_and_references(grpo, DataConfig()) == [([{"role": "user", "content": "spell fig"}], "f i g")]
+    long, stats = fdata.load_prompts(grpo, tok, DataConfig(), 12, 8)  # room for 4 prompt tokens: cut from the left
+    assert len(long[0].prompt) == 4 and stats.truncated == 1 and np.array_equal(long[0].prompt, b[0].prompt[-4:])

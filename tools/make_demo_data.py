@@ -28,7 +28,7 @@ from forge_core.atomic import write_text
 SEED = 1234
 ANSWER_KEYS = ("name", "age", "city", "job")
 SYSTEM = 'Answer with one JSON line only, keys in order: "name", "age" (a number), "city" (where they live now), "job".'
-COUNTS = {"sft_train": 200, "sft_valid": 40, "dpo_train": 150, "dpo_valid": 30}
+COUNTS = {"sft_train": 200, "sft_valid": 40, "dpo_train": 150, "dpo_valid": 30, "grpo_train": 200}
 
 FIRST = {
     "train": ["Mira", "Tobin", "Elsa", "Rafe", "Noor", "Idris", "Calla", "Bram", "Sunniva", "Oskar",
@@ -212,6 +212,8 @@ def make_file(name: str, seed: int, used: set) -> list[dict]:
         prompt = prompt_messages(user_message(rng, split, p))
         if name.startswith("sft"):
             rows.append({"messages": prompt + [{"role": "assistant", "content": answer(p)}]})
+        elif name.startswith("grpo"):
+            rows.append({"prompt": prompt, "reference": answer(p)})
         else:
             rejected = rejected_answer(rng, p, REJECT_KINDS[i % len(REJECT_KINDS)])
             assert rejected != answer(p), (name, i)
@@ -220,9 +222,15 @@ def make_file(name: str, seed: int, used: set) -> list[dict]:
 
 
 def build(seed: int = SEED) -> dict[str, list[dict]]:
-    """{file stem: rows} for all four files. Full names never repeat within a split (train / valid)."""
+    """{file stem: rows} for all six files. Full names never repeat within a split (train / valid). GRPO's rows
+    are prompts with their answer as the `reference` column the reward compares with: new people for training
+    (the SFT adapter GRPO continues from has not seen them), the SFT held-out prompts for validation (so its
+    numbers compare with the SFT demo's)."""
     used = {"train": set(), "valid": set()}
-    return {name: make_file(name, seed, used[name.split("_")[1]]) for name in COUNTS}
+    files = {name: make_file(name, seed, used[name.split("_")[1]]) for name in COUNTS}
+    files["grpo_valid"] = [{"prompt": r["messages"][:-1], "reference": r["messages"][-1]["content"]}
+                           for r in files["sft_valid"]]
+    return files
 
 
 def to_jsonl(rows: list[dict]) -> str:

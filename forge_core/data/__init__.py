@@ -236,7 +236,8 @@ def load_unpaired(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) -> tu
 
 @_memo
 def load_prompts(path, tokenizer, data_cfg: DataConfig, max_seq_len: int, max_new_tokens: int = 0) -> tuple[list[PromptRow], DataStats]:
-    """GRPO's prompt-only rows {prompt (string or messages), ...other columns} -> PromptRow: the prompt rendered
+    """GRPO's prompt-only rows {prompt (string or messages), ...other columns} -> PromptRow (an SFT row {messages}
+    is read as its conversation up to the last answer, with that answer as the `reference` column): the prompt rendered
     with the generation prompt (a string prompt without a chat template: tokenized as it is), cut from the LEFT to
     max_seq_len - max_new_tokens so that its sampled completions fit (TRL's max_prompt_length cuts the same side)."""
     chat = ChatTokenizer(tokenizer)
@@ -247,6 +248,11 @@ def load_prompts(path, tokenizer, data_cfg: DataConfig, max_seq_len: int, max_ne
                          f"{max_new_tokens}; raise train.max_seq_len")
 
     def build(row):
+        if "messages" in row and "prompt" not in row:  # an SFT conversation: its last answer is the reference
+            ex = parse_sft(row, data_cfg.system_prompt, data_cfg.columns)
+            last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+            row = {"prompt": ex.messages[:last], "reference": ex.messages[last]["content"],
+                   **{k: v for k, v in row.items() if k != "messages"}}
         messages, columns = parse_prompt(row, data_cfg.system_prompt, data_cfg.columns)
         given = row.get("prompt")
         if chat.has_template:

@@ -2,13 +2,21 @@
 prompt a run's rows share (recorded in forge.json so generate/eval ask the trained model as it was taught).
 
 SFT rows: the conversation up to its LAST assistant turn is the prompt, that turn is the reference.
-Preference rows: the prompt, with `chosen` as the reference.
+Preference rows: the prompt, with `chosen` as the reference. GRPO's prompt-only rows: the prompt, with the
+`reference` column (if any) as the reference.
 """
 
 from __future__ import annotations
 
 from forge_core.config import DataConfig
-from forge_core.data.rows import RowProblem, iter_rows, parse_preference, parse_sft, parse_unpaired
+from forge_core.data.rows import (
+    RowProblem,
+    iter_rows,
+    parse_preference,
+    parse_prompt,
+    parse_sft,
+    parse_unpaired,
+)
 from forge_core.errors import ForgeError, located
 
 
@@ -19,11 +27,28 @@ def _pair(row: dict, data_cfg: DataConfig):
             sys_msgs = [{"role": "system", "content": ex.system}] if ex.system else []
             return sys_msgs + [{"role": "user", "content": ex.prompt}], ex.chosen
         return ex.prompt, ex.chosen
+    if _prompt_only(row, data_cfg):
+        messages, columns = parse_prompt(row, data_cfg.system_prompt, data_cfg.columns)  # GRPO's prompt-only rows
+        return messages, str(columns.get("reference", ""))
     ex = parse_sft(row, data_cfg.system_prompt, data_cfg.columns)
     if ex.messages is None:
         return None  # a plain-text row has no question to ask
     last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
     return ex.messages[:last], ex.messages[last]["content"]
+
+
+def _prompt_only(row: dict, data_cfg: DataConfig) -> bool:
+    def has(k):
+        return k in row or data_cfg.columns.get(k) in row
+
+    return has("prompt") and not any(has(k) for k in ("completion", "messages", "text", "chosen", "label"))
+
+
+def prompt_only(path, data_cfg: DataConfig) -> bool:
+    """Whether the file's rows are GRPO's prompt-only rows (no answer to score a held-out loss on)."""
+    for _, _, row in iter_rows(path, data_cfg.columns):
+        return not isinstance(row, RowProblem) and _prompt_only(row, data_cfg)
+    return False
 
 
 def prompts_and_references(path, data_cfg: DataConfig) -> list[tuple[list[dict], str]]:

@@ -106,6 +106,7 @@ class GRPOObjective(Objective):
                                level=g.importance_sampling_level, loss_type=g.loss_type,
                                max_new_tokens=g.max_new_tokens)
         self._logps = ops.no_grad(model, partial(ops.per_token_logps, model))
+        self._dense: dict = {}  # the dequantized base the CPU samples from (ops.sampling_weights)
 
     # ------------------------------------------------------------------ data position (exact resume)
 
@@ -148,8 +149,10 @@ class GRPOObjective(Objective):
     def _sample(self, prompts: list[np.ndarray]) -> list[list[int]]:
         """Each prompt's completion token ids (stop token left out), sampled with grpo's settings."""
         g = self.cfg.grpo
-        return generation.generate(self.ops, self.model, self.tokenizer, [np.asarray(p).tolist() for p in prompts],
-                                   g.max_new_tokens, g.temperature, g.sample_batch_size or len(prompts), top_p=g.top_p)
+        with self.ops.sampling_weights(self.model, self._dense):
+            return generation.generate(self.ops, self.model, self.tokenizer, [np.asarray(p).tolist() for p in prompts],
+                                       g.max_new_tokens, g.temperature, g.sample_batch_size or len(prompts),
+                                       top_p=g.top_p)
 
     def _generate(self, micro_batches: int) -> tuple[list[dict], dict]:
         g, world = self.cfg.grpo, self.world
@@ -279,8 +282,11 @@ class GRPOObjective(Objective):
         mine = list(range(self.world.rank, len(rows), self.world.size))
         training = self.model.training
         self.model.eval()
-        ids = generation.generate(self.ops, self.model, self.tokenizer, [rows[i].prompt.tolist() for i in mine],
-                                  g.max_new_tokens, 0.0, g.sample_batch_size or 32) if mine else []
+        ids = []
+        if mine:
+            with self.ops.sampling_weights(self.model, self._dense):
+                ids = generation.generate(self.ops, self.model, self.tokenizer, [rows[i].prompt.tolist() for i in mine],
+                                          g.max_new_tokens, 0.0, g.sample_batch_size or 32)
         if training:
             self.model.train()
         texts = [self.hf.decode(c, skip_special_tokens=True) for c in ids]

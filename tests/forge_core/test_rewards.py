@@ -17,6 +17,8 @@ def test_builtins_score_as_documented():
     p = ["q"] * 4
     assert load("builtin:valid_json")(p, COMPLETIONS) == [1.0, 1.0, 0.0, 1.0]
     assert load("builtin:json_fields")(p, COMPLETIONS, **cols) == [1.0, 0.5, 0.0, 0.0]
+    # the first JSON object anywhere in the completion, as forge eval's field_acc finds it; 36.0 == 36
+    assert load("builtin:json_fields")(p, ['Sure: {"age": 36.0, "name": "Ada"} ok'], reference=[REF]) == [1.0]
     assert load("builtin:exact")(p, COMPLETIONS, **cols) == [1.0, 0.0, 0.0, 0.0]
     assert load("builtin:regex:^\\{")(p, COMPLETIONS) == [1.0, 1.0, 0.0, 0.0]
     assert load("builtin:length:10")(p, ["a" * 5, "a" * 15, "a" * 20, ""]) == [0.0, -0.5, -1.0, 0.0]
