@@ -33,6 +33,7 @@ TRAIN_OPTIONS = {
     "rank": "lora.rank",
     "alpha": "lora.alpha",
     "init": "lora.init",
+    "dora": "lora.dora",
     "quant": "quant.bits",
     "train_on_prompt": "data.train_on_prompt",
     "packing": "data.packing",
@@ -68,6 +69,8 @@ def config_options(f):
         click.option("--rank", type=int),
         click.option("--alpha", type=float),
         click.option("--init", help="lora | pissa | pissa_niter_N"),
+        click.option("--dora/--no-dora", default=None, help="DoRA: train a magnitude per output row too (QDoRA on a "
+                     "quantized base)."),
         click.option("--quant", type=click.Choice(["none"] + [str(b) for b in choices("quant.bits") if b]),
                      callback=_quant_bits, help="Base weight bits."),
         click.option("--train-on-prompt/--no-train-on-prompt", default=None),

@@ -65,6 +65,7 @@ class LoraConfig:
     layers: str = "all"  # "all", "-8:" (last 8), "0:12" (python slice over the blocks)
     init: str = "pissa"  # lora | pissa (full SVD) | pissa_niter_N (randomized, N subspace iterations)
     rslora: bool = False
+    dora: bool = False  # DoRA: a trained magnitude per output row over the adapted direction (QDoRA on a 4-bit base)
 
 
 @dataclass

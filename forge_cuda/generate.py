@@ -58,7 +58,7 @@ def sampling_weights(model: nn.Module, cache: dict):
                 continue
             if path not in cache:
                 cache[path] = layer.dequantized(torch.float32) if is_quantized(layer) else layer.weight.float()
-            weight = cache[path] + m.delta() if path in adapted else cache[path]
+            weight = m.merged(cache[path]) if path in adapted else cache[path]
             dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
             dense.weight.data = weight.to(dtype)
             if layer.bias is not None:

@@ -33,11 +33,15 @@ from .quant import is_quantized, quant_kind, quantize_linear, quantize_rest, set
 
 
 class LoRALinear(nn.Module):
-    """y = base_layer(x) + scale · dropout(x) @ lora_Aᵀ @ lora_Bᵀ; A, B are fp32 master weights."""
+    """y = base_layer(x) + scale · dropout(x) @ lora_Aᵀ @ lora_Bᵀ; A, B are fp32 master weights.
+
+    DoRA (dora=True): PEFT's DoraLinearLayer - a trainable magnitude `lora_magnitude_vector` (out,) starting at
+    ||W + s·B0A0||_row, y = Wx + b + (m/n − 1)·W·drop(x) + (m/n)·s·BA·drop(x) with n = ||W + s·BA||_row held
+    constant in the backward (forge_mlx.lora.LoRALinear computes the same)."""
 
     def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0,
                  lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, dora: bool = False):
         super().__init__()
         out_f, in_f = base.out_features, base.in_features
         self.base_layer = base
@@ -52,23 +56,55 @@ class LoRALinear(nn.Module):
         # copy=True: a given A0/B0 (often a view of the numpy PiSSA factors) must not train in place
         self.lora_A = nn.Parameter(lora_A.detach().to(device, torch.float32, copy=True).contiguous())
         self.lora_B = nn.Parameter(lora_B.detach().to(device, torch.float32, copy=True).contiguous())
+        self.lora_magnitude_vector = None
+        if dora:
+            with torch.no_grad():
+                m = torch.linalg.norm(self.base_weight() + self.delta(), dim=1)
+            self.lora_magnitude_vector = nn.Parameter(m.contiguous())
+
+    def base_weight(self) -> torch.Tensor:
+        """The base's weight, dense fp32 (a quantized base dequantized)."""
+        base = self.base_layer
+        return base.dequantized(torch.float32) if is_quantized(base) else base.weight.float()
 
     def forward(self, x):
+        if self.lora_magnitude_vector is not None:
+            return self._dora(x)
         y = self.base_layer(x)
         z = (self.dropout(x) @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T
         return y + (self.scale * z).to(y.dtype)
+
+    def _dora(self, x):
+        w = self.base_weight()
+        norm = torch.linalg.norm(w + self.delta(), dim=1).detach()
+        mag = (self.lora_magnitude_vector / norm).to(x.dtype)
+        w = w.to(x.dtype)
+        dropped = self.dropout(x)
+        base = x @ w.T
+        base_dropped = dropped @ w.T if self.dropout.p > 0 and self.training else base
+        lora = ((dropped @ self.lora_A.to(x.dtype).T) * self.scale) @ self.lora_B.to(x.dtype).T
+        y = base + (mag - 1) * base_dropped + mag * lora
+        return y + self.base_layer.bias.to(y.dtype) if self.base_layer.bias is not None else y
 
     def delta(self) -> torch.Tensor:
         """scale · B @ A in (out, in) weight layout."""
         return self.scale * (self.lora_B @ self.lora_A)
 
+    def merged(self, w: torch.Tensor) -> torch.Tensor:
+        """The dense weight this layer computes with, given its base's dense weight w (fp32): W + s·BA, or under
+        DoRA m / ||W + s·BA||_row · (W + s·BA)."""
+        adapted = w + self.delta()
+        if self.lora_magnitude_vector is not None:
+            adapted = adapted * (self.lora_magnitude_vector / torch.linalg.norm(adapted, dim=1))[:, None]
+        return adapted
+
     def fuse(self) -> nn.Linear:
         """Fold the adapter into a dense nn.Linear (dequantizing a quantized base; never requantizing)."""
         base = self.base_layer
-        w = base.dequantized(torch.float32) if is_quantized(base) else base.weight.float()
+        w = self.base_weight()
         fused = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=w.device)
         with torch.no_grad():
-            fused.weight.copy_(w + self.delta())
+            fused.weight.copy_(self.merged(w))
             if base.bias is not None:
                 fused.bias.copy_(base.bias.float())
         return fused
@@ -108,7 +144,8 @@ def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = No
         linear = quantize_linear(linear, qkind, q.double_quant, compute_dtype, device, q.matmul) if qkind \
             else linear.to(device)
         gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + i)  # LoRA init: reproducible per layer
-        set_module(model, path, LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b, generator=gen))
+        set_module(model, path, LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b, generator=gen,
+                                           dora=cfg.lora.dora))
         adapted.append(path)
     if qkind:
         quantize_rest(model, qkind, q.double_quant, compute_dtype, device, q.matmul, q.embeddings,
@@ -137,18 +174,26 @@ def load_trainable(model: nn.Module, weights: dict) -> None:
             p.copy_(v.to(p.device, p.dtype))
 
 
-def tensors_to_flat(tensors: dict) -> dict[str, np.ndarray]:
-    """Canonical {module: (A (r,in), B (out,r))} -> trainable names {module.lora_A: A, module.lora_B: B}."""
+MAGNITUDE = "lora_magnitude_vector"
+
+
+def tensors_to_flat(tensors: dict, magnitudes: dict | None = None) -> dict[str, np.ndarray]:
+    """Canonical {module: (A (r,in), B (out,r))} (+ DoRA {module: m}) -> trainable names {module.lora_A: A,
+    module.lora_B: B, module.lora_magnitude_vector: m}."""
     flat = {}
     for m, (a, b) in tensors.items():
         flat[f"{m}.lora_A"], flat[f"{m}.lora_B"] = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    for m, mag in (magnitudes or {}).items():
+        flat[f"{m}.{MAGNITUDE}"] = np.asarray(mag, np.float32)
     return flat
 
 
-def flat_to_tensors(flat: dict) -> dict:
-    """Inverse of tensors_to_flat."""
+def flat_to_tensors(flat: dict) -> tuple[dict, dict | None]:
+    """Inverse of tensors_to_flat: ({module: (A, B)}, {module: m} or None)."""
     mods = {k.rsplit(".", 1)[0] for k in flat}
-    return {m: (np.asarray(flat[f"{m}.lora_A"]), np.asarray(flat[f"{m}.lora_B"])) for m in sorted(mods)}
+    tensors = {m: (np.asarray(flat[f"{m}.lora_A"]), np.asarray(flat[f"{m}.lora_B"])) for m in sorted(mods)}
+    mags = {m: np.asarray(flat[f"{m}.{MAGNITUDE}"]) for m in sorted(mods) if f"{m}.{MAGNITUDE}" in flat}
+    return tensors, mags or None
 
 
 def factors_to_flat(factors: dict) -> dict[str, np.ndarray]:

@@ -84,8 +84,10 @@ def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weight
 
 def _adapter(model: nn.Module, cfg: ForgeConfig, factors: dict, meta: dict):
     flat = {k: v.detach().float().cpu().numpy() for k, v in trainable_params(model).items()}
-    return Adapter(flat_to_tensors(flat), lora_scale(cfg.lora), cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora,
-                   init="pissa" if factors else "lora", pissa_init=dict(factors) if factors else None,
+    tensors, magnitudes = flat_to_tensors(flat)
+    return Adapter(tensors, lora_scale(cfg.lora), cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora,
+                   magnitudes=magnitudes, init="pissa" if factors else "lora",
+                   pissa_init=dict(factors) if factors else None,
                    dropout=cfg.lora.dropout, layout="peft", forge=meta, base_model=cfg.model.path)
 
 
@@ -113,7 +115,7 @@ def load_adapter_dir(path):
     adapter = read_adapter(d)
     if not isinstance(adapter.forge.get("config"), dict):
         raise ForgeError(f"{d / 'forge.json'}: no 'config' (the training config); not written by forge train")
-    return from_dict(adapter.forge["config"]), tensors_to_flat(adapter.tensors), adapter.pissa_init
+    return from_dict(adapter.forge["config"]), tensors_to_flat(adapter.tensors, adapter.magnitudes), adapter.pissa_init
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

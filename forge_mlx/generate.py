@@ -70,7 +70,7 @@ def sampling_weights(model: nn.Module, cache: dict):
             if path not in cache:
                 base = m.linear
                 cache[path] = base.dequantized(mx.float32) if isinstance(base, QuantLinear) else base.weight.astype(mx.float32)
-            swaps.append((path, _dense(m.linear, cache[path] + m.delta())))
+            swaps.append((path, _dense(m.linear, m.merged(cache[path]))))
         elif isinstance(m, QuantLinear) and path.rpartition(".")[0] not in adapted:
             if path not in cache:
                 cache[path] = m.dequantized(mx.float32)

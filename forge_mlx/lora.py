@@ -30,36 +30,77 @@ from .quant import QuantLinear, quantizable, quantize_linear, quantize_rest
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scale · dropout(x) @ lora_a @ lora_b."""
+    """y = base(x) + scale · dropout(x) @ lora_a @ lora_b.
+
+    DoRA (dora=True, Liu et al. 2024): a trainable magnitude m (out,) over the direction of W + s·BA, each output
+    row renormalised: y = m / ||W + s·BA||_row · (W + s·BA) x + bias, the norm a constant in the backward (the
+    paper's memory saving, as PEFT and mlx-lm do). m starts at ||W + s·B0A0||_row, so the model starts unchanged
+    (PiSSA: the original W's row norms; QPiSSA: those of Q(W_res) + s·B0A0). With dropout in training the base
+    term sees the dropped input too, PEFT's formula: y = Wx + b + (m/n − 1)·W·drop(x) + (m/n)·s·BA·drop(x).
+    """
 
     def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0,
-                 lora_a: mx.array | None = None, lora_b: mx.array | None = None):
+                 lora_a: mx.array | None = None, lora_b: mx.array | None = None, dora: bool = False):
         super().__init__()
         out_dims, in_dims = _shape(base)
         self.linear = base
         self.scale = scale
         self.dropout = nn.Dropout(p=dropout)
+        self.dropout_p = dropout
         bound = 1 / math.sqrt(in_dims)
         self.lora_a = lora_a if lora_a is not None else mx.random.uniform(-bound, bound, (in_dims, rank))
         self.lora_b = lora_b if lora_b is not None else mx.zeros((rank, out_dims))
+        if dora:  # mlx-lm's name for the magnitude: the adapter keys stay mlx-lm's (`<module>.m`)
+            self.m = mx.linalg.norm(self.base_weight() + self.delta(), axis=1)
+
+    @property
+    def dora(self) -> bool:
+        return "m" in self
+
+    def base_weight(self) -> mx.array:
+        """The base's weight, dense fp32 (a quantized base dequantized)."""
+        base = self.linear
+        return base.dequantized(mx.float32) if isinstance(base, QuantLinear) else base.weight.astype(mx.float32)
 
     def __call__(self, x):
+        if self.dora:
+            return self._dora(x)
         y = self.linear(x)
         # the scale goes on the rank-r product (N, r), not on the (N, out) one: one pass fewer per call
         xa = (self.dropout(x) @ self.lora_a.astype(x.dtype)) * self.scale
         return y + (xa @ self.lora_b.astype(x.dtype)).astype(y.dtype)
 
+    def _dora(self, x):
+        w = self.base_weight()
+        norm = mx.stop_gradient(mx.linalg.norm(w + self.delta(), axis=1))
+        mag = (self.m / norm).astype(x.dtype)
+        w = w.astype(x.dtype)
+        dropped = self.dropout(x)
+        base = x @ w.T
+        base_dropped = dropped @ w.T if self.dropout_p > 0 and self.training else base
+        lora = ((dropped @ self.lora_a.astype(x.dtype)) * self.scale) @ self.lora_b.astype(x.dtype)
+        y = base + (mag - 1) * base_dropped + mag * lora
+        return y + self.linear.bias if "bias" in self.linear else y
+
     def delta(self) -> mx.array:
         """scale · Bᵀ... in (out, in) weight layout: scale · lora_bᵀ @ lora_aᵀ."""
         return self.scale * (self.lora_b.T @ self.lora_a.T)
 
+    def merged(self, w: mx.array) -> mx.array:
+        """The dense weight this layer computes with, given its base's dense weight w (fp32): W + s·BA, or under
+        DoRA m / ||W + s·BA||_row · (W + s·BA)."""
+        adapted = w + self.delta()
+        if self.dora:
+            adapted = adapted * (self.m / mx.linalg.norm(adapted, axis=1))[:, None]
+        return adapted
+
     def fuse(self) -> nn.Linear:
         """Fold the adapter into a dense nn.Linear (dequantizing a quantized base; never requantizing)."""
         base = self.linear
-        w = base.dequantized(mx.float32) if isinstance(base, QuantLinear) else base.weight.astype(mx.float32)
+        w = self.base_weight()
         out_dims, in_dims = w.shape
         fused = nn.Linear(in_dims, out_dims, bias="bias" in base)
-        fused.weight = w + self.delta()
+        fused.weight = self.merged(w)
         if "bias" in base:
             fused.bias = base.bias
         return fused
@@ -100,7 +141,7 @@ def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = No
             a, b = mx.array(np.ascontiguousarray(a0.T)), mx.array(np.ascontiguousarray(b0.T))
         if q.bits and quantizable(linear, q.group_size):
             linear = quantize_linear(linear, q.bits, q.group_size, q.matmul)
-        wrapped = LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b)
+        wrapped = LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b, dora=cfg.lora.dora)
         mx.eval(wrapped.parameters())
         # swap it in now: the model's reference to this layer's dense W goes, so W can be freed
         model.update_modules(tree_unflatten([(path, wrapped)]))

@@ -77,7 +77,7 @@ def adapter_config(cfg: ForgeConfig, num_blocks: int, keys: list[str]) -> dict:
     """mlx-lm's adapter_config.json. mlx-lm applies LoRA to the LAST num_layers blocks."""
     first = min(layer_indices(cfg.lora.layers, num_blocks))
     return {
-        "fine_tune_type": "lora",
+        "fine_tune_type": "dora" if cfg.lora.dora else "lora",
         "num_layers": num_blocks - first,
         "lora_parameters": {"rank": cfg.lora.rank, "scale": lora_scale(cfg.lora), "dropout": cfg.lora.dropout,
                             "keys": keys},

@@ -67,7 +67,7 @@ def random_adapter(cuda_model, seed: int = 0, std: float = 0.05) -> dict:
     rng = np.random.default_rng(seed)
     flat = {k: (std * rng.standard_normal(tuple(p.shape))).astype(np.float32)
             for k, p in trainable_params(cuda_model).items()}
-    return flat_to_tensors(flat)
+    return flat_to_tensors(flat)[0]
 
 
 def tokens(vocab: int, rows: int = 3, length: int = 24, seed: int = 1) -> np.ndarray:

@@ -213,7 +213,20 @@ def weight_components(run: Run) -> list[Component]:
 
 
 def dequant_bytes(run: Run) -> tuple[int, str]:
-    """Dense copies of quantized weights made for the matmul (0 when the kernel reads them packed)."""
+    """Dense copies of quantized weights made for the matmul (0 when the kernel reads them packed); under DoRA at
+    least every adapted weight, dense for its row norms and kept by x·Wᵀ for the backward."""
+    plain, why = _dequant_bytes(run)
+    if run.cfg.lora.dora and (run.mode != "none" or run.on_gpu):  # full precision on the CPU: W itself, no copy
+        shapes = run.shape.linears()
+        blocks = 1 if run.cfg.train.grad_checkpoint else run.lora_layers
+        dora = blocks * sum(shapes[t][0] * shapes[t][1] for t in run.targets) * run.cb
+        if dora > plain:
+            return dora, "DoRA: each adapted weight dense for its row norm" + (", one block (checkpointed)"
+                                                                              if blocks == 1 else "")
+    return plain, why
+
+
+def _dequant_bytes(run: Run) -> tuple[int, str]:
     if run.mode == "none":
         return 0, ""
     s, cb = run.shape, run.cb
@@ -236,6 +249,8 @@ def lora_tensor_sizes(run: Run) -> list[int]:
     """Element counts of every LoRA factor: A (r, in) and B (out, r) per target per adapted block."""
     r, shapes = run.cfg.lora.rank, run.shape.linears()
     one_block = [n for t in run.targets for n in (r * shapes[t][1], shapes[t][0] * r)]
+    if run.cfg.lora.dora:  # DoRA's magnitude: one value per output row
+        one_block += [shapes[t][0] for t in run.targets]
     return one_block * run.lora_layers
 
 
