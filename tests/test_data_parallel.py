@@ -218,3 +218,31 @@ def test_bad_row_stops_both_ranks_with_one_message(backend, tiny_model, tmp_path
     assert len(errors) == 1, res.stdout + res.stderr
     assert f"{data}:10" in errors[0]
     assert "forge_core/" not in res.stdout + res.stderr  # no traceback through forge
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grpo_two_ranks_run_and_resume_inside_a_generation_exactly(backend, tiny_model, jsonl, tmp_path):
+    """GRPO under the launcher: each rank samples its prompts' groups, the advantages are scaled over the global
+    batch (scale_rewards batch: one exchange), and a generation that serves μ = 2 steps is gathered to rank 0's
+    file; a resume between those two steps reads every rank's share back and ends bit-identical."""
+    import shutil
+
+    data = jsonl("prompts.jsonl", [{"prompt": f"spell {w}{i}", "reference": w} for i, w in enumerate(WORDS * 2)])
+    extra = ("--reward", "builtin:regex:[aeiou]", "--reward", "builtin:length:4", "--num-generations", "2",
+             "--max-new-tokens", "5", "--num-iterations", "2", "--scale-rewards", "batch", "--temperature", "1.5",
+             "--set", "train.save_every=1", "--set", "grpo.beta=0.05")
+    straight = tmp_path / "straight"
+    res = _launched(backend, _args(backend, tiny_model, data, straight, batch=2, kind="grpo", steps=4, extra=extra))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert (straight / "grpo_generation.safetensors").is_file() and (straight / "adapter").is_dir()
+    # the run as a kill after step 3 (inside the second generation) leaves it: checkpoint 3, no adapter
+    cut = tmp_path / "cut"
+    shutil.copytree(straight, cut)
+    shutil.rmtree(cut / "adapter")
+    shutil.rmtree(cut / "checkpoints" / "step_000004")
+    (cut / "latest.json").write_text(json.dumps({"step": 3, "dir": "checkpoints/step_000003"}))
+    res = _launched(backend, ["grpo", "--resume", str(cut)])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert _losses(cut) == _losses(straight) and len(_losses(cut)) == 4
+    a, b = _weights(straight, backend), _weights(cut, backend)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
