@@ -15,7 +15,7 @@ else
 EXTRAS := mlx-linux,cuda,dev
 endif
 
-.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto demo-grpo demo-grpo-base test test-fast bench bench-dpo bench-memory bench-dp bench-methods bench-eval bench-gguf fidelity venv clean sysdeps
+.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto demo-grpo demo-grpo-base test test-fast bench bench-dpo bench-memory bench-dp bench-methods bench-eval bench-gguf bench-grpo bench-dora fidelity venv clean sysdeps
 
 # Linux only, optional: an optimized BLAS for MLX's CPU wheel (forge_mlx/blas.py preloads it; ~90x
 # faster fp32 matmul than the wheel's reference BLAS). Installed with apt when we are root; otherwise
@@ -98,6 +98,15 @@ bench-eval: $(VENV)/.stamp
 # GGUF export of the demo adapter: size and seconds per --outtype
 bench-gguf: $(VENV)/.stamp
 	$(PY) tools/bench_gguf.py --write docs/BENCHMARKS.md
+
+# GRPO on the bundled model: held-out task metrics before/after (from the SFT adapter and from the base) and
+# where a step's time goes (about 60 minutes on 2 cores)
+bench-grpo: $(VENV)/.stamp
+	$(PY) tools/bench_grpo.py --write docs/BENCHMARKS.md
+
+# DoRA vs LoRA seconds per step and peak memory on the bundled model (4-bit and full-precision base)
+bench-dora: $(VENV)/.stamp
+	$(PY) tools/bench_dora.py --write docs/BENCHMARKS.md
 
 fidelity: $(VENV)/.stamp
 	$(PY) tools/fidelity.py --write docs/BENCHMARKS.md

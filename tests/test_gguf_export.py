@@ -231,3 +231,82 @@ def test_embedding_rows_beyond_the_tokenizer_are_padding_entries(tmp_path):
     assert meta["tokenizer.ggml.add_bos_token"] is False
     want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def _sentencepiece_tokenizer(out):
+    """A Llama-2-style tokenizer (SentencePiece BPE with byte fallback, "▁" for spaces) built in code with
+    transformers' own LlamaTokenizer: <unk> <s> </s>, the 256 byte tokens, a few pieces and merges."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "e", "t", "h", "a", "o", "s", "i", "n", "r", "l", "▁t", "he", "▁the", "▁a", "in", "er", "on",
+                  "▁s", "is"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "a"), ("i", "n"), ("e", "r"), ("o", "n"), ("▁", "s"),
+              ("i", "s")]
+    tok = LlamaTokenizer(vocab=vocab, merges=merges)
+    tok.save_pretrained(str(out))
+    return tok
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_a_sentencepiece_style_tokenizer_round_trips_through_transformers(arch, tmp_path):
+    """Llama 2 / Mistral 7B v0.1 style: llama.cpp's "llama" vocabulary (scores in merge order, byte tokens, the space
+    prefix); transformers' GGUF loader rebuilds a tokenizer that encodes as the original and the same logits."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    src = tmp_path / "src"
+    tok = _sentencepiece_tokenizer(src)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=128, bos_token_id=1,
+                 eos_token_id=2, tie_word_embeddings=False)
+    config, cls = (LlamaConfig(**shape), LlamaForCausalLM) if arch == "llama" else (MistralConfig(**shape),
+                                                                                   MistralForCausalLM)
+    torch.manual_seed(3)
+    cls(config).float().save_pretrained(str(src), safe_serialization=True)
+    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
+    meta, _ = gguf_import.read_gguf(tmp_path / "m.gguf")
+    assert meta["tokenizer.ggml.model"] == "llama"
+    types = meta["tokenizer.ggml.token_type"]
+    assert types[0] == gguf_export.UNKNOWN and types[3] == types[258] == gguf_export.BYTE and types[1] == 3
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for text in ["the saint is here!", "  the  sea\n", "ünïcode ✓ falls back to bytes", "is"]:
+        assert back(text).input_ids == tok(text).input_ids, text
+    want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_gemma2_round_trips_through_transformers(tmp_path):
+    """Gemma 2: the norms stored as 1 + w (transformers subtracts 1 as llama.cpp's files need), the post-attention
+    and pre/post-feedforward norms named as llama.cpp names them, tied embeddings, head_dim and soft-capping in the
+    metadata; its SentencePiece tokenizer (GemmaTokenizer: no space prefix) encodes alike after the round trip."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, GemmaTokenizer
+
+    src = tmp_path / "src"
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"<0x{b:02X}>": 4 + b for b in range(256)}}
+    for piece in ["▁", "e", "t", "h", "a", "s", "i", "▁t", "he", "▁the", "is"]:
+        vocab.setdefault(piece, len(vocab))
+    tok = GemmaTokenizer(vocab=vocab, merges=[("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "s")])
+    tok.save_pretrained(str(src))
+    # head_dim = query_pre_attn_scalar (256, the config default transformers falls back to when reading a GGUF)
+    config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, vocab_size=len(tok),
+                          max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(4)
+    model = Gemma2ForCausalLM(config).float()
+    with torch.no_grad():  # norms away from their init, so a lost "+ 1" or a swapped norm shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.3)
+    model.save_pretrained(str(src), safe_serialization=True)
+    gguf_export.write_gguf(src, tmp_path / "g.gguf", "f32")
+    meta, tensors = gguf_import.read_gguf(tmp_path / "g.gguf")
+    names = {t.name for t in tensors}
+    assert meta["general.architecture"] == "gemma2" and meta["gemma2.attention.key_length"] == 256
+    assert {"blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"} <= names
+    assert "output.weight" not in names
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="g.gguf")
+    for text in ["the this is", " the", "héé!"]:
+        assert back(text).input_ids == tok(text).input_ids, text
+    want, got = _logits(src), _logits(tmp_path, gguf_file="g.gguf")
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())

@@ -5,11 +5,13 @@ unpermute_rows), the byte-level BPE tokenizer (tokens, token types, merges, llam
 the chat template.
 
 Architectures (ARCHS): Llama and Mistral (llama.cpp's "llama": q and k rows permuted), Qwen2 ("qwen2": q/k/v
-biases, no permutation) and Phi-3 ("phi3": fused qkv and gate_up); others are refused with one line naming them.
-The tokenizer must be byte-level BPE (Llama 3, Qwen2, SmolLM, GPT-2 style): checkpoints with SentencePiece-style
-tokenizers (Llama 2, Mistral 7B v0.1-0.3, Phi-3-mini) are refused for now, by name. Tokenizers: byte-level BPE whose
-pre-tokenizer llama.cpp knows by name (GPT-2, digits + GPT-2 as SmolLM/StarCoder, Llama 3's and Qwen2's
-regexes); others are refused. Outtypes: f32, f16, bf16 (the
+biases, no permutation), Phi-3 ("phi3": fused qkv and gate_up) and Gemma 2 ("gemma2": four norms per block, stored
+as 1 + w, the soft-capping values, head_dim written); others are refused with one line naming them.
+Tokenizers: byte-level BPE (Llama 3, Qwen2, SmolLM, GPT-2 style) whose pre-tokenizer llama.cpp knows by name
+(GPT-2, digits + GPT-2 as SmolLM/StarCoder, Llama 3's and Qwen2's regexes), as llama.cpp's "gpt2" vocabulary; and
+SentencePiece-style BPE with byte fallback (Llama 2, Mistral 7B v0.1-0.3, Phi-3-mini, Gemma), as its "llama"
+vocabulary (pieces in id order scored -id, the merge order; <0xNN> byte tokens; the space prefix); others are
+refused. Outtypes: f32, f16, bf16 (the
 weights rounded once from the float32 merge) and q8_0 (llama.cpp's 8-bit blocks of 32; 1-D tensors stay f32,
 as llama.cpp's converter keeps norms). The source is the exact float32 merge: nothing already quantized is
 quantized again.
@@ -18,6 +20,7 @@ quantized again.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +37,21 @@ from forge_core.models.gguf_import import (
 )
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+NORMAL, UNKNOWN, BYTE = 1, 2, 6  # llama.cpp token types (CONTROL and USER_DEFINED: the import's; UNUSED below)
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # HF architecture -> (llama.cpp architecture, whether llama.cpp permutes the q/k rows for its rotary order)
 ARCHS = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
-         "Qwen2ForCausalLM": ("qwen2", False), "Phi3ForCausalLM": ("phi3", False)}
+         "Qwen2ForCausalLM": ("qwen2", False), "Phi3ForCausalLM": ("phi3", False),
+         "Gemma2ForCausalLM": ("gemma2", False)}
 # module names beyond the import's tables (Phi-3 keeps q/k/v and gate/up fused, as llama.cpp does)
 FUSED_NAMES = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+# Gemma 2's four norms per block: its post_attention_layernorm normalises the attention's output, and the norm
+# before the MLP is pre_feedforward_layernorm (llama.cpp's ffn_norm)
+GEMMA2_NAMES = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
 
 _TO_GGUF = {**{hf: g for g, hf in {**BLOCK_NAMES, **TOP_NAMES}.items()}, **FUSED_NAMES}
+_ARCH_NAMES = {"gemma2": {**_TO_GGUF, **GEMMA2_NAMES}}
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -48,15 +59,16 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, arch: str = "llama") -> str:
     """model.layers.1.self_attn.q_proj.weight -> blk.1.attn_q.weight; model.norm.weight -> output_norm.weight."""
+    names = _ARCH_NAMES.get(arch, _TO_GGUF)
     stem, suffix = hf.rsplit(".", 1)
     if stem.startswith("model.layers."):
         _, _, n, module = stem.split(".", 3)
-        if module in _TO_GGUF:
-            return f"blk.{n}.{_TO_GGUF[module]}.{suffix}"
-    elif stem in _TO_GGUF:
-        return f"{_TO_GGUF[stem]}.{suffix}"
+        if module in names:
+            return f"blk.{n}.{names[module]}.{suffix}"
+    elif stem in names:
+        return f"{names[stem]}.{suffix}"
     raise ForgeError(f"GGUF export: no llama.cpp name for the weight {hf}")
 
 
@@ -76,6 +88,19 @@ def _pre_name(pre_tokenizer: dict | None) -> str:
 
 
 UNUSED = 5  # llama.cpp's token type of the padding entries
+
+
+def _space_prefix(tok: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" before a text (a Prepend normalizer, or a Metaspace
+    pre-tokenizer that prepends)."""
+    def walk(node, key):
+        node = node or {}
+        return [node, *[n for child in node.get(key, []) for n in walk(child, key)]]
+
+    if any(n.get("type") == "Prepend" for n in walk(tok.get("normalizer"), "normalizers")):
+        return True
+    return any(n.get("type") == "Metaspace" and n.get("prepend_scheme", "always") != "never"
+               for n in walk(tok.get("pre_tokenizer"), "pretokenizers"))
 
 
 def _bos_added(tok: dict, tcfg: dict) -> bool:
@@ -98,10 +123,11 @@ def _tokenizer(writer, src: Path, cfg: dict) -> None:
         raise ForgeError(f"{src}: no tokenizer.json; GGUF export writes the tokenizer into the file and needs it")
     tok = json.loads((src / "tokenizer.json").read_text())
     model = tok.get("model", {})
-    if model.get("type") != "BPE" or (tok.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ForgeError(f"{src}: GGUF export supports byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, "
-                         f"SmolLM); this one is {model.get('type')} with a {(tok.get('decoder') or {}).get('type')} "
-                         "decoder (SentencePiece-style tokenizers are not written yet)")
+    spm = model.get("type") == "BPE" and bool(model.get("byte_fallback"))  # SentencePiece-style BPE
+    if model.get("type") != "BPE" or not (spm or (tok.get("decoder") or {}).get("type") == "ByteLevel"):
+        raise ForgeError(f"{src}: GGUF export writes BPE tokenizers, byte-level (GPT-2 style: Llama 3, Qwen2, SmolLM) "
+                         f"or SentencePiece-style with byte fallback (Llama 2, Mistral, Gemma); this one is "
+                         f"{model.get('type')} with a {(tok.get('decoder') or {}).get('type')} decoder")
     vocab = dict(model["vocab"])
     added = {t["content"]: t for t in tok.get("added_tokens", [])}
     for content, t in added.items():
@@ -110,27 +136,46 @@ def _tokenizer(writer, src: Path, cfg: dict) -> None:
     if size > int(cfg["vocab_size"]):
         raise ForgeError(f"{src}: the tokenizer has ids up to {size - 1}, the model's vocab_size is "
                          f"{cfg['vocab_size']}; they must agree")
+    tcfg = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").is_file() else {}
+    unk = model.get("unk_token") or tcfg.get("unk_token")
+    unk = unk.get("content") if isinstance(unk, dict) else unk
     # the embedding's rows beyond the tokenizer's ids are padding entries, as llama.cpp's converter writes them
     tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [UNUSED] * size
+    types, scores = [UNUSED] * size, [0.0] * size
     for t, i in vocab.items():
         tokens[i] = t
-        types[i] = (CONTROL if added[t].get("special") else USER_DEFINED) if t in added else 1
+        if spm and t == unk:
+            types[i] = UNKNOWN
+        elif t in added:
+            types[i] = CONTROL if added[t].get("special") else USER_DEFINED
+        elif spm and BYTE_TOKEN.fullmatch(t):
+            types[i] = BYTE
+        else:
+            types[i], scores[i] = NORMAL, -float(i)  # SentencePiece BPE: pieces in merge order, score = -rank
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    tcfg = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").is_file() else {}
 
     def token_id(key):
         name = tcfg.get(key)
         name = name.get("content") if isinstance(name, dict) else name
         return vocab.get(name) if name else None
 
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_name(tok.get("pre_tokenizer")))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
+    if spm:  # llama.cpp's "llama" vocabulary: scores give the merge order, byte tokens the fallback
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(_space_prefix(tok))
+        if unk in vocab:
+            writer.add_unk_token_id(int(vocab[unk]))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_name(tok.get("pre_tokenizer")))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
     if merges:
         writer.add_token_merges(merges)
-    else:  # a byte-only vocabulary: GGUF cannot hold an empty list, and transformers then rebuilds merges
+    elif not spm:  # a byte-only vocabulary: GGUF cannot hold an empty list, and transformers then rebuilds merges
         writer.add_token_scores([0.0] * len(tokens))  # from the vocabulary and its scores (none to rebuild)
     eos = token_id("eos_token")  # the tokenizer's own end token first, as llama.cpp's converter reads it
     if eos is None:
@@ -168,9 +213,18 @@ def _hyperparameters(writer, cfg: dict, src: Path) -> None:
     writer.add_vocab_size(cfg["vocab_size"])
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != cfg["hidden_size"] // heads:  # llama.cpp assumes hidden / heads unless told
+    gemma = cfg.get("model_type", "").startswith("gemma")
+    if head_dim != cfg["hidden_size"] // heads or gemma:  # llama.cpp assumes hidden / heads unless told
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if gemma:
+        if cfg.get("query_pre_attn_scalar", head_dim) != head_dim:  # llama.cpp scales q by 1/sqrt(head_dim)
+            raise ForgeError(f"{src}: query_pre_attn_scalar {cfg['query_pre_attn_scalar']} != head_dim {head_dim}, "
+                             "which llama.cpp's gemma2 does not read from a GGUF")
+        for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+            if cfg.get(key) is not None:
+                add(float(cfg[key]))
     if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
         writer.add_sliding_window(int(cfg["sliding_window"]))
     scaling = cfg.get("rope_scaling") or {}
@@ -215,6 +269,7 @@ def write_gguf(src: Path, out: Path, outtype: str = "f16", name: str | None = No
         raise ForgeError(f"GGUF export: the {archs[0]} architecture is not supported yet "
                          f"(supported: {', '.join(ARCHS)})")
     arch, permuted = ARCHS[archs[0]]
+    plus_one = arch == "gemma2"  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's files hold 1 + w
     writer = gguf.GGUFWriter(str(out), arch, use_temp_file=True)  # tensors go to disk as they come, not to RAM
     writer.add_name(name or src.name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -228,8 +283,10 @@ def write_gguf(src: Path, out: Path, outtype: str = "f16", name: str | None = No
         for hf in sorted(header):
             a = sio.read_tensor(f, header[hf]).astype(np.float32)
             n = next((h for k, h in heads.items() if f".{k}." in hf), 0)
+            if plus_one and hf.endswith("norm.weight"):
+                a = a + 1.0
             data, raw = _encoded(permute_rows(a, n) if n else a, outtype)
-            writer.add_tensor(gguf_name(hf), data, raw_dtype=raw)
+            writer.add_tensor(gguf_name(hf, arch), data, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
