@@ -17,12 +17,12 @@ def chat_prompt(hf, messages: list[dict]) -> list[int]:
 
 
 def generate(ops, model, tokenizer, prompts: list[list[int]], max_tokens: int, temp: float = 0.0,
-             batch_size: int = 32, top_p: float = 1.0) -> list[list[int]]:
+             batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None) -> list[list[int]]:
     """The new token ids after each prompt, generated in length order (a batch pads to its longest prompt)
     and returned in the caller's order."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = ops.generate_tokens(model, tokenizer, [list(prompts[i]) for i in order], max_tokens, temp,
-                              max(1, batch_size), top_p=top_p)
+                              max(1, batch_size), top_p=top_p, stop=stop)
     ids = [[] for _ in prompts]
     for i, toks in zip(order, out):
         ids[i] = list(toks)

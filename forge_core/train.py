@@ -67,7 +67,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
     if resume:  # weights, optimizer state and data position of the newest complete checkpoint
         state = load_checkpoint(run, stepper)
         start = state["step"]
-        obj.restore(state.get("data"))
+        obj.restore(state.get("data"), state.get("arrays"))
         if world.main:
             run.truncate_metrics(start)  # records after the checkpoint are redone
         console.print(f"resuming {run.path} at step {start}/{steps}")
@@ -83,7 +83,8 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
 
     def save(step: int, data: dict | None = None) -> None:
         if world.main:
-            save_checkpoint(run, step, stepper, {"data": data or obj.state()})
+            data = data or obj.state()
+            save_checkpoint(run, step, stepper, {"data": data}, obj.checkpoint_arrays(data))
 
     # the system prompt every training row shares, for forge.json (generate/eval ask the model as it was taught):
     # read now, so that nothing after the last step can stand between the run and its adapter

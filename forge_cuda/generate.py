@@ -91,11 +91,11 @@ def _streamer(tokenizer, callback):
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def _generation_config(model, tokenizer, max_tokens: int, temp: float, top_p: float = 1.0):
+def _generation_config(model, tokenizer, max_tokens: int, temp: float, top_p: float = 1.0, stop=None):
     """transformers' GenerationConfig for forge's sampling, and the ids that end an answer."""
     from transformers import GenerationConfig
 
-    stop = _stop_ids(model, tokenizer)
+    stop = sorted(stop) if stop is not None else _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [0])[0]
     sampling = {"do_sample": True, "temperature": temp, "top_k": 0, "top_p": top_p} if temp > 0 else {"do_sample": False}
     return GenerationConfig(max_new_tokens=max_tokens, eos_token_id=stop or None, pad_token_id=pad, **sampling), stop
@@ -114,12 +114,12 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: floa
 
 @torch.no_grad()
 def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int, temp: float = 0.0,
-                    batch_size: int = 32, top_p: float = 1.0) -> list[list[int]]:
+                    batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None) -> list[list[int]]:
     """The new token ids (stop token left out) after each prompt, `batch_size` left-padded rows per generate()
     call (the attention mask hides the padding; transformers derives the positions from it)."""
     model.eval()
     device = next(model.parameters()).device
-    gen, stop = _generation_config(model, tokenizer, max_tokens, temp, top_p)
+    gen, stop = _generation_config(model, tokenizer, max_tokens, temp, top_p, stop)
     size = max(1, batch_size)
     out_ids = []
     for s in range(0, len(prompts), size):

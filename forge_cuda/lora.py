@@ -76,14 +76,15 @@ class LoRALinear(nn.Module):
 
     def _dora(self, x):
         w = self.base_weight()
-        norm = torch.linalg.norm(w + self.delta(), dim=1).detach()
-        mag = (self.lora_magnitude_vector / norm).to(x.dtype)
+        with torch.no_grad():  # a constant in the backward (the paper's memory saving): no graph for it
+            norm = torch.linalg.norm(w + self.delta(), dim=1)
+        mag = self.lora_magnitude_vector / norm  # fp32; m/n − 1 is small, so it is cast after the subtraction
         w = w.to(x.dtype)
         dropped = self.dropout(x)
         base = x @ w.T
         base_dropped = dropped @ w.T if self.dropout.p > 0 and self.training else base
         lora = ((dropped @ self.lora_A.to(x.dtype).T) * self.scale) @ self.lora_B.to(x.dtype).T
-        y = base + (mag - 1) * base_dropped + mag * lora
+        y = base + (mag - 1).to(x.dtype) * base_dropped + mag.to(x.dtype) * lora
         return y + self.base_layer.bias.to(y.dtype) if self.base_layer.bias is not None else y
 
     def delta(self) -> torch.Tensor:

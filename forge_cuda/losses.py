@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from .packing import enable_packing, segment_mask
 
 
-def token_logps(model, inputs: torch.Tensor, targets: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
+def token_logps(model, inputs: torch.Tensor, targets: torch.Tensor, batch: dict | None = None,
+                temperature: torch.Tensor | None = None) -> torch.Tensor:
     """log p(target_t | inputs_<=t) for every position: (B, T), fp32. Packed batches (segment_ids,
     position_ids) run with attention kept inside each row (packing.py)."""
     if batch is not None and "segment_ids" in batch:  # a 4D block-diagonal mask and per-row positions
@@ -24,6 +25,8 @@ def token_logps(model, inputs: torch.Tensor, targets: torch.Tensor, batch: dict 
     else:
         logits = model(input_ids=inputs, use_cache=False).logits
     logits = logits.float()  # (B, T, V)
+    if temperature is not None:
+        logits = logits / temperature
     B, T, V = logits.shape
     nll = F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T).long(), reduction="none")
     return -nll.view(B, T)
@@ -47,8 +50,9 @@ def sequence_logps(model, batch) -> torch.Tensor:
 
 
 def per_token_logps(model, batch) -> torch.Tensor:
-    """(B, T) log-probs of the targets, 0 where the mask is 0 (GRPO's per-token ratios)."""
-    return token_logps(model, batch["inputs"], batch["targets"]) * batch["mask"]
+    """(B, T) log-probs of the targets, 0 where the mask is 0 (GRPO's per-token ratios), of the logits divided by
+    batch["temperature"] when given (the distribution the completions were sampled from, as TRL scores them)."""
+    return token_logps(model, batch["inputs"], batch["targets"], temperature=batch.get("temperature")) * batch["mask"]
 
 
 @torch.no_grad()

@@ -109,7 +109,7 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: floa
 
 
 def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int, temp: float = 0.0,
-                    batch_size: int = 32, top_p: float = 1.0) -> list[list[int]]:
+                    batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None) -> list[list[int]]:
     """The new token ids (stop token left out) after each prompt, `batch_size` rows decoded at once (mlx-lm's
     continuous batching: a row that stops makes room for the next). The tokens all prompts start with (a
     shared system prompt) are run once into a KV cache that every row starts from. Greedy ids equal
@@ -120,6 +120,13 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int,
 
     if not prompts:
         return []
+    if stop is not None:  # only these ids end a row (mlx-lm stops at the wrapper's eos ids)
+        saved = tokenizer.eos_token_ids
+        tokenizer.eos_token_ids = stop
+        try:
+            return generate_tokens(model, tokenizer, prompts, max_tokens, temp, batch_size, top_p)
+        finally:
+            tokenizer.eos_token_ids = saved
     size = max(1, min(batch_size, len(prompts)))
     n = shared_prefix(prompts)
     caches = None

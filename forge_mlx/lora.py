@@ -73,13 +73,13 @@ class LoRALinear(nn.Module):
     def _dora(self, x):
         w = self.base_weight()
         norm = mx.stop_gradient(mx.linalg.norm(w + self.delta(), axis=1))
-        mag = (self.m / norm).astype(x.dtype)
+        mag = self.m / norm  # fp32; m/n − 1 is small, so it is cast after the subtraction
         w = w.astype(x.dtype)
         dropped = self.dropout(x)
         base = x @ w.T
         base_dropped = dropped @ w.T if self.dropout_p > 0 and self.training else base
         lora = ((dropped @ self.lora_a.astype(x.dtype)) * self.scale) @ self.lora_b.astype(x.dtype)
-        y = base + (mag - 1) * base_dropped + mag * lora
+        y = base + (mag - 1).astype(x.dtype) * base_dropped + mag.astype(x.dtype) * lora
         return y + self.linear.bias if "bias" in self.linear else y
 
     def delta(self) -> mx.array:

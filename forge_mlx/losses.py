@@ -49,15 +49,24 @@ def sequence_logps(model, batch) -> mx.array:
 
 
 def per_token_logps(model, batch) -> mx.array:
-    """(B, T) log-probs of the targets, 0 where the mask is 0 (GRPO's per-token ratios). With `loss_positions`
-    the head runs at the completion tokens only and their values are put back in place."""
+    """(B, T) log-probs of the targets, 0 where the mask is 0 (GRPO's per-token ratios), of the logits divided by
+    batch["temperature"] when given (the distribution the completions were sampled from, as TRL scores them). With
+    `loss_positions` the head runs at the completion tokens only and their values are put back in place."""
+    scale = 1.0 / batch["temperature"] if "temperature" in batch else None
     if "loss_positions" in batch and head.splittable(model):
         h = head.hidden(model, batch["inputs"])
         rows, width = h.shape[0], h.shape[1]
-        nll = head.position_nll(model, h, batch)
-        flat = mx.zeros((rows * width,), mx.float32).at[batch["loss_positions"]].add(-nll * batch["loss_weights"])
+        pos = batch["loss_positions"]
+        logits = head.logits(model, h.reshape(-1, h.shape[-1])[pos])
+        if scale is not None:
+            logits = logits.astype(mx.float32) * scale
+        nll = head.token_nll(logits, batch["targets"].reshape(-1)[pos])
+        flat = mx.zeros((rows * width,), mx.float32).at[pos].add(-nll * batch["loss_weights"])
         return flat.reshape(rows, width)
-    return token_logps(model, batch["inputs"], batch["targets"]) * batch["mask"]
+    logits = model(batch["inputs"])
+    if scale is not None:
+        logits = logits.astype(mx.float32) * scale
+    return -head.token_nll(logits, batch["targets"]) * batch["mask"]
 
 
 def continuation_scores(model, batch) -> tuple[mx.array, mx.array]:

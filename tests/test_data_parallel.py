@@ -223,8 +223,8 @@ def test_bad_row_stops_both_ranks_with_one_message(backend, tiny_model, tmp_path
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grpo_two_ranks_run_and_resume_inside_a_generation_exactly(backend, tiny_model, jsonl, tmp_path):
     """GRPO under the launcher: each rank samples its prompts' groups, the advantages are scaled over the global
-    batch (scale_rewards batch: one exchange), and a generation that serves μ = 2 steps is gathered to rank 0's
-    file; a resume between those two steps reads every rank's share back and ends bit-identical."""
+    batch (scale_rewards batch: one exchange), and a generation that serves μ = 2 steps is gathered into rank 0's
+    checkpoint; a resume between those two steps reads every rank's share back and ends bit-identical."""
     import shutil
 
     data = jsonl("prompts.jsonl", [{"prompt": f"spell {w}{i}", "reference": w} for i, w in enumerate(WORDS * 2)])
@@ -234,7 +234,9 @@ def test_grpo_two_ranks_run_and_resume_inside_a_generation_exactly(backend, tiny
     straight = tmp_path / "straight"
     res = _launched(backend, _args(backend, tiny_model, data, straight, batch=2, kind="grpo", steps=4, extra=extra))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert (straight / "grpo_generation.safetensors").is_file() and (straight / "adapter").is_dir()
+    # the checkpoint after step 3 is inside the second generation: it holds every rank's completions
+    assert (straight / "checkpoints" / "step_000003" / "objective.safetensors").is_file()
+    assert (straight / "adapter").is_dir()
     # the run as a kill after step 3 (inside the second generation) leaves it: checkpoint 3, no adapter
     cut = tmp_path / "cut"
     shutil.copytree(straight, cut)
@@ -246,3 +248,23 @@ def test_grpo_two_ranks_run_and_resume_inside_a_generation_exactly(backend, tiny
     assert _losses(cut) == _losses(straight) and len(_losses(cut)) == 4
     a, b = _weights(straight, backend), _weights(cut, backend)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grpo_reward_failing_on_one_rank_stops_both_with_one_message(backend, tiny_model, jsonl, tmp_path):
+    """The reward raises on rank 0's rows only: the exchange carries the failure, so rank 1 does not wait in a
+    collective; the run ends (no hang) with rank 0's own one-line message naming the function and the row."""
+    data = jsonl("prompts.jsonl", [{"prompt": f"spell {w}{i}", "reference": "bad" if i == 0 else w}
+                                   for i, w in enumerate(WORDS * 2)])
+    bad = tmp_path / "bad.py"
+    bad.write_text("def score(prompts, completions, reference, **kw):\n"
+                   "    return [1 / (r != 'bad') for r in reference]\n")
+    extra = ("--reward", f"{bad}:score", "--num-generations", "2", "--max-new-tokens", "4",
+             "--set", "data.shuffle=false")
+    res = _launched(backend, _args(backend, tiny_model, data, tmp_path / "run", batch=2, kind="grpo", steps=2,
+                                   extra=extra), timeout=300)
+    assert res.returncode != 0 or backend == "mlx"  # mlx.launch itself exits 0 and warns per failed node
+    assert "exited with code 2" in res.stderr or backend != "mlx"
+    errors = [line for line in (res.stdout + res.stderr).splitlines() if "forge: error:" in line]
+    assert len(errors) == 1, res.stdout + res.stderr
+    assert "bad.py:score raised ZeroDivisionError" in errors[0] and "prompts.jsonl:1" in errors[0]

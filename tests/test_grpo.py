@@ -65,7 +65,8 @@ def fed(self, prompts):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (HAVE["mlx"] and HAVE["cuda"]), reason="needs both backends")
-@pytest.mark.parametrize("sets", [{}, {"grpo.beta": 0.1, "grpo.num_iterations": 2, "grpo.loss_type": "grpo"},
+@pytest.mark.parametrize("sets", [{}, {"grpo.beta": 0.1, "grpo.num_iterations": 2, "grpo.loss_type": "grpo",
+                                       "grpo.temperature": 0.7},
                                   {"grpo.loss_type": "dr_grpo", "grpo.scale_rewards": "batch", "train.grad_accum": 2,
                                    "train.batch_size": 2}])
 def test_mlx_and_torch_agree_when_fed_the_same_completions(tiny_model, prompts, reward_file, tmp_path, monkeypatch, sets):
@@ -244,3 +245,80 @@ def test_sft_rows_serve_as_prompts_with_their_answer_as_reference(tiny_model, tm
     assert prompts_and_references(grpo, DataConfig()) == [([{"role": "user", "content": "spell fig"}], "f i g")]
     long, stats = fdata.load_prompts(grpo, tok, DataConfig(), 12, 8)  # room for 4 prompt tokens: cut from the left
     assert len(long[0].prompt) == 4 and stats.truncated == 1 and np.array_equal(long[0].prompt, b[0].prompt[-4:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_probs_are_of_the_distribution_sampled_from(tiny_model, tmp_path, backend):
+    """TRL scores π, π_old and π_ref at the sampling temperature: log_softmax(logits / T) at the completion tokens."""
+    from forge_core import data as fdata
+
+    ops = ops_of(backend)
+    cfg = ForgeConfig()
+    cfg.model.path, cfg.model.dtype = str(tiny_model), "float32"
+    set_value(cfg, "quant.bits", 0)
+    model, _, _, _ = ops.build_model(cfg)
+    b = fdata.collate_completions([(np.array([5, 6, 7], np.int32), np.array([40, 41, 42, 2], np.int32))], 0)
+    b = fdata.add_loss_positions(b, 4)
+    b["temperature"] = np.array([0.6], np.float32)
+    got = ops.to_numpy(ops.per_token_logps(model, ops.to_batch(model, b)))
+    full = {k: v for k, v in b.items() if k not in ("loss_positions", "loss_weights", "temperature")}
+    if backend == "mlx":
+        import mlx.core as mx
+
+        logits = np.array(model(mx.array(full["inputs"])).astype(mx.float32))
+    else:
+        import torch
+
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor(full["inputs"]).long()).logits.float().numpy()
+    z = logits / 0.6
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = np.take_along_axis(logp, full["targets"][..., None].astype(np.int64), -1)[..., 0] * full["mask"]
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.count_nonzero(got) == 4  # the completion and its end token, nothing of the prompt
+
+
+def test_every_completion_cut_is_a_zero_loss_not_nan(tiny_model, prompts, reward_file, tmp_path, monkeypatch):
+    """mask_truncated_completions with every completion at max_new_tokens: no token carries loss; TRL clamps the
+    token count to 1, so the step is a zero loss and a zero gradient."""
+    pytest.importorskip("torch")
+    monkeypatch.setattr(GRPOObjective, "_sample",
+                        lambda self, ps: [self.hf.encode("ap" * 8, add_special_tokens=False)[:3] for _ in ps])
+    cfg = config(tiny_model, prompts, tmp_path / "run", reward_file,
+                 **{"grpo.max_new_tokens": 3, "grpo.mask_truncated_completions": True, "train.steps": 2})
+    recs = records(train(cfg, "grpo", "cuda"))
+    assert [r["loss"] for r in recs] == [0.0, 0.0] and all(r["completions/clipped_ratio"] == 1.0 for r in recs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_from_a_checkpoint_inside_an_earlier_generation(tiny_model, prompts, reward_file, tmp_path, backend):
+    """save_every 3 with μ = 2: the checkpoint at step 3 is inside the second generation, and the run goes on past
+    it (a third generation) before it is killed; the checkpoint holds its own generation, so the resume is exact."""
+    import json as _json
+    import shutil
+
+    sets = {"grpo.num_iterations": 2, "train.steps": 6, "train.save_every": 3}
+    straight = train(config(tiny_model, prompts, tmp_path / "straight", reward_file, **sets), "grpo", backend)
+    cut = tmp_path / "cut"
+    shutil.copytree(straight, cut)
+    shutil.rmtree(cut / "adapter")
+    shutil.rmtree(cut / "checkpoints" / "step_000006")
+    (cut / "latest.json").write_text(_json.dumps({"step": 3, "dir": "checkpoints/step_000003"}))
+    assert (cut / "checkpoints" / "step_000003" / "objective.safetensors").is_file()
+    resumed = train(config(tiny_model, prompts, cut, reward_file, **sets), "grpo", backend, resume=str(cut))
+    assert [r["loss"] for r in records(resumed)] == [r["loss"] for r in records(straight)]
+
+
+def test_reward_names_stay_apart():
+    from forge_core.objectives.grpo import reward_names
+
+    assert reward_names(["builtin:regex:a", "builtin:regex:b", "r.py:score", "builtin:regex:c"]) == \
+        ["regex", "regex_2", "score", "regex_3"]
+
+
+def test_too_few_prompts_for_one_generation_is_named(tiny_model, reward_file, tmp_path):
+    data = write_jsonl(tmp_path / "few.jsonl", [{"prompt": "spell fig", "reference": "fig"}])
+    cfg = config(tiny_model, data, tmp_path / "run", reward_file, **{"train.batch_size": 8})
+    with pytest.raises(ForgeError, match="1 prompts cannot fill one generation of 2"):
+        train(cfg, "grpo", "cuda" if HAVE["cuda"] else "mlx")

@@ -321,7 +321,11 @@ class _TwoRanks:
 def test_kto_exchange_keeps_every_rank_in_step_and_names_the_failure():
     """KTO's z0 exchange: one collective whatever happened; the healthy rank then raises what the loop expects -
     MemoryError (stop alike, with a checkpoint) for an out-of-memory rank, a ForgeError naming it otherwise."""
-    from forge_core.objectives.kto import exchange
+    from functools import partial
+
+    from forge_core.objectives.base import exchange
+
+    exchange = partial(exchange, what="scoring KTO's mismatched pairs")
 
     ok = _TwoRanks(0, [1.0, 2.0, 0.0, 0.0, 0.0, 0.0])
     np.testing.assert_allclose(exchange(ok, [3.0, 2.0], None), [4.0, 4.0])

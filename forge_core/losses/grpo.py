@@ -88,8 +88,8 @@ def grpo_reduce(xp, per_token, mask, loss_type: str, max_completion_length: int)
     if loss_type == "grpo":
         rows = (per_token * mask).sum(-1) / xp.maximum(mask.sum(-1), mask.sum(-1) * 0 + 1.0)
         return rows.sum(), mask.sum() * 0 + mask.shape[0]
-    if loss_type in ("bnpo", "dapo"):
-        return (per_token * mask).sum(), mask.sum()
+    if loss_type in ("bnpo", "dapo"):  # at least 1, as TRL clamps: every completion masked (all cut) is loss 0
+        return (per_token * mask).sum(), xp.maximum(mask.sum(), mask.sum() * 0 + 1.0)
     if loss_type == "dr_grpo":
         return (per_token * mask).sum(), mask.sum() * 0 + mask.shape[0] * max_completion_length
     raise ValueError(f"unknown GRPO loss_type {loss_type!r}; choose one of {LOSS_TYPES}")

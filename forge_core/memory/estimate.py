@@ -433,8 +433,13 @@ def sampling_component(run: Run) -> Component:
     rows = g.sample_batch_size or run.cfg.train.batch_size * run.cfg.train.grad_accum
     width = -(-run.seq // 256) * 256
     kv = 2 * s.layers * s.kv_heads * s.head_dim * rows * width * run.cb
-    return Component("sampling KV cache", kv + rows * s.vocab * 4,
-                     f"{rows} completions x {width} positions, keys + values of {s.layers} blocks")
+    note = f"{rows} completions x {width} positions, keys + values of {s.layers} blocks"
+    if not run.on_gpu:  # ops.sampling_weights: every block linear dense fp32 (the dequantized base kept for the run)
+        dense = 4 * s.layers * sum(o * i for o, i in s.linears().values())
+        dense += 4 * s.vocab * s.hidden * (1 if s.tied else 2) if run.cfg.quant.embeddings else 0
+        kv += dense
+        note += f"; + {dense / 2**20:.0f} MiB of dense fp32 weights the CPU samples from"
+    return Component("sampling KV cache", kv + rows * s.vocab * 4, note)
 
 
 def phase_total(components: list[Component], phase: str) -> int:

@@ -3,15 +3,18 @@
 An objective is what the loop optimises (forge_core/train.py):
     obj.loss_fn(model, batch) -> (loss SUM, count, {metric: sum})    tensor math via the backend's ops
     obj.next_batch() -> framework batch     obj.evaluate() -> {metric: mean over the validation rows}
-    obj.state() / obj.restore(state)        the data position, for exact resume
+    obj.state() / obj.restore(state, arrays) the data position (and checkpoint_arrays()), for exact resume
     obj.metric_means(sums, count)           the logged metrics from the global batch's sums
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from forge_core import data as fdata
 from forge_core.distributed import World
 from forge_core.errors import ForgeError
+from forge_core.memory.guard import MemoryGuard
 
 
 class Objective:
@@ -39,7 +42,11 @@ class Objective:
     def state(self) -> dict:
         return self.order.state()
 
-    def restore(self, state: dict | None) -> None:
+    def checkpoint_arrays(self, state: dict) -> dict:
+        """Arrays a checkpoint at `state` (this objective's state()) must hold besides it; most objectives: none."""
+        return {}
+
+    def restore(self, state: dict | None, arrays: dict | None = None) -> None:
         if not state:
             return
         saved = state.get("batch_size", self.global_micro_batch)
@@ -67,6 +74,27 @@ class Objective:
         if self.cfg.train.eval_batches:
             starts = starts[: self.cfg.train.eval_batches]
         return [(s, min(s + size, len(self.valid))) for s in starts[self.world.rank::self.world.size]]
+
+
+def exchange(world: World, sums: list[float], failed: BaseException | None, what: str) -> np.ndarray:
+    """world.sum(sums), with every rank joining the one exchange even when its own part failed; then the failed
+    rank re-raises its error and the others raise the matching one: MemoryError when it was out of memory (the
+    loop stops every rank alike, with a checkpoint), else a ForgeError naming the rank (its own message is the
+    real one)."""
+    oom = failed is not None and MemoryGuard.is_oom(failed)
+    flags = np.zeros(2 * world.size)
+    if failed is not None:
+        flags[2 * world.rank + (0 if oom else 1)] = 1.0
+    totals = world.sum(list(sums) + flags.tolist())
+    if failed is not None:
+        raise failed
+    got = totals[len(sums):]
+    if got.any():
+        ranks = ", ".join(str(r) for r in range(world.size) if got[2 * r] or got[2 * r + 1])
+        if got[0::2].any():
+            raise MemoryError(f"out of memory on rank {ranks} while {what}")
+        raise ForgeError(f"rank {ranks} stopped with an error while {what} (its own message says what)")
+    return totals[:len(sums)]
 
 
 def load_split(load, cfg, tokenizer, console) -> tuple[list, list]:

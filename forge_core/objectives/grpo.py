@@ -12,29 +12,31 @@ A step, with μ = grpo.num_iterations (prepare_step, before any gradient):
     policy's log-probs are kept as π_old.
   - the step trains on the generation's micro-batches, in order. With μ = 1, π_old is the policy's own
     log-probs as constants (ratio 1: TRL's shortcut, no extra pass).
+Under a launcher each rank samples its own prompts; every local part of a generation (sampling, rewards, the
+no-grad passes) runs before the one exchange, which also carries a failure flag, so a rank that fails (out of
+memory, a reward that raises) never leaves the others waiting in a collective.
 Exact resume: the loop reseeds the RNG per step, so a step's sampling is a function of the weights. A
-generation that serves μ > 1 steps is saved (RUN/grpo_generation.safetensors, gathered to rank 0), so a resume
-inside its block trains on the same completions.
+generation that serves μ > 1 steps is gathered to rank 0 and a checkpoint inside its steps holds it
+(objective.safetensors), so a resume there trains on the same completions.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from functools import partial
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from forge_core import data as fdata
 from forge_core import generation
-from forge_core.adapters import safetensors_io as sio
 from forge_core.distributed import World
 from forge_core.errors import ForgeError
 from forge_core.losses.grpo import METRICS, group_advantages, grpo_reduce, grpo_terms
-from forge_core.objectives.base import Objective, load_split
+from forge_core.objectives.base import Objective, exchange, load_split
 from forge_core.rewards import Rewards
 
-GENERATION_FILE = "grpo_generation.safetensors"
+SCORED = ("inputs", "targets", "mask", "loss_positions", "loss_weights", "temperature")  # what a log-prob pass reads
 
 
 def grpo_loss(ops, model, batch, *, on_policy: bool, epsilon_low: float, epsilon_high: float, beta: float,
@@ -51,11 +53,18 @@ def grpo_loss(ops, model, batch, *, on_policy: bool, epsilon_low: float, epsilon
     return total, count, {**sums, "tokens": mask.sum()}
 
 
-def reward_name(spec: str) -> str:
-    """builtin:json_fields:ref -> json_fields; rewards.py:format_ok -> format_ok (the metric's name)."""
-    if spec.startswith("builtin:"):
-        return spec.split(":")[1]
-    return spec.rpartition(":")[2]
+def reward_names(specs: list[str]) -> list[str]:
+    """The metric name of each reward: builtin:json_fields:ref -> json_fields, rewards.py:format_ok -> format_ok;
+    a name that repeats gets _2, _3 (two builtin:regex rewards are regex and regex_2)."""
+    out = []
+    for spec in specs:
+        name = spec.split(":")[1] if spec.startswith("builtin:") else spec.rpartition(":")[2]
+        k, unique = 1, name
+        while unique in out:
+            k += 1
+            unique = f"{name}_{k}"
+        out.append(unique)
+    return out
 
 
 def check_grpo_config(cfg) -> None:
@@ -85,7 +94,7 @@ class GRPOObjective(Objective):
         check_grpo_config(cfg)
         self.cfg, self.ops, self.model, self.world, self.run, self.tokenizer = cfg, ops, model, world, run, tokenizer
         self.rewards = Rewards.from_specs(g.rewards, g.reward_weights)
-        self.names = [reward_name(s) for s in g.rewards]
+        self.names = reward_names(g.rewards)
         hf = ops.hf_tokenizer(tokenizer)
         if hf.eos_token_id is None:
             raise ForgeError("GRPO needs the tokenizer's end-of-turn (eos) token to end completions; this tokenizer has none")
@@ -94,12 +103,16 @@ class GRPOObjective(Objective):
         self.rows, self.valid = load_split(_prompt_loader(g.max_new_tokens), cfg, hf, console)
         self.G, self.mu = g.num_generations, g.num_iterations
         self.per_rank = cfg.train.batch_size * cfg.train.grad_accum // self.G  # prompts per rank per generation
-        world.check_rows(len(self.rows), self.per_rank)
+        if len(self.rows) < self.per_rank * world.size:
+            raise ForgeError(f"{cfg.data.train}: {len(self.rows)} prompts cannot fill one generation of "
+                             f"{self.per_rank * world.size} (train.batch_size x grad_accum / grpo.num_generations"
+                             f"{' x ranks' if world.size > 1 else ''}); add prompts or lower train.batch_size")
         # what an epoch trains on, for train.epochs: each prompt G times, each generation for μ steps
         self.n_rows = len(self.rows) * self.G * self.mu
         self.cap = g.max_new_tokens + 1  # loss positions per row: a completion and its end-of-turn token
         self.order = fdata.BatchOrder(len(self.rows), self.per_rank * world.size, cfg.train.seed, cfg.data.shuffle)
         self.iteration, self.generations, self._buffer, self._pending, self._gen_metrics = 0, 0, [], [], {}
+        self._arrays: dict = {}  # μ > 1: the generation in use, every rank's, for a checkpoint inside its steps
         self.init_adapter = ops.adapter_state(model) if g.beta else None  # the reference: the policy at init
         self.loss_fn = partial(grpo_loss, ops, on_policy=self.mu == 1, epsilon_low=g.epsilon,
                                epsilon_high=g.epsilon_high or g.epsilon, beta=g.beta, delta=g.delta or None,
@@ -114,9 +127,14 @@ class GRPOObjective(Objective):
         return self.world.shard(self.order.next_batch(), self.per_rank)
 
     def state(self) -> dict:
-        return {**self.order.state(), "grpo_iteration": self.iteration, "grpo_generations": self.generations}
+        return {**self.order.state(), "grpo_iteration": self.iteration, "grpo_generations": self.generations,
+                "grpo_metrics": dict(self._gen_metrics)}
 
-    def restore(self, state: dict | None) -> None:
+    def checkpoint_arrays(self, state: dict) -> dict:
+        """Inside a generation's μ steps a checkpoint must hold its completions (every rank's)."""
+        return self._arrays if state.get("grpo_iteration") else {}
+
+    def restore(self, state: dict | None, arrays: dict | None = None) -> None:
         if not state:
             return
         size = self.per_rank * self.world.size
@@ -125,8 +143,13 @@ class GRPOObjective(Objective):
                              f"{size}; resume with the same train.batch_size, grad_accum and number of ranks")
         self.order = fdata.BatchOrder.from_state(len(self.rows), size, state)
         self.iteration, self.generations = state.get("grpo_iteration", 0), state.get("grpo_generations", 0)
+        self._gen_metrics = dict(state.get("grpo_metrics", {}))
         if self.iteration:  # inside a generation's μ steps: train on the same completions
-            self._buffer, self._gen_metrics = self._load_generation()
+            if not arrays:
+                raise ForgeError(f"resume: the checkpoint is inside generation {self.generations} (grpo.num_iterations "
+                                 f"{self.mu}) but holds no objective.safetensors with its completions")
+            self._arrays = arrays
+            self._buffer = _ungathered(self.world, arrays)
 
     # ------------------------------------------------------------------ a step
 
@@ -134,8 +157,9 @@ class GRPOObjective(Objective):
         if self.iteration == 0:
             self._buffer, self._gen_metrics = self._generate(micro_batches)
             self.generations += 1
-            if self.mu > 1:
-                self._save_generation()
+            if self.mu > 1:  # every rank's micro-batches, gathered (a collective: every rank, every generation)
+                self._arrays = {k: v for m, b in enumerate(self._buffer) for k, v in
+                                _gathered(self.world, {f"{m}/{name}": a for name, a in b.items()}).items()}
         else:  # the generation's completions again: this step spent no time sampling
             self._gen_metrics.update({"time/sampling_s": 0.0, "time/reference_s": 0.0})
         self._pending = [{k: v.copy() for k, v in b.items()} for b in self._buffer]
@@ -147,89 +171,105 @@ class GRPOObjective(Objective):
         return self.ops.to_batch(self.model, self._pending.pop(0))
 
     def _sample(self, prompts: list[np.ndarray]) -> list[list[int]]:
-        """Each prompt's completion token ids (stop token left out), sampled with grpo's settings."""
+        """Each prompt's completion token ids (the end-of-turn token left out), sampled with grpo's settings; only
+        the tokenizer's eos ends a completion (the token appended to those that stopped)."""
         g = self.cfg.grpo
         with self.ops.sampling_weights(self.model, self._dense):
             return generation.generate(self.ops, self.model, self.tokenizer, [np.asarray(p).tolist() for p in prompts],
                                        g.max_new_tokens, g.temperature, g.sample_batch_size or len(prompts),
-                                       top_p=g.top_p)
+                                       top_p=g.top_p, stop=[self.eos])
 
     def _generate(self, micro_batches: int) -> tuple[list[dict], dict]:
-        g, world = self.cfg.grpo, self.world
-        rows = [self.rows[i] for i in self.next_indices()]
-        group = [r for r in rows for _ in range(self.G)]  # prompt by prompt: G rows each
+        g, world, f = self.cfg.grpo, self.world, len(self.names)
+        group = [r for i in self.next_indices() for r in [self.rows[i]] * self.G]  # prompt by prompt: G rows each
+        # this rank's part, all local (a failure here is carried by the exchange below, so no rank waits alone)
+        failed, mine, batches, times = None, np.zeros((len(group), f + 3), np.float32), [], (0.0, 0.0)
+        try:
+            mine, batches, times = self._local_generation(group, micro_batches)
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank by exchange()
+            failed = exc
+        slots = np.zeros((world.size, *mine.shape), np.float32)
+        slots[world.rank] = mine
+        new_tokens = float(mine[:, f + 1].sum())
+        totals = exchange(world, [*slots.ravel().tolist(), new_tokens, times[0]], failed, "sampling GRPO completions")
+        everyone = np.asarray(totals[:slots.size], np.float64).reshape(-1, f + 3)
+        # advantages over the GLOBAL batch (scale_rewards "batch" needs every rank's rewards)
+        adv = group_advantages(everyone[:, f], self.G, g.scale_rewards).reshape(world.size, -1)[world.rank]
+        size = len(group) // micro_batches
+        for m, b in enumerate(batches):
+            b["advantages"] = adv[m * size:(m + 1) * size].astype(np.float32)
+        metrics = self._generation_metrics(everyone, f)
+        metrics.update({"sampling_tok_s": float(totals[-2]) / max(float(totals[-1]), 1e-9),
+                        "time/sampling_s": times[0], "time/reference_s": times[1]})
+        return batches, metrics
+
+    def _local_generation(self, group: list, micro_batches: int) -> tuple[np.ndarray, list[dict], tuple]:
+        """Sample, score, and build this rank's micro-batches (all but their advantages): ([per-function rewards,
+        total, completion length with its end-of-turn token, stopped] per completion, batches, (sampling s,
+        reference s))."""
+        g = self.cfg.grpo
         training = self.model.training
         self.model.eval()
-        tic = time.perf_counter()
-        sampled = self._sample([r.prompt for r in group])
-        sample_s = time.perf_counter() - tic
-        stopped = np.array([len(c) < g.max_new_tokens for c in sampled])
-        completions = [list(c) + [self.eos] if s else list(c) for c, s in zip(sampled, stopped)]
-        texts = [self.hf.decode(c, skip_special_tokens=True) for c in sampled]
-        columns = {k: [r.columns.get(k) for r in group] for k in (group[0].columns if group else {})}
-        per_fn, total = self.rewards.score([r.given for r in group], texts, columns, [r.where for r in group])
-
-        # advantages over the GLOBAL batch (scale_rewards "batch" needs every rank's rewards): one exchange of
-        # [per-function rewards, total, length, stopped] laid out rank by rank
-        mine = np.column_stack([per_fn, total, [len(c) for c in sampled], stopped]).astype(np.float32)
-        everyone = np.zeros((world.size, *mine.shape), np.float32)
-        everyone[world.rank] = mine
-        everyone = np.asarray(world.sum(everyone)).reshape(-1, mine.shape[1])
-        f = per_fn.shape[1]
-        adv_all = group_advantages(everyone[:, f], self.G, g.scale_rewards)
-        adv = adv_all.reshape(world.size, -1)[world.rank].astype(np.float32)
-
-        seqs = [(r.prompt, np.asarray(c, np.int32)) for r, c in zip(group, completions)]
-        size = len(seqs) // micro_batches
-        batches = []
-        ref_s = 0.0
-        for m in range(micro_batches):
-            part = slice(m * size, (m + 1) * size)
-            b = fdata.add_loss_positions(fdata.collate_completions(seqs[part], self.pad), self.cap)
-            if g.mask_truncated_completions:  # a completion cut at max_new_tokens teaches nothing (DAPO)
-                b["mask"] = b["mask"] * stopped[part, None].astype(np.float32)
-                b = fdata.add_loss_positions({k: v for k, v in b.items() if k not in ("loss_positions", "loss_weights")},
-                                             self.cap)
-            b["advantages"] = adv[part]
-            if self.mu > 1:
-                b["old_logps"] = self._no_grad_logps(b)
+        try:
+            tic = time.perf_counter()
+            sampled = self._sample([r.prompt for r in group])
+            sample_s = time.perf_counter() - tic
+            stopped = np.array([len(c) < g.max_new_tokens for c in sampled])
+            completions = [list(c) + [self.eos] if s else list(c) for c, s in zip(sampled, stopped)]
+            texts = [self.hf.decode(c, skip_special_tokens=True) for c in sampled]
+            columns = {k: [r.columns.get(k) for r in group] for k in (group[0].columns if group else {})}
+            per_fn, total = self.rewards.score([r.given for r in group], texts, columns, [r.where for r in group])
+            seqs = [(r.prompt, np.asarray(c, np.int32)) for r, c in zip(group, completions)]
+            size = len(seqs) // micro_batches
+            batches = []
+            for m in range(micro_batches):
+                part = slice(m * size, (m + 1) * size)
+                b = fdata.collate_completions(seqs[part], self.pad)
+                if g.mask_truncated_completions:  # a completion cut at max_new_tokens teaches nothing (DAPO)
+                    b["mask"] = b["mask"] * stopped[part, None].astype(np.float32)
+                b = fdata.add_loss_positions(b, self.cap)
+                b["temperature"] = np.array([g.temperature], np.float32)  # log-probs of what was sampled from
+                if self.mu > 1:
+                    b["old_logps"] = self._no_grad_logps(b)
+                batches.append(b)
+            tic = time.perf_counter()
             if g.beta:
-                t0 = time.perf_counter()
-                b["ref_logps"] = self._reference_logps(b)
-                ref_s += time.perf_counter() - t0
-            batches.append(b)
-        if training:
-            self.model.train()
-
-        new_tokens = world.sum([float(sum(map(len, sampled))), sample_s])
-        metrics = self._generation_metrics(everyone, f)
-        metrics.update({"sampling_tok_s": float(new_tokens[0]) / max(sample_s, 1e-9), "time/sampling_s": sample_s,
-                        "time/reference_s": ref_s})
-        return batches, metrics
+                for b, ref in zip(batches, self._reference_logps(batches)):
+                    b["ref_logps"] = ref
+            ref_s = time.perf_counter() - tic
+        finally:
+            if training:
+                self.model.train()
+        table = np.column_stack([per_fn, total, [len(c) for c in completions], stopped]).astype(np.float32)
+        return table, batches, (sample_s, ref_s)
 
     def _generation_metrics(self, everyone: np.ndarray, f: int) -> dict:
         """TRL's logged reward statistics over the global batch."""
         total, length, stopped = everyone[:, f], everyone[:, f + 1], everyone[:, f + 2]
         grouped = total.reshape(-1, self.G)
-        out = {"reward": float(np.nanmean(total)) if np.isfinite(total).any() else float("nan"),
-               "reward_std": float(np.nanmean(np.nanstd(grouped, axis=1, ddof=1))),
-               "frac_reward_zero_std": float(np.mean(np.nanstd(grouped, axis=1) < 1e-8)),
-               "completions/mean_length": float(length.mean()),
-               "completions/clipped_ratio": float(1.0 - stopped.mean())}
-        for j, name in enumerate(self.names):
-            col = everyone[:, j]
-            out[f"rewards/{name}/mean"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
+        with warnings.catch_warnings():  # a group no reward could score: NaN, as TRL logs it
+            warnings.simplefilter("ignore", RuntimeWarning)
+            std = np.nanstd(total, ddof=1) if self.cfg.grpo.scale_rewards == "batch" else \
+                np.nanmean(np.nanstd(grouped, axis=1, ddof=1))
+            out = {"reward": float(np.nanmean(total)), "reward_std": float(std),
+                   "frac_reward_zero_std": float(np.mean(np.nanstd(grouped, axis=1) < 1e-8)),
+                   "completions/mean_length": float(length.mean()),
+                   "completions/clipped_ratio": float(1.0 - stopped.mean())}
+            for j, name in enumerate(self.names):
+                out[f"rewards/{name}/mean"] = float(np.nanmean(everyone[:, j]))
         return out
 
     def _no_grad_logps(self, b: dict) -> np.ndarray:
-        return self.ops.to_numpy(self._logps(self.ops.to_batch(self.model, b))).astype(np.float32)
+        scored = {k: b[k] for k in SCORED if k in b}  # one compiled shape whatever else the batch carries
+        return self.ops.to_numpy(self._logps(self.ops.to_batch(self.model, scored))).astype(np.float32)
 
-    def _reference_logps(self, b: dict) -> np.ndarray:
-        """The policy at init on these completions: step 0's adapter weights in, one no-grad pass, ours back."""
+    def _reference_logps(self, batches: list[dict]) -> list[np.ndarray]:
+        """The policy at init on these completions: step 0's adapter weights in, one no-grad pass per micro-batch,
+        ours back (one swap per generation)."""
         now = self.ops.adapter_state(self.model)
         self.ops.set_adapter_state(self.model, self.init_adapter)
         try:
-            return self._no_grad_logps(b)
+            return [self._no_grad_logps(b) for b in batches]
         finally:
             self.ops.set_adapter_state(self.model, now)
 
@@ -237,39 +277,6 @@ class GRPOObjective(Objective):
         tokens = max(sums.pop("tokens", 0.0), 1.0)
         out = {k: v / tokens for k, v in sums.items() if k in METRICS}
         return {**out, **self._gen_metrics}
-
-    # ------------------------------------------------------------------ μ > 1: the generation on disk
-
-    def _save_generation(self) -> None:
-        """Every rank's micro-batches of this generation, gathered to rank 0 and written atomically."""
-        arrays = {"generation": np.array([self.generations], np.int64),
-                  "metrics": np.array([self._gen_metrics[k] for k in sorted(self._gen_metrics)], np.float64)}
-        for m, b in enumerate(self._buffer):
-            for k, v in b.items():
-                arrays.update(_gathered(self.world, f"{m}/{k}", v))
-        if self.world.main:
-            sio.save(self.run.file(GENERATION_FILE), arrays)
-
-    def _load_generation(self) -> tuple[list[dict], dict]:
-        f = self.run.file(GENERATION_FILE)
-        saved = load_file(str(f)) if f.is_file() else {}
-        if "generation" not in saved or int(saved["generation"][0]) != self.generations:
-            raise ForgeError(f"resume: the checkpoint is inside generation {self.generations} (grpo.num_iterations "
-                             f"{self.mu}), but {f} does not hold it; resume from a checkpoint at a generation's last step")
-        buffer: dict[int, dict] = {}
-        for key in saved:
-            if "/" in key and not key.endswith("#shape"):
-                m, name = key.split("/", 1)
-                shape = tuple(int(d) for d in saved[f"{key}#shape"][self.world.rank])
-                part = saved[key][self.world.rank][tuple(slice(0, d) for d in shape)]
-                dtype = np.int32 if name in ("inputs", "targets", "loss_positions") else np.float32
-                buffer.setdefault(int(m), {})[name] = part.astype(dtype)
-        keys = sorted(self._metric_keys())
-        return [buffer[m] for m in sorted(buffer)], dict(zip(keys, saved["metrics"].tolist()))
-
-    def _metric_keys(self) -> list[str]:
-        return ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-                *[f"rewards/{n}/mean" for n in self.names], "sampling_tok_s", "time/sampling_s", "time/reference_s"]
 
     # ------------------------------------------------------------------ held-out reward
 
@@ -312,13 +319,43 @@ def _prompt_loader(max_new_tokens: int):
     return load_prompts
 
 
-def _gathered(world: World, key: str, arr: np.ndarray) -> dict:
-    """{key: (ranks, *largest shape) every rank's array zero-padded, key#shape: (ranks, ndim) their shapes}, summed
-    over ranks (float32 on the wire: token ids are exact below 2^24)."""
-    arr = np.asarray(arr)
-    shapes = np.zeros((world.size, arr.ndim), np.float32)
-    shapes[world.rank] = arr.shape
-    shapes = np.asarray(world.sum(shapes)).astype(np.int64)
-    out = np.zeros((world.size, *shapes.max(0)), np.float32)
-    out[world.rank][tuple(slice(0, d) for d in arr.shape)] = arr
-    return {key: np.asarray(world.sum(out), np.float32), f"{key}#shape": shapes}
+def _gathered(world: World, arrays: dict) -> dict:
+    """{key: (ranks, *largest shape) every rank's array zero-padded, key#shape: (ranks, ndim) their shapes} for each
+    array, summed over ranks in one exchange (float32 on the wire: token ids are exact below 2^24)."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    shapes = {}
+    for k, a in arrays.items():
+        s = np.zeros((world.size, a.ndim), np.float32)
+        s[world.rank] = a.shape
+        shapes[k] = s
+    flat = world.sum(np.concatenate([s.ravel() for s in shapes.values()]))
+    out, at = {}, 0
+    for k, s in shapes.items():
+        shapes[k] = np.asarray(flat[at:at + s.size]).reshape(s.shape).astype(np.int64)
+        at += s.size
+    padded = {}
+    for k, a in arrays.items():
+        p = np.zeros((world.size, *shapes[k].max(0)), np.float32)
+        p[world.rank][tuple(slice(0, d) for d in a.shape)] = a
+        padded[k] = p
+    summed = world.sum(np.concatenate([p.ravel() for p in padded.values()]))
+    at = 0
+    for k, p in padded.items():
+        out[k] = np.asarray(summed[at:at + p.size], np.float32).reshape(p.shape)
+        out[f"{k}#shape"] = shapes[k]
+        at += p.size
+    return out
+
+
+def _ungathered(world: World, arrays: dict) -> list[dict]:
+    """This rank's micro-batches from _gathered's arrays."""
+    buffer: dict[int, dict] = {}
+    for key, value in arrays.items():
+        if key.endswith("#shape"):
+            continue
+        m, name = key.split("/", 1)
+        shape = tuple(int(d) for d in arrays[f"{key}#shape"][world.rank])
+        part = value[world.rank][tuple(slice(0, d) for d in shape)]
+        buffer.setdefault(int(m), {})[name] = part.astype(np.int32 if name in ("inputs", "targets", "loss_positions")
+                                                          else np.float32)
+    return [buffer[m] for m in sorted(buffer)]

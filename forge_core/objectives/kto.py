@@ -18,8 +18,7 @@ from forge_core import data as fdata
 from forge_core.distributed import World
 from forge_core.errors import ForgeError
 from forge_core.losses.kto import METRICS, kto_means, kto_objective, mismatched_partners, reference_point
-from forge_core.memory.guard import MemoryGuard
-from forge_core.objectives.base import Objective, load_split
+from forge_core.objectives.base import Objective, exchange, load_split
 from forge_core.objectives.reference import fingerprint, scored_once
 
 
@@ -114,7 +113,7 @@ class KTOObjective(Objective):
                 failed, sums = exc, [0.0, 0.0] * micro_batches
         else:
             sums = [0.0, 1.0] * micro_batches
-        totals = exchange(self.world, sums, failed)
+        totals = exchange(self.world, sums, failed, "scoring KTO's mismatched pairs")
         self._pending = [(idx, reference_point(s, c)) for idx, s, c in zip(idxs, totals[0::2], totals[1::2])]
 
     def _labels(self, split: str, idx) -> np.ndarray:
@@ -163,28 +162,6 @@ class KTOObjective(Objective):
         out = {"loss": float(totals[0] / max(n, 1)), **kto_means(dict(zip(keys[1:], totals[1:])), n)}
         out.update(_pairwise(self.valid, rewards, seen > 0))
         return out
-
-
-def exchange(world: World, sums: list[float], failed: BaseException | None) -> np.ndarray:
-    """world.sum(sums), with every rank joining the one exchange even when its own part failed; then the failed
-    rank re-raises its error and the others raise the matching one: MemoryError when it was out of memory (the
-    loop stops every rank alike, with a checkpoint), else a ForgeError naming the rank (its own message is the
-    real one)."""
-    oom = failed is not None and MemoryGuard.is_oom(failed)
-    flags = np.zeros(2 * world.size)
-    if failed is not None:
-        flags[2 * world.rank + (0 if oom else 1)] = 1.0
-    totals = world.sum(list(sums) + flags.tolist())
-    if failed is not None:
-        raise failed
-    got = totals[len(sums):]
-    if got.any():
-        ranks = ", ".join(str(r) for r in range(world.size) if got[2 * r] or got[2 * r + 1])
-        if got[0::2].any():
-            raise MemoryError(f"out of memory on rank {ranks} while scoring KTO's mismatched pairs")
-        raise ForgeError(f"rank {ranks} stopped with an error while scoring KTO's mismatched pairs (its own "
-                         "message says what)")
-    return totals[:len(sums)]
 
 
 def fixed_order(rows: list, chunk: int, seed: int | None) -> list:
