@@ -276,11 +276,19 @@ def test_a_sentencepiece_style_tokenizer_round_trips_through_transformers(arch, 
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
 
 
-def test_gemma2_round_trips_through_transformers(tmp_path):
-    """Gemma 2: the norms stored as 1 + w (transformers subtracts 1 as llama.cpp's files need), the post-attention
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_round_trips_through_transformers(arch, tmp_path):
+    """Gemma 2 and Gemma 3's text model: the norms stored as 1 + w (transformers subtracts 1 as llama.cpp's files need), the post-attention
     and pre/post-feedforward norms named as llama.cpp names them, tied embeddings, head_dim and soft-capping in the
     metadata; its SentencePiece tokenizer (GemmaTokenizer: no space prefix) encodes alike after the round trip."""
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, GemmaTokenizer
+    from transformers import (
+        AutoTokenizer,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GemmaTokenizer,
+    )
 
     src = tmp_path / "src"
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"<0x{b:02X}>": 4 + b for b in range(256)}}
@@ -289,11 +297,13 @@ def test_gemma2_round_trips_through_transformers(tmp_path):
     tok = GemmaTokenizer(vocab=vocab, merges=[("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "s")])
     tok.save_pretrained(str(src))
     # head_dim = query_pre_attn_scalar (256, the config default transformers falls back to when reading a GGUF)
-    config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, vocab_size=len(tok),
-                          max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, vocab_size=len(tok),
+                 max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config, cls = (Gemma2Config(**shape), Gemma2ForCausalLM) if arch == "gemma2" else \
+        (Gemma3TextConfig(**shape), Gemma3ForCausalLM)
     torch.manual_seed(4)
-    model = Gemma2ForCausalLM(config).float()
+    model = cls(config).float()
     with torch.no_grad():  # norms away from their init, so a lost "+ 1" or a swapped norm shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -302,9 +312,10 @@ def test_gemma2_round_trips_through_transformers(tmp_path):
     gguf_export.write_gguf(src, tmp_path / "g.gguf", "f32")
     meta, tensors = gguf_import.read_gguf(tmp_path / "g.gguf")
     names = {t.name for t in tensors}
-    assert meta["general.architecture"] == "gemma2" and meta["gemma2.attention.key_length"] == 256
+    assert meta["general.architecture"] == arch and meta[f"{arch}.attention.key_length"] == 256
     assert {"blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"} <= names
     assert "output.weight" not in names
+    assert arch == "gemma2" or {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
     back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="g.gguf")
     for text in ["the this is", " the", "héé!"]:
         assert back(text).input_ids == tok(text).input_ids, text

@@ -5,8 +5,9 @@ unpermute_rows), the byte-level BPE tokenizer (tokens, token types, merges, llam
 the chat template.
 
 Architectures (ARCHS): Llama and Mistral (llama.cpp's "llama": q and k rows permuted), Qwen2 ("qwen2": q/k/v
-biases, no permutation), Phi-3 ("phi3": fused qkv and gate_up) and Gemma 2 ("gemma2": four norms per block, stored
-as 1 + w, the soft-capping values, head_dim written); others are refused with one line naming them.
+biases, no permutation), Phi-3 ("phi3": fused qkv and gate_up), Gemma 2 ("gemma2": four norms per block, stored
+as 1 + w, the soft-capping values, head_dim written) and Gemma 3's text model ("gemma3": Gemma 2's layout plus q/k
+norms); others are refused with one line naming them.
 Tokenizers: byte-level BPE (Llama 3, Qwen2, SmolLM, GPT-2 style) whose pre-tokenizer llama.cpp knows by name
 (GPT-2, digits + GPT-2 as SmolLM/StarCoder, Llama 3's and Qwen2's regexes), as llama.cpp's "gpt2" vocabulary; and
 SentencePiece-style BPE with byte fallback (Llama 2, Mistral 7B v0.1-0.3, Phi-3-mini, Gemma), as its "llama"
@@ -42,7 +43,7 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # HF architecture -> (llama.cpp architecture, whether llama.cpp permutes the q/k rows for its rotary order)
 ARCHS = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
          "Qwen2ForCausalLM": ("qwen2", False), "Phi3ForCausalLM": ("phi3", False),
-         "Gemma2ForCausalLM": ("gemma2", False)}
+         "Gemma2ForCausalLM": ("gemma2", False), "Gemma3ForCausalLM": ("gemma3", False)}
 # module names beyond the import's tables (Phi-3 keeps q/k/v and gate/up fused, as llama.cpp does)
 FUSED_NAMES = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 # Gemma 2's four norms per block: its post_attention_layernorm normalises the attention's output, and the norm
@@ -51,7 +52,8 @@ GEMMA2_NAMES = {"post_attention_layernorm": "post_attention_norm", "pre_feedforw
                 "post_feedforward_layernorm": "post_ffw_norm"}
 
 _TO_GGUF = {**{hf: g for g, hf in {**BLOCK_NAMES, **TOP_NAMES}.items()}, **FUSED_NAMES}
-_ARCH_NAMES = {"gemma2": {**_TO_GGUF, **GEMMA2_NAMES}}
+_ARCH_NAMES = {"gemma2": {**_TO_GGUF, **GEMMA2_NAMES},
+               "gemma3": {**_TO_GGUF, **GEMMA2_NAMES, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}}
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -269,7 +271,7 @@ def write_gguf(src: Path, out: Path, outtype: str = "f16", name: str | None = No
         raise ForgeError(f"GGUF export: the {archs[0]} architecture is not supported yet "
                          f"(supported: {', '.join(ARCHS)})")
     arch, permuted = ARCHS[archs[0]]
-    plus_one = arch == "gemma2"  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's files hold 1 + w
+    plus_one = arch in ("gemma2", "gemma3")  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's files hold 1 + w
     writer = gguf.GGUFWriter(str(out), arch, use_temp_file=True)  # tensors go to disk as they come, not to RAM
     writer.add_name(name or src.name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
