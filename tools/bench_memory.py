@@ -53,11 +53,11 @@ def _row(name, backend, hidden, layers, inter, batch, seq, rank, bits, ckpt=Fals
             "batch": batch, "seq": seq, "rank": rank, "bits": bits, "ckpt": ckpt, "kind": kind, "small": small}
 
 
-def _smol(name, kind="sft", bits=4, ckpt=False, packing=False, batch=4, seq=256):
+def _smol(name, kind="sft", bits=4, ckpt=False, packing=False, batch=4, seq=256, dora=False):
     """A row on the bundled SmolLM2-135M-Instruct with the demo task's real rows (the first BUNDLED_ROWS of
     data/demo/*_train.jsonl): prompts masked out of the loss, batches as long as the data makes them."""
     return {"name": name, "backend": "mlx", "model": "smollm2-135m", "batch": batch, "seq": seq, "rank": 16,
-            "bits": bits, "ckpt": ckpt, "kind": kind, "packing": packing, "small": False}
+            "bits": bits, "ckpt": ckpt, "kind": kind, "packing": packing, "small": False, "dora": dora}
 
 
 # Model size, batch, seq len, rank, bits, checkpointing, SFT/DPO; heads = hidden/32, kv heads = heads/2.
@@ -87,6 +87,8 @@ MATRIX = [
     _smol("smol-dpo-fp", kind="dpo", bits=0),
     _smol("smol-orpo-q4", kind="orpo"),
     _smol("smol-kto-q4", kind="kto"),
+    _smol("smol-sft-q4-dora", dora=True),
+    _smol("smol-grpo-q4", kind="grpo", batch=8),
 ]
 BUNDLED_ROWS = 32  # rows of the demo data a bundled-model row reads (the reference scoring stays short)
 
@@ -123,8 +125,9 @@ def make_data(root: Path, kind: str, seq: int, n: int = 16) -> Path:
 
 def demo_subset(root: Path, kind: str) -> Path:
     """The first BUNDLED_ROWS rows of the demo task's SFT or preference data."""
-    src = Path(bc.ROOT) / "data" / "demo" / ("sft_train.jsonl" if kind == "sft" else "dpo_train.jsonl")
-    out = root / f"demo_{'sft' if kind == 'sft' else 'pairs'}.jsonl"
+    name = {"sft": "sft_train", "grpo": "grpo_train"}.get(kind, "dpo_train")
+    src = Path(bc.ROOT) / "data" / "demo" / f"{name}.jsonl"
+    out = root / f"demo_{name}.jsonl"
     out.write_text("".join(src.read_text().splitlines(keepends=True)[:BUNDLED_ROWS]))
     return out
 
@@ -136,7 +139,10 @@ def bundled_sets(row: dict, data: Path, out_dir: Path) -> list[str]:
             "lora.init=pissa_niter_4", f"quant.bits={row['bits']}", f"train.steps={STEPS}",
             f"train.batch_size={row['batch']}", f"train.max_seq_len={row['seq']}",
             f"train.grad_checkpoint={str(row['ckpt']).lower()}", "train.schedule=constant", "train.warmup=0",
-            "train.eval_every=0", "train.save_every=1000", "train.log_every=1", f"train.out_dir={out_dir}"]
+            "train.eval_every=0", "train.save_every=1000", "train.log_every=1", f"train.out_dir={out_dir}",
+            f"lora.dora={str(row.get('dora', False)).lower()}",
+            *(["grpo.rewards=builtin:json_fields", "grpo.num_generations=4", "grpo.max_new_tokens=48"]
+              if row["kind"] == "grpo" else [])]
 
 
 def config_sets(row: dict, model: Path, data: Path, out_dir: Path) -> list[str]:
@@ -232,9 +238,7 @@ def worker(spec: dict) -> dict:
     from rich.console import Console
 
     from forge_core.config import build_config
-    from forge_core.memory.plan import plan_memory
-
-    from forge_core.memory.plan import data_shape_of
+    from forge_core.memory.plan import data_shape_of, plan_memory
     from forge_core.models.known import load_model_config
 
     cfg = build_config(None, spec["sets"])
@@ -271,7 +275,8 @@ def measure(row: dict, root: Path, verbose: bool = False) -> dict:
 
 def describe(row: dict, result: dict | None = None) -> str:
     bits = "fp" if row["bits"] == 0 else f"{row['bits']}-bit"
-    extra = f"{', ckpt' if row['ckpt'] else ''}{', packed' if row.get('packing') else ''}, {row['kind'].upper()}"
+    extra = (f"{', ckpt' if row['ckpt'] else ''}{', packed' if row.get('packing') else ''}"
+             f"{', DoRA' if row.get('dora') else ''}, {row['kind'].upper()}")
     if row.get("model"):
         seq = f"T<={result['data_seq']} (data)" if result else f"T<={row['seq']}"
         return f"SmolLM2-135M, demo rows, B{row['batch']} {seq}, r{row['rank']}, {bits}{extra}"
