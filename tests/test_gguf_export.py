@@ -148,6 +148,13 @@ def test_bundled_model_round_trips_through_gguf_export_and_forge_train(tmp_path,
     assert (tmp_path / "again" / "adapter" / "forge.json").is_file()
 
 
+def _f16_agrees(src, tmp_path, want):
+    """The f16 file too: transformers' loader gives the float model's logits to 1e-3 (of the largest logit)."""
+    gguf_export.write_gguf(src, tmp_path / "h.gguf", "f16")
+    got = _logits(tmp_path, gguf_file="h.gguf")
+    assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
+
+
 def _tiny(arch: str, tiny_model, out):
     """A random tiny Mistral / Qwen2 HF dir with the tiny Llama's byte tokenizer."""
     import shutil
@@ -184,6 +191,7 @@ def test_other_architectures_with_a_table_round_trip_through_transformers(arch, 
     assert meta["general.architecture"] == ("llama" if arch == "mistral" else "qwen2")
     want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    _f16_agrees(src, tmp_path, want)
 
 
 def test_phi3_with_its_fused_projections_round_trips_through_transformers(tiny_model, tmp_path):
@@ -207,6 +215,7 @@ def test_phi3_with_its_fused_projections_round_trips_through_transformers(tiny_m
     assert meta["general.architecture"] == "phi3" and "blk.0.attn_qkv.weight" in {t.name for t in tensors}
     want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    _f16_agrees(src, tmp_path, want)
 
 
 def test_embedding_rows_beyond_the_tokenizer_are_padding_entries(tmp_path):
@@ -321,3 +330,4 @@ def test_gemma_round_trips_through_transformers(arch, tmp_path):
         assert back(text).input_ids == tok(text).input_ids, text
     want, got = _logits(src), _logits(tmp_path, gguf_file="g.gguf")
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    _f16_agrees(src, tmp_path, want)

@@ -8,7 +8,8 @@
 2. Timing: the same recipe with grpo.beta 0.04 (so the reference pass is measured too) for --timing-steps steps;
    per step (median of steps 2.., step 1 compiles) the wall seconds split into sampling / reference / training
    (the rest of the step: the forward and backward, the update, the reward functions), sampling tok/s (new tokens
-   per second of sampling), training tok/s (the loop's own figure) and the peak memory.
+   per second of sampling), training tok/s (prompt + completion tokens per second of the training part) and the
+   peak memory.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def timing(steps: int, out: Path) -> dict:
         return statistics.median(r[key] for r in train)
 
     step, sample, ref = med("step_s"), med("time/sampling_s"), med("time/reference_s")
+    # the loop's tok_s is a step's prompt + completion tokens over the whole step; over its training part alone:
+    tokens = med("tok_s") * step
     return {"step_s": step, "sampling_s": sample, "reference_s": ref, "training_s": step - sample - ref,
-            "sampling_tok_s": med("sampling_tok_s"), "training_tok_s": med("tok_s"),
+            "sampling_tok_s": med("sampling_tok_s"), "training_tok_s": tokens / max(step - sample - ref, 1e-9),
             "peak": max(r["peak_memory"] for r in train), "length": med("completions/mean_length"), "steps": len(train)}
 
 
