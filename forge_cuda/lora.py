@@ -74,10 +74,18 @@ class LoRALinear(nn.Module):
         z = (self.dropout(x) @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T
         return y + (self.scale * z).to(y.dtype)
 
+    def row_norm(self, w: torch.Tensor) -> torch.Tensor:
+        """||W + s·BA||_row from (out, r) products only: ||W||² + 2s·rowsum((W·Aᵀ)∘B) + s²·rowsum((B·AAᵀ)∘B),
+        never the (out, in) sum itself (a dense copy per adapted weight per step)."""
+        a, b, s = self.lora_A, self.lora_B, self.scale  # a (r, in), b (out, r)
+        cross = ((w @ a.T) * b).sum(dim=1)
+        gram = ((b @ (a @ a.T)) * b).sum(dim=1)
+        return torch.sqrt(torch.clamp(w.square().sum(dim=1) + 2 * s * cross + s * s * gram, min=0.0))
+
     def _dora(self, x):
         w = self.base_weight()
         with torch.no_grad():  # a constant in the backward (the paper's memory saving): no graph for it
-            norm = torch.linalg.norm(w + self.delta(), dim=1)
+            norm = self.row_norm(w)
         mag = self.lora_magnitude_vector / norm  # fp32; m/n − 1 is small, so it is cast after the subtraction
         w = w.to(x.dtype)
         dropped = self.dropout(x)

@@ -70,9 +70,18 @@ class LoRALinear(nn.Module):
         xa = (self.dropout(x) @ self.lora_a.astype(x.dtype)) * self.scale
         return y + (xa @ self.lora_b.astype(x.dtype)).astype(y.dtype)
 
+    def row_norm(self, w: mx.array) -> mx.array:
+        """||W + s·BA||_row from (out, r) products only: ||W||² + 2s·rowsum((W·Aᵀ)∘B) + s²·rowsum((B·AAᵀ)∘B),
+        never the (out, in) sum itself (PEFT and mlx-lm form it, and the backward keeps it: a dense copy per
+        adapted weight per step)."""
+        a, b, s = self.lora_a, self.lora_b.T, self.scale  # a (in, r), b (out, r)
+        cross = ((w @ a) * b).sum(axis=1)
+        gram = ((b @ (a.T @ a)) * b).sum(axis=1)
+        return mx.sqrt(mx.maximum(mx.square(w).sum(axis=1) + 2 * s * cross + s * s * gram, 0.0))
+
     def _dora(self, x):
         w = self.base_weight()
-        norm = mx.stop_gradient(mx.linalg.norm(w + self.delta(), axis=1))
+        norm = mx.stop_gradient(self.row_norm(w))
         mag = self.m / norm  # fp32; m/n − 1 is small, so it is cast after the subtraction
         w = w.astype(x.dtype)
         dropped = self.dropout(x)

@@ -160,3 +160,27 @@ def test_cli_dora_flag_reaches_the_config(tiny_model, sft, tmp_path):
 
     res = CliRunner().invoke(cli, ["memory", "--model", str(tiny_model), "--data", str(sft), "--dora", "--json"])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_norm_needs_no_dense_sum_and_equals_it(backend):
+    """||W + s·BA||_row from (out, r) products equals the norm of the formed sum (which DoRA never forms)."""
+    rng = np.random.default_rng(0)
+    w, a, b = (rng.standard_normal(s).astype(np.float32) for s in ((48, 32), (4, 32), (48, 4)))
+    want = np.linalg.norm(w.astype(np.float64) + 1.5 * b.astype(np.float64) @ a, axis=1)
+    if backend == "mlx":
+        import mlx.core as mx
+        from mlx import nn
+
+        from forge_mlx.lora import LoRALinear
+
+        layer = LoRALinear(nn.Linear(32, 48, bias=False), 4, 1.5, lora_a=mx.array(a.T), lora_b=mx.array(b.T))
+        got = np.array(layer.row_norm(mx.array(w)))
+    else:
+        import torch
+
+        from forge_cuda.lora import LoRALinear
+
+        layer = LoRALinear(torch.nn.Linear(32, 48, bias=False), 4, 1.5, lora_A=torch.tensor(a), lora_B=torch.tensor(b))
+        got = layer.row_norm(torch.tensor(w)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
