@@ -88,11 +88,13 @@ class LoRALinear(nn.Module):
             norm = self.row_norm(w)
         mag = self.lora_magnitude_vector / norm  # fp32; m/n − 1 is small, so it is cast after the subtraction
         w = w.to(x.dtype)
-        dropped = self.dropout(x)
-        base = x @ w.T
-        base_dropped = dropped @ w.T if self.dropout.p > 0 and self.training else base
-        lora = ((dropped @ self.lora_A.to(x.dtype).T) * self.scale) @ self.lora_B.to(x.dtype).T
-        y = base + (mag - 1).to(x.dtype) * base_dropped + mag.to(x.dtype) * lora
+        if self.dropout.p > 0 and self.training:  # PEFT's form: the base term sees the dropped input too
+            dropped = self.dropout(x)
+            lora = ((dropped @ self.lora_A.to(x.dtype).T) * self.scale) @ self.lora_B.to(x.dtype).T
+            y = x @ w.T + (mag - 1).to(x.dtype) * (dropped @ w.T) + mag.to(x.dtype) * lora
+        else:  # = m/n · (W + s·BA) x: the magnitude's gradient keeps ONE (N, out) product, not two
+            lora = ((x @ self.lora_A.to(x.dtype).T) * self.scale) @ self.lora_B.to(x.dtype).T
+            y = mag.to(x.dtype) * (x @ w.T + lora)
         return y + self.base_layer.bias.to(y.dtype) if self.base_layer.bias is not None else y
 
     def delta(self) -> torch.Tensor:

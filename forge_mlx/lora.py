@@ -84,11 +84,13 @@ class LoRALinear(nn.Module):
         norm = mx.stop_gradient(self.row_norm(w))
         mag = self.m / norm  # fp32; m/n − 1 is small, so it is cast after the subtraction
         w = w.astype(x.dtype)
-        dropped = self.dropout(x)
-        base = x @ w.T
-        base_dropped = dropped @ w.T if self.dropout_p > 0 and self.training else base
-        lora = ((dropped @ self.lora_a.astype(x.dtype)) * self.scale) @ self.lora_b.astype(x.dtype)
-        y = base + (mag - 1).astype(x.dtype) * base_dropped + mag.astype(x.dtype) * lora
+        if self.dropout_p > 0 and self.training:  # PEFT's form: the base term sees the dropped input too
+            dropped = self.dropout(x)
+            lora = ((dropped @ self.lora_a.astype(x.dtype)) * self.scale) @ self.lora_b.astype(x.dtype)
+            y = x @ w.T + (mag - 1).astype(x.dtype) * (dropped @ w.T) + mag.astype(x.dtype) * lora
+        else:  # = m/n · (W + s·BA) x: the magnitude's gradient keeps ONE (N, out) product, not two
+            lora = ((x @ self.lora_a.astype(x.dtype)) * self.scale) @ self.lora_b.astype(x.dtype)
+            y = mag.astype(x.dtype) * (x @ w.T + lora)
         return y + self.linear.bias if "bias" in self.linear else y
 
     def delta(self) -> mx.array:
