@@ -342,6 +342,11 @@ def activation_components(run: Run) -> list[Component]:
         acts = s.layers * n * per_tok + final
         note = f"{per_tok / 1024:.1f} KiB/token/block x {s.layers} blocks x {n} tokens"
     out = [Component("activations", acts, note)]
+    if run.cfg.lora.dora:  # m/n · (Wx + s·BAx): the magnitude's gradient keeps that (N, out) product per target
+        blocks = 1 if ckpt else run.lora_layers
+        outs = sum(s.linears()[t][0] for t in run.targets)
+        out.append(Component("DoRA products", blocks * n * outs * cb,
+                             f"N x {outs} outputs of the adapted linears x {blocks} block(s), for the magnitudes"))
     kept = run.const["scores_kept_per_block"]
     if kept:
         blocks = 1 if ckpt else s.layers
