@@ -331,3 +331,33 @@ def test_gemma_round_trips_through_transformers(arch, tmp_path):
     want, got = _logits(src), _logits(tmp_path, gguf_file="g.gguf")
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
     _f16_agrees(src, tmp_path, want)
+
+
+def test_qwen3_with_its_qk_norms_round_trips_through_transformers(tiny_model, tmp_path):
+    """Qwen3: q/k RMSNorms per head (llama.cpp's attn_q_norm / attn_k_norm), no biases, no permutation; head_dim 128
+    (transformers' default for a Qwen3 GGUF, as the real checkpoints have)."""
+    import shutil
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    base = json.loads((tiny_model / "config.json").read_text())
+    config = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=128, vocab_size=base["vocab_size"], max_position_embeddings=128,
+                         eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"], tie_word_embeddings=False)
+    torch.manual_seed(5)
+    model = Qwen3ForCausalLM(config).float()
+    with torch.no_grad():  # q/k norms away from 1, so a dropped or swapped norm shows
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.normal_(1, 0.3)
+            layer.self_attn.k_norm.weight.normal_(1, 0.3)
+    src = tmp_path / "src"
+    model.save_pretrained(str(src), safe_serialization=True)
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copyfile(f, src / f.name)
+    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
+    meta, tensors = gguf_import.read_gguf(tmp_path / "m.gguf")
+    assert meta["general.architecture"] == "qwen3" and "blk.1.attn_k_norm.weight" in {t.name for t in tensors}
+    want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    _f16_agrees(src, tmp_path, want)

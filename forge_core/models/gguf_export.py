@@ -5,7 +5,7 @@ unpermute_rows), the byte-level BPE tokenizer (tokens, token types, merges, llam
 the chat template.
 
 Architectures (ARCHS): Llama and Mistral (llama.cpp's "llama": q and k rows permuted), Qwen2 ("qwen2": q/k/v
-biases, no permutation), Phi-3 ("phi3": fused qkv and gate_up), Gemma 2 ("gemma2": four norms per block, stored
+biases, no permutation), Qwen3 ("qwen3": q/k norms), Phi-3 ("phi3": fused qkv and gate_up), Gemma 2 ("gemma2": four norms per block, stored
 as 1 + w, the soft-capping values, head_dim written) and Gemma 3's text model ("gemma3": Gemma 2's layout plus q/k
 norms); others are refused with one line naming them.
 Tokenizers: byte-level BPE (Llama 3, Qwen2, SmolLM, GPT-2 style) whose pre-tokenizer llama.cpp knows by name
@@ -43,7 +43,8 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # HF architecture -> (llama.cpp architecture, whether llama.cpp permutes the q/k rows for its rotary order)
 ARCHS = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
          "Qwen2ForCausalLM": ("qwen2", False), "Phi3ForCausalLM": ("phi3", False),
-         "Gemma2ForCausalLM": ("gemma2", False), "Gemma3ForCausalLM": ("gemma3", False)}
+         "Qwen3ForCausalLM": ("qwen3", False), "Gemma2ForCausalLM": ("gemma2", False),
+         "Gemma3ForCausalLM": ("gemma3", False)}
 # module names beyond the import's tables (Phi-3 keeps q/k/v and gate/up fused, as llama.cpp does)
 FUSED_NAMES = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 # Gemma 2's four norms per block: its post_attention_layernorm normalises the attention's output, and the norm
@@ -52,8 +53,9 @@ GEMMA2_NAMES = {"post_attention_layernorm": "post_attention_norm", "pre_feedforw
                 "post_feedforward_layernorm": "post_ffw_norm"}
 
 _TO_GGUF = {**{hf: g for g, hf in {**BLOCK_NAMES, **TOP_NAMES}.items()}, **FUSED_NAMES}
-_ARCH_NAMES = {"gemma2": {**_TO_GGUF, **GEMMA2_NAMES},
-               "gemma3": {**_TO_GGUF, **GEMMA2_NAMES, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}}
+QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+_ARCH_NAMES = {"gemma2": {**_TO_GGUF, **GEMMA2_NAMES}, "gemma3": {**_TO_GGUF, **GEMMA2_NAMES, **QK_NORMS},
+               "qwen3": {**_TO_GGUF, **QK_NORMS}}
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -216,7 +218,7 @@ def _hyperparameters(writer, cfg: dict, src: Path) -> None:
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     writer.add_rope_dimension_count(head_dim)
     gemma = cfg.get("model_type", "").startswith("gemma")
-    if head_dim != cfg["hidden_size"] // heads or gemma:  # llama.cpp assumes hidden / heads unless told
+    if head_dim != cfg["hidden_size"] // heads or gemma:  # llama.cpp assumes hidden / heads unless told (Qwen3's 128)
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     if gemma:
