@@ -266,9 +266,9 @@ def test_a_sentencepiece_style_tokenizer_round_trips_through_transformers(arch, 
 
     src = tmp_path / "src"
     tok = _sentencepiece_tokenizer(src)
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=128, bos_token_id=1,
-                 eos_token_id=2, tie_word_embeddings=False)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "vocab_size": len(tok), "max_position_embeddings": 128, "bos_token_id": 1,
+                 "eos_token_id": 2, "tie_word_embeddings": False}
     config, cls = (LlamaConfig(**shape), LlamaForCausalLM) if arch == "llama" else (MistralConfig(**shape),
                                                                                    MistralForCausalLM)
     torch.manual_seed(3)
@@ -306,9 +306,9 @@ def test_gemma_round_trips_through_transformers(arch, tmp_path):
     tok = GemmaTokenizer(vocab=vocab, merges=[("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "s")])
     tok.save_pretrained(str(src))
     # head_dim = query_pre_attn_scalar (256, the config default transformers falls back to when reading a GGUF)
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, vocab_size=len(tok),
-                 max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "vocab_size": len(tok),
+                 "max_position_embeddings": 128, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
     config, cls = (Gemma2Config(**shape), Gemma2ForCausalLM) if arch == "gemma2" else \
         (Gemma3TextConfig(**shape), Gemma3ForCausalLM)
     torch.manual_seed(4)
