@@ -21,21 +21,40 @@ from .lora import LoRALinear
 from .quant import is_quantized, set_module
 
 
+def _dense_layers(model: nn.Module, cache: dict) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(path, dense nn.Linear in the model's compute dtype, the layer it stands for) of every LoRALinear (its adapter
+    folded in: W_res + s·BA, or DoRA's) and every other quantized linear (dequantized). The bases' dense fp32
+    weights are taken from `cache` by path, and put there when missing."""
+    dtype = model.get_input_embeddings().weight.dtype
+    modules = dict(model.named_modules())
+    adapted = {path for path, m in modules.items() if isinstance(m, LoRALinear)}
+    out = []
+    with torch.no_grad():
+        for path, m in modules.items():
+            if path in adapted:
+                if path not in cache:
+                    cache[path] = m.base_weight()
+                dense = m.fuse(cache[path])
+            elif is_quantized(m) and path.rpartition(".")[0] not in adapted:
+                if path not in cache:
+                    cache[path] = m.dequantized(torch.float32)
+                dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+                dense.weight.copy_(cache[path])
+                if m.bias is not None:
+                    dense.bias.copy_(m.bias.float())
+            else:
+                continue
+            out.append((path, dense.to(dtype).requires_grad_(False), m))
+    return out
+
+
 def for_inference(model: nn.Module) -> None:
-    """CPU only: each LoRALinear folded into a dense nn.Linear, then each quantized linear dequantized once,
+    """CPU only: each LoRALinear folded into a dense nn.Linear, and each other quantized linear dequantized, once,
     in the dtype the model computes in (its embedding's)."""
     if next(model.parameters()).device.type != "cpu":
         return
-    dtype = model.get_input_embeddings().weight.dtype
-    for path, m in [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]:
-        set_module(model, path, m.fuse().to(dtype).requires_grad_(False))
-    for path, m in [(p, m) for p, m in model.named_modules() if is_quantized(m)]:
-        dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        with torch.no_grad():
-            dense.weight.copy_(m.dequantized(torch.float32))
-            if m.bias is not None:
-                dense.bias.copy_(m.bias.float())
-        set_module(model, path, dense.to(dtype).requires_grad_(False))
+    for path, dense, _ in _dense_layers(model, {}):
+        set_module(model, path, dense)
 
 
 @contextmanager
@@ -47,29 +66,14 @@ def sampling_weights(model: nn.Module, cache: dict):
     if next(model.parameters()).device.type != "cpu":
         yield
         return
-    dtype = model.get_input_embeddings().weight.dtype
-    modules = dict(model.named_modules())
-    adapted = {path for path, m in modules.items() if isinstance(m, LoRALinear)}
-    originals = []
-    with torch.no_grad():
-        for path, m in modules.items():
-            layer = m.base_layer if path in adapted else m
-            if path not in adapted and not (is_quantized(m) and path.rpartition(".")[0] not in adapted):
-                continue
-            if path not in cache:
-                cache[path] = layer.dequantized(torch.float32) if is_quantized(layer) else layer.weight.float()
-            weight = m.merged(cache[path]) if path in adapted else cache[path]
-            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-            dense.weight.data = weight.to(dtype)
-            if layer.bias is not None:
-                dense.bias.data = layer.bias.detach().to(dtype)
-            set_module(model, path, dense.requires_grad_(False))
-            originals.append((path, m))
+    swaps = _dense_layers(model, cache)
+    for path, dense, _ in swaps:
+        set_module(model, path, dense)
     try:
         yield
     finally:
-        for path, m in originals:
-            set_module(model, path, m)
+        for path, _, layer in swaps:
+            set_module(model, path, layer)
 
 
 def _stop_ids(model, tokenizer) -> list[int]:

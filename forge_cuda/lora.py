@@ -109,10 +109,11 @@ class LoRALinear(nn.Module):
             adapted = adapted * (self.lora_magnitude_vector / torch.linalg.norm(adapted, dim=1))[:, None]
         return adapted
 
-    def fuse(self) -> nn.Linear:
-        """Fold the adapter into a dense nn.Linear (dequantizing a quantized base; never requantizing)."""
+    def fuse(self, w: torch.Tensor | None = None) -> nn.Linear:
+        """Fold the adapter into a dense nn.Linear (dequantizing a quantized base; never requantizing). `w`: the
+        base's dense fp32 weight when the caller keeps it (GRPO's sampler dequantizes the frozen base once)."""
         base = self.base_layer
-        w = self.base_weight()
+        w = self.base_weight() if w is None else w
         fused = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=w.device)
         with torch.no_grad():
             fused.weight.copy_(self.merged(w))

@@ -23,27 +23,6 @@ from .lora import LoRALinear
 from .quant import QuantLinear
 
 
-def for_inference(model: nn.Module) -> None:
-    """CPU only: each LoRALinear folded into a dense nn.Linear, then each QuantLinear dequantized once."""
-    if mx.default_device() != mx.cpu:
-        return
-    swaps = [(path, m.fuse()) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
-    if swaps:
-        model.update_modules(tree_unflatten(swaps))
-    swaps = []
-    for path, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            out_dims, _ = m.weight.shape
-            dense = nn.Linear(m.weight.shape[1] * 32 // m.bits, out_dims, bias="bias" in m)
-            dense.weight = m.dequantized(mx.float32)
-            if "bias" in m:
-                dense.bias = m.bias
-            swaps.append((path, dense))
-    if swaps:
-        model.update_modules(tree_unflatten(swaps))
-    mx.eval(model.parameters())
-
-
 def _dense(layer: nn.Module, weight: mx.array) -> nn.Linear:
     out_dims, in_dims = weight.shape
     dense = nn.Linear(in_dims, out_dims, bias="bias" in layer)
@@ -51,6 +30,35 @@ def _dense(layer: nn.Module, weight: mx.array) -> nn.Linear:
     if "bias" in layer:
         dense.bias = layer.bias
     return dense
+
+
+def _dense_layers(model: nn.Module, cache: dict) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(path, dense nn.Linear, the layer it stands for) of every LoRALinear (its adapter folded in: W_res + s·BA, or
+    DoRA's) and every other QuantLinear (dequantized). The bases' dense fp32 weights are taken from `cache` by path,
+    and put there when missing."""
+    modules = dict(model.named_modules())
+    adapted = {path for path, m in modules.items() if isinstance(m, LoRALinear)}
+    out = []
+    for path, m in modules.items():
+        if path in adapted:
+            if path not in cache:
+                cache[path] = m.base_weight()
+            out.append((path, m.fuse(cache[path]), m))
+        elif isinstance(m, QuantLinear) and path.rpartition(".")[0] not in adapted:
+            if path not in cache:
+                cache[path] = m.dequantized(mx.float32)
+            out.append((path, _dense(m, cache[path]), m))
+    return out
+
+
+def for_inference(model: nn.Module) -> None:
+    """CPU only: each LoRALinear folded into a dense nn.Linear, and each other QuantLinear dequantized, once."""
+    if mx.default_device() != mx.cpu:
+        return
+    swaps = _dense_layers(model, {})
+    if swaps:
+        model.update_modules(tree_unflatten([(path, dense) for path, dense, _ in swaps]))
+    mx.eval(model.parameters())
 
 
 @contextmanager
@@ -62,28 +70,13 @@ def sampling_weights(model: nn.Module, cache: dict):
     if mx.default_device() != mx.cpu:
         yield
         return
-    modules = dict(model.named_modules())
-    adapted = {path for path, m in modules.items() if isinstance(m, LoRALinear)}
-    swaps, originals = [], []
-    for path, m in modules.items():
-        if path in adapted:
-            if path not in cache:
-                base = m.linear
-                cache[path] = base.dequantized(mx.float32) if isinstance(base, QuantLinear) else base.weight.astype(mx.float32)
-            swaps.append((path, _dense(m.linear, m.merged(cache[path]))))
-        elif isinstance(m, QuantLinear) and path.rpartition(".")[0] not in adapted:
-            if path not in cache:
-                cache[path] = m.dequantized(mx.float32)
-            swaps.append((path, _dense(m, cache[path])))
-        else:
-            continue
-        originals.append((path, m))
-    mx.eval([d.weight for _, d in swaps])
-    model.update_modules(tree_unflatten(swaps))
+    swaps = _dense_layers(model, cache)
+    mx.eval([dense.weight for _, dense, _ in swaps])
+    model.update_modules(tree_unflatten([(path, dense) for path, dense, _ in swaps]))
     try:
         yield
     finally:
-        model.update_modules(tree_unflatten(originals))
+        model.update_modules(tree_unflatten([(path, layer) for path, _, layer in swaps]))
 
 
 def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: float = 0.0, stream=None) -> str:

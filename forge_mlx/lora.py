@@ -105,10 +105,11 @@ class LoRALinear(nn.Module):
             adapted = adapted * (self.m / mx.linalg.norm(adapted, axis=1))[:, None]
         return adapted
 
-    def fuse(self) -> nn.Linear:
-        """Fold the adapter into a dense nn.Linear (dequantizing a quantized base; never requantizing)."""
+    def fuse(self, w: mx.array | None = None) -> nn.Linear:
+        """Fold the adapter into a dense nn.Linear (dequantizing a quantized base; never requantizing). `w`: the
+        base's dense fp32 weight when the caller keeps it (GRPO's sampler dequantizes the frozen base once)."""
         base = self.linear
-        w = self.base_weight()
+        w = self.base_weight() if w is None else w
         out_dims, in_dims = w.shape
         fused = nn.Linear(in_dims, out_dims, bias="bias" in base)
         fused.weight = self.merged(w)

@@ -148,6 +148,27 @@ def test_bundled_model_round_trips_through_gguf_export_and_forge_train(tmp_path,
     assert (tmp_path / "again" / "adapter" / "forge.json").is_file()
 
 
+def _copy_tokenizer(tiny_model, out):
+    """The tiny Llama's byte tokenizer files into `out`, an HF dir of another architecture."""
+    import shutil
+
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copyfile(f, out / f.name)
+
+
+def _round_trip(src, tmp_path, f16: bool = True) -> tuple[dict, set]:
+    """`src` as an f32 GGUF (tmp_path/m.gguf): transformers' loader gives src's logits to 1e-4 of the largest, and
+    (f16) the f16 file to 1e-3. Returns the file's metadata and tensor names."""
+    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
+    meta, tensors = gguf_import.read_gguf(tmp_path / "m.gguf")
+    want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    if f16:
+        _f16_agrees(src, tmp_path, want)
+    return meta, {t.name for t in tensors}
+
+
 def _f16_agrees(src, tmp_path, want):
     """The f16 file too: transformers' loader gives the float model's logits to 1e-3 (of the largest logit)."""
     gguf_export.write_gguf(src, tmp_path / "h.gguf", "f16")
@@ -157,7 +178,6 @@ def _f16_agrees(src, tmp_path, want):
 
 def _tiny(arch: str, tiny_model, out):
     """A random tiny Mistral / Qwen2 HF dir with the tiny Llama's byte tokenizer."""
-    import shutil
 
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -175,9 +195,7 @@ def _tiny(arch: str, tiny_model, out):
                 for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     p.bias.normal_(0, 0.5)
     model.save_pretrained(str(out), safe_serialization=True)
-    for f in tiny_model.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copyfile(f, out / f.name)
+    _copy_tokenizer(tiny_model, out)
     return out
 
 
@@ -185,17 +203,11 @@ def _tiny(arch: str, tiny_model, out):
 def test_other_architectures_with_a_table_round_trip_through_transformers(arch, tiny_model, tmp_path):
     # (a dir name without "mistral": transformers reads general.name and would then ask gguf-py for a "mistral"
     # model type, which this gguf-py does not have; llama.cpp's own Mistral files meet the same)
-    src = _tiny(arch, tiny_model, tmp_path / "src")
-    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
-    meta, _ = gguf_import.read_gguf(tmp_path / "m.gguf")
+    meta, _ = _round_trip(_tiny(arch, tiny_model, tmp_path / "src"), tmp_path)
     assert meta["general.architecture"] == ("llama" if arch == "mistral" else "qwen2")
-    want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
-    _f16_agrees(src, tmp_path, want)
 
 
 def test_phi3_with_its_fused_projections_round_trips_through_transformers(tiny_model, tmp_path):
-    import shutil
 
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -207,15 +219,9 @@ def test_phi3_with_its_fused_projections_round_trips_through_transformers(tiny_m
     torch.manual_seed(1)
     src = tmp_path / "src"
     Phi3ForCausalLM(config).float().save_pretrained(str(src), safe_serialization=True)
-    for f in tiny_model.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copyfile(f, src / f.name)
-    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
-    meta, tensors = gguf_import.read_gguf(tmp_path / "m.gguf")
-    assert meta["general.architecture"] == "phi3" and "blk.0.attn_qkv.weight" in {t.name for t in tensors}
-    want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
-    _f16_agrees(src, tmp_path, want)
+    _copy_tokenizer(tiny_model, src)
+    meta, names = _round_trip(src, tmp_path)
+    assert meta["general.architecture"] == "phi3" and "blk.0.attn_qkv.weight" in names
 
 
 def test_embedding_rows_beyond_the_tokenizer_are_padding_entries(tmp_path):
@@ -273,16 +279,13 @@ def test_a_sentencepiece_style_tokenizer_round_trips_through_transformers(arch, 
                                                                                    MistralForCausalLM)
     torch.manual_seed(3)
     cls(config).float().save_pretrained(str(src), safe_serialization=True)
-    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
-    meta, _ = gguf_import.read_gguf(tmp_path / "m.gguf")
+    meta, _ = _round_trip(src, tmp_path, f16=False)
     assert meta["tokenizer.ggml.model"] == "llama"
     types = meta["tokenizer.ggml.token_type"]
     assert types[0] == gguf_export.UNKNOWN and types[3] == types[258] == gguf_export.BYTE and types[1] == 3
     back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     for text in ["the saint is here!", "  the  sea\n", "ünïcode ✓ falls back to bytes", "is"]:
         assert back(text).input_ids == tok(text).input_ids, text
-    want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
@@ -318,25 +321,19 @@ def test_gemma_round_trips_through_transformers(arch, tmp_path):
             if name.endswith("norm.weight"):
                 p.normal_(0, 0.3)
     model.save_pretrained(str(src), safe_serialization=True)
-    gguf_export.write_gguf(src, tmp_path / "g.gguf", "f32")
-    meta, tensors = gguf_import.read_gguf(tmp_path / "g.gguf")
-    names = {t.name for t in tensors}
+    meta, names = _round_trip(src, tmp_path)
     assert meta["general.architecture"] == arch and meta[f"{arch}.attention.key_length"] == 256
     assert {"blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"} <= names
     assert "output.weight" not in names
     assert arch == "gemma2" or {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
-    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="g.gguf")
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     for text in ["the this is", " the", "héé!"]:
         assert back(text).input_ids == tok(text).input_ids, text
-    want, got = _logits(src), _logits(tmp_path, gguf_file="g.gguf")
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
-    _f16_agrees(src, tmp_path, want)
 
 
 def test_qwen3_with_its_qk_norms_round_trips_through_transformers(tiny_model, tmp_path):
     """Qwen3: q/k RMSNorms per head (llama.cpp's attn_q_norm / attn_k_norm), no biases, no permutation; head_dim 128
     (transformers' default for a Qwen3 GGUF, as the real checkpoints have)."""
-    import shutil
 
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -352,12 +349,6 @@ def test_qwen3_with_its_qk_norms_round_trips_through_transformers(tiny_model, tm
             layer.self_attn.k_norm.weight.normal_(1, 0.3)
     src = tmp_path / "src"
     model.save_pretrained(str(src), safe_serialization=True)
-    for f in tiny_model.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copyfile(f, src / f.name)
-    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
-    meta, tensors = gguf_import.read_gguf(tmp_path / "m.gguf")
-    assert meta["general.architecture"] == "qwen3" and "blk.1.attn_k_norm.weight" in {t.name for t in tensors}
-    want, got = _logits(src), _logits(tmp_path, gguf_file="m.gguf")
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
-    _f16_agrees(src, tmp_path, want)
+    _copy_tokenizer(tiny_model, src)
+    meta, names = _round_trip(src, tmp_path)
+    assert meta["general.architecture"] == "qwen3" and "blk.1.attn_k_norm.weight" in names

@@ -249,10 +249,8 @@ def load_prompts(path, tokenizer, data_cfg: DataConfig, max_seq_len: int, max_ne
 
     def build(row):
         if "messages" in row and "prompt" not in row:  # an SFT conversation: its last answer is the reference
-            ex = parse_sft(row, data_cfg.system_prompt, data_cfg.columns)
-            last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
-            row = {"prompt": ex.messages[:last], "reference": ex.messages[last]["content"],
-                   **{k: v for k, v in row.items() if k != "messages"}}
+            prompt, answer = parse_sft(row, data_cfg.system_prompt, data_cfg.columns).last_answer()
+            row = {"prompt": prompt, "reference": answer, **{k: v for k, v in row.items() if k != "messages"}}
         messages, columns = parse_prompt(row, data_cfg.system_prompt, data_cfg.columns)
         given = row.get("prompt")
         if chat.has_template:

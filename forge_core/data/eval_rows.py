@@ -33,8 +33,7 @@ def _pair(row: dict, data_cfg: DataConfig):
     ex = parse_sft(row, data_cfg.system_prompt, data_cfg.columns)
     if ex.messages is None:
         return None  # a plain-text row has no question to ask
-    last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
-    return ex.messages[:last], ex.messages[last]["content"]
+    return ex.last_answer()
 
 
 def _prompt_only(row: dict, data_cfg: DataConfig) -> bool:

@@ -42,6 +42,11 @@ class SftExample:
     prompt: str | None = None  # prompt/completion kept as strings for tokenizers without a chat template
     completion: str | None = None
 
+    def last_answer(self) -> tuple[list[dict], str]:
+        """The conversation (chat form) up to its last assistant turn, and that turn's text: a held-out reference."""
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return self.messages[:last], self.messages[last]["content"]
+
 
 @dataclass
 class PreferenceExample:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
@@ -158,8 +159,8 @@ class GRPOObjective(Objective):
             self._buffer, self._gen_metrics = self._generate(micro_batches)
             self.generations += 1
             if self.mu > 1:  # every rank's micro-batches, gathered (a collective: every rank, every generation)
-                self._arrays = {k: v for m, b in enumerate(self._buffer) for k, v in
-                                _gathered(self.world, {f"{m}/{name}": a for name, a in b.items()}).items()}
+                self._arrays = _gathered(self.world, {f"{m}/{name}": a for m, b in enumerate(self._buffer)
+                                                      for name, a in b.items()})
         else:  # the generation's completions again: this step spent no time sampling
             self._gen_metrics.update({"time/sampling_s": 0.0, "time/reference_s": 0.0})
         self._pending = [{k: v.copy() for k, v in b.items()} for b in self._buffer]
@@ -170,14 +171,34 @@ class GRPOObjective(Objective):
             self.prepare_step(self.cfg.train.grad_accum)
         return self.ops.to_batch(self.model, self._pending.pop(0))
 
+    @contextmanager
+    def _eval_mode(self):
+        """No dropout for the passes that are not the step's (sampling, π_old, the reference); as it was after."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            if training:
+                self.model.train()
+
+    def _generate_ids(self, prompts: list[np.ndarray], temp: float, batch_size: int, **kw) -> list[list[int]]:
+        with self._eval_mode(), self.ops.sampling_weights(self.model, self._dense):
+            return generation.generate(self.ops, self.model, self.tokenizer, [np.asarray(p).tolist() for p in prompts],
+                                       self.cfg.grpo.max_new_tokens, temp, batch_size, **kw)
+
     def _sample(self, prompts: list[np.ndarray]) -> list[list[int]]:
         """Each prompt's completion token ids (the end-of-turn token left out), sampled with grpo's settings; only
         the tokenizer's eos ends a completion (the token appended to those that stopped)."""
         g = self.cfg.grpo
-        with self.ops.sampling_weights(self.model, self._dense):
-            return generation.generate(self.ops, self.model, self.tokenizer, [np.asarray(p).tolist() for p in prompts],
-                                       g.max_new_tokens, g.temperature, g.sample_batch_size or len(prompts),
-                                       top_p=g.top_p, stop=[self.eos])
+        return self._generate_ids(prompts, g.temperature, g.sample_batch_size or len(prompts), top_p=g.top_p,
+                                  stop=[self.eos])
+
+    def _score(self, rows: list, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(per-function rewards, weighted totals) of the completions `ids` (no end token) to the prompt rows."""
+        texts = [self.hf.decode(c, skip_special_tokens=True) for c in ids]
+        columns = {k: [r.columns.get(k) for r in rows] for k in (rows[0].columns if rows else {})}
+        return self.rewards.score([r.given for r in rows], texts, columns, [r.where for r in rows])
 
     def _generate(self, micro_batches: int) -> tuple[list[dict], dict]:
         g, world, f = self.cfg.grpo, self.world, len(self.names)
@@ -207,39 +228,35 @@ class GRPOObjective(Objective):
         """Sample, score, and build this rank's micro-batches (all but their advantages): ([per-function rewards,
         total, completion length with its end-of-turn token, stopped] per completion, batches, (sampling s,
         reference s))."""
+        with self._eval_mode():
+            return self._sampled_batches(group, micro_batches)
+
+    def _sampled_batches(self, group: list, micro_batches: int) -> tuple[np.ndarray, list[dict], tuple]:
         g = self.cfg.grpo
-        training = self.model.training
-        self.model.eval()
-        try:
-            tic = time.perf_counter()
-            sampled = self._sample([r.prompt for r in group])
-            sample_s = time.perf_counter() - tic
-            stopped = np.array([len(c) < g.max_new_tokens for c in sampled])
-            completions = [list(c) + [self.eos] if s else list(c) for c, s in zip(sampled, stopped)]
-            texts = [self.hf.decode(c, skip_special_tokens=True) for c in sampled]
-            columns = {k: [r.columns.get(k) for r in group] for k in (group[0].columns if group else {})}
-            per_fn, total = self.rewards.score([r.given for r in group], texts, columns, [r.where for r in group])
-            seqs = [(r.prompt, np.asarray(c, np.int32)) for r, c in zip(group, completions)]
-            size = len(seqs) // micro_batches
-            batches = []
-            for m in range(micro_batches):
-                part = slice(m * size, (m + 1) * size)
-                b = fdata.collate_completions(seqs[part], self.pad)
-                if g.mask_truncated_completions:  # a completion cut at max_new_tokens teaches nothing (DAPO)
-                    b["mask"] = b["mask"] * stopped[part, None].astype(np.float32)
-                b = fdata.add_loss_positions(b, self.cap)
-                b["temperature"] = np.array([g.temperature], np.float32)  # log-probs of what was sampled from
-                if self.mu > 1:
-                    b["old_logps"] = self._no_grad_logps(b)
-                batches.append(b)
-            tic = time.perf_counter()
-            if g.beta:
-                for b, ref in zip(batches, self._reference_logps(batches)):
-                    b["ref_logps"] = ref
-            ref_s = time.perf_counter() - tic
-        finally:
-            if training:
-                self.model.train()
+        tic = time.perf_counter()
+        sampled = self._sample([r.prompt for r in group])
+        sample_s = time.perf_counter() - tic
+        stopped = np.array([len(c) < g.max_new_tokens for c in sampled])
+        completions = [list(c) + [self.eos] if s else list(c) for c, s in zip(sampled, stopped)]
+        per_fn, total = self._score(group, sampled)
+        seqs = [(r.prompt, np.asarray(c, np.int32)) for r, c in zip(group, completions)]
+        size = len(seqs) // micro_batches
+        batches = []
+        for m in range(micro_batches):
+            part = slice(m * size, (m + 1) * size)
+            b = fdata.collate_completions(seqs[part], self.pad)
+            if g.mask_truncated_completions:  # a completion cut at max_new_tokens teaches nothing (DAPO)
+                b["mask"] = b["mask"] * stopped[part, None].astype(np.float32)
+            b = fdata.add_loss_positions(b, self.cap)
+            b["temperature"] = np.array([g.temperature], np.float32)  # log-probs of what was sampled from
+            if self.mu > 1:
+                b["old_logps"] = self._no_grad_logps(b)
+            batches.append(b)
+        tic = time.perf_counter()
+        if g.beta:
+            for b, ref in zip(batches, self._reference_logps(batches)):
+                b["ref_logps"] = ref
+        ref_s = time.perf_counter() - tic
         table = np.column_stack([per_fn, total, [len(c) for c in completions], stopped]).astype(np.float32)
         return table, batches, (sample_s, ref_s)
 
@@ -284,25 +301,13 @@ class GRPOObjective(Objective):
         """The held-out prompts answered greedily, once each, and scored: mean reward (and per function)."""
         if not self.valid:
             return {}
-        g = self.cfg.grpo
         rows = self.valid[: self.cfg.train.eval_batches * self.cfg.train.batch_size or None]
-        mine = list(range(self.world.rank, len(rows), self.world.size))
-        training = self.model.training
-        self.model.eval()
-        ids = []
-        if mine:
-            with self.ops.sampling_weights(self.model, self._dense):
-                ids = generation.generate(self.ops, self.model, self.tokenizer, [rows[i].prompt.tolist() for i in mine],
-                                          g.max_new_tokens, 0.0, g.sample_batch_size or 32)
-        if training:
-            self.model.train()
-        texts = [self.hf.decode(c, skip_special_tokens=True) for c in ids]
-        part = [rows[i] for i in mine]
-        columns = {k: [r.columns.get(k) for r in part] for k in (part[0].columns if part else {})}
+        part = rows[self.world.rank::self.world.size]
         f = len(self.names)
         sums = np.zeros(2 * f + 4)
         if part:
-            per_fn, total = self.rewards.score([r.given for r in part], texts, columns, [r.where for r in part])
+            ids = self._generate_ids([r.prompt for r in part], 0.0, self.cfg.grpo.sample_batch_size or 32)
+            per_fn, total = self._score(part, ids)
             sums[:f], sums[f:2 * f] = np.nansum(per_fn, 0), np.isfinite(per_fn).sum(0)
             sums[2 * f:] = [np.nansum(total), np.isfinite(total).sum(), sum(map(len, ids)), len(ids)]
         sums = self.world.sum(sums)
