@@ -14,6 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from forge_core.memory.constants import head_chunk_rows
+
 from . import cpu_math
 from .packing import SUPPORTED, packed_hidden
 
@@ -35,10 +37,88 @@ def logits(model: nn.Module, h: mx.array) -> mx.array:
     return model.lm_head(h)
 
 
-def position_nll(model: nn.Module, h: mx.array, batch: dict) -> mx.array:
-    """-log p(target) at batch["loss_positions"] only: h (B, T, D) hidden states -> (N,), float32."""
+def position_nll(model: nn.Module, h: mx.array, batch: dict, scale: float | mx.array | None = None) -> mx.array:
+    """-log p(target) at batch["loss_positions"] only: h (B, T, D) hidden states -> (N,), float32; of the logits
+    times `scale` when given (GRPO's 1 / temperature)."""
     pos = batch["loss_positions"]
-    return token_nll(logits(model, h.reshape(-1, h.shape[-1])[pos]), batch["targets"].reshape(-1)[pos])
+    h, targets = h.reshape(-1, h.shape[-1])[pos], batch["targets"].reshape(-1)[pos]
+    w = dense_head_weight(model) if getattr(model, "forge_chunked_loss", True) else None
+    if w is not None:
+        scale = scale.astype(mx.float32) if isinstance(scale, mx.array) else mx.array(1.0 if scale is None else scale)
+        return chunked_nll(h, w, targets, scale)
+    out = logits(model, h)
+    return token_nll(out if scale is None else out.astype(mx.float32) * scale, targets)
+
+
+def dense_head_weight(model: nn.Module) -> mx.array | None:
+    """The (V, D) weight the logits are h @ Wᵀ of, when it is a plain dense matrix (tied embeddings or a bias-free
+    lm_head): the chunked loss needs it. None for quantized or biased heads (the plain path)."""
+    tied = getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head")
+    layer = model.model.embed_tokens if tied else model.lm_head
+    if type(layer) not in (nn.Embedding, nn.Linear) or "bias" in layer:
+        return None
+    return layer.weight
+
+
+def chunked_nll(h: mx.array, w: mx.array, targets: mx.array, scale: mx.array) -> mx.array:
+    """-log softmax(scale · h Wᵀ)[target] per row, (N,) float32, computed head_chunk_rows(V) rows at a time in
+    the forward AND the backward: the (N, V) logits are never whole, so the head's memory is one chunk's
+    whatever the number of positions (the fused linear cross-entropy of Liger / Unsloth). Costs one more
+    h Wᵀ matmul (the backward recomputes each chunk's logits). Same values as token_nll on the full logits."""
+    return _chunked_nll(h, w, targets, scale)[0]
+
+
+def _chunks(n: int, vocab: int):
+    size = head_chunk_rows(vocab)
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _chunk_logits(h: mx.array, w: mx.array, scale: mx.array) -> mx.array:
+    return (h @ w.T).astype(mx.float32) * scale
+
+
+def _exp(x: mx.array) -> mx.array:
+    return cpu_math.fast_exp(x) if cpu_math.active() else mx.exp(x)
+
+
+@mx.custom_function
+def _chunked_nll(h, w, targets, scale):
+    nll, lse, after = [], [], []
+    for s, e in _chunks(h.shape[0], w.shape[0]):
+        z = _chunk_logits(_after(h[s:e], after), w, scale)
+        m = z.max(axis=-1, keepdims=True)
+        lse.append((m + mx.log(_exp(z - m).sum(axis=-1, keepdims=True))).squeeze(-1))
+        nll.append(lse[-1] - mx.take_along_axis(z, targets[s:e, None], axis=-1).squeeze(-1))
+        after = [nll[-1]]  # the next chunk's logits wait until this chunk's are used up
+    return mx.concatenate(nll), mx.concatenate(lse)
+
+
+@_chunked_nll.vjp
+def _chunked_nll_vjp(primals, cotangents, outputs):
+    """d nll / d z = softmax(z) - onehot(target) per chunk, z = scale · h Wᵀ recomputed from h. The gradient for W
+    recomputes the chunks again in a graph of its own, so that it is only built, never run, when W is frozen (as
+    forge's head always is), and holds no chunk of the h gradient's alive."""
+    h, w, targets, scale = primals
+    cot, lse = cotangents[0], outputs[1]
+
+    def dz(s, e, after):
+        g = cot[s:e, None] * _exp(_chunk_logits(_after(h[s:e], after), w, scale) - lse[s:e, None])
+        return (g.at[mx.arange(e - s), targets[s:e]].subtract(cot[s:e]) * scale).astype(w.dtype)
+
+    dh, dw, after = [], mx.zeros_like(w), []
+    for s, e in _chunks(h.shape[0], w.shape[0]):
+        dh.append(dz(s, e, after) @ w)
+        after = [dh[-1]]
+    after = []
+    for s, e in _chunks(h.shape[0], w.shape[0]):
+        dw = dw + dz(s, e, after).T @ h[s:e]
+        after = [dw]
+    return mx.concatenate(dh).astype(h.dtype), dw, mx.zeros_like(targets), mx.zeros_like(scale)
+
+
+def _after(x: mx.array, arrays: list) -> mx.array:
+    """x, computed only once `arrays` are (mx.depends): keeps one chunk's (rows, V) logits alive at a time."""
+    return mx.depends([x], arrays)[0] if arrays else x
 
 
 def token_nll(logits_: mx.array, targets: mx.array) -> mx.array:

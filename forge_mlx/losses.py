@@ -57,10 +57,7 @@ def per_token_logps(model, batch) -> mx.array:
         h = head.hidden(model, batch["inputs"])
         rows, width = h.shape[0], h.shape[1]
         pos = batch["loss_positions"]
-        logits = head.logits(model, h.reshape(-1, h.shape[-1])[pos])
-        if scale is not None:
-            logits = logits.astype(mx.float32) * scale
-        nll = head.token_nll(logits, batch["targets"].reshape(-1)[pos])
+        nll = head.position_nll(model, h, batch, scale)
         flat = mx.zeros((rows * width,), mx.float32).at[pos].add(-nll * batch["loss_weights"])
         return flat.reshape(rows, width)
     logits = model(batch["inputs"])

@@ -7,6 +7,9 @@ MiB, GiB = 2**20, 2**30
 LORA_BYTES = 4  # LoRA factors, their grads and AdamW states are fp32 in both backends
 NF4_BLOCK, NF4_DQ_BLOCK = 64, 256  # bitsandbytes 4-bit: absmax per 64 weights; double quant: fp32 per 256 absmax
 ADAM8_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this (min_8bit_size)
+# forge_mlx/head.py runs the vocabulary head and its log-softmax over the loss positions in chunks of this many
+# bytes of fp32 logits (head_chunk_rows), so the head's working set is a chunk's, not positions x V.
+HEAD_CHUNK_BYTES = 4 * MiB
 LOGITS_BACKWARD_FP32 = 2  # softmax + gradient, fp32: measured 12·N·V bytes (fp32) / 16 (bf16) peak, MLX 0.32 CPU
 # (the default of BACKEND_CONSTANTS' "logits_backward_fp32": fp32 N·V copies the loss's backward holds at once)
 
@@ -57,13 +60,22 @@ BACKEND_CONSTANTS = {
         # cross_entropy holds 4 (SmolLM2-135M, V = 49152, the head at 160 vs 496 loss positions, B4 T128: +2.25
         # MiB per position with the kernels, +0.75 MiB without; tools/bench_memory.py smol rows): the logits
         # themselves plus 11 copies in the backward. Invisible on the random models (vocabulary 259).
+        # With train.chunked_loss (the default) the head runs head_chunk_rows(V) positions at a time
+        # (forge_mlx/head.py): its working set is ~18 copies of one chunk's fp32 logits whatever the number of
+        # positions (SmolLM2-135M, 4 MiB chunks: 57 MiB in the forward, 39 in the backward, the same at 160 and
+        # 1000 positions; the bundled-model rows' peaks sit 52 MiB over their activations).
+        "head_chunked": True,
+        "head_chunk_copies": 18,
+        # Checkpointing on SmolLM2's block shape (random weights, L 8 -> 16, B4 T128, fp32) keeps 10.6 KiB per
+        # token per block = 2h + i values: the block input and what the compiled recomputation shares with it.
         "cpu_kernels": {"scores_kept_per_block": 1.0, "scores_backward": 2.0, "causal_chunk": 64,
-                        "ckpt_kept": (1, 1), "ckpt_block_copies": 2.75, "logits_backward_fp32": 11},
+                        "ckpt_kept": (2, 1), "ckpt_block_copies": 2.75, "logits_backward_fp32": 11},
     },
     "cuda": {
         "quant_mode": "nf4",  # bitsandbytes; quant.bits=8 -> LLM.int8 (int8 + fp32 row scales)
         "logits_backward_fp32": LOGITS_BACKWARD_FP32,  # F.cross_entropy: to calibrate with a real vocabulary
         "head_at_loss_positions": False,  # forge_cuda/losses.py takes the model's logits at every position
+        "head_chunked": False,
         "attention": "sdpa",  # transformers' default: flash / mem-efficient kernels keep only the logsumexp
         "scores_kept_per_block": 0.0,
         "scores_backward": 0.0,
@@ -88,3 +100,10 @@ BACKEND_CONSTANTS = {
         "causal_chunk": 0,
     },
 }
+
+
+def head_chunk_rows(vocab: int) -> int:
+    """Positions per chunk of the chunked head (forge_mlx/head.py): HEAD_CHUNK_BYTES of fp32 logits, a multiple
+    of 8 (at least 8)."""
+    return max(8, HEAD_CHUNK_BYTES // (4 * vocab) // 8 * 8)
+
