@@ -15,7 +15,7 @@ else
 EXTRAS := mlx-linux,cuda,dev
 endif
 
-.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto demo-grpo test test-fast bench bench-dpo bench-memory bench-dp bench-methods bench-eval bench-gguf bench-grpo bench-dora fidelity venv clean sysdeps
+.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto demo-grpo test test-fast bench bench-dpo bench-memory bench-dp bench-methods bench-eval bench-gguf bench-grpo bench-dora bench-chunked-loss fidelity venv clean sysdeps
 
 # Linux only, optional: an optimized BLAS for MLX's CPU wheel (forge_mlx/blas.py preloads it; ~90x
 # faster fp32 matmul than the wheel's reference BLAS). Installed with apt when we are root; otherwise
@@ -102,6 +102,10 @@ bench-grpo: $(VENV)/.stamp
 # DoRA vs LoRA seconds per step and peak memory on the bundled model (4-bit and full-precision base)
 bench-dora: $(VENV)/.stamp
 	$(PY) tools/bench_dora.py --write docs/BENCHMARKS.md
+
+# the chunked loss head against the whole logits: seconds per step and peak memory (SFT, SFT checkpointed, DPO)
+bench-chunked-loss: $(VENV)/.stamp
+	$(PY) tools/bench_chunked_loss.py --write docs/BENCHMARKS.md
 
 fidelity: $(VENV)/.stamp
 	$(PY) tools/fidelity.py --write docs/BENCHMARKS.md

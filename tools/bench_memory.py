@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -46,6 +48,7 @@ STEPS = 3
 # h256 B4 T512 row read 792 MiB against ~420 MiB with this fixed). A fixed threshold sends every
 # allocation over 64 KiB to mmap and back to the OS on free, so RssAnon follows live tensor bytes.
 TORCH_CPU_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+BUNDLED_ROWS = 32  # rows of the demo data a bundled-model row reads (the reference scoring stays short)
 
 
 def _row(name, backend, hidden, layers, inter, batch, seq, rank, bits, ckpt=False, kind="sft", small=False):
@@ -53,11 +56,12 @@ def _row(name, backend, hidden, layers, inter, batch, seq, rank, bits, ckpt=Fals
             "batch": batch, "seq": seq, "rank": rank, "bits": bits, "ckpt": ckpt, "kind": kind, "small": small}
 
 
-def _smol(name, kind="sft", bits=4, ckpt=False, packing=False, batch=4, seq=256, dora=False):
-    """A row on the bundled SmolLM2-135M-Instruct with the demo task's real rows (the first BUNDLED_ROWS of
+def _smol(name, kind="sft", bits=4, ckpt=False, packing=False, batch=4, seq=256, dora=False, rows=None):
+    """A row on the bundled SmolLM2-135M-Instruct with the demo task's real rows (the first `rows` (BUNDLED_ROWS) of
     data/demo/*_train.jsonl): prompts masked out of the loss, batches as long as the data makes them."""
     return {"name": name, "backend": "mlx", "model": "smollm2-135m", "batch": batch, "seq": seq, "rank": 16,
-            "bits": bits, "ckpt": ckpt, "kind": kind, "packing": packing, "small": False, "dora": dora}
+            "bits": bits, "ckpt": ckpt, "kind": kind, "packing": packing, "small": False, "dora": dora,
+            "rows": rows or BUNDLED_ROWS}
 
 
 # Model size, batch, seq len, rank, bits, checkpointing, SFT/DPO; heads = hidden/32, kv heads = heads/2.
@@ -88,9 +92,14 @@ MATRIX = [
     _smol("smol-orpo-q4", kind="orpo"),
     _smol("smol-kto-q4", kind="kto"),
     _smol("smol-sft-q4-dora", dora=True),
-    _smol("smol-grpo-q4", kind="grpo", batch=8),
+    # GRPO plans its widest prompt + max_new_tokens: the row reads the 6 prompts its 3 steps of 2 prompts x 4
+    # completions train on, so the widest batch of the plan is one the run meets
+    _smol("smol-grpo-q4", kind="grpo", batch=8, rows=STEPS * 2),
+    # data-parallel: `forge train --nproc 2` (mlx.launch, ring), each rank batch 4; rank 0's peak against one
+    # rank's plan (forge_core.memory.estimate with nproc=2)
+    {**_smol("smol-sft-q4-dp2"), "nproc": 2},
+    {**_smol("smol-dpo-q4-dp2", kind="dpo"), "nproc": 2},
 ]
-BUNDLED_ROWS = 32  # rows of the demo data a bundled-model row reads (the reference scoring stays short)
 
 
 # ---------------------------------------------------------------- inputs (parent side)
@@ -123,12 +132,12 @@ def make_data(root: Path, kind: str, seq: int, n: int = 16) -> Path:
     return path
 
 
-def demo_subset(root: Path, kind: str) -> Path:
-    """The first BUNDLED_ROWS rows of the demo task's SFT or preference data."""
+def demo_subset(root: Path, kind: str, rows: int = BUNDLED_ROWS) -> Path:
+    """The first `rows` rows of the demo task's SFT, preference or prompt data."""
     name = {"sft": "sft_train", "grpo": "grpo_train"}.get(kind, "dpo_train")
     src = Path(bc.ROOT) / "data" / "demo" / f"{name}.jsonl"
-    out = root / f"demo_{name}.jsonl"
-    out.write_text("".join(src.read_text().splitlines(keepends=True)[:BUNDLED_ROWS]))
+    out = root / f"demo_{name}_{rows}.jsonl"
+    out.write_text("".join(src.read_text().splitlines(keepends=True)[:rows]))
     return out
 
 
@@ -259,11 +268,47 @@ def worker(spec: dict) -> dict:
 
 # ---------------------------------------------------------------- parent
 
+def measure_ranks(row: dict, sets: list[str], out_dir: Path) -> dict:
+    """A data-parallel row: `forge <method> --nproc N` as a user launches it (each rank a process of its own, under
+    mlx.launch); measured = the MLX peak rank 0 logs (mx.get_peak_memory over its build and steps), estimate = one
+    rank's plan, made here from the same settings and rows."""
+    import subprocess
+
+    from forge_core.config import build_config
+    from forge_core.memory.plan import data_shape_of, plan_memory
+    from forge_core.models.known import load_model_config
+
+    command = "train" if row["kind"] == "sft" else row["kind"]
+    argv = [sys.executable, "-m", "forge_core.cli", command, "--nproc", str(row["nproc"]), "--force",
+            *[x for s in sets for x in ("--set", s)]]
+    tic = time.perf_counter()
+    proc = subprocess.run(argv, cwd=bc.ROOT, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "PYTHONPATH": str(bc.ROOT)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{row['name']}: forge {command} --nproc failed:\n{proc.stderr[-3000:]}")
+    recs = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    cfg = build_config(None, sets)
+    data = data_shape_of(cfg, row["kind"])
+    plan = plan_memory(cfg, load_model_config(cfg.model.path)[0], kind=row["kind"], backend="mlx", on_gpu=False,
+                       nproc=row["nproc"], data=data)
+    overhead = plan.component("framework overhead")
+    return {"measured": max(r["peak_memory"] for r in recs if r["split"] == "train"), "name": row["name"],
+            "how": "rank 0's mx.get_peak_memory()", "on_gpu": False, "seconds": time.perf_counter() - tic,
+            "estimate": plan.total_bytes - overhead, "data_seq": data.seq, "head_per_row": data.head_per_row,
+            "train": plan.phase_bytes("train") - overhead, "init": plan.phase_bytes("init") - overhead,
+            "overhead": overhead, "components": {c.name: c.bytes for c in plan.components}}
+
+
 def measure(row: dict, root: Path, verbose: bool = False) -> dict:
     """Run one MATRIX row in a fresh subprocess; returns the worker's result with ratio = estimate / measured."""
     out_dir = Path(tempfile.mkdtemp(prefix=f"run_{row['name']}_", dir=root))
+    if row.get("nproc"):
+        shutil.rmtree(out_dir)  # forge makes the run dir itself
+        result = measure_ranks(row, bundled_sets(row, demo_subset(root, row["kind"], row["rows"]), out_dir), out_dir)
+        result["ratio"] = result["estimate"] / max(result["measured"], 1)
+        return result
     if row.get("model"):
-        sets = bundled_sets(row, demo_subset(root, row["kind"]), out_dir)
+        sets = bundled_sets(row, demo_subset(root, row["kind"], row["rows"]), out_dir)
     else:
         sets = config_sets(row, make_model(root, row), make_data(root, row["kind"], row["seq"]), out_dir)
     spec = {"name": row["name"], "backend": row["backend"], "kind": row["kind"], "sets": sets}
@@ -276,6 +321,7 @@ def measure(row: dict, root: Path, verbose: bool = False) -> dict:
 def describe(row: dict, result: dict | None = None) -> str:
     bits = "fp" if row["bits"] == 0 else f"{row['bits']}-bit"
     extra = (f"{', ckpt' if row['ckpt'] else ''}{', packed' if row.get('packing') else ''}"
+             f"{', per rank of ' + str(row['nproc']) if row.get('nproc') else ''}"
              f"{', DoRA' if row.get('dora') else ''}, {row['kind'].upper()}")
     if row.get("model"):
         seq = f"T<={result['data_seq']} (data)" if result else f"T<={row['seq']}"

@@ -1,0 +1,83 @@
+"""The chunked loss head (train.chunked_loss) against the whole logits, on the bundled SmolLM2-135M: seconds per
+step and peak memory, side by side.
+
+    python tools/bench_chunked_loss.py [--steps 8] [--rounds 1] [--write docs/BENCHMARKS.md]
+
+Each round trains three recipes with train.chunked_loss on and off, alternating which goes first: the SFT demo
+(configs/demo.yaml: QPiSSA rank 16, 4-bit residual, batch 4), the same with gradient checkpointing, and the DPO demo
+(configs/dpo_demo.yaml, chosen + rejected in one forward). A run's seconds per step is the median of its steps after
+the first (which traces and compiles), its peak the largest the loop logged (mx.get_peak_memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bc
+from bench_eval import BIN, timed
+
+RECIPES = {  # name -> (forge command, config, extra --set items)
+    "SFT demo": ("train", "configs/demo.yaml", []),
+    "SFT demo, checkpointing": ("train", "configs/demo.yaml", ["train.grad_checkpoint=true"]),
+    "DPO demo": ("dpo", "configs/dpo_demo.yaml", []),
+}
+
+
+def one(out: Path, steps: int, recipe: str, chunked: bool) -> dict:
+    command, config, sets = RECIPES[recipe]
+    sets = [*sets, f"train.chunked_loss={str(chunked).lower()}", "train.log_every=1", "train.eval_every=0",
+            "train.save_every=1000", "data.valid="]
+    timed([str(BIN / "forge"), command, "--config", config, "--steps", str(steps), "--out", str(out),
+           *[x for s in sets for x in ("--set", s)]], bc.ROOT)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["split"] == "train"]
+    return {"step_s": statistics.median(r["step_s"] for r in train[1:]), "peak": max(r["peak_memory"] for r in train),
+            "loss": train[-1]["loss"]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--write", default=None, metavar="MD")
+    args = ap.parse_args(argv)
+    load_before = bc.machine()["load"]
+    tmp = Path(tempfile.mkdtemp(prefix="forge-bench-chunked-"))
+    res: dict = {}
+    try:
+        for recipe in RECIPES:
+            for r in range(args.rounds):
+                for chunked in ((True, False) if r % 2 == 0 else (False, True)):
+                    out = tmp / f"{len(res)}-r{r}-{chunked}"
+                    res.setdefault((recipe, chunked), []).append(one(out, args.steps, recipe, chunked))
+                    print(f"{recipe} round {r} chunked {chunked}: {res[(recipe, chunked)][-1]}", file=sys.stderr)
+                    shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for recipe in RECIPES:
+        whole, chunked = res[(recipe, False)], res[(recipe, True)]
+        s_w = statistics.median(x["step_s"] for x in whole)
+        s_c = statistics.median(x["step_s"] for x in chunked)
+        p_w, p_c = max(x["peak"] for x in whole), max(x["peak"] for x in chunked)
+        rows.append([recipe, f"{s_w:.2f}", f"{s_c:.2f}", f"{s_c / s_w:.2f}x", f"{p_w / 2**30:.2f}", f"{p_c / 2**30:.2f}",
+                     f"{whole[-1]['loss']:.4f}", f"{chunked[-1]['loss']:.4f}"])
+    text = "\n".join([
+        bc.provenance(bc.command("bench_chunked_loss.py", argv), load_before), "",
+        bc.table(["recipe", "whole s/step", "chunked s/step", "chunked / whole", "whole peak GiB", "chunked peak GiB",
+                  f"whole loss @{args.steps}", f"chunked loss @{args.steps}"], rows), "",
+        (f"{args.steps} steps, {args.rounds} alternating round(s) per pair; seconds per step: the median over rounds of "
+         "each run's median step after the first. The chunked head recomputes each chunk's logits in the backward "
+         "(one more h·Wᵀ matmul over the loss positions) and never holds the (positions x 49152) logits.")])
+    bc.publish(text, args.write, "Chunked loss head")
+
+
+if __name__ == "__main__":
+    main()
