@@ -12,7 +12,7 @@ plain full-logits path.
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 from forge_core.memory.constants import head_chunk_rows
 

@@ -169,6 +169,27 @@ def row_tokens(lengths, width: int) -> int:
 
 # ---------------------------------------------------------------- the report
 
+def run_summary(out: Path) -> dict:
+    """A forge run's training records (RUN/metrics.jsonl, log_every 1): the median seconds per step after the first
+    (which traces and compiles), the largest logged peak, the last loss."""
+    recs = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["split"] == "train"]
+    return {"step_s": statistics.median(r["step_s"] for r in train[1:]), "peak": max(r["peak_memory"] for r in train),
+            "loss": train[-1]["loss"]}
+
+
+def side_by_side(groups, pair: tuple, rounds: int, run) -> dict:
+    """{(group, variant): [run(group, variant, round) for each round]}: per group, `rounds` rounds over the two
+    variants of `pair`, alternating which goes first (this machine drifts; a fixed order would favour one side)."""
+    res: dict = {}
+    for group in groups:
+        for r in range(rounds):
+            for variant in (pair if r % 2 == 0 else pair[::-1]):
+                res.setdefault((group, variant), []).append(run(group, variant, r))
+                print(f"{group} round {r} {variant}: {res[(group, variant)][-1]}", file=sys.stderr)
+    return res
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:

@@ -12,7 +12,6 @@ the first (which traces and compiles), its peak the largest the loop logged (mx.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -36,10 +35,7 @@ def one(out: Path, steps: int, recipe: str, chunked: bool) -> dict:
             "train.save_every=1000", "data.valid="]
     timed([str(BIN / "forge"), command, "--config", config, "--steps", str(steps), "--out", str(out),
            *[x for s in sets for x in ("--set", s)]], bc.ROOT)
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in recs if r["split"] == "train"]
-    return {"step_s": statistics.median(r["step_s"] for r in train[1:]), "peak": max(r["peak_memory"] for r in train),
-            "loss": train[-1]["loss"]}
+    return bc.run_summary(out)
 
 
 def main(argv=None) -> None:
@@ -50,15 +46,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     load_before = bc.machine()["load"]
     tmp = Path(tempfile.mkdtemp(prefix="forge-bench-chunked-"))
-    res: dict = {}
+
+    def run(recipe, chunked, r):
+        out = tmp / f"{recipe.replace(' ', '_').replace(',', '')}-r{r}-{chunked}"
+        try:
+            return one(out, args.steps, recipe, chunked)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
     try:
-        for recipe in RECIPES:
-            for r in range(args.rounds):
-                for chunked in ((True, False) if r % 2 == 0 else (False, True)):
-                    out = tmp / f"{len(res)}-r{r}-{chunked}"
-                    res.setdefault((recipe, chunked), []).append(one(out, args.steps, recipe, chunked))
-                    print(f"{recipe} round {r} chunked {chunked}: {res[(recipe, chunked)][-1]}", file=sys.stderr)
-                    shutil.rmtree(out, ignore_errors=True)
+        res = bc.side_by_side(RECIPES, (True, False), args.rounds, run)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []

@@ -11,7 +11,6 @@ base (quant.bits 0), where DoRA needs no dequantized copy for its row norms.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -27,10 +26,7 @@ def one(out: Path, steps: int, dora: bool, bits: int) -> dict:
     timed([str(BIN / "forge"), "train", "--config", "configs/demo.yaml", "--steps", str(steps), "--out", str(out),
            "--quant", str(bits) if bits else "none", "--dora" if dora else "--no-dora", "--set", "train.log_every=1",
            "--set", "train.eval_every=0", "--set", "train.save_every=1000", "--set", "data.valid="], bc.ROOT)
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in recs if r["split"] == "train"]
-    return {"step_s": statistics.median(r["step_s"] for r in train[1:]), "peak": max(r["peak_memory"] for r in train),
-            "loss": train[-1]["loss"]}
+    return bc.run_summary(out)
 
 
 def main(argv=None) -> None:
@@ -41,15 +37,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     load_before = bc.machine()["load"]
     tmp = Path(tempfile.mkdtemp(prefix="forge-bench-dora-"))
-    res: dict = {}
+
+    def run(bits, dora, r):
+        out = tmp / f"b{bits}-r{r}-{'dora' if dora else 'lora'}"
+        try:
+            return one(out, args.steps, dora, bits)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
     try:
-        for bits in (4, 0):
-            for r in range(args.rounds):
-                for dora in ((False, True) if r % 2 == 0 else (True, False)):
-                    out = tmp / f"b{bits}-r{r}-{'dora' if dora else 'lora'}"
-                    res.setdefault((bits, dora), []).append(one(out, args.steps, dora, bits))
-                    print(f"bits {bits} round {r} dora {dora}: {res[(bits, dora)][-1]}", file=sys.stderr)
-                    shutil.rmtree(out, ignore_errors=True)
+        res = bc.side_by_side((4, 0), (False, True), args.rounds, run)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []

@@ -6,9 +6,9 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from forge_mlx import cpu_math, head  # noqa: E402
-from tests.forge_mlx.test_trainer import _cfg, _losses, _rows  # noqa: E402
-from tests.forge_mlx.run import train  # noqa: E402
+from forge_mlx import cpu_math, head
+from tests.forge_mlx.run import train
+from tests.forge_mlx.test_trainer import _cfg, _losses, _rows
 
 pytestmark = pytest.mark.mlx
 
