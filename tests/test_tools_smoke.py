@@ -1,6 +1,7 @@
 """tools/fidelity.py's reconstruction math on small random matrices (no model, no timing)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,16 @@ def test_replace_section_replaces_only_its_own_section():
     assert out == "# T\n\n## A\n\nnew a\n\n## B\n\nkeep b\n"
     appended = bench_common.replace_section(out, "C", "c")
     assert appended.endswith("keep b\n\n## C\n\nc\n") and "new a" in appended
+
+
+def test_side_by_side_alternates_which_variant_goes_first_and_summaries_skip_the_compiling_step(tmp_path):
+    order = []
+    res = bench_common.side_by_side(["g"], ("a", "b"), 3, lambda g, v, r: order.append((v, r)) or f"{v}{r}")
+    assert order == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    assert res == {("g", "a"): ["a0", "a1", "a2"], ("g", "b"): ["b0", "b1", "b2"]}
+    recs = [{"split": "train", "step_s": s, "peak_memory": p, "loss": s / 10} for s, p in ((9.0, 5), (2.0, 7), (4.0, 6))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert bench_common.run_summary(tmp_path) == {"step_s": 3.0, "peak": 7, "loss": 0.4}
 
 
 def test_bench_sft_pairs_ratios_by_round_and_judges_the_ratio_of_medians():
