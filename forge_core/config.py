@@ -92,7 +92,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     # MLX: the vocabulary head and its log-softmax run a few positions at a time in the forward and the backward
     # (forge_mlx/head.py chunked_nll), so the loss never holds (positions x vocab) logits; false: whole logits,
-    # ~10% faster steps on SmolLM2 on the CPU for ~300 MiB more at batch 4 (docs/BENCHMARKS.md)
+    # 8-21% faster steps on SmolLM2 on the CPU for 0.3-0.7 GiB more on the demos (docs/BENCHMARKS.md)
     chunked_loss: bool = True
     optimizer: Optimizer = "adamw"  # adamw | adamw8bit | paged_adamw8bit (the last two: CUDA backend)
     weight_decay: float = 0.0

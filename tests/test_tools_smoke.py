@@ -70,10 +70,18 @@ def test_replace_section_replaces_only_its_own_section():
 
 
 def test_side_by_side_alternates_which_variant_goes_first_and_summaries_skip_the_compiling_step(tmp_path):
-    order = []
-    res = bench_common.side_by_side(["g"], ("a", "b"), 3, lambda g, v, r: order.append((v, r)) or f"{v}{r}")
-    assert order == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    order, outs = [], []
+
+    def run(group, variant, out):
+        out.mkdir()  # as forge makes its run directory
+        outs.append(out)
+        order.append(variant)
+        return f"{variant}{order.count(variant) - 1}"
+
+    res = bench_common.side_by_side(["g"], ("a", "b"), 3, run)
+    assert order == ["a", "b", "b", "a", "a", "b"]  # rounds 0, 1, 2: who goes first alternates
     assert res == {("g", "a"): ["a0", "a1", "a2"], ("g", "b"): ["b0", "b1", "b2"]}
+    assert len(set(outs)) == 6 and not any(o.exists() for o in outs) and not outs[0].parent.exists()
     recs = [{"split": "train", "step_s": s, "peak_memory": p, "loss": s / 10} for s, p in ((9.0, 5), (2.0, 7), (4.0, 6))]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert bench_common.run_summary(tmp_path) == {"step_s": 3.0, "peak": 7, "loss": 0.4}

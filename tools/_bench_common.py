@@ -179,15 +179,38 @@ def run_summary(out: Path) -> dict:
 
 
 def side_by_side(groups, pair: tuple, rounds: int, run) -> dict:
-    """{(group, variant): [run(group, variant, round) for each round]}: per group, `rounds` rounds over the two
-    variants of `pair`, alternating which goes first (this machine drifts; a fixed order would favour one side)."""
+    """{(group, variant): [run(group, variant, out) for each round]}: per group, `rounds` rounds over the two
+    variants of `pair`, alternating which goes first (this machine drifts; a fixed order would favour one side).
+    Each run gets a fresh run directory `out` of its own (not yet made: forge makes it), removed after it."""
+    import shutil
+    import tempfile
+
     res: dict = {}
-    for group in groups:
-        for r in range(rounds):
-            for variant in (pair if r % 2 == 0 else pair[::-1]):
-                res.setdefault((group, variant), []).append(run(group, variant, r))
-                print(f"{group} round {r} {variant}: {res[(group, variant)][-1]}", file=sys.stderr)
+    root = Path(tempfile.mkdtemp(prefix="forge-bench-"))
+    try:
+        for group in groups:
+            for r in range(rounds):
+                for variant in (pair if r % 2 == 0 else pair[::-1]):
+                    out = root / f"run{sum(map(len, res.values()))}"
+                    try:
+                        res.setdefault((group, variant), []).append(run(group, variant, out))
+                    finally:
+                        shutil.rmtree(out, ignore_errors=True)
+                    print(f"{group} round {r} {variant}: {res[(group, variant)][-1]}", file=sys.stderr)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return res
+
+
+def side_by_side_args(doc: str, argv, steps: int, rounds: int):
+    """The side-by-side benchmarks' command line: --steps per run, --rounds per pair, --write MD."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--write", default=None, metavar="MD")
+    return ap.parse_args(argv)
 
 
 def machine() -> dict:

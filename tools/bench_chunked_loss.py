@@ -11,11 +11,9 @@ the first (which traces and compiles), its peak the largest the loop logged (mx.
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import statistics
 import sys
-import tempfile
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,7 +27,7 @@ RECIPES = {  # name -> (forge command, config, extra --set items)
 }
 
 
-def one(out: Path, steps: int, recipe: str, chunked: bool) -> dict:
+def one(recipe: str, chunked: bool, out: Path, steps: int) -> dict:
     command, config, sets = RECIPES[recipe]
     sets = [*sets, f"train.chunked_loss={str(chunked).lower()}", "train.log_every=1", "train.eval_every=0",
             "train.save_every=1000", "data.valid="]
@@ -39,25 +37,9 @@ def one(out: Path, steps: int, recipe: str, chunked: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--write", default=None, metavar="MD")
-    args = ap.parse_args(argv)
+    args = bc.side_by_side_args(__doc__, argv, steps=8, rounds=1)
     load_before = bc.machine()["load"]
-    tmp = Path(tempfile.mkdtemp(prefix="forge-bench-chunked-"))
-
-    def run(recipe, chunked, r):
-        out = tmp / f"{recipe.replace(' ', '_').replace(',', '')}-r{r}-{chunked}"
-        try:
-            return one(out, args.steps, recipe, chunked)
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
-
-    try:
-        res = bc.side_by_side(RECIPES, (True, False), args.rounds, run)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    res = bc.side_by_side(RECIPES, (True, False), args.rounds, partial(one, steps=args.steps))
     rows = []
     for recipe in RECIPES:
         whole, chunked = res[(recipe, False)], res[(recipe, True)]

@@ -10,11 +10,9 @@ base (quant.bits 0), where DoRA needs no dequantized copy for its row norms.
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import statistics
 import sys
-import tempfile
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,7 +20,7 @@ import _bench_common as bc
 from bench_eval import BIN, timed
 
 
-def one(out: Path, steps: int, dora: bool, bits: int) -> dict:
+def one(bits: int, dora: bool, out: Path, steps: int) -> dict:
     timed([str(BIN / "forge"), "train", "--config", "configs/demo.yaml", "--steps", str(steps), "--out", str(out),
            "--quant", str(bits) if bits else "none", "--dora" if dora else "--no-dora", "--set", "train.log_every=1",
            "--set", "train.eval_every=0", "--set", "train.save_every=1000", "--set", "data.valid="], bc.ROOT)
@@ -30,25 +28,9 @@ def one(out: Path, steps: int, dora: bool, bits: int) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--write", default=None, metavar="MD")
-    args = ap.parse_args(argv)
+    args = bc.side_by_side_args(__doc__, argv, steps=12, rounds=2)
     load_before = bc.machine()["load"]
-    tmp = Path(tempfile.mkdtemp(prefix="forge-bench-dora-"))
-
-    def run(bits, dora, r):
-        out = tmp / f"b{bits}-r{r}-{'dora' if dora else 'lora'}"
-        try:
-            return one(out, args.steps, dora, bits)
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
-
-    try:
-        res = bc.side_by_side((4, 0), (False, True), args.rounds, run)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    res = bc.side_by_side((4, 0), (False, True), args.rounds, partial(one, steps=args.steps))
     rows = []
     for bits in (4, 0):
         lora, dora = res[(bits, False)], res[(bits, True)]

@@ -247,21 +247,27 @@ def worker(spec: dict) -> dict:
     from rich.console import Console
 
     from forge_core.config import build_config
-    from forge_core.memory.plan import data_shape_of, plan_memory
-    from forge_core.models.known import load_model_config
 
     cfg = build_config(None, spec["sets"])
     console = Console(stderr=True, quiet=True)
     tic = time.perf_counter()
     got = (_measure_mlx if spec["backend"] == "mlx" else _measure_torch)(cfg, spec["kind"], console)
     seconds = time.perf_counter() - tic
-    model_config, _ = load_model_config(cfg.model.path)
-    data = data_shape_of(cfg, spec["kind"])  # as launch plans it: from the rows
-    plan = plan_memory(cfg, model_config, kind=spec["kind"], backend=spec["backend"], on_gpu=got["on_gpu"],
-                       data=data)
+    return {**got, "name": spec["name"], "seconds": seconds,
+            **planned(cfg, spec["kind"], spec["backend"], got["on_gpu"])}
+
+
+def planned(cfg, kind: str, backend: str, on_gpu: bool, nproc: int = 1) -> dict:
+    """The plan of one process of the run, made from its rows as `forge <method>` makes it (estimate: without the
+    framework-overhead constant, which no measurement here includes)."""
+    from forge_core.memory.plan import data_shape_of, plan_memory
+    from forge_core.models.known import load_model_config
+
+    data = data_shape_of(cfg, kind)
+    plan = plan_memory(cfg, load_model_config(cfg.model.path)[0], kind=kind, backend=backend, on_gpu=on_gpu,
+                       nproc=nproc, data=data)
     overhead = plan.component("framework overhead")
-    return {**got, "name": spec["name"], "seconds": seconds, "estimate": plan.total_bytes - overhead,
-            "data_seq": data.seq, "head_per_row": data.head_per_row,
+    return {"estimate": plan.total_bytes - overhead, "data_seq": data.seq, "head_per_row": data.head_per_row,
             "train": plan.phase_bytes("train") - overhead, "init": plan.phase_bytes("init") - overhead,
             "overhead": overhead, "components": {c.name: c.bytes for c in plan.components}}
 
@@ -275,8 +281,6 @@ def measure_ranks(row: dict, sets: list[str], out_dir: Path) -> dict:
     import subprocess
 
     from forge_core.config import build_config
-    from forge_core.memory.plan import data_shape_of, plan_memory
-    from forge_core.models.known import load_model_config
 
     command = "train" if row["kind"] == "sft" else row["kind"]
     argv = [sys.executable, "-m", "forge_core.cli", command, "--nproc", str(row["nproc"]), "--force",
@@ -286,17 +290,9 @@ def measure_ranks(row: dict, sets: list[str], out_dir: Path) -> dict:
                           env={**os.environ, "PYTHONPATH": str(bc.ROOT)})
     if proc.returncode != 0:
         raise RuntimeError(f"{row['name']}: forge {command} --nproc failed:\n{proc.stderr[-3000:]}")
-    recs = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    cfg = build_config(None, sets)
-    data = data_shape_of(cfg, row["kind"])
-    plan = plan_memory(cfg, load_model_config(cfg.model.path)[0], kind=row["kind"], backend="mlx", on_gpu=False,
-                       nproc=row["nproc"], data=data)
-    overhead = plan.component("framework overhead")
-    return {"measured": max(r["peak_memory"] for r in recs if r["split"] == "train"), "name": row["name"],
-            "how": "rank 0's mx.get_peak_memory()", "on_gpu": False, "seconds": time.perf_counter() - tic,
-            "estimate": plan.total_bytes - overhead, "data_seq": data.seq, "head_per_row": data.head_per_row,
-            "train": plan.phase_bytes("train") - overhead, "init": plan.phase_bytes("init") - overhead,
-            "overhead": overhead, "components": {c.name: c.bytes for c in plan.components}}
+    return {"measured": bc.run_summary(out_dir)["peak"], "name": row["name"], "how": "rank 0's mx.get_peak_memory()",
+            "on_gpu": False, "seconds": time.perf_counter() - tic,
+            **planned(build_config(None, sets), row["kind"], "mlx", False, row["nproc"])}
 
 
 def measure(row: dict, root: Path, verbose: bool = False) -> dict:

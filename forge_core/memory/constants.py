@@ -106,4 +106,3 @@ def head_chunk_rows(vocab: int) -> int:
     """Positions per chunk of the chunked head (forge_mlx/head.py): HEAD_CHUNK_BYTES of fp32 logits, a multiple
     of 8 (at least 8)."""
     return max(8, HEAD_CHUNK_BYTES // (4 * vocab) // 8 * 8)
-

@@ -356,20 +356,20 @@ def activation_components(run: Run) -> list[Component]:
     block_grad = n * per_tok + attention_scores_bytes(run, run.const["scores_backward"])
     if ckpt:
         block_grad = int(block_grad * run.const["ckpt_backward_share"])
-    if run.const.get("head_chunked") and run.const["head_at_loss_positions"] and run.cfg.train.chunked_loss:
-        # the chunked head (forge_mlx/head.py): its working set runs before the blocks' backward, and is freed
+    if run.const["head_chunked"] and run.const["head_at_loss_positions"] and run.cfg.train.chunked_loss:
+        # the chunked head (forge_mlx/head.py): one chunk's working set, never the whole logits
         rows = min(head_chunk_rows(s.vocab), run.head_tokens)
-        head = int(run.const["head_chunk_copies"] * rows * s.vocab * 4)
-        which = f"the loss head, {rows} positions at a time" if head >= block_grad else "one block's gradients"
-        out.append(Component("backward working set", max(head, block_grad), which))
-        return out
-    v_bytes = run.head_tokens * s.vocab
-    logits = v_bytes * (cb + 4 if cb < 4 else 4)
-    where = "B·T·V" if run.head_tokens == n else f"{run.head_tokens} loss positions x V"
-    out.append(Component("logits + loss", logits, f"{where} = {v_bytes / 1e6:.1f}M: compute dtype + fp32 copy"
-                         if cb < 4 else f"{where} = {v_bytes / 1e6:.1f}M fp32"))
-    head_grad = v_bytes * (4 * run.const["logits_backward_fp32"] + (cb if cb < 4 else 0))
-    which = "logits gradient (softmax + grad, fp32)" if head_grad >= block_grad else "one block's gradients"
+        head_grad = int(run.const["head_chunk_copies"] * rows * s.vocab * 4)
+        head_what = f"the loss head, {rows} positions at a time"
+    else:
+        v_bytes = run.head_tokens * s.vocab
+        logits = v_bytes * (cb + 4 if cb < 4 else 4)
+        where = "B·T·V" if run.head_tokens == n else f"{run.head_tokens} loss positions x V"
+        out.append(Component("logits + loss", logits, f"{where} = {v_bytes / 1e6:.1f}M: compute dtype + fp32 copy"
+                             if cb < 4 else f"{where} = {v_bytes / 1e6:.1f}M fp32"))
+        head_grad = v_bytes * (4 * run.const["logits_backward_fp32"] + (cb if cb < 4 else 0))
+        head_what = "logits gradient (softmax + grad, fp32)"
+    which = head_what if head_grad >= block_grad else "one block's gradients"
     out.append(Component("backward working set", max(head_grad, block_grad), which))
     return out
 
