@@ -168,11 +168,14 @@ class BackendOps(Protocol):
         """Chat-templated generation with the framework's generator; `stream(text)` gets each piece."""
 
     def generate_tokens(self, model, tokenizer, prompts: list, max_tokens: int, temp: float = 0.0,
-                        batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None) -> list[list[int]]:
+                        batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None,
+                        constraints: list | None = None) -> list[list[int]]:
         """The new token ids after each prompt (token ids, no template), stop token left out, `batch_size` rows
         decoded at once; greedy ids equal complete()'s (forge_core/generation.py orders and decodes). A row
         shorter than max_tokens stopped at a stop token (`stop`: these ids only; default: the tokenizer's and the
-        model's end ids); sampling at temp > 0 keeps the top_p nucleus."""
+        model's end ids); sampling at temp > 0 keeps the top_p nucleus. `constraints`: per prompt, None or an
+        object whose allowed(generated ids) -> ids | None limits each next token (forge_core/copy_constraint.py),
+        the other logits masked before sampling."""
 
     def continuation_scores(self, model, batch: Batch) -> tuple:
         """Per row of an {inputs, targets, mask} batch: summed log-prob of the masked targets, and whether

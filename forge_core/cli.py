@@ -375,17 +375,20 @@ def data():
 @click.option("--limit", type=int, default=0, help="The first N chunks only (0: all).")
 @click.option("--max-tokens", type=int, default=256)
 @click.option("--seed", type=int, default=0)
+@click.option("--free-quotes", is_flag=True,
+              help="A local teacher writes its quotes freely (default: it can only copy them from the chunk).")
 @click.option("--backend", type=click.Choice(choices("backend")), default=None)
 @friendly
 def raft(src, out, teacher, adapter, teacher_url, teacher_model, kinds, p_oracle, distractors, layout, limit,
-         max_tokens, seed, backend):
+         max_tokens, seed, free_quotes, backend):
     """RAFT rows from a codebase: a teacher's questions about each chunk and answers that quote it."""
     from forge_core import raft as fr
 
     who = _teacher(teacher, adapter, teacher_url, teacher_model, backend)
-    counts = fr.raft(src, out, who, list(kinds) or None, p_oracle, distractors, seed, max_tokens, layout, limit)
-    click.echo(f"wrote {out}: {counts['kept']} rows kept, {counts['dropped']} dropped (quotes not in the chunk; "
-               f"see {fr.dropped_path(Path(out))}), {counts['chunks']} chunks")
+    counts = fr.raft(src, out, who, list(kinds) or None, p_oracle, distractors, seed, max_tokens, layout, limit,
+                     copy_quotes=not free_quotes)
+    click.echo(f"wrote {out}: {counts['kept']} rows kept, {counts['dropped']} dropped (why: "
+               f"{fr.dropped_path(Path(out))}), {counts['chunks']} chunks")
 
 
 def _teacher(teacher, adapter, teacher_url, teacher_model, backend):

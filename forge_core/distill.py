@@ -55,17 +55,37 @@ class LocalTeacher:
         self.ops, self.batch_size = ops, batch_size
         self.model, self.tokenizer, _ = _for_inference(ops, adapter, model_spec)
         self.system = recorded_system_prompt(adapter)  # asked as it was taught, where a prompt has no system
+        self.pieces = None  # the tokenizer's token texts, for copy-constrained answers (built when first asked)
+
+    def _taught(self, conversations: list[list[dict]]) -> list[list[dict]]:
+        if not self.system:
+            return conversations
+        return [c if c[0]["role"] == "system" else [{"role": "system", "content": self.system}, *c]
+                for c in conversations]
 
     def answer(self, conversations: list[list[dict]], n: int, temp: float, max_tokens: int, seed: int) -> list[list[str]]:
         from forge_core import generation
 
-        if self.system:
-            conversations = [c if c[0]["role"] == "system" else [{"role": "system", "content": self.system}, *c]
-                             for c in conversations]
         self.ops.seed(seed)
-        flat = generation.answers(self.ops, self.model, self.tokenizer, [c for c in conversations for _ in range(n)],
-                                  max_tokens, temp, self.batch_size)
+        flat = generation.answers(self.ops, self.model, self.tokenizer,
+                                  [c for c in self._taught(conversations) for _ in range(n)], max_tokens, temp,
+                                  self.batch_size)
         return [flat[i * n:(i + 1) * n] for i in range(len(conversations))]
+
+    def answer_quoting(self, conversations: list[list[dict]], sources: list[str], max_tokens: int,
+                       long_enough) -> list[str]:
+        """One greedy answer per conversation that opens with a quote, and in which every quote is a verbatim piece
+        of that conversation's source (copy-constrained decoding, forge_core/copy_constraint.py); a quote may
+        close once long_enough(quote, source)."""
+        from forge_core import generation
+        from forge_core.copy_constraint import OPEN, QuoteConstraint, TokenPieces
+
+        if self.pieces is None:
+            self.pieces = TokenPieces(self.ops.hf_tokenizer(self.tokenizer))
+        return generation.answers(self.ops, self.model, self.tokenizer, self._taught(conversations), max_tokens, 0.0,
+                                  self.batch_size, begin=OPEN,
+                                  constraints=[QuoteConstraint(s, self.pieces, long_enough, max_tokens=max_tokens)
+                                               for s in sources])
 
 
 class URLTeacher:

@@ -17,12 +17,14 @@ def chat_prompt(hf, messages: list[dict]) -> list[int]:
 
 
 def generate(ops, model, tokenizer, prompts: list[list[int]], max_tokens: int, temp: float = 0.0,
-             batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None) -> list[list[int]]:
+             batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None,
+             constraints: list | None = None) -> list[list[int]]:
     """The new token ids after each prompt, generated in length order (a batch pads to its longest prompt)
-    and returned in the caller's order."""
+    and returned in the caller's order; `constraints` (per prompt, forge_core/copy_constraint.py) go with theirs."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = ops.generate_tokens(model, tokenizer, [list(prompts[i]) for i in order], max_tokens, temp,
-                              max(1, batch_size), top_p=top_p, stop=stop)
+                              max(1, batch_size), top_p=top_p, stop=stop,
+                              constraints=[constraints[i] for i in order] if constraints else None)
     ids = [[] for _ in prompts]
     for i, toks in zip(order, out):
         ids[i] = list(toks)
@@ -30,8 +32,11 @@ def generate(ops, model, tokenizer, prompts: list[list[int]], max_tokens: int, t
 
 
 def answers(ops, model, tokenizer, conversations: list[list[dict]], max_tokens: int, temp: float = 0.0,
-            batch_size: int = 32) -> list[str]:
-    """One answer per conversation, as text."""
+            batch_size: int = 32, begin: str = "", constraints: list | None = None) -> list[str]:
+    """One answer per conversation, as text. `begin`: text the answers start with (put after the generation
+    prompt, the model goes on from it; it begins each returned answer)."""
     hf = ops.hf_tokenizer(tokenizer)
-    ids = generate(ops, model, tokenizer, [chat_prompt(hf, m) for m in conversations], max_tokens, temp, batch_size)
-    return [hf.decode(t, skip_special_tokens=True) for t in ids]
+    lead = hf.encode(begin, add_special_tokens=False) if begin else []
+    ids = generate(ops, model, tokenizer, [chat_prompt(hf, m) + lead for m in conversations], max_tokens, temp,
+                   batch_size, constraints=constraints)
+    return [begin + hf.decode(t, skip_special_tokens=True) for t in ids]

@@ -4,9 +4,12 @@ Language Model to Domain Specific RAG").
 1. Chunks: Python files by top-level function and class (the `ast` module; a class longer than MAX_LINES by method,
    anything still longer by lines), every other text file by windows of LINES lines overlapping by OVERLAP.
 2. For each chunk and question kind (explain, usage, debugging) the teacher writes a question, then an answer that
-   quotes the chunk between ##begin_quote## and ##end_quote## (asked after one worked example; a code block that
-   occurs verbatim in the chunk counts as a quote and is marked as one). An answer is kept only when it quotes,
-   and every quote occurs verbatim in the chunk; the others are dropped and counted (OUT.dropped.jsonl says why).
+   quotes the chunk between ##begin_quote## and ##end_quote## (asked after one worked example). A local teacher
+   decodes under a copy constraint (forge_core/copy_constraint.py): its answer opens with a quote, and inside any
+   quote it can only write a verbatim piece of the chunk. A URL teacher writes freely (a code block that occurs
+   verbatim in the chunk counts as a quote and is marked as one). Either way an answer is kept only when it
+   quotes, and every quote occurs verbatim in the chunk and is long enough; the others are dropped and counted
+   (OUT.dropped.jsonl says why).
 3. Each kept row shows the model `distractors` other chunks and, with probability `p_oracle`, the chunk itself,
    shuffled (RAFT's mix, which teaches it to answer from the right document and to ignore the rest).
 Output: forge SFT rows {"messages": [system, user: documents + question, assistant: answer]} (trainable as is),
@@ -25,6 +28,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from forge_core.copy_constraint import CLOSE, OPEN
 from forge_core.distill import done_rows, keep_rows_of, row_source
 from forge_core.errors import ForgeError
 
@@ -34,7 +38,7 @@ TEXT_SUFFIXES = {".py", ".md", ".rst", ".txt", ".toml", ".yaml", ".yml", ".json"
 KINDS = {"explain": "a question asking what this code does and why",
          "usage": "a question asking how to use this code (which arguments, what it returns)",
          "debugging": "a question a developer would ask when this code fails or behaves unexpectedly"}
-QUOTE = re.compile(r"##begin_quote##(.*?)##end_quote##", re.DOTALL)
+QUOTE = re.compile(f"{re.escape(OPEN)}(.*?){re.escape(CLOSE)}", re.DOTALL)
 SYSTEM = ("Answer the question from the documents. Quote the lines you rely on between ##begin_quote## and "
           "##end_quote##, then give the answer.")
 
@@ -129,6 +133,17 @@ def quotes_ok(answer: str, oracle: str) -> bool:
     return bool(quotes) and all(q in oracle and _long_enough(q, oracle) for q in quotes)
 
 
+def drop_reason(question: str, answer: str, oracle: str) -> str | None:
+    """Why a row is left out (None: it is kept)."""
+    if not question:
+        return "no question"
+    if quotes_ok(answer, oracle):
+        return None
+    if not QUOTE.search(answer):
+        return "a quote left open (raise --max-tokens)" if OPEN in answer else "no quote"
+    return "a quote not in the chunk, or too short"
+
+
 def dropped_path(out: Path) -> Path:
     """Where the answers left out go, with the reason: OUT.dropped.jsonl beside OUT."""
     return out.with_name(out.stem + ".dropped.jsonl")
@@ -199,8 +214,10 @@ def _done(paths: list[Path]) -> set[str]:
 
 def raft(src, out, teacher, kinds: list[str] | None = None, p_oracle: float = 0.8, distractors: int = 3,
          seed: int = 0, max_tokens: int = 256, layout: str | None = None, limit: int = 0, batch: int = 16,
-         console=None) -> dict:
-    """Write RAFT rows for the chunks of `src` to `out` (and RAFT's field layout to `layout`); returns counts."""
+         copy_quotes: bool = True, console=None) -> dict:
+    """Write RAFT rows for the chunks of `src` to `out` (and RAFT's field layout to `layout`); returns counts.
+    `copy_quotes`: a local teacher's answers open with a quote and can only quote their chunk verbatim
+    (copy-constrained decoding); a URL teacher, or copy_quotes=False, writes freely and is checked after."""
     kinds = kinds or list(KINDS)
     bad = [k for k in kinds if k not in KINDS]
     if bad:
@@ -234,17 +251,20 @@ def raft(src, out, teacher, kinds: list[str] | None = None, p_oracle: float = 0.
             # the teacher is asked for the whole batch (its seed is per batch), then what was done is left out
             questions = [a[0].strip() for a in teacher.answer([question_prompt(order[i], k) for i, k in part], 1, 0.7,
                                                               max_tokens, seed * 1_000_003 + s)]
-            answers = [with_quote_marks(a[0], order[i].text) for (i, _), a in zip(part, teacher.answer(
-                [answer_prompt(order[i], q) for (i, _), q in zip(part, questions)], 1, 0.0, max_tokens,
-                seed * 1_000_003 + s + 1))]
+            asks = [answer_prompt(order[i], q) for (i, _), q in zip(part, questions)]
+            if copy_quotes and hasattr(teacher, "answer_quoting"):
+                answers = teacher.answer_quoting(asks, [order[i].text for i, _ in part], max_tokens, _long_enough)
+            else:
+                answers = [with_quote_marks(a[0], order[i].text) for (i, _), a in zip(part, teacher.answer(
+                    asks, 1, 0.0, max_tokens, seed * 1_000_003 + s + 1))]
             counts["asked"] += len(todo)
             kept, lost, fields = [], [], []
             for (i, k), q, a in zip(part, questions, answers):
                 source = f"{order[i].where}#{k}"
                 if source in done:
                     continue
-                if not q or not quotes_ok(a, order[i].text):
-                    why = "no question" if not q else ("no quote" if not QUOTE.search(a) else "a quote not in the chunk")
+                why = drop_reason(q, a, order[i].text)
+                if why:
                     lost.append({"source": source, "why": why, "question": q, "answer": a})
                     continue
                 docs, with_oracle = documents(chunks, i, seed, p_oracle, distractors)

@@ -116,11 +116,32 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: floa
     return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
 
 
+class _Constrained:
+    """A transformers logits processor: in each constrained row the logits of the ids its constraint does not allow
+    (forge_core/copy_constraint.py) go to -inf. The row's new tokens are those after the padded prompt width."""
+
+    def __init__(self, constraints: list, width: int):
+        self.constraints, self.width = constraints, width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for row, constraint in enumerate(self.constraints):
+            allowed = constraint.allowed(input_ids[row, self.width:].tolist()) if constraint is not None else None
+            if allowed is not None:
+                keep = torch.full_like(scores[row], float("-inf"))
+                keep[allowed] = 0.0
+                scores[row] += keep
+        return scores
+
+
 @torch.no_grad()
 def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int, temp: float = 0.0,
-                    batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None) -> list[list[int]]:
+                    batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None,
+                    constraints: list | None = None) -> list[list[int]]:
     """The new token ids (stop token left out) after each prompt, `batch_size` left-padded rows per generate()
-    call (the attention mask hides the padding; transformers derives the positions from it)."""
+    call (the attention mask hides the padding; transformers derives the positions from it). `constraints`: per
+    prompt, None or an object whose allowed(generated ids) limits the next token."""
+    from transformers import LogitsProcessorList
+
     model.eval()
     device = next(model.parameters()).device
     gen, stop = _generation_config(model, tokenizer, max_tokens, temp, top_p, stop)
@@ -133,7 +154,10 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int,
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, p in enumerate(chunk):
             ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
-        out = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=gen)
+        rows = constraints[s:s + size] if constraints else []
+        extra = LogitsProcessorList([_Constrained(rows, width)] if any(c is not None for c in rows) else [])
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=gen,
+                             logits_processor=extra)
         for row in out[:, width:].tolist():
             # a finished row is filled with padding up to the longest: cut at its first stop id
             out_ids.append(row[:next((k for k, t in enumerate(row) if t in stop), len(row))])

@@ -1,5 +1,6 @@
 """Generation on MLX for `forge generate` / `forge eval` (forge_core/evaluate.py, generation.py): mlx-lm's
-generators (stream_generate for one streamed answer, batch_generate for many).
+generators (stream_generate for one streamed answer, BatchGenerator for many, with a per-row logits processor
+where a row's decoding is constrained).
 
 On the CPU, inference first folds each layer into one dense fp32 matrix (for_inference): an adapted layer
 becomes Q(W_res) + s·BA, any other 4-bit layer its dequantized values. Token-by-token decoding would
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_unflatten
 
 from forge_core.data.batches import shared_prefix
@@ -101,25 +103,40 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: floa
     return text
 
 
+class _Constrained:
+    """An mlx-lm logits processor for one row: the logits of the ids its constraint does not allow (forge_core/
+    copy_constraint.py) go to -inf. mlx-lm calls it once per new token with the row's tokens so far, the last one
+    being the token sampled at the previous call."""
+
+    def __init__(self, constraint):
+        self.constraint, self.generated, self.calls = constraint, [], 0
+
+    def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
+        if self.calls:
+            self.generated.append(int(context[-1].item()))
+        self.calls += 1
+        allowed = self.constraint.allowed(self.generated)
+        if allowed is None:
+            return logits
+        mask = np.full(logits.shape[-1], -np.inf, np.float32)
+        mask[allowed] = 0.0
+        return logits + mx.array(mask)
+
+
 def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int, temp: float = 0.0,
-                    batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None) -> list[list[int]]:
+                    batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None,
+                    constraints: list | None = None) -> list[list[int]]:
     """The new token ids (stop token left out) after each prompt, `batch_size` rows decoded at once (mlx-lm's
     continuous batching: a row that stops makes room for the next). The tokens all prompts start with (a
     shared system prompt) are run once into a KV cache that every row starts from. Greedy ids equal
-    stream_generate's."""
-    from mlx_lm.generate import batch_generate
+    stream_generate's. `constraints`: per prompt, None or an object whose allowed(generated ids) limits the
+    next token (forge_core/copy_constraint.py)."""
+    from mlx_lm.generate import BatchGenerator
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_sampler
 
     if not prompts:
         return []
-    if stop is not None:  # only these ids end a row (mlx-lm stops at the wrapper's eos ids)
-        saved = tokenizer.eos_token_ids
-        tokenizer.eos_token_ids = stop
-        try:
-            return generate_tokens(model, tokenizer, prompts, max_tokens, temp, batch_size, top_p)
-        finally:
-            tokenizer.eos_token_ids = saved
     size = max(1, min(batch_size, len(prompts)))
     n = shared_prefix(prompts)
     caches = None
@@ -127,9 +144,17 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int,
         cache = make_prompt_cache(model)
         model(mx.array([list(prompts[0][:n])]), cache=cache)
         mx.eval([c.state for c in cache])
-        caches = [cache] * len(prompts)  # batch_generate merges them into its own batch cache, never in place
-    out = batch_generate(model, tokenizer, [list(p[n:]) for p in prompts], prompt_caches=caches,
-                         max_tokens=max_tokens, sampler=make_sampler(temp, top_p=top_p if top_p < 1.0 else 0.0),
-                         prefill_batch_size=size,
-                         completion_batch_size=size, return_token_ids=True)
-    return [list(t) for t in out.token_ids]
+        caches = [cache] * len(prompts)  # the generator merges them into its own batch cache, never in place
+    ends = tokenizer.eos_token_ids if stop is None else stop  # only these ids end a row
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in ends], max_tokens=max_tokens,
+                         sampler=make_sampler(temp, top_p=top_p if top_p < 1.0 else 0.0),
+                         prefill_batch_size=size, completion_batch_size=size)
+    processors = [[_Constrained(c)] if c is not None else [] for c in constraints] if constraints else None
+    uids = gen.insert([list(p[n:]) for p in prompts], caches=caches, logits_processors=processors)
+    out = {uid: [] for uid in uids}
+    while responses := gen.next_generated():
+        for r in responses:
+            if r.finish_reason != "stop":
+                out[r.uid].append(r.token)
+    gen.close()
+    return [out[uid] for uid in uids]

