@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from functools import cache
 
+from forge_core.errors import ForgeError
+
 OPEN, CLOSE = "##begin_quote##", "##end_quote##"
 
 
@@ -41,17 +43,20 @@ class TokenPieces:
         self.longest = max(map(len, self.by_text), default=1)
         done, self.closing_length = 0, 0  # tokens the closing marker takes, written with closing_step
         while done < len(CLOSE):
-            done += len(self.pieces[self.closing_step(done)])
+            step = self.closing_step(done)
+            if step < 0:
+                raise ForgeError(f"this tokenizer cannot write {CLOSE!r} token by token: use --free-quotes")
+            done += len(self.pieces[step])
             self.closing_length += 1
 
     def text(self, ids: list[int]) -> str:
         return "".join(self.pieces[t] or "" for t in ids if 0 <= t < len(self.pieces))
 
-    def matching(self, source: str, at: int) -> set[int]:
-        """Ids whose text is source[at:at + k] for some k >= 1."""
-        out = set()
+    def matching(self, source: str, at: int) -> list[tuple[int, int]]:
+        """(id, k) of the tokens whose text is source[at:at + k], k >= 1."""
+        out = []
         for k in range(1, min(self.longest, len(source) - at) + 1):
-            out.update(self.by_text.get(source[at:at + k], ()))
+            out += [(t, k) for t in self.by_text.get(source[at:at + k], ())]
         return out
 
     @cache  # noqa: B019 - one TokenPieces per tokenizer, kept for the run
@@ -72,14 +77,17 @@ class QuoteConstraint:
     """Decoding in which every quote is a verbatim piece of `source`. `inside`: the prompt already ends with the
     opening marker (the answer starts with a quote). `long_enough(quote, source)` says when the quote may close;
     at MAX_CHARS of quote, or when only the closing marker still fits in `max_tokens`, a quote that may close
-    must."""
+    must. A quote only takes steps after which it can still grow long enough (it never runs into a dead end but
+    for the token budget), and never copies a marker out of the source."""
 
     MAX_CHARS = 400
 
     def __init__(self, source: str, pieces: TokenPieces, long_enough, inside: bool = True, max_tokens: int = 0):
         self.source, self.pieces, self.long_enough, self.inside = source, pieces, long_enough, inside
         self.last_call = max_tokens - pieces.closing_length if max_tokens else None
-        self._viable: dict[int, bool] = {}
+        self._steps: list[list[tuple[int, int]]] = []  # per position of the source: (id, length) of the tokens there
+        self._far: list[int] = []  # per position: the furthest end a quote going on from there can reach
+        self._viable: dict[tuple[int, int], bool] = {}
 
     def quote_so_far(self, generated: list[int]) -> str | None:
         """The open quote's text, or None outside a quote."""
@@ -111,21 +119,54 @@ class QuoteConstraint:
         return sorted(out) if out else sorted(self.pieces.closing(0))
 
     def _may_close(self, quote: str) -> bool:
-        return quote in self.source and self.long_enough(quote.strip(), self.source)
+        """A quote of the source, long enough, that the closing marker closes cleanly: its markers are the only
+        ones in OPEN + quote + CLOSE (not a quote ending in "##end_quote#" or "##begin_quote#", which the closing
+        marker's first "#" would complete)."""
+        whole = OPEN + quote + CLOSE
+        return (quote in self.source and self.long_enough(quote.strip(), self.source)
+                and whole.find(CLOSE) == len(whole) - len(CLOSE) and whole.find(OPEN, 1) < 0)
 
     def _extending(self, quote: str) -> set[int]:
-        """Ids that keep `quote` + their text a substring of the source, read from a start that can close."""
-        out, at = set(), self.source.find(quote)
-        while at >= 0:
-            if self._can_close_from(at):
-                out |= self.pieces.matching(self.source, at + len(quote))
-            at = self.source.find(quote, at + 1)
+        """Ids that keep `quote` + their text a substring of the source, from a start where it can still grow long
+        enough, without writing a marker."""
+        self._tables()
+        out, tail = set(), (OPEN + quote)[1 - len(OPEN):]  # with the opening marker: "##" + "end_quote##" closes
+        for start in _find_all(self.source, quote):
+            end = start + len(quote)
+            for t, k in self._steps[end] if end < len(self.source) else ():
+                text = tail + self.pieces.pieces[t]
+                if self._can_grow(start, end + k) and OPEN not in text and CLOSE not in text:
+                    out.add(t)
         return out
 
-    def _can_close_from(self, at: int) -> bool:
-        """Whether a quote starting at `at` can grow long enough to close: its longest form (to the end of the source,
-        or MAX_CHARS) can. Quotes only grow, so a quote from such a start is never a dead end; other starts are
-        left out (a few whole-line quotes near the end of the source with them)."""
-        if at not in self._viable:
-            self._viable[at] = self._may_close(self.source[at:at + self.MAX_CHARS])
-        return self._viable[at]
+    def _tables(self) -> None:
+        """Per position: the tokens whose text starts there, and the furthest end a quote can reach going on from
+        there (right to left; a character that only byte tokens write - no token starts there - ends the way)."""
+        if self._far:
+            return
+        n = len(self.source)
+        self._steps = [self.pieces.matching(self.source, at) for at in range(n)]
+        self._far = list(range(n + 1))
+        for at in range(n - 1, -1, -1):
+            self._far[at] = max([at] + [self._far[at + k] for _, k in self._steps[at]])
+
+    def _can_grow(self, start: int, end: int) -> bool:
+        """Whether a quote source[start:end] can still grow long enough: the furthest it can reach (at most
+        MAX_CHARS, and short of a marker that the opening marker and the source's text would write) can."""
+        key = (start, end)
+        if key not in self._viable:
+            text = OPEN + self.source[start:start + self.MAX_CHARS]
+            marks = [at + len(k) - 1 - len(OPEN) for k in (OPEN, CLOSE) for at in [text.find(k, 1)] if at >= 0]
+            stop = min([self._far[end], start + self.MAX_CHARS] + [start + max(0, m) for m in marks])
+            # or a little shorter (a "#" at its end would mix with the closing marker), but not shorter than now
+            self._viable[key] = any(self._may_close(self.source[start:e])
+                                    for e in range(stop, max(end, stop - len(OPEN)) - 1, -1))
+        return self._viable[key]
+
+
+def _find_all(text: str, part: str) -> list[int]:
+    out, at = [], text.find(part)
+    while at >= 0:
+        out.append(at)
+        at = text.find(part, at + 1)
+    return out

@@ -127,10 +127,15 @@ def _long_enough(q: str, oracle: str) -> bool:
 
 
 def quotes_ok(answer: str, oracle: str) -> bool:
-    """The answer quotes at least once, and every quote occurs verbatim (ends trimmed) in the oracle chunk and is
-    long enough to say something (_long_enough)."""
+    """The answer quotes at least once, leaves no quote open, and every quote occurs verbatim (ends trimmed) in the
+    oracle chunk and is long enough to say something (_long_enough)."""
     quotes = [q.strip() for q in QUOTE.findall(answer)]
-    return bool(quotes) and all(q in oracle and _long_enough(q, oracle) for q in quotes)
+    return (bool(quotes) and not _left_open(answer)
+            and all(q in oracle and _long_enough(q, oracle) for q in quotes))
+
+
+def _left_open(answer: str) -> bool:
+    return answer.rfind(OPEN) > answer.rfind(CLOSE)
 
 
 def drop_reason(question: str, answer: str, oracle: str) -> str | None:
@@ -139,8 +144,10 @@ def drop_reason(question: str, answer: str, oracle: str) -> str | None:
         return "no question"
     if quotes_ok(answer, oracle):
         return None
+    if _left_open(answer):
+        return "a quote left open (raise --max-tokens)"
     if not QUOTE.search(answer):
-        return "a quote left open (raise --max-tokens)" if OPEN in answer else "no quote"
+        return "no quote"
     return "a quote not in the chunk, or too short"
 
 

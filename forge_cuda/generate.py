@@ -128,7 +128,7 @@ class _Constrained:
             allowed = constraint.allowed(input_ids[row, self.width:].tolist()) if constraint is not None else None
             if allowed is not None:
                 keep = torch.full_like(scores[row], float("-inf"))
-                keep[allowed] = 0.0
+                keep[[t for t in allowed if t < keep.numel()]] = 0.0  # ids the tokenizer knows, the model may not
                 scores[row] += keep
         return scores
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 from mlx.utils import tree_unflatten
 
 from forge_core.data.batches import shared_prefix
@@ -119,8 +119,8 @@ class _Constrained:
         if allowed is None:
             return logits
         mask = np.full(logits.shape[-1], -np.inf, np.float32)
-        mask[allowed] = 0.0
-        return logits + mx.array(mask)
+        mask[[t for t in allowed if t < mask.size]] = 0.0  # a tokenizer may know ids the model has no logit for
+        return logits + mx.array(mask).astype(logits.dtype)
 
 
 def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int, temp: float = 0.0,
@@ -150,11 +150,13 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int,
                          sampler=make_sampler(temp, top_p=top_p if top_p < 1.0 else 0.0),
                          prefill_batch_size=size, completion_batch_size=size)
     processors = [[_Constrained(c)] if c is not None else [] for c in constraints] if constraints else None
-    uids = gen.insert([list(p[n:]) for p in prompts], caches=caches, logits_processors=processors)
-    out = {uid: [] for uid in uids}
-    while responses := gen.next_generated():
-        for r in responses:
-            if r.finish_reason != "stop":
-                out[r.uid].append(r.token)
-    gen.close()
+    try:
+        uids = gen.insert([list(p[n:]) for p in prompts], caches=caches, logits_processors=processors)
+        out = {uid: [] for uid in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                if r.finish_reason != "stop":
+                    out[r.uid].append(r.token)
+    finally:
+        gen.close()
     return [out[uid] for uid in uids]

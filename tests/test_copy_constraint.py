@@ -73,15 +73,22 @@ def _walk(c, pieces, rng, steps, prefer_quoting=False):
     return ids[:steps]
 
 
-def test_random_walks_quote_only_the_source(pieces):
+MARKED = 'QUOTE = re.compile(r"##begin_quote##(.*?)##end_quote##")\nSHORT = "##end_quote##"\n'  # raft.py has these
+UNICODE = "if a ≥ b:\n    return a  # ≥ is three bytes: no token of this tokenizer writes it whole\n"
+
+
+@pytest.mark.parametrize("source", [SOURCE, MARKED, UNICODE], ids=["code", "markers", "unicode"])
+def test_random_walks_quote_only_the_source_and_never_run_into_a_dead_end(pieces, source):
     for seed in range(40):
         rng = random.Random(seed)
-        c = QuoteConstraint(SOURCE, pieces, fr._long_enough, inside=seed % 2 == 0)
+        c = QuoteConstraint(source, pieces, fr._long_enough, inside=seed % 2 == 0)
         text = (OPEN if c.inside else "") + pieces.text(_walk(c, pieces, rng, 160))
         quotes = fr.QUOTE.findall(text)
-        assert all(q.strip() in SOURCE and fr._long_enough(q.strip(), SOURCE) for q in quotes), (seed, text)
+        # every quote verbatim and long enough: no start that cannot grow long enough (" b:" before a "≥" no token
+        # writes), no marker copied out of the source
+        assert all(q.strip() in source and fr._long_enough(q.strip(), source) for q in quotes), (seed, text)
         if c.inside:
-            assert quotes, text  # MAX_CHARS and a 40-character source: the first quote closed
+            assert quotes, text  # the first quote closed
 
 
 def test_a_quote_closes_before_the_token_budget_runs_out(pieces):

@@ -99,6 +99,9 @@ def test_quotes_must_occur_in_the_chunk():
     assert fr.drop_reason("Q?", "##begin_quote##return a + b##end_quote## adds", oracle) is None
     assert fr.drop_reason("", "##begin_quote##return a + b##end_quote##", oracle) == "no question"
     assert fr.drop_reason("Q?", "##begin_quote##return a + b", oracle) == "a quote left open (raise --max-tokens)"
+    # a second quote the token budget cut off: not kept with a dangling marker
+    assert fr.drop_reason("Q?", "##begin_quote##return a + b##end_quote## so ##begin_quote##def", oracle) == \
+        "a quote left open (raise --max-tokens)"
     assert fr.drop_reason("Q?", "It adds.", oracle) == "no quote"
     assert fr.drop_reason("Q?", "##begin_quote##return a - b##end_quote##", oracle) == \
         "a quote not in the chunk, or too short"
