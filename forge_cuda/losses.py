@@ -10,21 +10,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import head
 from .packing import enable_packing, segment_mask
 
 
 def token_logps(model, inputs: torch.Tensor, targets: torch.Tensor, batch: dict | None = None,
-                temperature: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(target_t | inputs_<=t) for every position: (B, T), fp32. Packed batches (segment_ids,
-    position_ids) run with attention kept inside each row (packing.py)."""
+                temperature: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(target_t | inputs_<=t): (B, T), fp32. Packed batches (segment_ids, position_ids) run with attention
+    kept inside each row (packing.py). With `mask`, where the model splits (head.py) the head runs at the masked
+    positions only, a chunk of them at a time, and the other positions are 0; otherwise every position is
+    computed."""
+    kwargs = {}
     if batch is not None and "segment_ids" in batch:  # a 4D block-diagonal mask and per-row positions
         enable_packing(model)
         dtype = model.get_input_embeddings().weight.dtype
-        logits = model(input_ids=inputs, attention_mask=segment_mask(batch["segment_ids"], dtype),
-                       position_ids=batch["position_ids"].long(), use_cache=False).logits
-    else:
-        logits = model(input_ids=inputs, use_cache=False).logits
-    logits = logits.float()  # (B, T, V)
+        kwargs = {"attention_mask": segment_mask(batch["segment_ids"], dtype),
+                  "position_ids": batch["position_ids"].long()}
+    w = head.head_weight(model) if mask is not None else None
+    if w is not None:
+        h = head.hidden(model, inputs, **kwargs)
+        where = mask.reshape(-1).nonzero()[:, 0]
+        scale = (1.0 / temperature if temperature is not None else torch.ones(())).float().reshape(()).to(h.device)
+        nll = head.chunked_nll(h.reshape(-1, h.shape[-1])[where], w, targets.reshape(-1)[where], scale)
+        return torch.zeros(inputs.numel(), dtype=torch.float32, device=h.device).index_put(
+            (where,), -nll).view(inputs.shape)
+    logits = model(input_ids=inputs, use_cache=False, **kwargs).logits.float()  # (B, T, V)
     if temperature is not None:
         logits = logits / temperature
     B, T, V = logits.shape
@@ -38,21 +48,22 @@ def sft_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     The loop divides by the total token count of the whole (accumulated) batch, so gradient
     accumulation gives exactly the gradient of the token-mean over the full batch.
     """
-    logp = token_logps(model, batch["inputs"], batch["targets"], batch)
     mask = batch["mask"]
+    logp = token_logps(model, batch["inputs"], batch["targets"], batch, mask=mask)
     return -(logp * mask).sum(), mask.sum()
 
 
 def sequence_logps(model, batch) -> torch.Tensor:
     """Sum of completion-token log-probs per sequence: (2B,) for a concatenated chosen+rejected batch."""
-    logp = token_logps(model, batch["inputs"], batch["targets"])
+    logp = token_logps(model, batch["inputs"], batch["targets"], mask=batch["mask"])
     return (logp * batch["mask"]).sum(dim=-1)
 
 
 def per_token_logps(model, batch) -> torch.Tensor:
     """(B, T) log-probs of the targets, 0 where the mask is 0 (GRPO's per-token ratios), of the logits divided by
     batch["temperature"] when given (the distribution the completions were sampled from, as TRL scores them)."""
-    return token_logps(model, batch["inputs"], batch["targets"], temperature=batch.get("temperature")) * batch["mask"]
+    return token_logps(model, batch["inputs"], batch["targets"], temperature=batch.get("temperature"),
+                       mask=batch["mask"]) * batch["mask"]
 
 
 @torch.no_grad()

@@ -77,6 +77,7 @@ def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weight
     factors = adapt_model(model, cfg, pissa_init=pissa_init, device=device(), compute_dtype=dtype)
     if adapter_weights is not None:
         load_trainable(model, adapter_weights)
+    model.forge_chunked_loss = cfg.train.chunked_loss  # read by head.head_weight
     return model, tokenizer, model_dir, factors
 
 

@@ -66,6 +66,7 @@ BACKEND_CONSTANTS = {
         # 1000 positions; the bundled-model rows' peaks sit 52 MiB over their activations).
         "head_chunked": True,
         "head_chunk_copies": 18,
+        "head_chunk_grows": False,  # HEAD_CHUNK_BYTES a chunk, whatever the positions
         # Checkpointing on SmolLM2's block shape (random weights, L 8 -> 16, B4 T128, fp32) keeps 10.6 KiB per
         # token per block = 2h + i values: the block input and what the compiled recomputation shares with it.
         "cpu_kernels": {"scores_kept_per_block": 1.0, "scores_backward": 2.0, "causal_chunk": 64,
@@ -74,8 +75,14 @@ BACKEND_CONSTANTS = {
     "cuda": {
         "quant_mode": "nf4",  # bitsandbytes; quant.bits=8 -> LLM.int8 (int8 + fp32 row scales)
         "logits_backward_fp32": LOGITS_BACKWARD_FP32,  # F.cross_entropy: to calibrate with a real vocabulary
-        "head_at_loss_positions": False,  # forge_cuda/losses.py takes the model's logits at every position
-        "head_chunked": False,
+        # forge_cuda/head.py (train.chunked_loss, llama-style models): the head at the loss positions only, in
+        # chunks of head_chunk_rows(V, positions, D); a chunk's working set measured on the CPU (torch 2.13, V
+        # 49152, 256 and 512 rows, fp32 and bf16): 2.1-2.7 chunks of fp32 logits in the forward, 2.1-4.2 in the
+        # backward (the CPU's bf16 matmul converts; a GPU's does not). To calibrate on CUDA.
+        "head_at_loss_positions": True,
+        "head_chunked": True,
+        "head_chunk_copies": 4,
+        "head_chunk_grows": True,  # at least positions / ceil(V / D) rows a chunk (head_chunk_rows)
         "attention": "sdpa",  # transformers' default: flash / mem-efficient kernels keep only the logsumexp
         "scores_kept_per_block": 0.0,
         "scores_backward": 0.0,
@@ -102,7 +109,13 @@ BACKEND_CONSTANTS = {
 }
 
 
-def head_chunk_rows(vocab: int) -> int:
-    """Positions per chunk of the chunked head (forge_mlx/head.py): HEAD_CHUNK_BYTES of fp32 logits, a multiple
-    of 8 (at least 8)."""
-    return max(8, HEAD_CHUNK_BYTES // (4 * vocab) // 8 * 8)
+def head_chunk_rows(vocab: int, positions: int = 0, hidden: int = 0) -> int:
+    """Positions per chunk of the chunked head (forge_mlx/head.py, forge_cuda/head.py): HEAD_CHUNK_BYTES of fp32
+    logits, a multiple of 8 (at least 8). With `positions` and `hidden` (torch) at least positions / ceil(V / D)
+    rows (Liger's rule: a chunk's logits about the size of the hidden states), so a GPU's matmuls stay large:
+    each chunk reads the whole (V, D) head weight, 1 GiB for Llama-3-8B's in bf16."""
+    rows = max(8, HEAD_CHUNK_BYTES // (4 * vocab) // 8 * 8)
+    if positions and hidden:
+        liger = -(-positions // -(-vocab // hidden))
+        rows = max(rows, -(-liger // 8) * 8)
+    return rows

@@ -358,7 +358,8 @@ def activation_components(run: Run) -> list[Component]:
         block_grad = int(block_grad * run.const["ckpt_backward_share"])
     if run.const["head_chunked"] and run.const["head_at_loss_positions"] and run.cfg.train.chunked_loss:
         # the chunked head (forge_mlx/head.py): one chunk's working set, never the whole logits
-        rows = min(head_chunk_rows(s.vocab), run.head_tokens)
+        grows = run.const["head_chunk_grows"]  # torch's chunks grow with the positions (head_chunk_rows)
+        rows = min(head_chunk_rows(s.vocab, *((run.head_tokens, s.hidden) if grows else ())), run.head_tokens)
         head_grad = int(run.const["head_chunk_copies"] * rows * s.vocab * 4)
         head_what = f"the loss head, {rows} positions at a time"
     else:
