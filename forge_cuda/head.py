@@ -14,11 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from forge_core.memory.constants import TORCH_SPLIT_HEAD_TYPES as SPLITTABLE
 from forge_core.memory.constants import head_chunk_rows
-
-# transformers' *ForCausalLM whose forward is logits = lm_head(model(...).last_hidden_state) (checked against
-# transformers 5.x; gemma2/3, granite, cohere scale or soft-cap the logits)
-SPLITTABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gemma", "olmo2", "starcoder2"}
 
 
 def head_weight(model: nn.Module) -> torch.Tensor | None:

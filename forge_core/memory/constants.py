@@ -10,6 +10,11 @@ ADAM8_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for tensors smaller t
 # forge_mlx/head.py runs the vocabulary head and its log-softmax over the loss positions in chunks of this many
 # bytes of fp32 logits (head_chunk_rows), so the head's working set is a chunk's, not positions x V.
 HEAD_CHUNK_BYTES = 4 * MiB
+# transformers' *ForCausalLM whose forward is logits = lm_head(model(...).last_hidden_state) and nothing more
+# (checked against transformers 5.x; gemma2/3, granite and cohere soft-cap or scale the logits): forge_cuda/head.py
+# runs the head at the loss positions, chunked, for these only
+TORCH_SPLIT_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gemma", "olmo2",
+                                    "starcoder2"})
 LOGITS_BACKWARD_FP32 = 2  # softmax + gradient, fp32: measured 12·N·V bytes (fp32) / 16 (bf16) peak, MLX 0.32 CPU
 # (the default of BACKEND_CONSTANTS' "logits_backward_fp32": fp32 N·V copies the loss's backward holds at once)
 
@@ -79,7 +84,8 @@ BACKEND_CONSTANTS = {
         # chunks of head_chunk_rows(V, positions, D); a chunk's working set measured on the CPU (torch 2.13, V
         # 49152, 256 and 512 rows, fp32 and bf16): 2.1-2.7 chunks of fp32 logits in the forward, 2.1-4.2 in the
         # backward (the CPU's bf16 matmul converts; a GPU's does not). To calibrate on CUDA.
-        "head_at_loss_positions": True,
+        "head_at_loss_positions": True,  # with train.chunked_loss, for these model types, a plain head only:
+        "head_model_types": TORCH_SPLIT_HEAD_TYPES,  # the others take the model's logits at every position
         "head_chunked": True,
         "head_chunk_copies": 4,
         "head_chunk_grows": True,  # at least positions / ceil(V / D) rows a chunk (head_chunk_rows)

@@ -53,6 +53,7 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied: bool
+    model_type: str = ""
 
     @classmethod
     def from_config(cls, config: dict, source: str = "config.json") -> ModelShape:
@@ -66,7 +67,8 @@ class ModelShape:
         return cls(hidden=c["hidden_size"], intermediate=c["intermediate_size"], layers=c["num_hidden_layers"],
                    heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
                    head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
-                   tied=bool(c.get("tie_word_embeddings", False)))  # absent: count lm_head separately
+                   tied=bool(c.get("tie_word_embeddings", False)),  # absent: count lm_head separately
+                   model_type=str(c.get("model_type") or config.get("model_type") or ""))
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """Linear weights of one block: name -> (out, in)."""
@@ -155,6 +157,10 @@ def make_run(cfg: ForgeConfig, shape: ModelShape, kind: str, backend: str, on_gp
     if not on_gpu and cfg.model.fast_cpu_math and "cpu_kernels" in const:
         const.update(const["cpu_kernels"])
     seq = data.seq if data else cfg.train.max_seq_len
+    if const.get("head_model_types") is not None:  # torch: loss positions only through its chunked head
+        const["head_at_loss_positions"] = const["head_chunked"] = (
+            cfg.train.chunked_loss and shape.model_type in const["head_model_types"]
+            and not (cfg.quant.embeddings and not shape.tied))  # a quantized lm_head: the model's own logits
     per_row = data.head_per_row if data and const["head_at_loss_positions"] else seq
     return Run(cfg=cfg, shape=shape, const=const, on_gpu=on_gpu,
                cb=compute_bytes(cfg.model.dtype, on_gpu), rows=rows, seq=seq, head_tokens=rows * per_row,

@@ -9,21 +9,21 @@ from pathlib import Path
 from forge_core.errors import ForgeError
 
 
-def _llama(h, i, layers, heads, kv, vocab, tied, head_dim=None) -> dict:
-    return {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "head_dim": head_dim or h // heads, "vocab_size": vocab,
-            "tie_word_embeddings": tied}
+def _llama(h, i, layers, heads, kv, vocab, tied, head_dim=None, model_type="llama") -> dict:
+    return {"model_type": model_type, "hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim or h // heads,
+            "vocab_size": vocab, "tie_word_embeddings": tied}
 
 
 _KNOWN = {
     "huggingfacetb/smollm2-135m": _llama(576, 1536, 30, 9, 3, 49152, True),
     "meta-llama/meta-llama-3-8b": _llama(4096, 14336, 32, 32, 8, 128256, False),
     "meta-llama/llama-3.1-8b": _llama(4096, 14336, 32, 32, 8, 128256, False),
-    "qwen/qwen2.5-0.5b": _llama(896, 4864, 24, 14, 2, 151936, True),
-    "qwen/qwen2.5-1.5b": _llama(1536, 8960, 28, 12, 2, 151936, True),
-    "qwen/qwen2.5-7b": _llama(3584, 18944, 28, 28, 4, 152064, False),
-    "mistralai/mistral-7b-v0.1": _llama(4096, 14336, 32, 32, 8, 32000, False),
-    "mistralai/mistral-7b-v0.3": _llama(4096, 14336, 32, 32, 8, 32768, False),
+    "qwen/qwen2.5-0.5b": _llama(896, 4864, 24, 14, 2, 151936, True, model_type="qwen2"),
+    "qwen/qwen2.5-1.5b": _llama(1536, 8960, 28, 12, 2, 151936, True, model_type="qwen2"),
+    "qwen/qwen2.5-7b": _llama(3584, 18944, 28, 28, 4, 152064, False, model_type="qwen2"),
+    "mistralai/mistral-7b-v0.1": _llama(4096, 14336, 32, 32, 8, 32000, False, model_type="mistral"),
+    "mistralai/mistral-7b-v0.3": _llama(4096, 14336, 32, 32, 8, 32768, False, model_type="mistral"),
 }
 KNOWN_MODELS = {**_KNOWN, **{k + "-instruct": v for k, v in _KNOWN.items()},
                 "smollm2-135m": _KNOWN["huggingfacetb/smollm2-135m"],  # the bundled model

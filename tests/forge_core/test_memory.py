@@ -200,6 +200,28 @@ def test_the_chunked_head_costs_one_chunk_whatever_the_positions():
     assert "logits + loss" in parts(whole, config=config, backend="cuda")
 
 
+def test_torch_plans_the_whole_logits_where_its_head_does_not_split():
+    """forge_cuda runs the head at the loss positions only through its chunked head: llama-style model types with a
+    plain head. Without it (train.chunked_loss=false, a soft-capped gemma2, a quantized untied lm_head) the
+    model's own logits at every position are planned, whatever the data's loss positions."""
+    from forge_core.memory.data_shape import DataShape
+    from forge_core.memory.estimate import make_run
+
+    data = DataShape(seq=512, head_per_row=40, rows=8, source="test")
+    config = tiny_config(49152)
+
+    def head_tokens(cfg, **change):
+        return make_run(cfg, ModelShape.from_config({**config, **change}), "sft", "cuda", True, data).head_tokens
+
+    b = cfg_with().train.batch_size
+    assert head_tokens(cfg_with()) == b * 40  # llama: the loss positions, chunked
+    assert head_tokens(cfg_with(**{"train.chunked_loss": False})) == b * 512
+    assert head_tokens(cfg_with(), model_type="gemma2") == b * 512
+    assert head_tokens(cfg_with(**{"quant.embeddings": True})) == b * 512  # untied: the head is quantized
+    assert head_tokens(cfg_with(**{"quant.embeddings": True}), tie_word_embeddings=True) == b * 40
+    assert make_run(cfg_with(), ModelShape.from_config(config), "sft", "mlx", True, data).head_tokens == b * 40
+
+
 def test_dpo_runs_chosen_and_rejected_as_twice_the_rows():
     cfg = cfg_with(**{"train.batch_size": 2})
     dpo, sft = parts(cfg, kind="dpo"), parts(cfg, kind="sft")

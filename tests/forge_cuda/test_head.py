@@ -10,11 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from forge_core.rundir import RunDir  # noqa: E402
-from forge_cuda import head  # noqa: E402
-from tests.forge_cuda.run import train  # noqa: E402
+from forge_core.rundir import RunDir
+from forge_cuda import head
+from tests.forge_cuda.run import train
 
 pytestmark = pytest.mark.cuda
 
