@@ -99,6 +99,9 @@ BUILTINS: dict[str, Callable] = {"valid_json": lambda: valid_json, "json_fields"
                                  "regex": regex, "length": length}
 
 
+_IMPORTED: dict[Path, object] = {}  # reward files run once a process: the launch's check and GRPO share them
+
+
 def _from_file(spec: str) -> Callable:
     path, _, name = spec.rpartition(":")
     if not path or not name:
@@ -107,15 +110,18 @@ def _from_file(spec: str) -> Callable:
     file = Path(path)
     if not file.is_file():
         raise ForgeError(f"--reward {spec}: {path} is not a file (a reward is a function in a local .py file)")
-    name_in_sys = f"forge_reward_{file.stem}"
-    module_spec = importlib.util.spec_from_file_location(name_in_sys, file)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name_in_sys] = module  # registered first, as an import would (dataclasses and pickling need it)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - the user's file: say which and why, in one line
-        del sys.modules[name_in_sys]
-        raise ForgeError(f"--reward {spec}: importing {path} failed: {type(e).__name__}: {e}") from None
+    module = _IMPORTED.get(file.resolve())
+    if module is None:
+        name_in_sys = f"forge_reward_{file.stem}"
+        module_spec = importlib.util.spec_from_file_location(name_in_sys, file)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name_in_sys] = module  # registered first, as an import would (dataclasses and pickling need it)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - the user's file: say which and why, in one line
+            del sys.modules[name_in_sys]
+            raise ForgeError(f"--reward {spec}: importing {path} failed: {type(e).__name__}: {e}") from None
+        _IMPORTED[file.resolve()] = module
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ForgeError(f"--reward {spec}: {path} has no function '{name}'")

@@ -35,6 +35,16 @@ def test_a_users_file_is_summed_with_its_weight(tmp_path):
     assert total.tolist() == [1.0, 1.0, 0.5, 1.0]
 
 
+def test_a_users_file_runs_once_a_process(tmp_path):
+    """The launch checks the rewards before building the model and GRPO loads them again: the file's top level (an
+    import, a model load) runs once."""
+    f, log = tmp_path / "counted.py", tmp_path / "runs.txt"
+    f.write_text(f"open({str(log)!r}, 'a').write('ran\\n')\n"
+                 "def one(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    first, again = (Rewards.from_specs([f"{f}:one"]) for _ in range(2))
+    assert log.read_text() == "ran\n" and first.fns[0] is again.fns[0]
+
+
 def test_a_completion_no_function_scores_is_nan(tmp_path):
     f = tmp_path / "r.py"
     f.write_text("def none(prompts, completions, **kw):\n    return [None] * len(completions)\n")
