@@ -40,6 +40,20 @@ def chunked_nll(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, scale: 
     return _ChunkedNLL.apply(h, w, targets, scale)
 
 
+@torch.no_grad()
+def chunked_scores(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of h (N, D): log softmax(h Wᵀ)[target] (fp32) and whether the target is the argmax, a chunk of rows
+    at a time (lm-eval's loglikelihood without the whole logits)."""
+    rows = head_chunk_rows(w.shape[0], h.shape[0], h.shape[1])
+    logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    top = torch.empty(h.shape[0], dtype=torch.bool, device=h.device)
+    for s in range(0, h.shape[0], rows):
+        z, t = (h[s:s + rows] @ w.T).float(), targets[s:s + rows, None].long()
+        logp[s:s + rows] = (z.gather(-1, t) - torch.logsumexp(z, dim=-1, keepdim=True))[:, 0]
+        top[s:s + rows] = z.argmax(dim=-1) == t[:, 0]
+    return logp, top
+
+
 class _ChunkedNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, targets, scale):

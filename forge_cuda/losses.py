@@ -69,9 +69,20 @@ def per_token_logps(model, batch) -> torch.Tensor:
 @torch.no_grad()
 def continuation_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-prob of the masked targets, and whether each of them is the model's argmax
-    (lm-eval's loglikelihood and is_greedy)."""
-    logits = model(input_ids=batch["inputs"], use_cache=False).logits.float()
+    (lm-eval's loglikelihood and is_greedy). Where the model splits (head.py) the head runs at the masked positions
+    only, a chunk at a time."""
     targets, mask = batch["targets"].long(), batch["mask"]
+    w = head.head_weight(model)
+    if w is not None:
+        h = head.hidden(model, batch["inputs"])
+        where = mask.reshape(-1).nonzero()[:, 0]
+        logp, top = head.chunked_scores(h.reshape(-1, h.shape[-1])[where], w, targets.reshape(-1)[where])
+        rows = where // mask.shape[1]
+        sums = torch.zeros(mask.shape[0], dtype=torch.float32, device=h.device).index_add_(
+            0, rows, logp * mask.reshape(-1)[where].float())
+        greedy = torch.ones(mask.shape[0], dtype=torch.bool, device=h.device).index_fill_(0, rows[~top], False)
+        return sums, greedy
+    logits = model(input_ids=batch["inputs"], use_cache=False).logits.float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
     greedy = ((logits.argmax(dim=-1) == targets) | (mask == 0)).all(dim=-1)
     return (logp * mask).sum(dim=-1), greedy

@@ -74,3 +74,23 @@ def test_the_model_carries_the_setting_and_other_heads_take_the_whole_logits(mak
     assert head.head_weight(model) is model.lm_head.weight  # the tiny Llama: a plain bias-free Linear
     model.config.model_type = "gemma2"  # soft-capped logits: not lm_head(h) alone
     assert head.head_weight(model) is None
+
+
+def test_lm_eval_scores_at_the_masked_positions_equal_the_whole_logits(small_chunks, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from forge_cuda.losses import continuation_scores
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    inputs, targets = torch.randint(0, 256, (3, 30), generator=gen), torch.randint(0, 256, (3, 30), generator=gen)
+    mask = torch.zeros(3, 30)
+    mask[0, 20:], mask[1, 5:25], mask[2, 29] = 1, 1, 1
+    greedy_row = model(input_ids=inputs[2:]).logits[0, 29].argmax()  # row 2: its one scored target is the argmax
+    targets[2, 29] = greedy_row
+    batch = {"inputs": inputs, "targets": targets, "mask": mask}
+    chunked = continuation_scores(model, batch)
+    model.forge_chunked_loss = False
+    whole = continuation_scores(model, batch)
+    torch.testing.assert_close(chunked[0], whole[0], atol=1e-4, rtol=1e-6)
+    assert chunked[1].tolist() == whole[1].tolist() == [False, False, True]
