@@ -85,6 +85,9 @@ def test_side_by_side_alternates_which_variant_goes_first_and_summaries_skip_the
     recs = [{"split": "train", "step_s": s, "peak_memory": p, "loss": s / 10} for s, p in ((9.0, 5), (2.0, 7), (4.0, 6))]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert bench_common.run_summary(tmp_path) == {"step_s": 3.0, "peak": 7, "loss": 0.4}
+    base = [{"step_s": 2.0, "peak": 2**30, "loss": 1.5}, {"step_s": 4.0, "peak": 2**31, "loss": 1.25}]
+    other = [{"step_s": 3.3, "peak": 2**29, "loss": 1.0}]
+    assert bench_common.compare_cells(base, other) == ["3.00", "3.30", "1.10x", "2.00", "0.50", "1.2500", "1.0000"]
 
 
 def test_bench_sft_pairs_ratios_by_round_and_judges_the_ratio_of_medians():

@@ -178,6 +178,15 @@ def run_summary(out: Path) -> dict:
             "loss": train[-1]["loss"]}
 
 
+def compare_cells(base: list[dict], other: list[dict]) -> list[str]:
+    """Table cells for two variants' run summaries over rounds: the median seconds per step of each, other / base,
+    each one's largest peak in GiB, each one's last loss (of its last round)."""
+    s_b, s_o = (statistics.median(x["step_s"] for x in runs) for runs in (base, other))
+    p_b, p_o = (max(x["peak"] for x in runs) for runs in (base, other))
+    return [f"{s_b:.2f}", f"{s_o:.2f}", f"{s_o / s_b:.2f}x", f"{p_b / 2**30:.2f}", f"{p_o / 2**30:.2f}",
+            f"{base[-1]['loss']:.4f}", f"{other[-1]['loss']:.4f}"]
+
+
 def side_by_side(groups, pair: tuple, rounds: int, run) -> dict:
     """{(group, variant): [run(group, variant, out) for each round]}: per group, `rounds` rounds over the two
     variants of `pair`, alternating which goes first (this machine drifts; a fixed order would favour one side).

@@ -11,7 +11,6 @@ the first (which traces and compiles), its peak the largest the loop logged (mx.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -40,14 +39,7 @@ def main(argv=None) -> None:
     args = bc.side_by_side_args(__doc__, argv, steps=8, rounds=1)
     load_before = bc.machine()["load"]
     res = bc.side_by_side(RECIPES, (True, False), args.rounds, partial(one, steps=args.steps))
-    rows = []
-    for recipe in RECIPES:
-        whole, chunked = res[(recipe, False)], res[(recipe, True)]
-        s_w = statistics.median(x["step_s"] for x in whole)
-        s_c = statistics.median(x["step_s"] for x in chunked)
-        p_w, p_c = max(x["peak"] for x in whole), max(x["peak"] for x in chunked)
-        rows.append([recipe, f"{s_w:.2f}", f"{s_c:.2f}", f"{s_c / s_w:.2f}x", f"{p_w / 2**30:.2f}", f"{p_c / 2**30:.2f}",
-                     f"{whole[-1]['loss']:.4f}", f"{chunked[-1]['loss']:.4f}"])
+    rows = [[recipe, *bc.compare_cells(res[(recipe, False)], res[(recipe, True)])] for recipe in RECIPES]
     text = "\n".join([
         bc.provenance(bc.command("bench_chunked_loss.py", argv), load_before), "",
         bc.table(["recipe", "whole s/step", "chunked s/step", "chunked / whole", "whole peak GiB", "chunked peak GiB",

@@ -10,7 +10,6 @@ base (quant.bits 0), where DoRA needs no dequantized copy for its row norms.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -31,15 +30,9 @@ def main(argv=None) -> None:
     args = bc.side_by_side_args(__doc__, argv, steps=12, rounds=2)
     load_before = bc.machine()["load"]
     res = bc.side_by_side((4, 0), (False, True), args.rounds, partial(one, steps=args.steps))
-    rows = []
-    for bits in (4, 0):
-        lora, dora = res[(bits, False)], res[(bits, True)]
-        s_l = statistics.median(x["step_s"] for x in lora)
-        s_d = statistics.median(x["step_s"] for x in dora)
-        p_l, p_d = max(x["peak"] for x in lora), max(x["peak"] for x in dora)
-        base = "4-bit (QPiSSA / QDoRA)" if bits else "full precision"
-        rows.append([base, f"{s_l:.2f}", f"{s_d:.2f}", f"{s_d / s_l:.2f}x", f"{p_l / 2**30:.2f}", f"{p_d / 2**30:.2f}",
-                     f"{lora[-1]['loss']:.4f}", f"{dora[-1]['loss']:.4f}"])
+    rows = [["4-bit (QPiSSA / QDoRA)" if bits else "full precision", *bc.compare_cells(res[(bits, False)],
+                                                                                       res[(bits, True)])]
+            for bits in (4, 0)]
     text = "\n".join([
         bc.provenance(bc.command("bench_dora.py", argv), load_before), "",
         bc.table(["base", "LoRA s/step", "DoRA s/step", "DoRA / LoRA", "LoRA peak GiB", "DoRA peak GiB",
