@@ -34,6 +34,13 @@ def hidden(model: nn.Module, inputs: torch.Tensor, **kwargs) -> torch.Tensor:
     return model.model(input_ids=inputs, use_cache=False, **kwargs).last_hidden_state
 
 
+def at_mask(h: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+    """The hidden states (N, D) and targets (N,) of the positions where `mask` is not 0, and those positions' flat
+    indices into (B·T,)."""
+    where = mask.reshape(-1).nonzero()[:, 0]
+    return h.reshape(-1, h.shape[-1])[where], targets.reshape(-1)[where], where
+
+
 def chunked_nll(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """-log softmax(scale · h Wᵀ)[target] per row of h (N, D): (N,) fp32, head_chunk_rows(V, N, D) rows at a time in
     the forward and the backward (one more h Wᵀ per chunk: the backward recomputes the chunk's logits)."""

@@ -28,11 +28,10 @@ def token_logps(model, inputs: torch.Tensor, targets: torch.Tensor, batch: dict 
                   "position_ids": batch["position_ids"].long()}
     w = head.head_weight(model) if mask is not None else None
     if w is not None:
-        h = head.hidden(model, inputs, **kwargs)
-        where = mask.reshape(-1).nonzero()[:, 0]
-        scale = (1.0 / temperature if temperature is not None else torch.ones(())).float().reshape(()).to(h.device)
-        nll = head.chunked_nll(h.reshape(-1, h.shape[-1])[where], w, targets.reshape(-1)[where], scale)
-        return torch.zeros(inputs.numel(), dtype=torch.float32, device=h.device).index_put(
+        hs, ts, where = head.at_mask(head.hidden(model, inputs, **kwargs), targets, mask)
+        scale = (1.0 / temperature if temperature is not None else torch.ones(())).float().reshape(()).to(hs.device)
+        nll = head.chunked_nll(hs, w, ts, scale)
+        return torch.zeros(inputs.numel(), dtype=torch.float32, device=hs.device).index_put(
             (where,), -nll).view(inputs.shape)
     logits = model(input_ids=inputs, use_cache=False, **kwargs).logits.float()  # (B, T, V)
     if temperature is not None:
@@ -74,13 +73,12 @@ def continuation_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     targets, mask = batch["targets"].long(), batch["mask"]
     w = head.head_weight(model)
     if w is not None:
-        h = head.hidden(model, batch["inputs"])
-        where = mask.reshape(-1).nonzero()[:, 0]
-        logp, top = head.chunked_scores(h.reshape(-1, h.shape[-1])[where], w, targets.reshape(-1)[where])
+        hs, ts, where = head.at_mask(head.hidden(model, batch["inputs"]), targets, mask)
+        logp, top = head.chunked_scores(hs, w, ts)
         rows = where // mask.shape[1]
-        sums = torch.zeros(mask.shape[0], dtype=torch.float32, device=h.device).index_add_(
+        sums = torch.zeros(mask.shape[0], dtype=torch.float32, device=hs.device).index_add_(
             0, rows, logp * mask.reshape(-1)[where].float())
-        greedy = torch.ones(mask.shape[0], dtype=torch.bool, device=h.device).index_fill_(0, rows[~top], False)
+        greedy = torch.ones(mask.shape[0], dtype=torch.bool, device=hs.device).index_fill_(0, rows[~top], False)
         return sums, greedy
     logits = model(input_ids=batch["inputs"], use_cache=False).logits.float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
