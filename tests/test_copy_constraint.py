@@ -3,7 +3,6 @@ only write a verbatim piece of its source, and closes the quote only once it is 
 token budget is nearly spent). Checked on random walks through the allowed tokens, and on both backends' batched
 generation from a random tiny model - the worst quoter there is - through the local teacher and `forge data raft`."""
 
-import importlib.util
 import json
 import random
 
@@ -13,11 +12,9 @@ from click.testing import CliRunner
 from forge_core import raft as fr
 from forge_core.cli import cli
 from forge_core.copy_constraint import CLOSE, OPEN, QuoteConstraint, TokenPieces
+from tests.test_preference_methods import BACKENDS
 
 SOURCE = "def add(a, b):\n    return a + b\n\n\ndef twice(x):\n    # double it: twice is x + x\n    return 2 * x\n"
-BACKENDS = [pytest.param("mlx", marks=pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="no mlx")),
-            pytest.param("cuda", marks=pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                                                          reason="no torch"))]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ x 2 micro-batches: the same rows, grouped as the ranks group them), step for ste
 rank stops the other within a minute, a resume with another global batch is refused in one line and a
 resume under the launcher ends bit-identical; a bad row stops both ranks with one message."""
 
-import importlib.util
 import json
 import os
 import random
@@ -20,10 +19,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from forge_core.launch import launcher_command
+from tests.test_preference_methods import BACKENDS
 
 pytestmark = pytest.mark.slow
-BACKENDS = [pytest.param("mlx", marks=pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="no mlx")),
-            pytest.param("cuda", marks=pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="no torch"))]
 WEIGHTS = {"mlx": "adapters.safetensors", "cuda": "adapter_model.safetensors"}
 WORDS = ["red", "blue", "green", "gold", "pink", "grey"]
 
