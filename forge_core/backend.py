@@ -62,6 +62,9 @@ class BackendOps(Protocol):
     def build_model(self, cfg, pissa_init: dict | None = None, adapter_weights: dict | None = None) -> tuple:
         """Base -> PiSSA/LoRA on targets -> quantize: (model, tokenizer, model_dir, PiSSA factors)."""
 
+    def compute_dtype(self, cfg) -> Any:
+        """The dtype the run computes in (and the weights are cast to before the PiSSA SVD)."""
+
     def load_base_for_inference(self, cfg) -> tuple:
         """The base model alone, ready to generate: (model, tokenizer)."""
 

@@ -354,6 +354,38 @@ def import_gguf_cmd(src, out, dtype):
     click.echo(f"wrote {path}")
 
 
+@cli.group(invoke_without_command=True)
+@click.pass_context
+@friendly
+def cache(ctx):
+    """The init cache: PiSSA factors kept per base model (`ls`, the default; `rm`)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(cache_ls)
+
+
+@cache.command("ls")
+@friendly
+def cache_ls():
+    """List the cached PiSSA factors: base, rank, init, size."""
+    from forge_core.init_cache import print_entries
+
+    print_entries()
+
+
+@cache.command("rm")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Remove every entry.")
+@friendly
+def cache_rm(ids, everything):
+    """Remove cache entries by id (a unique prefix will do), or --all."""
+    from forge_core.init_cache import remove
+
+    if not ids and not everything:
+        raise ForgeError("forge cache rm: name the entries (ids from `forge cache ls`) or pass --all")
+    gone = remove(list(ids), everything)
+    click.echo(f"removed {len(gone)} init cache entr{'y' if len(gone) == 1 else 'ies'}")
+
+
 @cli.group()
 def data():
     """Make training data: RAFT rows from a codebase, a teacher's answers distilled."""

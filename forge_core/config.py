@@ -12,7 +12,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from forge_core.errors import ForgeError
 
@@ -33,6 +33,38 @@ GrpoLoss = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 GrpoScale = Literal["group", "batch", "none"]
 GrpoLevel = Literal["token", "sequence"]
 Metric = Literal["auto", "exact", "json_fields", "none"]
+
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed numbers of a numeric key, declared beside its default as `Annotated[int, Range(...)]` and
+    checked by set_value, so a bad value stops the command with one line before anything is built."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself excluded (a rate must be > 0)
+    hi_open: bool = False
+
+    def holds(self, v) -> bool:
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return self.hi is None or (v < self.hi or (not self.hi_open and v == self.hi))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+# The shapes most keys take. Where 0 has a meaning (never, all, derive) the key's comment says so.
+Count = Annotated[int, Range(0)]  # 0 or more
+PosInt = Annotated[int, Range(1)]
+PosFloat = Annotated[float, Range(0, lo_open=True)]
+NonNeg = Annotated[float, Range(0)]
+Fraction = Annotated[float, Range(0, 1)]
+Smoothing = Annotated[float, Range(0, 0.5)]  # a label-smoothing ε
+GroupSize = Literal[32, 64, 128]  # what mx.quantize and forge_cuda's blocks take
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -58,12 +90,15 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = 16
-    alpha: float = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with rslora); PiSSA authors use alpha = rank
-    dropout: float = 0.0
+    rank: PosInt = 16
+    alpha: PosFloat = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with rslora); PiSSA authors use alpha = rank
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # or ["all-linear"]
     layers: str = "all"  # "all", "-8:" (last 8), "0:12" (python slice over the blocks)
-    init: str = "pissa"  # lora | pissa (full SVD) | pissa_niter_N (randomized, N subspace iterations)
+    # pissa_niter_N: PiSSA by the randomized SVD with N subspace iterations (PEFT's name), the default because a full
+    # SVD of every target costs minutes to hours before step 1 at 1B-8B for no measurable gain (docs/BENCHMARKS.md
+    # "Fidelity"); pissa: the exact SVD; lora: plain LoRA init (A random, B = 0)
+    init: str = "pissa_niter_4"
     rslora: bool = False
     dora: bool = False  # DoRA: a trained magnitude per output row over the adapted direction (QDoRA on a 4-bit base)
 
@@ -71,7 +106,7 @@ class LoraConfig:
 @dataclass
 class QuantConfig:
     bits: QuantBits = 4  # 0 = full precision base; 4 or 8
-    group_size: int = 64
+    group_size: GroupSize = 64
     mode: QuantMode = "auto"  # auto (affine on MLX, nf4 on CUDA) | affine | nf4 | fp4
     double_quant: bool = True  # bitsandbytes only
     embeddings: bool = False  # quantize embeddings / lm_head too
@@ -80,28 +115,28 @@ class QuantConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = 2e-4  # SFT; the preference commands train at their section's lr (dpo.lr, orpo.lr, ...)
+    lr: PosFloat = 2e-4  # SFT; the preference commands train at their section's lr (dpo.lr, orpo.lr, ...)
     schedule: Schedule = "cosine"  # cosine | linear | constant (all after linear warmup)
-    warmup: int = 10
-    min_lr_ratio: float = 0.1
-    steps: int = 0  # optimizer steps; 0 = derive from epochs
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_seq_len: int = 512
+    warmup: Count = 10
+    min_lr_ratio: Fraction = 0.1
+    steps: Count = 0  # optimizer steps; 0 = derive from epochs
+    epochs: PosFloat = 1.0
+    batch_size: PosInt = 4
+    grad_accum: PosInt = 1
+    max_seq_len: Annotated[int, Range(2)] = 512
     grad_checkpoint: bool = False
     # MLX: the vocabulary head and its log-softmax run a few positions at a time in the forward and the backward
     # (forge_mlx/head.py chunked_nll), so the loss never holds (positions x vocab) logits; false: whole logits,
     # 8-21% faster steps on SmolLM2 on the CPU for 0.3-0.7 GiB more on the demos (docs/BENCHMARKS.md)
     chunked_loss: bool = True
     optimizer: Optimizer = "adamw"  # adamw | adamw8bit | paged_adamw8bit (the last two: CUDA backend)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 50  # 0 = only at the end
-    eval_batches: int = 0  # 0 = the whole validation set
-    save_every: int = 100
+    weight_decay: NonNeg = 0.0
+    max_grad_norm: NonNeg = 1.0  # 0 = no clipping
+    seed: Count = 0
+    log_every: Count = 10  # 0 = the first and the last step only
+    eval_every: Count = 50  # 0 = only at the end
+    eval_batches: Count = 0  # 0 = the whole validation set
+    save_every: Count = 100  # 0 = only at the end (and on a stop)
     out_dir: str = "runs/latest"
     compile: bool = True
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, trackio (tracking.py); rank 0 only
@@ -116,49 +151,49 @@ class TrainConfig:
 
 @dataclass
 class DpoConfig:
-    lr: float = 2e-5  # DPO learning rate (typical 5e-6..5e-5)
-    beta: float = 0.1
+    lr: PosFloat = 2e-5  # DPO learning rate (typical 5e-6..5e-5)
+    beta: PosFloat = 0.1
     loss_type: DpoLoss = "sigmoid"  # the formulas: forge_core/losses/dpo.py
-    label_smoothing: float = 0.0  # ε: cDPO for sigmoid; robust (0 <= ε < 0.5), exo_pair (> 0, paper: 1e-3), aot
-    sft_weight: float = 0.0  # RPO-style NLL term on chosen
-    discopop_tau: float = 0.05  # discopop's temperature (paper default)
+    label_smoothing: Smoothing = 0.0  # ε: cDPO for sigmoid; robust (0 <= ε < 0.5), exo_pair (> 0, paper: 1e-3), aot
+    sft_weight: NonNeg = 0.0  # RPO-style NLL term on chosen
+    discopop_tau: PosFloat = 0.05  # discopop's temperature (paper default)
     adapter: str = ""
 
 
 @dataclass
 class OrpoConfig:
-    lr: float = 8e-5  # ORPO paper: 8e-6 full fine-tuning (Mistral-ORPO), x 10 for LoRA
-    beta: float = 0.1  # λ, the odds-ratio term's weight (paper and TRL: 0.1)
+    lr: PosFloat = 8e-5  # ORPO paper: 8e-6 full fine-tuning (Mistral-ORPO), x 10 for LoRA
+    beta: PosFloat = 0.1  # λ, the odds-ratio term's weight (paper and TRL: 0.1)
     adapter: str = ""
 
 
 @dataclass
 class SimpoConfig:
-    lr: float = 1e-5  # SimPO paper: 3e-7..1e-6 full fine-tuning, x 10 for LoRA
-    beta: float = 2.0  # SimPO paper's default reward scale
-    gamma: float = 1.0  # target reward margin γ (paper: γ/β = 0.5)
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0  # TRL's cpo_alpha: > 0 is CPO-SimPO
+    lr: PosFloat = 1e-5  # SimPO paper: 3e-7..1e-6 full fine-tuning, x 10 for LoRA
+    beta: PosFloat = 2.0  # SimPO paper's default reward scale
+    gamma: NonNeg = 1.0  # target reward margin γ (paper: γ/β = 0.5)
+    label_smoothing: Smoothing = 0.0
+    sft_weight: NonNeg = 0.0  # TRL's cpo_alpha: > 0 is CPO-SimPO
     adapter: str = ""
 
 
 @dataclass
 class CpoConfig:
-    lr: float = 1e-5  # TRL's CPO rate 1e-6 (full fine-tuning), x 10 for LoRA
-    beta: float = 0.1
+    lr: PosFloat = 1e-5  # TRL's CPO rate 1e-6 (full fine-tuning), x 10 for LoRA
+    beta: PosFloat = 0.1
     loss_type: CpoLoss = "sigmoid"  # sigmoid (CPO paper) | hinge | ipo
-    label_smoothing: float = 0.0
-    sft_weight: float = 1.0  # TRL's cpo_alpha: the NLL term on chosen (CPO paper: 1)
+    label_smoothing: Smoothing = 0.0
+    sft_weight: NonNeg = 1.0  # TRL's cpo_alpha: the NLL term on chosen (CPO paper: 1)
     adapter: str = ""
 
 
 @dataclass
 class KtoConfig:
-    lr: float = 5e-6  # KTO paper: 5e-7 full fine-tuning (beta 0.1), x 10 for LoRA
-    beta: float = 0.1
+    lr: PosFloat = 5e-6  # KTO paper: 5e-7 full fine-tuning (beta 0.1), x 10 for LoRA
+    beta: PosFloat = 0.1
     loss_type: KtoLoss = "kto"  # kto | apo_zero_unpaired
-    desirable_weight: float = 1.0  # paper: keep weight x count of desirable : undesirable in [1, 4/3]
-    undesirable_weight: float = 1.0
+    desirable_weight: PosFloat = 1.0  # paper: keep weight x count of desirable : undesirable in [1, 4/3]
+    undesirable_weight: PosFloat = 1.0
     adapter: str = ""
 
 
@@ -168,44 +203,44 @@ class GrpoConfig:
     COMPLETIONS per micro-batch (TRL's per_device_train_batch_size); a step's batch_size x grad_accum completions
     must be whole groups of num_generations."""
 
-    lr: float = 1e-5  # TRL: 1e-6 (full fine-tuning), x 10 for LoRA
+    lr: PosFloat = 1e-5  # TRL: 1e-6 (full fine-tuning), x 10 for LoRA
     rewards: list[str] = field(default_factory=list)  # FILE.py:FUNCTION or builtin:NAME[:ARG] (forge_core/rewards.py)
     reward_weights: list[float] = field(default_factory=list)  # one per reward; empty = all 1
-    num_generations: int = 4  # G completions per prompt (TRL: 8)
-    max_new_tokens: int = 64  # TRL's max_completion_length (TRL: 512)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    beta: float = 0.0  # KL to the policy at init (TRL 1.x: 0, no reference pass)
+    num_generations: Annotated[int, Range(2)] = 4  # G completions per prompt (TRL: 8)
+    max_new_tokens: PosInt = 64  # TRL's max_completion_length (TRL: 512)
+    temperature: PosFloat = 1.0
+    top_p: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    beta: NonNeg = 0.0  # KL to the policy at init (TRL 1.x: 0, no reference pass)
     loss_type: GrpoLoss = "dapo"  # grpo | bnpo | dr_grpo | dapo (TRL 1.x default)
     scale_rewards: GrpoScale = "group"  # group (the paper) | batch | none (Dr. GRPO)
-    epsilon: float = 0.2  # clip range, below
-    epsilon_high: float = 0.0  # clip range above (DAPO: 0.28); 0 = epsilon
-    delta: float = 0.0  # > 0: cap the ratio from above (two-sided clipping); 0 = off
+    epsilon: NonNeg = 0.2  # clip range, below
+    epsilon_high: NonNeg = 0.0  # clip range above (DAPO: 0.28); 0 = epsilon
+    delta: NonNeg = 0.0  # > 0: cap the ratio from above (two-sided clipping); 0 = off
     importance_sampling_level: GrpoLevel = "token"  # token | sequence (GSPO)
-    num_iterations: int = 1  # optimizer steps per generation (μ); > 1 keeps the generation's log-probs as π_old
+    num_iterations: PosInt = 1  # optimizer steps per generation (μ); > 1 keeps the generation's log-probs as π_old
     mask_truncated_completions: bool = False  # completions cut at max_new_tokens carry no loss (DAPO)
-    sample_batch_size: int = 0  # completions decoded at once; 0 = all of a step's
+    sample_batch_size: Count = 0  # completions decoded at once; 0 = all of a step's
     adapter: str = ""
 
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 96
+    max_new_tokens: PosInt = 96
     metric: Metric = "auto"  # auto | exact | json_fields | none
-    limit: int = 0  # 0 = all rows
-    batch_size: int = 32  # answers generated at once (the held-out loss batches by train.batch_size)
+    limit: Count = 0  # 0 = all rows
+    batch_size: PosInt = 32  # answers generated at once (the held-out loss batches by train.batch_size)
     text: str = ""  # forge eval --text: a text file's sliding-window perplexity (windows of train.max_seq_len)
-    stride: int = 0  # tokens between window starts; 0 = half a window
+    stride: Count = 0  # tokens between window starts; 0 = half a window
     lm_eval: str = ""  # forge eval --lm-eval: comma-separated lm-evaluation-harness tasks (forge ships forge_mc)
     lm_eval_include: str = ""  # a directory of your own lm-eval task YAMLs
-    lm_eval_limit: float = 0  # rows per task (a fraction when < 1); 0 = all
-    lm_eval_fewshot: int = -1  # few-shot examples; -1 = the task's default
-    lm_eval_max_length: int = 2048  # context lm-eval's requests are cut to (HFLM's fallback length)
+    lm_eval_limit: NonNeg = 0  # rows per task (a fraction when < 1); 0 = all
+    lm_eval_fewshot: Annotated[int, Range(-1)] = -1  # few-shot examples; -1 = the task's default
+    lm_eval_max_length: PosInt = 2048  # context lm-eval's requests are cut to (HFLM's fallback length)
 
 
 @dataclass
 class MemoryConfig:
-    threshold: float = 0.80  # refuse to launch above this fraction of the budget
+    threshold: Annotated[float, Range(0, 1, lo_open=True)] = 0.80  # refuse to launch above this fraction of the budget
     device_memory: str = ""  # e.g. "24GB": plan for a device other than this one
     # e.g. 6GB: stop cleanly (with a checkpoint) when the measured peak passes this; default: the plan's
     # budget; "off": no peak check (out-of-memory errors still stop cleanly). A resume takes it anew.
@@ -239,6 +274,8 @@ def choices(key: str) -> tuple:
     """The allowed values of `section.key` (or `backend`), from its Literal type; () when any value goes."""
     section, _, name = key.partition(".")
     typ = _field_types(ForgeConfig)[section] if not name else _field_types(SECTIONS[section])[name]
+    if typing.get_origin(typ) is Annotated:
+        typ = typing.get_args(typ)[0]
     return typing.get_args(typ) if typing.get_origin(typ) is Literal else ()
 
 
@@ -254,6 +291,12 @@ def lora_init_kind(init: str) -> tuple[str, int]:
 def _coerce(key: str, value, typ):
     """Check/convert one value against a dataclass field type; the error names the key."""
     origin = typing.get_origin(typ)
+    if origin is Annotated:  # a number with its allowed range
+        typ, rng = typing.get_args(typ)
+        value = _coerce(key, value, typ)
+        if not rng.holds(value):
+            raise ForgeError(f"config key '{key}': {value!r} is out of range (allowed: {rng})")
+        return value
     if origin is list:
         item = typing.get_args(typ)[0]
         if isinstance(value, str):
@@ -303,7 +346,7 @@ def _coerce(key: str, value, typ):
 
 
 def _field_types(cls) -> dict:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 

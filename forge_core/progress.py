@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -55,3 +57,43 @@ class TrainProgress:
 
     def print(self, text: str) -> None:
         self.progress.console.print(text)
+
+
+# A line at most this often when stderr is not a terminal (logs, CI): enough to see a long build move.
+BUILD_LINE_SECONDS = 10.0
+
+
+def building(paths: list[str], what: str = "PiSSA + quantize") -> Iterator[tuple[int, str]]:
+    """Iterate (index, module path) over the layers a build adapts, showing its progress on stderr: a bar of
+    blocks with an ETA on a terminal, else a line per block at most every BUILD_LINE_SECONDS (and the last).
+    Both backends' model surgery loops over this, so a 1B model's minutes of SVD are never a silent wait.
+    Under a launcher only rank 0 shows it."""
+    from forge_core.distributed import env_rank
+
+    console = Console(stderr=True, quiet=env_rank() != 0, soft_wrap=True)
+    blocks = [_block_of(p) for p in paths]
+    total = len(dict.fromkeys(blocks))
+    progress = Progress(TextColumn(f"[bold]build[/] {what}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("blocks"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                        console=console, disable=not console.is_terminal, transient=True)
+    task = progress.add_task("build", total=total)
+    start = last_line = time.perf_counter()
+    done = 0
+    with progress:
+        for i, path in enumerate(paths):
+            yield i, path
+            if i + 1 < len(paths) and blocks[i + 1] == blocks[i]:
+                continue
+            done += 1
+            progress.update(task, completed=done)
+            now = time.perf_counter()
+            if progress.disable and (now - last_line >= BUILD_LINE_SECONDS or done == total):
+                eta = (now - start) / done * (total - done)
+                console.print(f"build: {done}/{total} blocks ({i + 1} layers, {what}) in {now - start:.0f}s"
+                              + (f", about {eta:.0f}s left" if done < total else ""), highlight=False)
+                last_line = now
+
+
+def _block_of(path: str) -> str:
+    parts = path.split(".")
+    return parts[parts.index("layers") + 1] if "layers" in parts[:-1] else path

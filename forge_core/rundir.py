@@ -54,11 +54,23 @@ class RunDir:
         self._prune(step)
 
     def latest(self) -> tuple[int, Path] | None:
+        """The newest complete checkpoint: latest.json's, or the newest step dir when that file is unreadable."""
         f = self.file("latest.json")
         if not f.is_file():
             return None
-        info = json.loads(f.read_text())
-        return int(info["step"]), self.path / info["dir"]
+        try:
+            info = json.loads(f.read_text())
+            return int(info["step"]), self.path / info["dir"]
+        except (ValueError, KeyError, TypeError):
+            return next(iter(self.checkpoints()), None)
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Every checkpoint dir on disk, newest first (a resume falls back along this list)."""
+        found = []
+        for d in (self.path / "checkpoints").glob("step_*"):
+            if d.name[len("step_"):].isdigit():
+                found.append((int(d.name[len("step_"):]), d))
+        return sorted(found, reverse=True)
 
     def _prune(self, newest: int) -> None:
         ckpts = sorted((self.path / "checkpoints").glob("step_*"))

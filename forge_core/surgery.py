@@ -37,6 +37,17 @@ def uses_pissa(cfg: ForgeConfig) -> bool:
     return lora_init_kind(cfg.lora.init)[0] == "pissa"
 
 
+def build_label(cfg: ForgeConfig, pissa_init: dict | None) -> str:
+    """What the build does per layer, for its progress line."""
+    quant = f", quantize to {cfg.quant.bits}-bit" if cfg.quant.bits else ""
+    if not uses_pissa(cfg):
+        return f"LoRA init{quant}"
+    if pissa_init:
+        return f"PiSSA residual from stored factors{quant}"
+    _, niter = lora_init_kind(cfg.lora.init)
+    return f"PiSSA {'randomized SVD (niter ' + str(niter) + ')' if niter else 'full SVD'}{quant}"
+
+
 def check_full_precision(path: str, quantized: bool, cfg: ForgeConfig) -> None:
     """PiSSA factorizes W itself: a target that is already quantized cannot be split."""
     if quantized and uses_pissa(cfg):

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from safetensors.numpy import load_file
 
-from forge_core import objectives, tracking
+from forge_core import init_cache, objectives, tracking
 from forge_core.adapters import safetensors_io as sio
 from forge_core.checkpoint import load_checkpoint, save_checkpoint
 from forge_core.config import ForgeConfig
@@ -30,9 +30,11 @@ from forge_core.errors import ForgeError
 from forge_core.memory.budget import human
 from forge_core.memory.guard import MemoryGuard, oom_summary, save_once
 from forge_core.methods import start_adapter
+from forge_core.models.sources import resolve_model
 from forge_core.progress import TrainProgress
 from forge_core.rundir import RunDir, resumed_config, total_steps
 from forge_core.schedule import lr_schedule
+from forge_core.surgery import uses_pissa
 
 
 def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None, console: Console | None = None,
@@ -65,7 +67,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
     stepper = ops.make_stepper(cfg, model, obj.loss_fn)
     start = 0
     if resume:  # weights, optimizer state and data position of the newest complete checkpoint
-        state = load_checkpoint(run, stepper)
+        state = load_checkpoint(run, stepper, say=console.print)
         start = state["step"]
         obj.restore(state.get("data"), state.get("arrays"))
         if world.main:
@@ -133,7 +135,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
             loss = (loss_sum / count).item()  # the global loss: every rank takes the same decisions on it
             if not math.isfinite(loss):
                 raise _nonfinite_loss(run, loss, step)
-            if step % t.log_every == 0 or step == steps or step == start + 1:
+            if (t.log_every and step % t.log_every == 0) or step == steps or step == start + 1:
                 elapsed = max(time.perf_counter() - tic, 1e-9)
                 rec = {"split": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm.item(),
                        "tok_s": world.size * tokens / elapsed, "step_s": elapsed / (step - last_log),
@@ -157,7 +159,7 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
                         tracker.log(rec)
                     console.print(log_line(rec), soft_wrap=True)
                 model.train()
-            if step % t.save_every == 0 or step == steps or step == stop_at:
+            if (t.save_every and step % t.save_every == 0) or step == steps or step == stop_at:
                 save(step)
             if step < steps:  # measured peak (the largest of any rank) over the limit: checkpoint, stop
                 guard.check(run, step, world.max(ops.guard_peak()), save)
@@ -185,9 +187,21 @@ def _build_model(cfg: ForgeConfig, kind: str, ops, run: RunDir, console, world: 
     if adapter:
         _, adapter_weights, start_factors = ops.load_adapter_dir(adapter)
         pissa_init = pissa_init or start_factors
+    cache_key = None
+    if pissa_init is None and world.main and uses_pissa(cfg):  # a new PiSSA run: the SVD's result may be cached
+        dtype = str(ops.compute_dtype(cfg)).rsplit(".", 1)[-1]
+        cache_key = init_cache.key_fields(cfg, resolve_model(cfg.model.path), ops.name, dtype)
+        pissa_init = init_cache.lookup(cache_key, say=console.print)
+        if pissa_init is not None:
+            console.print(f"PiSSA factors from the init cache ({init_cache.entry_dir(cache_key)}): no SVD")
+            cache_key = None
     t0 = time.perf_counter()
     ops.seed(cfg.train.seed)  # LoRA's random A init follows the seed
     model, tokenizer, model_dir, factors = ops.build_model(cfg, pissa_init=pissa_init, adapter_weights=adapter_weights)
+    if cache_key is not None and factors:
+        entry = init_cache.store(cache_key, factors, model_dir, time.perf_counter() - t0)
+        console.print(f"PiSSA factors cached in {entry} (the next run on this base skips the SVD; "
+                      "`forge cache ls` / `forge cache rm`)")
     if world.main and factors and not pissa_file.is_file():
         sio.save(pissa_file, ops.factors_to_flat(factors))
     if world.main and world.size > 1:

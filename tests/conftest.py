@@ -11,6 +11,16 @@ if importlib.util.find_spec("mlx") is not None:
 from tests.tiny import make_tiny_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def init_cache_dir(tmp_path_factory):
+    """The PiSSA init cache of this test session: never the user's FORGE_HOME (subprocesses inherit it)."""
+    import os
+
+    path = tmp_path_factory.mktemp("init_cache")
+    os.environ["FORGE_INIT_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A random tiny Llama HF dir (hidden 64, 2 layers, byte tokenizer with a ChatML template)."""

@@ -1,6 +1,7 @@
 """Fidelity of QPiSSA vs QLoRA on SmolLM2: weight reconstruction error, and held-out loss after training.
 
     python tools/fidelity.py [--write docs/BENCHMARKS.md] [--blocks 0,10,20,29] [--ranks 16,64] [--steps 30]
+                             [--pissa-init pissa,pissa_niter_2,pissa_niter_4,pissa_niter_8]
 
 1. Reconstruction, per target linear W (out, in) of the chosen blocks, relative Frobenius errors
        QLoRA:   ||W - Q(W)||_F / ||W||_F
@@ -65,12 +66,13 @@ def rel_err(w: np.ndarray, approx: np.ndarray) -> float:
 
 
 def reconstruction_errors(w: np.ndarray, rank: int, bits: int = 4, group_size: int = 64,
-                          scale: float = 1.0) -> dict:
-    """{'qlora': ||W - Q(W)|| / ||W||, 'qpissa': ||W - (Q(W_res) + s·B0A0)|| / ||W||} for one matrix."""
+                          scale: float = 1.0, niter: int = 0) -> dict:
+    """{'qlora': ||W - Q(W)|| / ||W||, 'qpissa': ||W - (Q(W_res) + s·B0A0)|| / ||W||} for one matrix
+    (niter 0: PiSSA by full SVD; else the randomized SVD with niter subspace iterations)."""
     from forge_core.pissa import pissa_factors
 
     w = np.asarray(w, dtype=np.float32)
-    a0, b0, w_res = pissa_factors(w, rank, scale)  # full SVD (niter=0)
+    a0, b0, w_res = pissa_factors(w, rank, scale, niter=niter)
     qpissa = qdq(w_res, bits, group_size) + scale * (b0 @ a0)
     return {"qlora": rel_err(w, qdq(w, bits, group_size)), "qpissa": rel_err(w, qpissa)}
 
@@ -126,6 +128,28 @@ def reconstruction_table(errs: dict, ranks: list[int], group_size: int) -> str:
         rows.append(row + [f"{float(np.mean(cols[c])):.4f}" for c in ("g32", "mm32")])
     header = ["target", f"QLoRA g{group_size}"] + [f"QPiSSA r{r} g{group_size} (vs QLoRA)" for r in ranks]
     return bc.table(header + ["MLX g32 (info)", "min/max g32 (info)"], rows)
+
+
+def randomized_table(weights: dict, inits: list[str], rank: int, bits: int, group_size: int) -> str:
+    """Full SVD vs the randomized one, per init: QPiSSA's mean reconstruction error over `weights`, its ratio to
+    QLoRA's, and the seconds the factorization of every matrix in `weights` took (one after the other)."""
+    import time
+
+    from forge_core.config import lora_init_kind
+
+    rows, qlora = [], float(np.mean([rel_err(w, qdq(w, bits, group_size)) for w in weights.values()]))
+    for init in inits:
+        _, niter = lora_init_kind(init)
+        errs, seconds = [], 0.0
+        for w in weights.values():
+            t0 = time.perf_counter()
+            errs.append(reconstruction_errors(w, rank, bits, group_size, niter=niter)["qpissa"])
+            seconds += time.perf_counter() - t0
+        err = float(np.mean(errs))
+        rows.append([init, f"{err:.5f}", f"{err / qlora:.3f}x", f"{seconds:.1f}"])
+        print(f"  {init}: error {err:.5f} in {seconds:.1f}s", file=sys.stderr, flush=True)
+    return bc.table(["init", f"QPiSSA r{rank} g{group_size} error", "vs QLoRA",
+                     f"seconds for these {len(weights)} matrices (SVD + quantize round trip)"], rows)
 
 
 # ---------------------------------------------------------------- 2. held-out loss after equal steps
@@ -186,14 +210,14 @@ def heldout_table(args) -> str:
         base_cfg.quant.bits = 0
         base_loss, _ = loss_at_init(base_cfg, console)
         rows = [["full-precision base, no adapter (reference)", "fp32", f"{base_loss:.4f}", "-", "-"]]
-        for init in ("lora", args.pissa_init):
+        for init in ("lora", *args.pissa_init.split(",")):
             cfg = demo_config(args.recipe, init, args.steps, f"{tmp}/{init}")
             r = train_and_eval(cfg, console)
             print(f"  {init}: valid {r['init']:.4f} -> {r['final']:.4f}", file=sys.stderr, flush=True)
             rows.append([run_name(init), f"{cfg.quant.bits}-bit g{cfg.quant.group_size}", f"{r['init']:.4f}",
                          f"{r['final']:.4f} (step {r['step']})", f"{r['train']:.4f}"])
         for bits in args.init_only_bits:  # the same two inits on another base width, step 0 only
-            for init in ("lora", args.pissa_init):
+            for init in ("lora", *args.pissa_init.split(",")):
                 cfg = demo_config(args.recipe, init, args.steps, f"{tmp}/unused")
                 cfg.quant.bits = bits
                 loss, _ = loss_at_init(cfg, console)
@@ -217,6 +241,11 @@ def report(args, command: str, load_before: str) -> str:
         title = (f"**Reconstruction error** (relative Frobenius, mean over blocks {used} of {n_blocks}; "
                  f"{args.bits}-bit MLX affine; PiSSA by full SVD, scale 1):")
         parts += [title, table]
+        if "," in args.pissa_init:
+            title = (f"**Full vs randomized SVD** (blocks {used} of {n_blocks}, every target, rank {ranks[0]}, "
+                     f"{args.bits}-bit, scale 1):")
+            parts += [title, randomized_table(weights, args.pissa_init.split(","), ranks[0], args.bits,
+                                              args.group_size)]
     if not args.skip_training:
         title = (f"**Held-out loss** ({args.recipe} with init=lora vs init={args.pissa_init}, same seed/lr/"
                  f"data order, {args.steps} steps, valid = data/demo/sft_valid.jsonl):")
@@ -240,7 +269,9 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=30, help="training steps per run for the held-out loss")
     p.add_argument("--recipe", default="configs/demo.yaml")
-    p.add_argument("--pissa-init", default="pissa", help="pissa (full SVD) or pissa_niter_N")
+    p.add_argument("--pissa-init", default="pissa",
+                   help="pissa (full SVD) or pissa_niter_N, or several comma-separated (then also the full vs "
+                        "randomized SVD table)")
     p.add_argument("--init-only-bits", default="8", type=lambda v: [int(b) for b in v.split(",") if b.strip()],
                    help="comma-separated base widths whose loss at init is also shown for both inits ('' = none)")
     p.add_argument("--skip-reconstruction", action="store_true")

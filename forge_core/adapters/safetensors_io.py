@@ -64,6 +64,18 @@ def read_header(path) -> tuple[dict[str, TensorInfo], dict]:
     return infos, meta
 
 
+def header_damage(path) -> str | None:
+    """Why `path` is not a whole safetensors file (an unreadable header, or fewer bytes than the header's
+    tensors need), or None."""
+    try:
+        infos, _ = read_header(path)
+    except ForgeError as e:
+        return str(e).split(": ", 1)[-1]
+    need = max((i.end for i in infos.values()), default=0)
+    size = Path(path).stat().st_size
+    return f"cut short ({size} of {need} bytes)" if size < need else None
+
+
 def checkpoint_files(d) -> list[Path]:
     """The weight files of an HF checkpoint dir: those its index lists, else every *.safetensors."""
     d = Path(d)
