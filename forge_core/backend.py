@@ -18,6 +18,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
 
+from forge_core import torch_free
 from forge_core.errors import ForgeError
 
 Batch = dict  # {name: framework array}, from a numpy batch of forge_core.data via ops.to_batch
@@ -203,7 +204,7 @@ def is_apple_silicon() -> bool:
 
 
 def _torch_sees_gpu() -> bool:
-    if not installed("cuda"):
+    if not installed("cuda") or (platform.system() == "Linux" and not torch_free.gpu_device_nodes()):
         return False
     import torch
 
@@ -234,4 +235,6 @@ def resolve(name: str = "auto") -> str:
 
 def ops(name: str) -> BackendOps:
     """The backend's ops module (forge_mlx.ops, forge_cuda.ops); `name` as resolve() returns it."""
+    if name == "mlx":
+        torch_free.keep_torch_out()
     return importlib.import_module(f"{_PACKAGES[name]}.ops")

@@ -478,6 +478,9 @@ def demo(recipe, sets, backend):
 
 
 def main():
+    from forge_core import torch_free
+
+    torch_free.for_this_process()  # an MLX command then runs without importing torch
     cli(prog_name="forge")
 
 

@@ -57,7 +57,8 @@ class Range:
         return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
 
 
-# The shapes most keys take. Where 0 has a meaning (never, all, derive) the key's comment says so.
+# The shapes most keys take. Where 0 has a meaning (never, all, derive) the key's comment says so; a learning rate
+# of 0 trains nothing and is allowed (the losses at init, as a check), a negative one is not.
 Count = Annotated[int, Range(0)]  # 0 or more
 PosInt = Annotated[int, Range(1)]
 PosFloat = Annotated[float, Range(0, lo_open=True)]
@@ -115,7 +116,7 @@ class QuantConfig:
 
 @dataclass
 class TrainConfig:
-    lr: PosFloat = 2e-4  # SFT; the preference commands train at their section's lr (dpo.lr, orpo.lr, ...)
+    lr: NonNeg = 2e-4  # SFT; the preference commands train at their section's lr (dpo.lr, orpo.lr, ...)
     schedule: Schedule = "cosine"  # cosine | linear | constant (all after linear warmup)
     warmup: Count = 10
     min_lr_ratio: Fraction = 0.1
@@ -151,7 +152,7 @@ class TrainConfig:
 
 @dataclass
 class DpoConfig:
-    lr: PosFloat = 2e-5  # DPO learning rate (typical 5e-6..5e-5)
+    lr: NonNeg = 2e-5  # DPO learning rate (typical 5e-6..5e-5)
     beta: PosFloat = 0.1
     loss_type: DpoLoss = "sigmoid"  # the formulas: forge_core/losses/dpo.py
     label_smoothing: Smoothing = 0.0  # ε: cDPO for sigmoid; robust (0 <= ε < 0.5), exo_pair (> 0, paper: 1e-3), aot
@@ -162,14 +163,14 @@ class DpoConfig:
 
 @dataclass
 class OrpoConfig:
-    lr: PosFloat = 8e-5  # ORPO paper: 8e-6 full fine-tuning (Mistral-ORPO), x 10 for LoRA
+    lr: NonNeg = 8e-5  # ORPO paper: 8e-6 full fine-tuning (Mistral-ORPO), x 10 for LoRA
     beta: PosFloat = 0.1  # λ, the odds-ratio term's weight (paper and TRL: 0.1)
     adapter: str = ""
 
 
 @dataclass
 class SimpoConfig:
-    lr: PosFloat = 1e-5  # SimPO paper: 3e-7..1e-6 full fine-tuning, x 10 for LoRA
+    lr: NonNeg = 1e-5  # SimPO paper: 3e-7..1e-6 full fine-tuning, x 10 for LoRA
     beta: PosFloat = 2.0  # SimPO paper's default reward scale
     gamma: NonNeg = 1.0  # target reward margin γ (paper: γ/β = 0.5)
     label_smoothing: Smoothing = 0.0
@@ -179,7 +180,7 @@ class SimpoConfig:
 
 @dataclass
 class CpoConfig:
-    lr: PosFloat = 1e-5  # TRL's CPO rate 1e-6 (full fine-tuning), x 10 for LoRA
+    lr: NonNeg = 1e-5  # TRL's CPO rate 1e-6 (full fine-tuning), x 10 for LoRA
     beta: PosFloat = 0.1
     loss_type: CpoLoss = "sigmoid"  # sigmoid (CPO paper) | hinge | ipo
     label_smoothing: Smoothing = 0.0
@@ -189,7 +190,7 @@ class CpoConfig:
 
 @dataclass
 class KtoConfig:
-    lr: PosFloat = 5e-6  # KTO paper: 5e-7 full fine-tuning (beta 0.1), x 10 for LoRA
+    lr: NonNeg = 5e-6  # KTO paper: 5e-7 full fine-tuning (beta 0.1), x 10 for LoRA
     beta: PosFloat = 0.1
     loss_type: KtoLoss = "kto"  # kto | apo_zero_unpaired
     desirable_weight: PosFloat = 1.0  # paper: keep weight x count of desirable : undesirable in [1, 4/3]
@@ -203,10 +204,10 @@ class GrpoConfig:
     COMPLETIONS per micro-batch (TRL's per_device_train_batch_size); a step's batch_size x grad_accum completions
     must be whole groups of num_generations."""
 
-    lr: PosFloat = 1e-5  # TRL: 1e-6 (full fine-tuning), x 10 for LoRA
+    lr: NonNeg = 1e-5  # TRL: 1e-6 (full fine-tuning), x 10 for LoRA
     rewards: list[str] = field(default_factory=list)  # FILE.py:FUNCTION or builtin:NAME[:ARG] (forge_core/rewards.py)
     reward_weights: list[float] = field(default_factory=list)  # one per reward; empty = all 1
-    num_generations: Annotated[int, Range(2)] = 4  # G completions per prompt (TRL: 8)
+    num_generations: Annotated[int, Range(2)] = 4  # G completions per prompt (TRL: 8); GRPO compares them
     max_new_tokens: PosInt = 64  # TRL's max_completion_length (TRL: 512)
     temperature: PosFloat = 1.0
     top_p: Annotated[float, Range(0, 1, lo_open=True)] = 1.0

@@ -46,9 +46,12 @@ def _model_config(cfg: ForgeConfig) -> dict:
 def memory_check(cfg: ForgeConfig, kind: str, name: str, force: bool, console: Console):
     """The pre-launch memory check; returns the plan (or None when the planner cannot size this model).
     Under a launcher: one rank's plan; ranks on this machine share its memory unless each has its own GPU."""
+    import psutil
+
     own_gpu = name == "cuda" and plans_for_gpu(name, cfg)
+    data = data_shape_of(cfg, kind)  # loads the tokenizer and reads the rows: the process is as it will train
     return check_before_launch(cfg, kind, name, _model_config(cfg), force, console=console, nproc=local_ranks(),
-                               shared=not own_gpu, data=data_shape_of(cfg, kind))
+                               shared=not own_gpu, data=data, process_bytes=psutil.Process().memory_info().rss)
 
 
 def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool = False) -> Path:

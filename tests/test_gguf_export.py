@@ -67,8 +67,12 @@ def test_transformers_reads_the_gguf_as_the_merged_model(exported, outtype, tol)
     merged, ggufs = exported
     want = _logits(merged)
     got = _logits(ggufs[outtype], gguf_file=f"model-{outtype}.gguf")
-    assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max())
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    bound = tol * max(1.0, np.abs(want).max())
+    assert np.abs(got - want).max() <= bound
+    # the greedy token agrees wherever the merged model's top two are further apart than the error allows
+    top2 = np.sort(want, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * bound
+    assert clear.sum() >= 3 and (got.argmax(-1) == want.argmax(-1))[clear].all()
 
 
 def test_the_gguf_carries_tokenizer_chat_template_and_a_modelfile(exported):

@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +101,40 @@ def test_bench_sft_pairs_ratios_by_round_and_judges_the_ratio_of_medians():
     row = next(line for line in table.splitlines() if "(b), full precision" in line)
     # medians 140 / 95 = 1.47x misses 1.5x, although one of the two rounds (1.67x) meets it
     assert "1.47x" in row and "1.67 / 1.40 (1 of 2 meet)" in row and "MISSES" in row
+
+
+def test_bench_real_sizes_reads_a_runs_lines_metrics_and_max_rss(tmp_path):
+    """The helpers of tools/bench_real_sizes.py (a real run takes minutes): a child's lines timed from outside
+    and its own max RSS, the lines forge prints parsed, metrics.jsonl summarized, a table row built."""
+    brs = _load("bench_real_sizes")
+    assert brs.model_dir_for(tmp_path, "llama-3.2-1b", 2, 49152).name == "llama-3.2-1b-L2-V49152"
+    assert brs.model_dir_for(tmp_path, "llama-3.2-1b", None, None).name == "llama-3.2-1b"
+    forge_lines = [
+        ("memory: planned peak 1.04 GiB (arrays 747.65 MiB + framework 320.00 MiB; from the data: batches "
+         "up to 256 tokens) of 22.11 GiB (available RAM), 5% - fits"),
+        "PiSSA factors from the init cache (/tmp/x/4bd1db6c2c1d): no SVD",
+        "model /tmp/l1: 110.9M stored params, 0.70M trainable (rank 16, base 4-bit), built in 10.7s",
+        "/tmp/d.jsonl: 16 rows, 16 truncated to max_seq_len",
+        "train step 1  loss 10.61  lr 0.0002  15 tok/s  step_s 33.11  peak 888.38 MiB  epoch 0.125"]
+    # a child that holds ~200 MiB of touched pages, then prints forge's lines, the step line 0.3 s in
+    code = (f"import sys, time; a = b'x' * (200 * 2**20); "
+            f"print('\\n'.join({forge_lines[:4]!r}), file=sys.stderr); "
+            f"time.sleep(0.3); print({forge_lines[4]!r})")
+    proc = brs.timed_process([sys.executable, "-c", code], dict(os.environ), timeout=60)
+    assert proc["rc"] == 0 and 200 * 2**20 < proc["max_rss"] < 400 * 2**20
+    got = brs.parse_output(proc["lines"])
+    assert 0.3 <= got["first_step_s"] <= proc["wall_s"] and got["build_s"] == 10.7 and got["cache_hit"]
+    assert got["printed_total"] == int(1.04 * 2**30) and got["printed_arrays"] == int(747.65 * 2**20)
+    assert (got["rows"], got["truncated"]) == (16, 16)
+    recs = [{"split": "train", "step": s, "step_s": t, "tok_s": 512 / t, "peak_memory": p}
+            for s, t, p in ((1, 30.0, 9), (2, 2.0, 7), (3, 4.0, 8), (4, 3.0, 8))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summary = brs.metrics_summary(tmp_path)  # step 1 (compiling) left out of the medians, not of the peak
+    assert summary["step_s"] == 3.0 and summary["tok_s"] == pytest.approx(512 / 3) and summary["peak"] == 9
+    cold = {**got, **summary, "planned_total": 2 * 2**30, "planned_arrays": 2**30, "max_rss": 4 * 2**30,
+            "wall_s": 50.0, "what": "cold"}
+    row = brs.shape_row("llama-3.2-1b", "1.24B", {"cold": cold, "warm": None})
+    assert row[:5] == ["llama-3.2-1b", "1.24B", "10.7", "-", f"{got['first_step_s']:.1f} / -"]
+    assert row[6] == "2048 / 4096 MiB (0.50)" and row[7:] == ["3.00", "170.7", "50.0 / -"]
+    assert len(row) == len(brs.SHAPE_HEADER)
+    assert "the run printed a plan" in brs.notes([cold], [])  # the plan made here is not the one printed

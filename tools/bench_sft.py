@@ -1,6 +1,7 @@
 """SFT throughput: forge_mlx against mlx-lm's own LoRA trainer, same model, data and shapes.
 
     python tools/bench_sft.py [--write docs/BENCHMARKS.md] [--repeats 2] [--only forge-fp,mlxlm-blas-fp]
+                              [--model smollm2-135m | HF_DIR]
 
 Configurations (each in its own subprocess; run interleaved in rounds, medians reported; the slow ones
 only in the first --slow-repeats rounds: their ratios are far from the targets, and each costs minutes):
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc
 
 TRAIN = "data/demo/sft_train.jsonl"
+MODEL = "smollm2-135m"  # --model's default: the bundled model every recorded `make bench` ran on
 TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -86,7 +88,7 @@ def mlxlm_worker(spec: dict) -> dict:
 
     from forge_core.models.sources import resolve_model
 
-    model_dir = resolve_model("smollm2-135m")
+    model_dir = resolve_model(spec.get("model", MODEL))
     np.random.seed(spec["seed"])
     model, tokenizer = mlx_lm.load(str(model_dir))
     if spec["bits"]:
@@ -156,6 +158,7 @@ def forge_worker(spec: dict) -> dict:
     total = spec["warmup"] + spec["steps"]
     cfg = bc.forge_config(spec["bits"], spec["init"], spec["rank"], spec["scale"], spec["batch"], spec["seq"],
                           total, TRAIN, seed=spec["seed"], lr=spec["lr"])
+    cfg.model.path = spec.get("model", MODEL)  # forge_config names the bundled model
     mx.random.seed(spec["seed"])
     model, tokenizer, _, _ = build_model(cfg)
     obj = objectives.build("sft", cfg, ops, model, tokenizer, None, Console(stderr=True, quiet=True))
@@ -190,7 +193,7 @@ def spec_for(name: str, args) -> dict:
     slow = c["slow"]
     return {"name": name, "kind": c["kind"], "blas": c.get("blas", True), "bits": c["bits"],
             "init": c.get("init", "lora"), "batch": args.batch_size, "seq": args.seq_len, "rank": args.rank,
-            "scale": args.scale, "lr": args.lr, "seed": args.seed,
+            "scale": args.scale, "lr": args.lr, "seed": args.seed, "model": args.model,
             "steps": args.slow_steps if slow else args.steps, "warmup": args.slow_warmup if slow else args.warmup}
 
 
@@ -269,9 +272,12 @@ def ratio_table(results: dict[str, list[dict]]) -> str:
 
 
 def report(results: dict[str, list[dict]], failed: dict[str, str], args, command: str, load_before: str) -> str:
-    note = (f"SmolLM2-135M-Instruct (bundled; fp32 weights dequantized from its Q4_1 GGUF), "
+    model = (f"model {args.model}" if args.model != MODEL
+             else "SmolLM2-135M-Instruct (bundled; fp32 weights dequantized from its Q4_1 GGUF)")
+    blocks = "all 30 blocks" if args.model == MODEL else "all blocks"
+    note = (f"{model}, "
             f"{TRAIN}, batch {args.batch_size}, max seq len {args.seq_len}, LoRA rank {args.rank}, "
-            f"scale {args.scale:g}, targets q,k,v,o,gate,up,down on all 30 blocks, AdamW lr {args.lr:g}. "
+            f"scale {args.scale:g}, targets q,k,v,o,gate,up,down on {blocks}, AdamW lr {args.lr:g}. "
             "tok/s counts each row's tokens (capped at the batch width) the way mlx-lm reports them; "
             "resident = mx.get_active_memory() after the model is built (weights, LoRA); peak = "
             "mx.get_peak_memory() over training, reset after the build (so it includes the resident bytes). "
@@ -309,6 +315,7 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=float, default=1.0, help="LoRA scale (mlx-lm's scale; forge alpha = scale*rank)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=MODEL, help="the base both trainers load (a bundled name or an HF dir)")
     p.add_argument("--label", default="", help="a note printed under the provenance (e.g. 'machine was loaded')")
     p.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     return p.parse_args(argv)

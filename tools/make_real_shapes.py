@@ -29,7 +29,6 @@ import copy
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 import zlib
@@ -234,21 +233,14 @@ def plan_shards(specs, max_bytes: int = MAX_SHARD_BYTES) -> list[list]:
 
 
 def write_shard(path: Path, specs, seed: int, workers: int) -> int:
-    """One safetensors file: u64 LE header length, JSON header (padded to 8 bytes), then each tensor's
-    bytes in header order. Returns the tensor bytes written."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, _ in specs:
-        nbytes = 2 * int(np.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # safetensors pads the header so the data starts 8-byte aligned
+    """One safetensors file (forge's header writer), then each tensor's bytes in header order, chunk by chunk.
+    Returns the tensor bytes written."""
+    from forge_core.adapters import safetensors_io as sio
+
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        size = sio.write_header(f, {name: (shape, "BF16") for name, shape, _ in specs}, {"format": "pt"})
         f.writelines(_generated(_chunk_jobs(specs, seed), workers))
-    return offset
+    return size
 
 
 # ---------------------------------------------------------------- tokenizer

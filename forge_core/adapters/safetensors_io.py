@@ -153,6 +153,19 @@ def save_streaming(path, specs: dict[str, tuple[tuple, str]], produce, metadata:
     """The one safetensors writer: the header from `specs` {name: (shape, dtype tag)} in that order, then
     each `produce(name)` encoded to its tag, one tensor at a time (peak memory: one tensor, not the file).
     Atomic: the file appears whole or not at all."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write_header(f, specs, metadata)
+        for name, (shape, tag) in specs.items():
+            arr = produce(name)
+            if tuple(arr.shape) != tuple(shape):
+                raise ValueError(f"{path}: tensor {name} has shape {tuple(arr.shape)}, the header says {shape}")
+            f.write(_encode(arr, tag).tobytes())
+
+
+def write_header(f, specs: dict[str, tuple[tuple, str]], metadata: dict | None = None) -> int:
+    """The file's head: u64 LE header length, then the JSON header for `specs` {name: (shape, dtype tag)} in that
+    order, padded to 8 bytes as the spec asks. The tensors' bytes must follow in the same order. Returns their
+    total size."""
     header, offset = {}, 0
     for name, (shape, tag) in specs.items():
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(STORAGE[tag]).itemsize
@@ -161,14 +174,9 @@ def save_streaming(path, specs: dict[str, tuple[tuple, str]], produce, metadata:
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the spec pads the header to an 8-byte boundary
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for name, (shape, tag) in specs.items():
-            arr = produce(name)
-            if tuple(arr.shape) != tuple(shape):
-                raise ValueError(f"{path}: tensor {name} has shape {tuple(arr.shape)}, the header says {shape}")
-            f.write(_encode(arr, tag).tobytes())
+    blob += b" " * (-len(blob) % 8)
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    return offset
 
 
 def _tag(arr: np.ndarray, as_dtype: str | None) -> str:

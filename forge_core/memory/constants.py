@@ -49,9 +49,13 @@ BACKEND_CONSTANTS = {
         # forge_mlx/model.py loads lazily; adapt_model / quantize_rest materialise, factorize, quantize and
         # swap in one linear at a time, so only one dense weight is alive during surgery.
         "init_holds_dense_model": False,
-        # Python + mlx + mlx_lm + transformers: 276 MiB RSS measured (Linux x86, MLX CPU). Metal adds its kernel
-        # library and command buffers: +100 MiB, an estimate to calibrate on a Mac.
+        # `forge memory` (nothing measured): Python + mlx + mlx_lm + transformers without torch (forge_core/
+        # torch_free.py) 88 MiB RSS, a whole run's non-array memory 158 MiB (tiny model) to 293 MiB (SmolLM2-135M),
+        # measured Linux x86 MLX CPU; Metal adds its kernel library and command buffers (+100 MiB, to calibrate).
         "overhead": {"gpu": 384 * MiB, "cpu": 320 * MiB},
+        # a launch on the CPU measures its own RSS at the plan instead and adds what a run grows by after it
+        # (the compiled step, the allocator's cache, metrics, checkpoint buffers): measured below
+        "overhead_growth": 128 * MiB,
         "ckpt_block_copies": 1.0,  # the recomputed block's activations, counted once (Metal: to calibrate)
         "ckpt_backward_share": 1.0,  # the backward working set comes on top of them in full
         "causal_chunk": 0,  # 0: attention computes the whole T x T square
@@ -103,8 +107,9 @@ BACKEND_CONSTANTS = {
         # and moved to the device one at a time, so the device never holds the dense model.
         "init_holds_dense_model": False,
         # GPU: CUDA context (0.3-0.5 GiB), cuBLAS workspaces, caching-allocator slack: an estimate to calibrate.
-        # CPU: torch + transformers + peft imported: 408 MiB RSS measured (Linux x86).
-        "overhead": {"gpu": 1 * GiB, "cpu": 448 * MiB},
+        # CPU: torch + transformers + peft imported: 437 MiB RSS, a tiny run's non-array 480-500 MiB (Linux x86).
+        "overhead": {"gpu": 1 * GiB, "cpu": 512 * MiB},
+        "overhead_growth": 128 * MiB,  # as MLX's: after the plan, see above
         "ckpt_block_copies": 1.0,
         # With checkpointing torch frees the recomputed block's activations while it goes back through it, so
         # only part of the backward working set adds to them: h256 i1024 NF4, T 256/512, L 4 vs 8 (CPU RSS)

@@ -422,13 +422,24 @@ def init_components(run: Run) -> list[Component]:
     return out
 
 
+def init_cache_disk_bytes(run: Run) -> int:
+    """Disk, not memory: the init cache entry a PiSSA run writes (forge_core/init_cache.py), fp32 A0 (r, in) and
+    B0 (out, r) for every target."""
+    if lora_init_kind(run.cfg.lora.init)[0] != "pissa":
+        return 0
+    shapes = run.shape.linears()
+    return run.lora_layers * sum(LORA_BYTES * run.cfg.lora.rank * sum(shapes[t]) for t in run.targets)
+
+
 # ------------------------------------------------------------------------------------------- all
 
 def estimate(cfg: ForgeConfig, shape: ModelShape, kind: str = "sft", backend: str = "mlx",
-             on_gpu: bool = True, nproc: int = 1, data=None) -> list[Component]:
+             on_gpu: bool = True, nproc: int = 1, data=None, process_bytes: int = 0) -> list[Component]:
     """Every component of ONE process's plan, in display order (see the module docstring for the model).
     nproc > 1 (data-parallel): each rank holds the whole model and its batch_size rows, plus the flat fp32
-    buffer its LoRA gradients are summed over ranks in (the concatenation and the result)."""
+    buffer its LoRA gradients are summed over ranks in (the concatenation and the result).
+    process_bytes: the launching process's resident memory when it plans (its imports, tokenizer and rows,
+    measured), which replaces the overhead constant on the CPU."""
     run = make_run(cfg, shape, kind, backend, on_gpu, data)
     parts = weight_components(run) + lora_components(run) + activation_components(run)
     if nproc > 1:
@@ -440,9 +451,21 @@ def estimate(cfg: ForgeConfig, shape: ModelShape, kind: str = "sft", backend: st
     if kind == "grpo":
         parts.append(sampling_component(run))
     parts += init_components(run)
-    side = "gpu" if on_gpu else "cpu"
-    parts.append(Component("framework overhead", run.const["overhead"][side], f"{backend} ({side}) constant", "both"))
+    parts.append(overhead_component(run, backend, process_bytes))
     return parts
+
+
+def overhead_component(run: Run, backend: str, process_bytes: int) -> Component:
+    """What the process holds besides its arrays. On the CPU a launch measures it (process_bytes: the RSS of the
+    interpreter, the framework, the tokenizer and the rows at the plan) and adds what a run grows by after it;
+    elsewhere (a GPU's context and allocator, or `forge memory` planning from the outside) the backend's
+    constant."""
+    side = "gpu" if run.on_gpu else "cpu"
+    if process_bytes and not run.on_gpu:
+        growth = run.const["overhead_growth"]
+        return Component("framework overhead", process_bytes + growth, f"measured: this process at the plan "
+                         f"{process_bytes / 2**20:.0f} MiB + {growth / 2**20:.0f} MiB a run grows by", "both")
+    return Component("framework overhead", run.const["overhead"][side], f"{backend} ({side}) constant", "both")
 
 
 def sampling_component(run: Run) -> Component:

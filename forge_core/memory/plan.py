@@ -26,6 +26,8 @@ from forge_core.memory.estimate import (
     ModelShape,
     compute_bytes,
     estimate,
+    init_cache_disk_bytes,
+    make_run,
     peak_bytes,
     phase_total,
 )
@@ -157,7 +159,8 @@ def _combined(cfg: ForgeConfig, knobs: list[list[dict]], total_of, limit: float)
 # ------------------------------------------------------------------------------------------- plan
 
 def plan_memory(cfg: ForgeConfig, model_config: dict, kind: str = "sft", backend: str = "mlx",
-                on_gpu: bool | None = None, nproc: int = 1, shared: bool = True, data=None) -> MemoryPlan:
+                on_gpu: bool | None = None, nproc: int = 1, shared: bool = True, data=None,
+                process_bytes: int = 0) -> MemoryPlan:
     """Estimate, budget, verdict, and (when over) the changes that fit - for ONE process.
 
     nproc > 1: that many data-parallel processes; `shared`: they share this machine's device (one Mac's
@@ -171,9 +174,9 @@ def plan_memory(cfg: ForgeConfig, model_config: dict, kind: str = "sft", backend
     def total_of(c: ForgeConfig) -> int:  # a suggestion's max_seq_len also cuts the data's rows
         d = data and dataclasses.replace(data, seq=min(data.seq, c.train.max_seq_len),
                                          head_per_row=min(data.head_per_row, c.train.max_seq_len))
-        return peak_bytes(estimate(c, shape, kind, backend, gpu, nproc, d))
+        return peak_bytes(estimate(c, shape, kind, backend, gpu, nproc, d, process_bytes))
 
-    components = estimate(cfg, shape, kind, backend, gpu, nproc, data)
+    components = estimate(cfg, shape, kind, backend, gpu, nproc, data, process_bytes)
     total = peak_bytes(components)
     budget, source = device_budget(backend, cfg)
     if nproc > 1 and shared and not cfg.memory.device_memory:
@@ -186,7 +189,8 @@ def plan_memory(cfg: ForgeConfig, model_config: dict, kind: str = "sft", backend
         compute_bytes(cfg.model.dtype, gpu)]
     context = {"model": cfg.model.path, "kind": kind, "backend": backend, "on_gpu": gpu, "compute_dtype": dtype,
                "nproc": nproc, "rows": data.source if data else None,
-               "seq": data.seq if data else cfg.train.max_seq_len}
+               "seq": data.seq if data else cfg.train.max_seq_len,
+               "init_cache_disk_bytes": init_cache_disk_bytes(make_run(cfg, shape, kind, backend, gpu))}
     plan = MemoryPlan(components, total, budget, source, threshold, result, context=context)
     if result == "over":
         plan.suggestions = suggestions(cfg, total_of, threshold * budget)
@@ -225,10 +229,13 @@ def over_message(plan: MemoryPlan) -> str:
 
 
 def check_before_launch(cfg: ForgeConfig, kind: str, backend: str, model_config: dict, force: bool,
-                        console=None, nproc: int = 1, shared: bool = True, data=None) -> MemoryPlan:
+                        console=None, nproc: int = 1, shared: bool = True, data=None,
+                        process_bytes: int = 0) -> MemoryPlan:
     """Print the one-line plan; over budget: raise ForgeError (the verdict and fixes), unless force.
-    Under a launcher every rank runs this with the number of ranks on its machine, and all refuse alike."""
-    plan = plan_memory(cfg, model_config, kind=kind, backend=backend, nproc=nproc, shared=shared, data=data)
+    Under a launcher every rank runs this with the number of ranks on its machine, and all refuse alike.
+    process_bytes: this process's resident memory now (launch measures it), the plan's overhead on the CPU."""
+    plan = plan_memory(cfg, model_config, kind=kind, backend=backend, nproc=nproc, shared=shared, data=data,
+                       process_bytes=process_bytes)
     _say(console, summary(plan))
     if plan.verdict == "over":
         if not force:
@@ -340,6 +347,9 @@ def _print_plan(plan: MemoryPlan, source: str, worst: MemoryPlan | None = None) 
     if worst is not None:
         console.print(f"worst case (every row max_seq_len {worst.context['seq']}, trained at every position): "
                       f"{human(worst.total_bytes)}", markup=False, highlight=False)
+    if ctx.get("init_cache_disk_bytes"):
+        console.print(f"disk: the init cache entry (PiSSA factors, written once per base; `forge cache ls`) "
+                      f"{human(ctx['init_cache_disk_bytes'])}", markup=False, highlight=False)
     console.print(f"budget {human(plan.budget_bytes)} ({plan.budget_source}); limit {plan.threshold:.0%} = "
                   f"{human(plan.limit_bytes)}")
     style = {"fits": "green", "tight": "yellow", "over": "red"}[plan.verdict]

@@ -70,9 +70,6 @@ def reward_names(specs: list[str]) -> list[str]:
 
 def check_grpo_config(cfg) -> None:
     g, t = cfg.grpo, cfg.train
-    if g.num_generations < 2:
-        raise ForgeError(f"grpo.num_generations is {g.num_generations}: GRPO compares completions of one prompt, "
-                         "so it needs at least 2")
     per_rank = t.batch_size * t.grad_accum
     if per_rank % g.num_generations:
         raise ForgeError(f"a step's completions per rank (train.batch_size {t.batch_size} x train.grad_accum "

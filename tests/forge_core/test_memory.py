@@ -236,7 +236,10 @@ def test_dpo_runs_chosen_and_rejected_as_twice_the_rows():
 
 def test_pissa_svd_transient_is_the_largest_target_and_only_for_pissa():
     # full SVD of (128, 64): 4 bytes x (4·out·in + k·(out + in)), k = 64
-    assert parts(ForgeConfig())["PiSSA SVD (largest target)"] == 4 * (4 * 128 * 64 + 64 * (128 + 64))
+    assert parts(cfg_with(**{"lora.init": "pissa"}))["PiSSA SVD (largest target)"] == \
+        4 * (4 * 128 * 64 + 64 * (128 + 64))
+    # the default randomized one (rank 16): k = 3·min(2r + 8, 64) = 120 columns
+    assert parts(ForgeConfig())["PiSSA SVD (largest target)"] == 4 * (4 * 128 * 64 + 120 * (128 + 64))
     assert "PiSSA SVD (largest target)" not in parts(cfg_with(**{"lora.init": "lora"}))
 
 
