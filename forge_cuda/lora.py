@@ -27,7 +27,8 @@ from forge_core.adapters import mapping as mp
 from forge_core.adapters.mapping import collect
 from forge_core.config import ForgeConfig, lora_scale
 from forge_core.errors import ForgeError
-from forge_core.surgery import check_full_precision, pissa_split, select_targets, uses_pissa
+from forge_core.progress import building
+from forge_core.surgery import build_label, check_full_precision, pissa_split, select_targets, uses_pissa
 
 from .quant import is_quantized, quant_kind, quantize_linear, quantize_rest, set_module
 
@@ -144,7 +145,7 @@ def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = No
     qkind = quant_kind(q)
     model.requires_grad_(False)
     factors, adapted = {}, []
-    for i, path in enumerate(target_paths(model, cfg)):
+    for i, path in building(target_paths(model, cfg), build_label(cfg, pissa_init)):
         linear = model.get_submodule(path)
         check_full_precision(path, is_quantized(linear), cfg)
         a = b = None

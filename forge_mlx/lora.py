@@ -24,7 +24,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from forge_core.config import ForgeConfig, lora_scale
 from forge_core.errors import ForgeError
-from forge_core.surgery import check_full_precision, pissa_split, select_targets, uses_pissa
+from forge_core.progress import building
+from forge_core.surgery import build_label, check_full_precision, pissa_split, select_targets, uses_pissa
 
 from .quant import QuantLinear, quantizable, quantize_linear, quantize_rest
 
@@ -141,7 +142,7 @@ def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = No
     pissa, rank, scale, q = uses_pissa(cfg), cfg.lora.rank, lora_scale(cfg.lora), cfg.quant
     model.freeze()
     factors, adapted = {}, set()
-    for i, path in enumerate(target_paths(model, cfg)):
+    for i, path in building(target_paths(model, cfg), build_label(cfg, pissa_init)):
         linear = _get(model, path)
         check_full_precision(path, isinstance(linear, nn.QuantizedLinear), cfg)
         a = b = None
