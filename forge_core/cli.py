@@ -82,12 +82,17 @@ def config_options(f):
     return f
 
 
-def build_from_cli(kw: dict, extra: dict | None = None):
+def build_from_cli(kw: dict, extra: dict | None = None, kind: str | None = None, resume: str | None = None):
+    """The command's config. With `kind` (a training command): resolved once, as the run will use it
+    (forge_core/run_config.py: the method's section, the adapter it continues, the run it resumes)."""
     from forge_core.config import build_config
+    from forge_core.run_config import resolve
 
     overrides = {TRAIN_OPTIONS[k]: kw.pop(k) for k in list(kw) if k in TRAIN_OPTIONS}
     overrides.update(extra or {})
-    return build_config(kw.pop("recipe", None), kw.pop("sets", ()), overrides)
+    if kind is None:
+        return build_config(kw.pop("recipe", None), kw.pop("sets", ()), overrides)
+    return resolve(kind, kw.pop("recipe", None), kw.pop("sets", ()), overrides, resume)
 
 
 def nproc_option(f):
@@ -95,12 +100,10 @@ def nproc_option(f):
                         help="Train data-parallel in N processes on this machine (mlx.launch / torchrun).")(f)
 
 
-def _relaunch(nproc: int, cfg, resume) -> None:
+def _relaunch(nproc: int, cfg) -> None:
     """--nproc N: exec the backend's launcher with this same command line, minus --nproc."""
     from forge_core.launch import relaunch
-    from forge_core.rundir import RunDir, resumed_config
 
-    backend = resumed_config(RunDir(resume), cfg).backend if resume else cfg.backend
     argv, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -109,7 +112,7 @@ def _relaunch(nproc: int, cfg, resume) -> None:
             skip = True
         elif not arg.startswith("--nproc="):
             argv.append(arg)
-    relaunch(nproc, backend, argv)
+    relaunch(nproc, cfg.backend, argv)
 
 
 def friendly(f):
@@ -152,9 +155,9 @@ def cli():
 def train(resume, force, nproc, **kw):
     from forge_core.launch import launch
 
-    cfg = build_from_cli(kw)
+    cfg = build_from_cli(kw, kind="sft", resume=resume)
     if nproc and nproc > 1:
-        _relaunch(nproc, cfg, resume)
+        _relaunch(nproc, cfg)
     launch(cfg, kind="sft", resume=resume, force=force)
 
 
@@ -191,9 +194,9 @@ def _preference_command(kind: str):
         for name in [k for k in kw if k not in TRAIN_OPTIONS and k not in ("recipe", "sets")]:
             value = kw.pop(name)
             extra[f"{kind}.{name}"] = (list(value) or None) if isinstance(value, tuple) else value  # repeatable
-        cfg = build_from_cli(kw, extra)
+        cfg = build_from_cli(kw, extra, kind=kind, resume=resume)
         if nproc and nproc > 1:
-            _relaunch(nproc, cfg, resume)
+            _relaunch(nproc, cfg)
         launch(cfg, kind=kind, resume=resume, force=force)
 
     command.__doc__ = f"{method(kind).summary} (--lr sets {kind}.lr)"

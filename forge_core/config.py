@@ -356,11 +356,11 @@ def _check_choice(key: str, value) -> None:
         lora_init_kind(value)
 
 
-def set_value(cfg: ForgeConfig, key: str, value) -> None:
-    """Set `section.key` (or the top-level `backend`) with type checking."""
+def set_value(cfg: ForgeConfig, key: str, value) -> str:
+    """Set `section.key` (or the top-level `backend`) with type checking; returns the full key it set."""
     if key == "backend":
         cfg.backend = _coerce(key, value, _field_types(ForgeConfig)["backend"])
-        return
+        return key
     section, _, name = key.partition(".")
     if not name:
         matches = [s for s, cls in SECTIONS.items() if section in _field_types(cls)]
@@ -378,15 +378,17 @@ def set_value(cfg: ForgeConfig, key: str, value) -> None:
     coerced = _coerce(key, value, types[name])
     _check_choice(key, coerced)
     setattr(sub, name, coerced)
+    return key
 
 
-def apply_mapping(cfg: ForgeConfig, mapping: dict, source: str = "config") -> None:
-    """Apply a nested mapping (a YAML recipe or a saved config dict)."""
+def apply_mapping(cfg: ForgeConfig, mapping: dict, source: str = "config", explicit: set | None = None) -> None:
+    """Apply a nested mapping (a YAML recipe or a saved config dict); `explicit` collects the keys it set."""
+    explicit = set() if explicit is None else explicit
     if not isinstance(mapping, dict):
         raise ForgeError(f"{source}: expected a mapping of sections at the top level")
     for section, values in mapping.items():
         if section == "backend":
-            set_value(cfg, "backend", values)
+            explicit.add(set_value(cfg, "backend", values))
             continue
         if section not in SECTIONS:
             raise ForgeError(f"{source}: unknown config section '{section}' (sections: backend, {', '.join(SECTIONS)})")
@@ -396,7 +398,7 @@ def apply_mapping(cfg: ForgeConfig, mapping: dict, source: str = "config") -> No
             raise ForgeError(f"{source}: section '{section}' must be a mapping of keys")
         for name, value in values.items():
             try:
-                set_value(cfg, f"{section}.{name}", value)
+                explicit.add(set_value(cfg, f"{section}.{name}", value))
             except ForgeError as e:
                 raise ForgeError(f"{source}: {e}") from None
 
@@ -430,17 +432,20 @@ def parse_set(item: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def build_config(recipe: str | None = None, sets: typing.Iterable[str] = (), overrides: dict | None = None) -> ForgeConfig:
-    """Defaults <- recipe YAML <- explicit CLI overrides {key: value} <- --set items."""
+def build_config(recipe: str | None = None, sets: typing.Iterable[str] = (), overrides: dict | None = None,
+                 explicit: set | None = None) -> ForgeConfig:
+    """Defaults <- recipe YAML <- explicit CLI overrides {key: value} <- --set items. `explicit` collects every
+    key the recipe, the options or --set gave (forge_core/run_config.py: what the method may not override)."""
     cfg = ForgeConfig()
+    explicit = set() if explicit is None else explicit
     if recipe:
-        apply_mapping(cfg, load_yaml(recipe), source=str(recipe))
+        apply_mapping(cfg, load_yaml(recipe), source=str(recipe), explicit=explicit)
     for key, value in (overrides or {}).items():
         if value is not None:
-            set_value(cfg, key, value)
+            explicit.add(set_value(cfg, key, value))
     for item in sets:
         key, value = parse_set(item)
-        set_value(cfg, key, value)
+        explicit.add(set_value(cfg, key, value))
     return cfg
 
 

@@ -22,7 +22,6 @@ from rich.table import Table
 
 from forge_core import backend as backends
 from forge_core.atomic import write_json
-from forge_core.config import build_config
 from forge_core.errors import ForgeError
 from forge_core.evaluate import evaluate, evaluate_preferences, implicit_rewards
 from forge_core.launch import launch
@@ -30,6 +29,7 @@ from forge_core.memory.budget import human
 from forge_core.memory.plan import data_shape_of, plan_memory
 from forge_core.methods import KINDS, start_adapter
 from forge_core.models.known import load_model_config
+from forge_core.run_config import resolve
 from forge_core.rundir import RunDir
 
 
@@ -66,8 +66,8 @@ def _planned_arrays(cfg, kind: str, backend: str) -> int | None:
 
 def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
     console = Console()
-    cfg = build_config(recipe, sets, {"backend": backend})
     kind = demo_kind(recipe)
+    cfg = resolve(kind, recipe, sets, {"backend": backend})
     name = backends.resolve(cfg.backend)
     ops = backends.ops(name)
     run_dir = Path(cfg.train.out_dir)

@@ -17,16 +17,13 @@ from rich.console import Console
 
 from forge_core import backend as backends
 from forge_core import train as train_module
-from forge_core.adapters.formats import forge_adapter_dir
-from forge_core.config import ForgeConfig, from_dict
+from forge_core.config import ForgeConfig
 from forge_core.distributed import env_rank, local_ranks
 from forge_core.errors import ForgeError
 from forge_core.evaluate import evaluate, generate, recorded_system_prompt
 from forge_core.memory.budget import plans_for_gpu
 from forge_core.memory.plan import check_before_launch, data_shape_of, runtime_limit_bytes
-from forge_core.methods import section
 from forge_core.models.sources import resolve_model
-from forge_core.rundir import RunDir, resumed_config
 from forge_core.tracking import check_installed as check_trackers
 
 
@@ -55,14 +52,8 @@ def memory_check(cfg: ForgeConfig, kind: str, name: str, force: bool, console: C
 
 
 def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool = False) -> Path:
+    """`cfg`: resolved (forge_core/run_config.py), so this and the loop only read it."""
     console = Console(stderr=True, soft_wrap=True, quiet=env_rank() != 0)  # under a launcher rank 0 speaks for all
-    if resume:
-        cfg = resumed_config(RunDir(resume), cfg)  # the run's config; memory.* from this invocation
-    sec = section(cfg, kind)
-    if sec is not None and not resume:
-        cfg.train.lr = sec.lr  # the saved config then holds the rate the run really used
-    if sec is not None and sec.adapter:
-        _inherit_adapter(cfg, kind)
     _check_data(cfg)
     if kind == "grpo":  # a reward that cannot load stops the launch before the model is built
         from forge_core.objectives.grpo import check_grpo_config
@@ -111,18 +102,6 @@ def relaunch(nproc: int, backend: str, argv: list[str]) -> None:
     Console(stderr=True).print(f"launching {nproc} data-parallel processes with "
                                f"{'mlx.launch (ring)' if name == 'mlx' else 'torchrun'}", markup=False, highlight=False)
     os.execv(sys.executable, launcher_command(nproc, name, argv))
-
-
-def _inherit_adapter(cfg: ForgeConfig, kind: str) -> None:
-    """A preference run on top of an SFT adapter: model, LoRA shape and quantization must be the adapter's."""
-    sec = section(cfg, kind)
-    try:
-        meta_file = forge_adapter_dir(sec.adapter) / "forge.json"
-    except ForgeError as e:
-        raise ForgeError(f"{kind}.adapter: {e}") from None
-    saved = from_dict(json.loads(meta_file.read_text())["config"])
-    cfg.model, cfg.lora, cfg.quant = saved.model, saved.lora, saved.quant
-    sec.adapter = str(meta_file.parent)
 
 
 def run_generate(model=None, adapter=None, prompt="", system=None, max_tokens=None, temp=0.0, backend=None) -> str:

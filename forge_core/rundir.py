@@ -14,14 +14,12 @@ Every write is atomic: a run killed at any moment resumes from the newest comple
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
 from pathlib import Path
 
 from forge_core.atomic import write_json, write_text
-from forge_core.config import from_dict
 from forge_core.errors import ForgeError
 
 KEEP_CHECKPOINTS = 2
@@ -148,15 +146,6 @@ class RunDir:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-
-
-def resumed_config(run: RunDir, cfg):
-    """The config a resume runs with: the run's saved config, except memory.* - how much memory this
-    machine may use now (the planner's device and threshold, the runtime limit) - which comes from `cfg`,
-    the config of this invocation. So `--resume RUN --set memory.limit=8GB` raises a limit that stopped it."""
-    saved = from_dict(run.load_config())
-    saved.memory = copy.deepcopy(cfg.memory)
-    return saved
 
 
 # the preference methods' own logged terms, plotted beside the rewards (forge_core/losses)

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from safetensors.numpy import load_file
 
-from forge_core import init_cache, objectives, tracking
+from forge_core import init_cache, objectives, run_config, tracking
 from forge_core.adapters import safetensors_io as sio
 from forge_core.checkpoint import load_checkpoint, save_checkpoint
 from forge_core.config import ForgeConfig
@@ -32,7 +32,7 @@ from forge_core.memory.guard import MemoryGuard, oom_summary, save_once
 from forge_core.methods import start_adapter
 from forge_core.models.sources import resolve_model
 from forge_core.progress import TrainProgress
-from forge_core.rundir import RunDir, resumed_config, total_steps
+from forge_core.rundir import RunDir, total_steps
 from forge_core.schedule import lr_schedule
 from forge_core.surgery import uses_pissa
 
@@ -53,7 +53,8 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
     ops.preflight(console)
     run = RunDir(resume or cfg.train.out_dir)
     if resume:
-        cfg = resumed_config(run, cfg)
+        if not run_config.is_resolved(cfg):  # called directly (tests, tools): resolve the resume here
+            cfg = run_config.for_resume(run, cfg)
     elif run.latest() is not None:
         raise ForgeError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
     elif world.main:

@@ -32,13 +32,13 @@ METHODS = ["dpo", "orpo", "simpo", "kto", "cpo"]
 
 
 def _config(method: str, out: str, steps: int):
-    from forge_core.config import build_config
+    from forge_core.run_config import resolve
 
     sets = [f"train.out_dir={out}", f"train.steps={steps}"]
     if method == "dpo":
         sets.append("dpo.adapter=")  # from the base, like the others
     recipe = "configs/demo.yaml" if method == "base" else f"configs/{method}_demo.yaml"
-    cfg = build_config(recipe, sets)
+    cfg = resolve("sft" if method == "base" else method, recipe, sets)  # as `forge <method>` resolves it
     if method == "base":  # the pairs, for measuring the starting policy
         cfg.data.train, cfg.data.valid = "data/demo/dpo_train.jsonl", "data/demo/dpo_valid.jsonl"
         cfg.eval.max_new_tokens, cfg.eval.limit = 40, 24

@@ -1,11 +1,15 @@
 """The CLI surface: `forge --help` and every command's help work with no framework importable."""
 
+import json
 import subprocess
 import sys
 
 import pytest
+from click.testing import CliRunner
 
 from forge_core.cli import cli
+from forge_core.config import ForgeConfig
+from forge_core.errors import ForgeError
 
 COMMANDS = ["train", "dpo", "generate", "eval", "export", "convert", "memory", "models", "demo"]
 
@@ -53,40 +57,31 @@ def test_bad_yaml_recipe_names_file_and_line(tmp_path):
     assert res.exit_code == 2 and f"{recipe}:" in res.output and "not valid YAML" in res.output
 
 
-def test_dpo_trains_at_dpo_lr_and_its_lr_option_sets_it(monkeypatch, tmp_path):
-    from click.testing import CliRunner
-
+def test_a_preference_run_trains_at_its_section_lr_unless_train_lr_is_given(monkeypatch, tmp_path):
     import forge_core.launch as launch_mod
 
-    seen = {}
-    monkeypatch.setattr(launch_mod, "launch", lambda cfg, kind, resume=None, force=False: seen.update(cfg=cfg))
+    got = []
+    monkeypatch.setattr(launch_mod, "launch", lambda cfg, kind, **kw: got.append((kind, cfg.train.lr)))
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
-    res = CliRunner().invoke(cli, ["dpo", "--data", str(data)])
-    assert res.exit_code == 0, res.output
-    assert seen["cfg"].dpo.lr == 2e-5
-    res = CliRunner().invoke(cli, ["dpo", "--data", str(data), "--lr", "5e-6"])
-    assert res.exit_code == 0 and seen["cfg"].dpo.lr == 5e-6 and seen["cfg"].train.lr == 2e-4
+    runner = CliRunner()
+    for args in (["dpo", "--lr", "7e-6"], ["dpo", "--set", "train.lr=1e-5"], ["dpo", "--lr", "7e-6", "--set",
+                 "train.lr=1e-5"], ["dpo"], ["orpo"], ["train", "--lr", "3e-4"]):
+        res = runner.invoke(cli, [*args, "--data", str(data)])
+        assert res.exit_code == 0, res.output
+    assert got == [("dpo", 7e-6), ("dpo", 1e-5), ("dpo", 1e-5), ("dpo", ForgeConfig().dpo.lr),
+                   ("orpo", ForgeConfig().orpo.lr), ("sft", 3e-4)]
 
 
-def test_launch_runs_dpo_at_dpo_lr(monkeypatch, tmp_path):
-    import types
+def test_a_preference_run_on_an_adapter_refuses_a_different_lora_shape(tiny_model, tmp_path):
+    from forge_core.run_config import resolve
 
-    import forge_core.launch as launch_mod
-    import forge_core.train as train_mod
-    from forge_core.config import ForgeConfig
-
-    got = {}
-    monkeypatch.setattr(train_mod, "train", lambda cfg, kind, **kw: got.update(lr=cfg.train.lr, kind=kind))
-    monkeypatch.setattr(launch_mod.backends, "resolve", lambda name: "mlx")
-    monkeypatch.setattr(launch_mod.backends, "ops", lambda name: types.SimpleNamespace(init_world=lambda: (0, 1)))
-    monkeypatch.setattr(launch_mod, "memory_check", lambda *a, **k: None)
-    data = tmp_path / "p.jsonl"
-    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
-    cfg = ForgeConfig()
-    cfg.data.train, cfg.dpo.lr = str(data), 7e-6
-    launch_mod.launch(cfg, kind="dpo")
-    assert got == {"lr": 7e-6, "kind": "dpo"}
-    cfg.train.lr = 3e-4
-    launch_mod.launch(cfg, kind="sft")
-    assert got["lr"] == 3e-4
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "forge.json").write_text(json.dumps({"config": {"model": {"path": str(tiny_model)},
+                                                               "lora": {"rank": 8}}}))
+    (adapter / "adapter_config.json").write_text("{}")
+    cfg = resolve("dpo", sets=[f"dpo.adapter={adapter}"])
+    assert cfg.lora.rank == 8 and cfg.model.path == str(tiny_model)
+    with pytest.raises(ForgeError, match=r"lora.rank: 16 given, but dpo.adapter .* was trained with 8"):
+        resolve("dpo", sets=[f"dpo.adapter={adapter}", "lora.rank=16"])

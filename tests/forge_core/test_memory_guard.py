@@ -8,7 +8,8 @@ import pytest
 from forge_core.config import ForgeConfig, build_config
 from forge_core.errors import ForgeError
 from forge_core.memory.guard import MemoryGuard, oom_summary, save_once
-from forge_core.rundir import RunDir, resumed_config
+from forge_core.rundir import RunDir
+from forge_core.run_config import for_resume as resumed_config
 
 
 class OutOfMemoryError(RuntimeError):
@@ -173,12 +174,14 @@ def test_launch_hands_the_plans_budget_to_the_allocator_and_the_guard(monkeypatc
     assert got["memory_limit"] == 0 and "allocator" not in got  # 0: no budget, the guard checks nothing
 
 
-def test_launch_resume_raises_the_limit_from_the_command_line(monkeypatch, tmp_path):
+def test_a_resume_raises_the_limit_from_the_command_line(monkeypatch, tmp_path):
+    from forge_core import run_config
+
     launch, cfg, got = _fake_launch(monkeypatch, tmp_path, None)
     run = RunDir(tmp_path / "run")
     saved = ForgeConfig()
     saved.data.train, saved.train.lr, saved.memory.limit = cfg.data.train, 3e-4, "1KB"
     run.save_config(saved.to_dict())
-    cfg.memory.limit = "8GB"
-    launch(cfg, kind="sft", resume=str(run.path))
+    resolved = run_config.resolve("sft", sets=["memory.limit=8GB", "train.lr=1"], resume=str(run.path))
+    launch(resolved, kind="sft", resume=str(run.path))
     assert got["cfg"].train.lr == 3e-4 and got["cfg"].memory.limit == "8GB" and got["resume"] == str(run.path)
