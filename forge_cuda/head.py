@@ -4,9 +4,9 @@ are never whole - the fused linear cross-entropy of Liger / Unsloth. For Llama-3
 tokens the whole-logits path holds ~6 GiB of bf16 + fp32 logits and more for their gradient; chunked, a chunk's
 logits are about the size of the hidden states (Liger's rule, so each chunk's matmul stays large on a GPU).
 
-Only architectures whose logits are exactly lm_head(model.model(...)) split this way (SPLITTABLE: no soft-capping,
-logit scaling or biased head); the others, and a head that is not a plain bias-free nn.Linear, take the model's
-own logits at every position.
+Only architectures whose logits are exactly lm_head(model.model(...)) split this way (split_head in
+forge_core/models/architectures.py); the others, and a head that is not a plain bias-free nn.Linear, take the
+model's own logits at every position.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from forge_core.memory.constants import TORCH_SPLIT_HEAD_TYPES as SPLITTABLE
 from forge_core.memory.constants import head_chunk_rows
+from forge_core.models.architectures import architecture
 
 
 def head_weight(model: nn.Module) -> torch.Tensor | None:
-    """The (V, D) weight the logits are h @ Wᵀ of, when the model splits (SPLITTABLE, a bias-free nn.Linear head,
+    """The (V, D) weight the logits are h @ Wᵀ of, when the model splits (split_head, a bias-free nn.Linear head,
     train.chunked_loss on); None: the whole-logits path."""
-    if not getattr(model, "forge_chunked_loss", True) or getattr(model.config, "model_type", None) not in SPLITTABLE:
+    split = architecture(getattr(model.config, "model_type", None)).split_head
+    if not getattr(model, "forge_chunked_loss", True) or not split:
         return None
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear or head.bias is not None or not hasattr(model, "model"):

@@ -57,8 +57,8 @@ def load_base(model_spec: str, dtype=torch.float32):
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa", **kwargs)
-        except ValueError as e:  # this architecture has no SDPA attention
-            if "sdpa" not in str(e).lower():
+        except ValueError as e:  # this architecture has no SDPA attention (gemma2, gpt-oss): its eager one
+            if not any(w in str(e).lower() for w in ("sdpa", "scaled_dot_product_attention")):
                 raise
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager", **kwargs)
     except (ValueError, OSError, KeyError) as e:  # unsupported model_type, missing files

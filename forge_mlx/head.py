@@ -5,8 +5,8 @@ log-softmax over V (49152 for SmolLM2) at every position. With the prompt masked
 the assistant tokens need them (about a third of the demo data), so the SFT loss gathers those
 positions' hidden states first (`loss_positions` from forge_core.data.add_loss_positions) and runs
 the head on them alone: same loss and gradients, a fraction of the head's work and memory.
-Architectures whose __call__ does more than that (logit soft-capping, scaled embeddings) use the
-plain full-logits path.
+Architectures whose __call__ does more than that (logit soft-capping, scaled logits) use the plain
+full-logits path: the table of which is which is forge_core/models/architectures.py.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ import mlx.core as mx
 from mlx import nn
 
 from forge_core.memory.constants import head_chunk_rows
+from forge_core.models.architectures import architecture
 
 from . import cpu_math
-from .packing import SUPPORTED, packed_hidden
+from .packing import packed_hidden
 
 
 def splittable(model: nn.Module) -> bool:
-    return getattr(model, "model_type", None) in SUPPORTED and hasattr(model, "model")
+    """Whether the logits are head(model.model(x)) alone (forge_core/models/architectures.py)."""
+    return architecture(getattr(model, "model_type", None)).split_head and hasattr(model, "model")
 
 
 def hidden(model: nn.Module, inputs: mx.array, batch: dict | None = None) -> mx.array:

@@ -16,7 +16,7 @@ def token_logps(model, inputs: mx.array, targets: mx.array, batch: dict | None =
     position_ids) run with attention kept inside each row (packing.py)."""
     if head.splittable(model):
         out = head.logits(model, head.hidden(model, inputs, batch))
-    else:  # packing is refused for these architectures (packing.SUPPORTED), so no segment_ids here
+    else:  # packing is refused for these architectures (architectures.py: packing), so no segment_ids here
         out = model(inputs)
     return -head.token_nll(out, targets)  # (B, T)
 

@@ -13,11 +13,10 @@ Supported for the llama-style mlx-lm models (model.model.{embed_tokens, layers, 
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 from forge_core.errors import ForgeError
-
-SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+from forge_core.models.architectures import ARCHITECTURES, architecture
 
 
 class Positions:
@@ -47,9 +46,10 @@ class PositionRoPE(nn.Module):
 
 def enable_packing(model: nn.Module) -> Positions:
     """Install PositionRoPE in every attention layer; returns the shared holder."""
-    if getattr(model, "model_type", None) not in SUPPORTED or not hasattr(model, "model"):
+    if not architecture(getattr(model, "model_type", None)).packing or not hasattr(model, "model"):
+        supported = sorted(t for t, a in ARCHITECTURES.items() if a.packing)
         raise ForgeError(f"data.packing: not supported for model type '{getattr(model, 'model_type', '?')}' "
-                         f"(supported: {', '.join(sorted(SUPPORTED))}); set data.packing=false")
+                         f"(supported: {', '.join(supported)}); set data.packing=false")
     holder = getattr(model, "_packing_holder", None)
     if holder is not None:
         return holder

@@ -10,11 +10,6 @@ ADAM8_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for tensors smaller t
 # forge_mlx/head.py runs the vocabulary head and its log-softmax over the loss positions in chunks of this many
 # bytes of fp32 logits (head_chunk_rows), so the head's working set is a chunk's, not positions x V.
 HEAD_CHUNK_BYTES = 4 * MiB
-# transformers' *ForCausalLM whose forward is logits = lm_head(model(...).last_hidden_state) and nothing more
-# (checked against transformers 5.x; gemma2/3, granite and cohere soft-cap or scale the logits): forge_cuda/head.py
-# runs the head at the loss positions, chunked, for these only
-TORCH_SPLIT_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gemma", "olmo2",
-                                    "starcoder2"})
 LOGITS_BACKWARD_FP32 = 2  # softmax + gradient, fp32: measured 12·N·V bytes (fp32) / 16 (bf16) peak, MLX 0.32 CPU
 # (the default of BACKEND_CONSTANTS' "logits_backward_fp32": fp32 N·V copies the loss's backward holds at once)
 
@@ -22,8 +17,11 @@ BACKEND_CONSTANTS = {
     "mlx": {
         "quant_mode": "affine",  # packed uint32 + a scale and a bias per group, in the compute dtype
         "logits_backward_fp32": 3,  # mx cross_entropy: 4 copies of N·V at its peak, measured as below
-        # forge_mlx/head.py runs the vocabulary head at the batch's loss positions only (llama-style models)
-        "head_at_loss_positions": True,
+        # forge_mlx/head.py runs the vocabulary head at the batch's loss positions only, for the architectures whose
+        # head splits (forge_core/models/architectures.py), chunked unless the head is quantized (quant.embeddings:
+        # a QuantizedEmbedding or QuantizedLinear is not a dense head) or train.chunked_loss is off
+        "head_positions_need_chunking": False,
+        "quantized_tied_head": True,
         # mx.fast.scaled_dot_product_attention runs its unfused fallback whenever gradients are traced
         # (use_fallback() returns true for training in MLX's Metal and CPU backends), so each block keeps
         # (B, H, T, T) probabilities. Measured (MLX 0.32.4, CPU, fp32 and bf16): n chained sdpa calls under
@@ -73,7 +71,6 @@ BACKEND_CONSTANTS = {
         # (forge_mlx/head.py): its working set is ~18 copies of one chunk's fp32 logits whatever the number of
         # positions (SmolLM2-135M, 4 MiB chunks: 57 MiB in the forward, 39 in the backward, the same at 160 and
         # 1000 positions; the bundled-model rows' peaks sit 52 MiB over their activations).
-        "head_chunked": True,
         "head_chunk_copies": 18,
         "head_chunk_grows": False,  # HEAD_CHUNK_BYTES a chunk, whatever the positions
         # Checkpointing on SmolLM2's block shape (random weights, L 8 -> 16, B4 T128, fp32) keeps 10.6 KiB per
@@ -88,9 +85,10 @@ BACKEND_CONSTANTS = {
         # chunks of head_chunk_rows(V, positions, D); a chunk's working set measured on the CPU (torch 2.13, V
         # 49152, 256 and 512 rows, fp32 and bf16): 2.1-2.7 chunks of fp32 logits in the forward, 2.1-4.2 in the
         # backward (the CPU's bf16 matmul converts; a GPU's does not). To calibrate on CUDA.
-        "head_at_loss_positions": True,  # with train.chunked_loss, for these model types, a plain head only:
-        "head_model_types": TORCH_SPLIT_HEAD_TYPES,  # the others take the model's logits at every position
-        "head_chunked": True,
+        # the head at the loss positions only through the chunked head: train.chunked_loss, an architecture whose head
+        # splits, a plain head (an untied lm_head quantized by quant.embeddings is not); else every position's logits
+        "head_positions_need_chunking": True,
+        "quantized_tied_head": False,
         "head_chunk_copies": 4,
         "head_chunk_grows": True,  # at least positions / ceil(V / D) rows a chunk (head_chunk_rows)
         "attention": "sdpa",  # transformers' default: flash / mem-efficient kernels keep only the logsumexp

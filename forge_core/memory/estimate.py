@@ -35,6 +35,7 @@ from forge_core.memory.constants import (
     head_chunk_rows,
 )
 from forge_core.methods import method
+from forge_core.models.architectures import architecture
 
 # Where each LoRA target reads its input from: targets sharing an input share its saved activation.
 TARGET_INPUT = {"q_proj": "xn", "k_proj": "xn", "v_proj": "xn", "o_proj": "attn",
@@ -157,15 +158,21 @@ def make_run(cfg: ForgeConfig, shape: ModelShape, kind: str, backend: str, on_gp
     if not on_gpu and cfg.model.fast_cpu_math and "cpu_kernels" in const:
         const.update(const["cpu_kernels"])
     seq = data.seq if data else cfg.train.max_seq_len
-    if const.get("head_model_types") is not None:  # torch: loss positions only through its chunked head
-        const["head_at_loss_positions"] = const["head_chunked"] = (
-            cfg.train.chunked_loss and shape.model_type in const["head_model_types"]
-            and not (cfg.quant.embeddings and not shape.tied))  # a quantized lm_head: the model's own logits
+    const["head_at_loss_positions"], const["head_chunked"] = head_plan(cfg, shape, const)
     per_row = data.head_per_row if data and const["head_at_loss_positions"] else seq
     return Run(cfg=cfg, shape=shape, const=const, on_gpu=on_gpu,
                cb=compute_bytes(cfg.model.dtype, on_gpu), rows=rows, seq=seq, head_tokens=rows * per_row,
                targets=resolve_targets(cfg.lora.targets or DEFAULT_TARGETS, shape),
                lora_layers=len(layer_indices(cfg.lora.layers, shape.layers)), mode=quant_mode(cfg, backend))
+
+
+def head_plan(cfg: ForgeConfig, shape: ModelShape, const: dict) -> tuple[bool, bool]:
+    """(the head runs at the loss positions only, chunked) as the backend's head decides it: the architecture's
+    head must split (forge_core/models/architectures.py), and be a dense matrix to be chunked."""
+    split = architecture(shape.model_type).split_head
+    quantized = cfg.quant.embeddings and (const["quantized_tied_head"] or not shape.tied)
+    chunked = split and cfg.train.chunked_loss and not quantized
+    return (chunked if const["head_positions_need_chunking"] else split), chunked
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -362,7 +369,7 @@ def activation_components(run: Run) -> list[Component]:
     block_grad = n * per_tok + attention_scores_bytes(run, run.const["scores_backward"])
     if ckpt:
         block_grad = int(block_grad * run.const["ckpt_backward_share"])
-    if run.const["head_chunked"] and run.const["head_at_loss_positions"] and run.cfg.train.chunked_loss:
+    if run.const["head_chunked"] and run.const["head_at_loss_positions"]:
         # the chunked head (forge_mlx/head.py): one chunk's working set, never the whole logits
         grows = run.const["head_chunk_grows"]  # torch's chunks grow with the positions (head_chunk_rows)
         rows = min(head_chunk_rows(s.vocab, *((run.head_tokens, s.hidden) if grows else ())), run.head_tokens)

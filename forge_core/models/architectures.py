@@ -1,0 +1,42 @@
+"""What forge needs to know about an architecture, one row per model_type: both backends and the memory planner read
+this table, so a new architecture (or a quirk found in one) is one entry here, not an edit per file.
+
+    split_head   logits = head(body(x)) and nothing more - no soft-capping, logit scaling or extra terms - in
+                 transformers 5's *ForCausalLM.forward and in mlx-lm's Model.__call__ (checked: transformers 5.25,
+                 mlx-lm 0.32). Only these run the vocabulary head at the trained positions alone, chunked
+                 (forge_mlx/head.py, forge_cuda/head.py), and the planner plans that head; the others (gemma2 and
+                 gemma3 soft-cap, granite and cohere scale) compute, and are planned with, their logits at every
+                 position.
+    packing      forge_mlx can pack rows into one sequence (forge_mlx/packing.py: mlx-lm's llama-style attention
+                 with a `rope` module it can wrap); torch packs any model through its position ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    split_head: bool = False
+    packing: bool = False
+
+
+ARCHITECTURES = {
+    "llama": Architecture(split_head=True, packing=True),
+    "mistral": Architecture(split_head=True, packing=True),
+    "qwen2": Architecture(split_head=True, packing=True),
+    "qwen3": Architecture(split_head=True, packing=True),
+    "phi3": Architecture(split_head=True),
+    "smollm3": Architecture(split_head=True),
+    "gemma": Architecture(split_head=True),
+    "olmo2": Architecture(split_head=True),
+    "starcoder2": Architecture(split_head=True),
+}
+UNKNOWN = Architecture()
+
+
+def architecture(model_type: str | None) -> Architecture:
+    """The row of `model_type`; an architecture not in the table gets the safe answers (whole logits, no MLX
+    packing)."""
+    return ARCHITECTURES.get(model_type or "", UNKNOWN)
