@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from forge_core.adapters.forge_json import training_meta
-from forge_core.adapters.formats import Adapter, forge_adapter_dir, read_adapter, write_peft_adapter
-from forge_core.config import ForgeConfig, from_dict, lora_scale
+from forge_core.adapters.formats import read_trained, save_trained
+from forge_core.config import ForgeConfig
 from forge_core.data import load_tokenizer
 from forge_core.errors import ForgeError
 from forge_core.models.sources import resolve_model
@@ -83,15 +83,6 @@ def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weight
 
 # ---------------------------------------------------------------- adapter directory (PEFT layout)
 
-def _adapter(model: nn.Module, cfg: ForgeConfig, factors: dict, meta: dict):
-    flat = {k: v.detach().float().cpu().numpy() for k, v in trainable_params(model).items()}
-    tensors, magnitudes = flat_to_tensors(flat)
-    return Adapter(tensors, lora_scale(cfg.lora), cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora,
-                   magnitudes=magnitudes, init="pissa" if factors else "lora",
-                   pissa_init=dict(factors) if factors else None,
-                   dropout=cfg.lora.dropout, layout="peft", forge=meta, base_model=cfg.model.path)
-
-
 def quant_meta(cfg: ForgeConfig) -> dict:
     kind = quant_kind(cfg.quant)
     return {"bits": cfg.quant.bits, "mode": kind or "none", "blocksize": BLOCKSIZE if kind else None,
@@ -104,7 +95,8 @@ def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, mod
     """Write adapter_model.safetensors + adapter_config.json + forge.json (+ pissa_init.safetensors), atomically."""
     blocks = num_blocks(model)
     meta = training_meta(cfg, "cuda", model_dir, factors, blocks, quant_meta(cfg), extra)
-    return write_peft_adapter(_adapter(model, cfg, factors, meta), out_dir, total_layers=blocks)
+    flat = {k: v.detach().float().cpu().numpy() for k, v in trainable_params(model).items()}
+    return save_trained(out_dir, *flat_to_tensors(flat), cfg, factors, meta, "peft", blocks)
 
 
 def load_adapter_dir(path):
@@ -112,11 +104,8 @@ def load_adapter_dir(path):
 
     Either layout reads: PEFT (this backend) or mlx-lm (forge_mlx), via forge_core.adapters.formats.
     """
-    d = forge_adapter_dir(path)
-    adapter = read_adapter(d)
-    if not isinstance(adapter.forge.get("config"), dict):
-        raise ForgeError(f"{d / 'forge.json'}: no 'config' (the training config); not written by forge train")
-    return from_dict(adapter.forge["config"]), tensors_to_flat(adapter.tensors, adapter.magnitudes), adapter.pissa_init
+    cfg, adapter = read_trained(path)
+    return cfg, tensors_to_flat(adapter.tensors, adapter.magnitudes), adapter.pissa_init
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

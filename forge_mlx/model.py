@@ -8,24 +8,22 @@ Metal/CUDA, unless model.dtype says otherwise.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 from mlx.utils import tree_flatten
 
-from forge_core.adapters import safetensors_io as sio
 from forge_core.adapters.forge_json import training_meta
-from forge_core.adapters.formats import forge_adapter_dir
-from forge_core.atomic import atomic_dir
-from forge_core.config import ForgeConfig, from_dict, layer_indices, lora_scale
+from forge_core.adapters.formats import read_trained, save_trained
+from forge_core.adapters.mapping import collect, flatten, parse_mlx_key
+from forge_core.config import ForgeConfig
 from forge_core.errors import ForgeError
 from forge_core.models.sources import resolve_model
 
 from . import cpu_math
-from .lora import adapt_model, factors_to_flat, flat_to_factors, load_trainable, trainable_params
+from .lora import adapt_model, load_trainable, trainable_params
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -74,46 +72,21 @@ def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weight
 
 # ---------------------------------------------------------------- adapter directory (mlx-lm layout)
 
-def adapter_config(cfg: ForgeConfig, num_blocks: int, keys: list[str]) -> dict:
-    """mlx-lm's adapter_config.json. mlx-lm applies LoRA to the LAST num_layers blocks."""
-    first = min(layer_indices(cfg.lora.layers, num_blocks))
-    return {
-        "fine_tune_type": "dora" if cfg.lora.dora else "lora",
-        "num_layers": num_blocks - first,
-        "lora_parameters": {"rank": cfg.lora.rank, "scale": lora_scale(cfg.lora), "dropout": cfg.lora.dropout,
-                            "keys": keys},
-    }
-
-
 def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, model_dir: Path,
                  extra: dict | None = None) -> Path:
-    """Write adapters.safetensors + adapter_config.json + forge.json (+ pissa_init.safetensors), atomically."""
-    weights = {k: np.ascontiguousarray(np.array(v.astype(mx.float32))) for k, v in trainable_params(model).items()}
-    keys = sorted({".".join(k.split(".")[3:-1]) for k in weights})  # model.layers.N.<key>.lora_a
-    blocks = len(model.layers)
+    """adapters.safetensors + adapter_config.json + forge.json (+ pissa_init.safetensors), atomically, through
+    forge_core/adapters (the same forge.json as forge_cuda's)."""
+    flat = {k: np.array(v.astype(mx.float32)) for k, v in trainable_params(model).items()}
+    tensors, magnitudes = collect(flat, parse_mlx_key, "adapter", transposed=True)
     quantization = {"bits": cfg.quant.bits, "group_size": cfg.quant.group_size, "mode": "affine"}
-    meta = training_meta(cfg, "mlx", model_dir, factors, blocks, quantization, extra,
-                         targets=sorted({k.split(".")[-1] for k in keys}))
-    with atomic_dir(out_dir) as tmp:
-        sio.save(tmp / "adapters.safetensors", weights, {"format": "mlx"})
-        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(cfg, blocks, keys), indent=2) + "\n")
-        (tmp / "forge.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if factors:
-            sio.save(tmp / "pissa_init.safetensors", factors_to_flat(factors), {"format": "mlx"})
-    return Path(out_dir)
+    meta = training_meta(cfg, "mlx", model_dir, factors, len(model.layers), quantization, extra)
+    return save_trained(out_dir, tensors, magnitudes, cfg, factors, meta, "mlx", len(model.layers))
 
 
 def load_adapter_dir(path):
-    """(config, adapter weights {key: np}, pissa factors or None) from a forge adapter dir (mlx layout)."""
-    from safetensors.numpy import load_file
-
-    d = forge_adapter_dir(path)
-    meta = json.loads((d / "forge.json").read_text())
-    cfg = from_dict(meta["config"])
-    weights = load_file(str(d / "adapters.safetensors"))
-    pissa = d / "pissa_init.safetensors"
-    factors = flat_to_factors(load_file(str(pissa))) if pissa.is_file() else None
-    return cfg, weights, factors
+    """(config, adapter weights {mlx-lm key: np}, pissa factors or None) of a forge adapter dir, either layout."""
+    cfg, adapter = read_trained(path)
+    return cfg, flatten(adapter.tensors, adapter.magnitudes, "mlx"), adapter.pissa_init
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

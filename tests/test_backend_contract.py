@@ -69,3 +69,31 @@ def test_backends_hold_no_loop_objective_or_eval(backend):
     package = _ops(backend).__package__
     for part in ("trainer", "objectives", "checkpoint", "evaluate"):
         assert importlib.util.find_spec(f"{package}.{part}") is None, f"{package}.{part}"
+
+
+def test_both_backends_write_one_forge_json(tiny_model, tmp_path):
+    """The adapter dir goes through forge_core/adapters on both backends: the same forge.json fields (values that
+    name the backend, its layout or its quantizer aside), the same config, DoRA recorded alike."""
+    import json
+
+    from forge_core.config import ForgeConfig
+    from forge_core.train import train
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "ok"}]}
+            for i in range(4)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metas = {}
+    for backend in ("mlx", "cuda"):
+        cfg = ForgeConfig()
+        cfg.model.path, cfg.data.train, cfg.train.out_dir = str(tiny_model), str(data), str(tmp_path / backend)
+        cfg.lora.rank, cfg.lora.dora, cfg.quant.group_size, cfg.train.steps = 4, True, 32, 1
+        run = train(cfg, ops=_ops(backend))
+        metas[backend] = json.loads((run / "adapter" / "forge.json").read_text())
+    mlx, cuda = metas["mlx"], metas["cuda"]
+    assert mlx.keys() == cuda.keys() and mlx["dora"] is cuda["dora"] is True
+    differ = {k for k in mlx if mlx[k] != cuda[k]}
+    assert differ <= {"backend", "quantization", "config", "base_model_dir"}, differ
+    for meta in (mlx, cuda):
+        meta["config"]["train"].pop("out_dir")  # the two runs' own dirs
+    assert mlx["config"] == cuda["config"]

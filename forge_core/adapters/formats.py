@@ -261,3 +261,30 @@ def write_peft_adapter(adapter: Adapter, path, total_layers: int | None = None) 
     with atomic_dir(path) as tmp:
         write_files(adapter, tmp, "peft", total_layers)
     return Path(path)
+
+
+# ---- a run's adapter: both backends write and read it here --------------------------------------
+
+def save_trained(path, tensors: dict, magnitudes: dict | None, cfg, factors: dict, meta: dict, layout: str,
+                 total_layers: int) -> Path:
+    """A training run's adapter dir in the backend's layout (mlx-lm for forge_mlx, PEFT for forge_cuda): the
+    canonical tensors, the run's forge.json (`meta`, forge_json.training_meta) and its PiSSA factors, atomically."""
+    from forge_core.config import lora_scale
+
+    adapter = Adapter(tensors, lora_scale(cfg.lora), cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora,
+                      magnitudes=magnitudes, init="pissa" if factors else "lora",
+                      pissa_init=dict(factors) if factors else None, dropout=cfg.lora.dropout, layout=layout,
+                      forge=meta, base_model=cfg.model.path)
+    writer = write_mlx_adapter if layout == "mlx" else write_peft_adapter
+    return writer(adapter, path, total_layers=total_layers)
+
+
+def read_trained(path) -> tuple:
+    """(the run's config, its Adapter) of a forge adapter dir in either layout."""
+    from forge_core.config import from_dict
+
+    d = forge_adapter_dir(path)
+    adapter = read_adapter(d)
+    if not isinstance(adapter.forge.get("config"), dict):
+        raise ForgeError(f"{d / FORGE}: no 'config' (the training config); not written by forge train")
+    return from_dict(adapter.forge["config"]), adapter
