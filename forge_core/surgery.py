@@ -1,16 +1,26 @@
-"""Model surgery decisions shared by both backends: which linears get adapters, and what PiSSA puts in them.
+"""Model surgery, written once for both backends: which linears get adapters, what their A and B start as, and
+the walk that builds the model (adapt_model). A backend supplies only the framework side of a layer (Layers:
+read and write a weight, quantize, wrap in its LoRA layer, swap it in); the numbers - targets, PiSSA factors and
+residual, LoRA's random A - are decided here in numpy, so both backends build the same model from the same seed.
 
-The backends' adapt_model walks these paths and swaps in their own LoRA layer; the numbers (targets,
-factors, residual) are decided here once, in numpy, so both backends build the same model.
+    for each target, in order (one dense weight alive at a time; progress per block on stderr):
+        PiSSA:  A0, B0, W_res = top-r SVD of W (or the stored factors); the layer keeps W_res
+        LoRA:   A = uniform(±1/sqrt(in)) from (seed, target index), B = 0
+        quantize the layer (QPiSSA: the residual, never W), wrap it with LoRA(A, B), swap it in
+    then quantize every other linear (quant.bits), and hand the model over
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
 from forge_core.config import DEFAULT_TARGETS, ForgeConfig, layer_indices, lora_init_kind, lora_scale
 from forge_core.errors import ForgeError
 from forge_core.pissa import pissa_factors, residual
+from forge_core.progress import building
 
 
 def select_targets(linear_paths: list[str], cfg: ForgeConfig, num_blocks: int) -> list[str]:
@@ -67,3 +77,81 @@ def pissa_split(w: np.ndarray, path: str, index: int, cfg: ForgeConfig, pissa_in
         return a0, b0, residual(w, a0, b0, scale)
     _, niter = lora_init_kind(cfg.lora.init)
     return pissa_factors(w, cfg.lora.rank, scale, niter=niter, seed=cfg.train.seed + index)
+
+
+def lora_init(out_dim: int, in_dim: int, rank: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A (r, in), B (out, r)) of plain LoRA: A uniform(±1/sqrt(in)) - PEFT's kaiming_uniform(a=sqrt(5)) - from a
+    generator of (seed, target index) alone, so a layer's init does not depend on which others are adapted, and
+    both backends start from the same numbers; B = 0, so the model starts unchanged."""
+    bound = 1 / np.sqrt(in_dim)
+    a = np.random.default_rng([seed, index]).uniform(-bound, bound, (rank, in_dim)).astype(np.float32)
+    return a, np.zeros((out_dim, rank), np.float32)
+
+
+class Layers(Protocol):
+    """The framework side of the surgery (forge_mlx/lora.py, forge_cuda/lora.py)."""
+
+    def targets(self, model, cfg: ForgeConfig) -> list[str]:
+        """select_targets over the model's linear layers."""
+
+    def get(self, model, path: str) -> Any: ...
+
+    def is_quantized(self, layer) -> bool: ...
+
+    def weight(self, layer) -> np.ndarray:
+        """The layer's weight (out, in) as fp32 numpy, read in the compute dtype it was loaded in."""
+
+    def shape(self, layer) -> tuple[int, int]:
+        """(out, in) of the layer's weight."""
+
+    def set_weight(self, layer, w: np.ndarray) -> None: ...
+
+    def quantize(self, layer, cfg: ForgeConfig) -> Any:
+        """The layer quantized as cfg.quant says (itself when it stays dense), on the training device."""
+
+    def wrap(self, layer, a: np.ndarray, b: np.ndarray, cfg: ForgeConfig) -> Any:
+        """The backend's LoRA layer over `layer` starting from A (r, in), B (out, r)."""
+
+    def swap(self, model, path: str, layer) -> None: ...
+
+    def finish(self, model, cfg: ForgeConfig, adapted: list[str]) -> None:
+        """Quantize every other linear (not under an adapted path) and put the model on its device."""
+
+
+def adapt_model(model, cfg: ForgeConfig, layers: Layers, pissa_init: dict | None = None) -> dict:
+    """Wrap the target linears with LoRA (PiSSA when configured) and quantize the base; returns the PiSSA factors
+    used ({path: (A0 (r, in), B0 (out, r))}, {} for LoRA). `pissa_init` reuses stored factors (a resume, a saved
+    adapter, the init cache), so the SVD never runs twice. Order matters for QPiSSA: the SVD of the full-precision
+    W first, then the residual is quantized."""
+    pissa = uses_pissa(cfg)
+    factors, adapted = {}, []
+    for i, path in building(layers.targets(model, cfg), build_label(cfg, pissa_init)):
+        layer = layers.get(model, path)
+        check_full_precision(path, layers.is_quantized(layer), cfg)
+        if pissa:
+            a, b, w_res = pissa_split(layers.weight(layer), path, i, cfg, pissa_init)
+            factors[path] = (a, b)
+            layers.set_weight(layer, w_res)
+            del w_res
+        else:
+            a, b = lora_init(*layers.shape(layer), cfg.lora.rank, cfg.train.seed, i)
+        # swapped in at once: the model's reference to this layer's dense W goes, so W can be freed
+        layers.swap(model, path, layers.wrap(layers.quantize(layer, cfg), a, b, cfg))
+        adapted.append(path)
+    layers.finish(model, cfg, adapted)
+    return factors
+
+
+def under(adapted) -> Callable[[str], bool]:
+    """skip(path) for quantize_rest: the adapted layers and what they hold."""
+    adapted = tuple(adapted)
+    return lambda p: any(p == a or p.startswith(a + ".") for a in adapted)
+
+
+def fold_plan(paths_and_kinds) -> list[tuple[str, str]]:
+    """What inference and GRPO's sampling fold on the CPU, from (path, "lora" | "quantized" | other) in module
+    order: every LoRA layer (its adapter folded into one dense weight) and every quantized linear that is not a
+    LoRA layer's own base (dequantized) - the rest stays as it is."""
+    items = list(paths_and_kinds)
+    lora = {p for p, k in items if k == "lora"}
+    return [(p, k) for p, k in items if k == "lora" or (k == "quantized" and p.rpartition(".")[0] not in lora)]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from forge_core.generation import chat_prompt
+from forge_core.surgery import fold_plan
 
 from .lora import LoRALinear
 from .quant import is_quantized, set_module
@@ -27,23 +28,21 @@ def _dense_layers(model: nn.Module, cache: dict) -> list[tuple[str, nn.Module, n
     weights are taken from `cache` by path, and put there when missing."""
     dtype = model.get_input_embeddings().weight.dtype
     modules = dict(model.named_modules())
-    adapted = {path for path, m in modules.items() if isinstance(m, LoRALinear)}
+    kinds = ((p, "lora" if isinstance(m, LoRALinear) else "quantized" if is_quantized(m) else "")
+             for p, m in modules.items())
     out = []
     with torch.no_grad():
-        for path, m in modules.items():
-            if path in adapted:
-                if path not in cache:
-                    cache[path] = m.base_weight()
+        for path, kind in fold_plan(kinds):
+            m = modules[path]
+            if path not in cache:
+                cache[path] = m.base_weight() if kind == "lora" else m.dequantized(torch.float32)
+            if kind == "lora":
                 dense = m.fuse(cache[path])
-            elif is_quantized(m) and path.rpartition(".")[0] not in adapted:
-                if path not in cache:
-                    cache[path] = m.dequantized(torch.float32)
+            else:
                 dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
                 dense.weight.copy_(cache[path])
                 if m.bias is not None:
                     dense.bias.copy_(m.bias.float())
-            else:
-                continue
             out.append((path, dense.to(dtype).requires_grad_(False), m))
     return out
 

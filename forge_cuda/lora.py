@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from forge_core import surgery
 from forge_core.adapters import mapping as mp
 from forge_core.adapters.mapping import collect
 from forge_core.config import ForgeConfig, lora_scale
 from forge_core.errors import ForgeError
-from forge_core.progress import building
-from forge_core.surgery import build_label, check_full_precision, pissa_split, select_targets, uses_pissa
+from forge_core.surgery import select_targets, under
 
 from .quant import is_quantized, quant_kind, quantize_linear, quantize_rest, set_module
 
@@ -127,44 +127,57 @@ def num_blocks(model: nn.Module) -> int:
     return model.config.get_text_config().num_hidden_layers
 
 
-def target_paths(model: nn.Module, cfg: ForgeConfig) -> list[str]:
-    """Module paths to adapt: `<...>.layers.N.<...>.<target>` for the selected blocks."""
-    linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return select_targets(linears, cfg, num_blocks(model))
+class Layers:
+    """The torch side of forge_core.surgery.adapt_model. The dense model stays in host memory; each target is
+    factorized there (fp32) and its residual quantized onto `device`, one at a time, so the device never holds the
+    dense model."""
+
+    def __init__(self, device="cpu", compute_dtype=torch.float32):
+        self.device, self.compute_dtype = device, compute_dtype
+
+    @staticmethod
+    def targets(model: nn.Module, cfg: ForgeConfig) -> list[str]:
+        model.requires_grad_(False)  # the base is frozen: only what LoRALinear adds trains
+        linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+        return select_targets(linears, cfg, num_blocks(model))
+
+    get = staticmethod(lambda model, path: model.get_submodule(path))
+    is_quantized = staticmethod(is_quantized)
+    shape = staticmethod(lambda layer: tuple(layer.weight.shape))
+
+    @staticmethod
+    def weight(layer) -> np.ndarray:
+        return layer.weight.detach().float().cpu().numpy()
+
+    @staticmethod
+    def set_weight(layer, w: np.ndarray) -> None:
+        layer.weight.data = torch.from_numpy(w).to(layer.weight.dtype)
+
+    def quantize(self, layer, cfg: ForgeConfig):
+        q, kind = cfg.quant, quant_kind(cfg.quant)
+        if kind:
+            return quantize_linear(layer, kind, q.double_quant, self.compute_dtype, self.device, q.matmul)
+        return layer.to(self.device)
+
+    @staticmethod
+    def wrap(layer, a: np.ndarray, b: np.ndarray, cfg: ForgeConfig) -> LoRALinear:
+        return LoRALinear(layer, cfg.lora.rank, lora_scale(cfg.lora), cfg.lora.dropout, torch.from_numpy(a),
+                          torch.from_numpy(b), dora=cfg.lora.dora)
+
+    swap = staticmethod(set_module)
+
+    def finish(self, model: nn.Module, cfg: ForgeConfig, adapted: list[str]) -> None:
+        q, kind = cfg.quant, quant_kind(cfg.quant)
+        if kind:
+            quantize_rest(model, kind, q.double_quant, self.compute_dtype, self.device, q.matmul, q.embeddings,
+                          skip=under(adapted))
+        model.to(self.device)
 
 
 def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = None, device="cpu",
                 compute_dtype=torch.float32) -> dict:
-    """Wrap the target linears with LoRA (PiSSA when configured), quantize the base, move it to `device`.
-
-    Layer by layer: SVD of the full-precision W (CPU, fp32), W_res quantized onto the device, next layer -
-    never a second full copy of the model. `pissa_init` ({path: (A0 (r,in), B0 (out,r)) numpy}) reuses
-    stored factors (resume, reload) so the SVD never runs twice. Returns the PiSSA factors used ({} for LoRA).
-    """
-    pissa, rank, scale, q = uses_pissa(cfg), cfg.lora.rank, lora_scale(cfg.lora), cfg.quant
-    qkind = quant_kind(q)
-    model.requires_grad_(False)
-    factors, adapted = {}, []
-    for i, path in building(target_paths(model, cfg), build_label(cfg, pissa_init)):
-        linear = model.get_submodule(path)
-        check_full_precision(path, is_quantized(linear), cfg)
-        a = b = None
-        if pissa:
-            a0, b0, w_res = pissa_split(linear.weight.detach().float().cpu().numpy(), path, i, cfg, pissa_init)
-            factors[path] = (a0, b0)
-            linear.weight.data = torch.from_numpy(w_res).to(linear.weight.dtype)
-            a, b = torch.from_numpy(np.asarray(a0, np.float32)), torch.from_numpy(np.asarray(b0, np.float32))
-        linear = quantize_linear(linear, qkind, q.double_quant, compute_dtype, device, q.matmul) if qkind \
-            else linear.to(device)
-        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + i)  # LoRA init: reproducible per layer
-        set_module(model, path, LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b, generator=gen,
-                                           dora=cfg.lora.dora))
-        adapted.append(path)
-    if qkind:
-        quantize_rest(model, qkind, q.double_quant, compute_dtype, device, q.matmul, q.embeddings,
-                      skip=lambda p: any(p == a or p.startswith(a + ".") for a in adapted))
-    model.to(device)
-    return factors
+    """forge_core.surgery.adapt_model with torch's layers: returns the PiSSA factors used ({} for plain LoRA)."""
+    return surgery.adapt_model(model, cfg, Layers(device, compute_dtype), pissa_init)
 
 
 def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -20,6 +20,7 @@ from mlx.utils import tree_unflatten
 
 from forge_core.data.batches import shared_prefix
 from forge_core.generation import chat_prompt
+from forge_core.surgery import fold_plan
 
 from .lora import LoRALinear
 from .quant import QuantLinear
@@ -39,17 +40,14 @@ def _dense_layers(model: nn.Module, cache: dict) -> list[tuple[str, nn.Module, n
     DoRA's) and every other QuantLinear (dequantized). The bases' dense fp32 weights are taken from `cache` by path,
     and put there when missing."""
     modules = dict(model.named_modules())
-    adapted = {path for path, m in modules.items() if isinstance(m, LoRALinear)}
+    kinds = ((p, "lora" if isinstance(m, LoRALinear) else "quantized" if isinstance(m, QuantLinear) else "")
+             for p, m in modules.items())
     out = []
-    for path, m in modules.items():
-        if path in adapted:
-            if path not in cache:
-                cache[path] = m.base_weight()
-            out.append((path, m.fuse(cache[path]), m))
-        elif isinstance(m, QuantLinear) and path.rpartition(".")[0] not in adapted:
-            if path not in cache:
-                cache[path] = m.dequantized(mx.float32)
-            out.append((path, _dense(m, cache[path]), m))
+    for path, kind in fold_plan(kinds):
+        m = modules[path]
+        if path not in cache:
+            cache[path] = m.base_weight() if kind == "lora" else m.dequantized(mx.float32)
+        out.append((path, m.fuse(cache[path]) if kind == "lora" else _dense(m, cache[path]), m))
     return out
 
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from forge_core import surgery
 from forge_core.config import ForgeConfig, lora_scale
 from forge_core.errors import ForgeError
-from forge_core.progress import building
-from forge_core.surgery import build_label, check_full_precision, pissa_split, select_targets, uses_pissa
+from forge_core.surgery import select_targets, under
 
 from .quant import QuantLinear, quantizable, quantize_linear, quantize_rest
 
@@ -126,43 +126,54 @@ def _shape(module: nn.Module) -> tuple[int, int]:
     return out_dims, in_dims
 
 
-def target_paths(model: nn.Module, cfg: ForgeConfig) -> list[str]:
-    """Module paths to adapt: `model.layers.N.<...>.<target>` for the selected blocks."""
-    linears = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
-    return select_targets(linears, cfg, len(model.layers))
+class Layers:
+    """The MLX side of forge_core.surgery.adapt_model: mlx-lm's nn.Linear, QuantLinear and LoRALinear."""
+
+    def targets(self, model: nn.Module, cfg: ForgeConfig) -> list[str]:
+        model.freeze()  # the base is frozen: only what LoRALinear adds trains
+        linears = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+        return select_targets(linears, cfg, len(model.layers))
+
+    get = staticmethod(lambda model, path: _get(model, path))
+    is_quantized = staticmethod(lambda layer: isinstance(layer, nn.QuantizedLinear))
+    shape = staticmethod(lambda layer: _shape(layer))
+
+    @staticmethod
+    def weight(layer) -> np.ndarray:
+        return np.array(layer.weight.astype(mx.float32))
+
+    @staticmethod
+    def set_weight(layer, w: np.ndarray) -> None:
+        layer.weight = mx.array(w).astype(layer.weight.dtype)
+
+    @staticmethod
+    def quantize(layer, cfg: ForgeConfig):
+        q = cfg.quant
+        return quantize_linear(layer, q.bits, q.group_size, q.matmul) if q.bits and quantizable(layer, q.group_size) \
+            else layer
+
+    @staticmethod
+    def wrap(layer, a: np.ndarray, b: np.ndarray, cfg: ForgeConfig) -> LoRALinear:
+        # contiguous copies in mlx-lm's layout: a transposed view would be saved with its raw (transposed) memory
+        lora = LoRALinear(layer, cfg.lora.rank, lora_scale(cfg.lora), cfg.lora.dropout,
+                          mx.array(np.ascontiguousarray(a.T)), mx.array(np.ascontiguousarray(b.T)), dora=cfg.lora.dora)
+        mx.eval(lora.parameters())
+        return lora
+
+    @staticmethod
+    def swap(model: nn.Module, path: str, layer) -> None:
+        model.update_modules(tree_unflatten([(path, layer)]))
+
+    @staticmethod
+    def finish(model: nn.Module, cfg: ForgeConfig, adapted: list[str]) -> None:
+        q = cfg.quant
+        if q.bits:
+            quantize_rest(model, q.bits, q.group_size, q.matmul, q.embeddings, skip=under(adapted))
 
 
 def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = None) -> dict:
-    """Wrap the target linears with LoRA (PiSSA when configured) and quantize the base.
-
-    Order matters for QPiSSA: SVD of the full-precision W first, then quantize W_res.
-    `pissa_init` ({path: (A0 (r,in), B0 (out,r)) numpy}) reuses stored factors (resume, reload) so the
-    SVD never runs twice. Returns the PiSSA factors used ({} for plain LoRA).
-    """
-    pissa, rank, scale, q = uses_pissa(cfg), cfg.lora.rank, lora_scale(cfg.lora), cfg.quant
-    model.freeze()
-    factors, adapted = {}, set()
-    for i, path in building(target_paths(model, cfg), build_label(cfg, pissa_init)):
-        linear = _get(model, path)
-        check_full_precision(path, isinstance(linear, nn.QuantizedLinear), cfg)
-        a = b = None
-        if pissa:
-            a0, b0, w_res = pissa_split(np.array(linear.weight.astype(mx.float32)), path, i, cfg, pissa_init)
-            factors[path] = (a0, b0)
-            linear.weight = mx.array(w_res).astype(linear.weight.dtype)
-            # contiguous copies: a transposed view would be saved with its raw (transposed) memory
-            a, b = mx.array(np.ascontiguousarray(a0.T)), mx.array(np.ascontiguousarray(b0.T))
-        if q.bits and quantizable(linear, q.group_size):
-            linear = quantize_linear(linear, q.bits, q.group_size, q.matmul)
-        wrapped = LoRALinear(linear, rank, scale, cfg.lora.dropout, a, b, dora=cfg.lora.dora)
-        mx.eval(wrapped.parameters())
-        # swap it in now: the model's reference to this layer's dense W goes, so W can be freed
-        model.update_modules(tree_unflatten([(path, wrapped)]))
-        adapted.add(path)
-    if q.bits:
-        quantize_rest(model, q.bits, q.group_size, q.matmul, q.embeddings,
-                      skip=lambda p: any(p == a or p.startswith(a + ".") for a in adapted))
-    return factors
+    """forge_core.surgery.adapt_model with MLX's layers: returns the PiSSA factors used ({} for plain LoRA)."""
+    return surgery.adapt_model(model, cfg, Layers(), pissa_init)
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:

@@ -10,7 +10,7 @@ pytest.importorskip("bitsandbytes")
 
 from forge_core.errors import ForgeError  # noqa: E402
 from forge_core.pissa import pissa_factors  # noqa: E402
-from forge_cuda.lora import LoRALinear, factors_to_flat, flat_to_factors, target_paths, trainable_params  # noqa: E402
+from forge_cuda.lora import Layers, LoRALinear, factors_to_flat, flat_to_factors, trainable_params  # noqa: E402
 from forge_cuda.model import build_model, load_base  # noqa: E402
 from forge_cuda.quant import QuantLinear  # noqa: E402
 
@@ -106,7 +106,7 @@ def test_rslora_scale_and_randomized_svd(make_cfg):
 def test_target_selection_by_layers_and_names(tiny_model, make_cfg):
     cfg = make_cfg(lora__init="lora", quant__bits=0, lora__layers="-1:", lora__targets=["q_proj", "down_proj"])
     base, _, _ = load_base(str(tiny_model))
-    assert target_paths(base, cfg) == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    assert Layers.targets(base, cfg) == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
     model, _, _, _ = build_model(cfg)
     assert sorted({k.rsplit(".", 1)[0] for k in trainable_params(model)}) == [
         "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
