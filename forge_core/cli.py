@@ -14,7 +14,7 @@ import click
 
 from forge_core.config import choices
 from forge_core.errors import ForgeError
-from forge_core.methods import KINDS, method
+from forge_core.methods import KINDS, METHODS, method
 
 # CLI option name -> config key. Options left unset (None) do not override the recipe.
 TRAIN_OPTIONS = {
@@ -161,32 +161,25 @@ def train(resume, force, nproc, **kw):
     launch(cfg, kind="sft", resume=resume, force=force)
 
 
-# The preference methods: one command each, the same shape. Each method's own options map onto its config
-# section (forge_core/methods.py); --lr sets that section's lr.
-METHOD_OPTIONS = {
-    "dpo": [click.option("--loss-type", type=click.Choice(choices("dpo.loss_type")), default=None)],
-    "orpo": [],
-    "simpo": [click.option("--gamma", type=float, help="Target reward margin.")],
-    "cpo": [click.option("--loss-type", type=click.Choice(choices("cpo.loss_type")), default=None)],
-    "kto": [click.option("--loss-type", type=click.Choice(choices("kto.loss_type")), default=None),
-            click.option("--desirable-weight", type=float), click.option("--undesirable-weight", type=float)],
-    "grpo": [click.option("--reward", "rewards", multiple=True, metavar="FILE.py:FN|builtin:NAME[:ARG]",
-                          help="A reward function (repeat for several, summed): your own fn(prompts, completions, "
-                               "**columns) -> list of floats, or builtin:valid_json, json_fields[:COL], exact[:COL], "
-                               "regex:PATTERN, length:N."),
-             click.option("--reward-weight", "reward_weights", type=float, multiple=True,
-                          help="One weight per --reward, in order (default 1 each)."),
-             click.option("--num-generations", type=int, help="Completions sampled per prompt (G)."),
-             click.option("--max-new-tokens", type=int, help="Longest completion sampled."),
-             click.option("--temperature", type=float), click.option("--top-p", type=float),
-             click.option("--loss-type", type=click.Choice(choices("grpo.loss_type")), default=None),
-             click.option("--scale-rewards", type=click.Choice(choices("grpo.scale_rewards")), default=None),
-             click.option("--epsilon", type=float), click.option("--epsilon-high", type=float),
-             click.option("--num-iterations", type=int, help="Optimizer steps per generation (μ).")],
-}
+# The other methods: one command each, the same shape, built from their registry entries (forge_core/methods.py):
+# their own options map onto their config section; --lr sets that section's lr.
+def _method_options(m) -> list:
+    opts = []
+    for o in m.options:
+        kw = {"help": o.help or None, "default": None}
+        if o.choices:
+            kw["type"] = click.Choice(choices(f"{m.section}.{o.key}"))
+        else:
+            kw["type"] = o.type
+        if o.multiple:
+            kw.update(multiple=True, default=())
+        opts.append(click.option(o.flag, o.key, **kw))
+    return opts
 
 
-def _preference_command(kind: str):
+def _method_command(m):
+    kind = m.kind
+
     def command(adapter, beta, resume, force, nproc, **kw):
         from forge_core.launch import launch
 
@@ -206,7 +199,7 @@ def _preference_command(kind: str):
         click.option("--adapter", type=click.Path(), help="Continue from this SFT adapter"
                      + (" (also the reference)." if method(kind).reference else ".")),
         click.option("--beta", type=float),
-        *METHOD_OPTIONS[kind],
+        *_method_options(m),
         click.option("--resume", type=click.Path(file_okay=False)),
         click.option("--force", is_flag=True),
         nproc_option,
@@ -215,8 +208,9 @@ def _preference_command(kind: str):
     return cli.command(name=kind)(command)
 
 
-for _kind in METHOD_OPTIONS:
-    _preference_command(_kind)
+for _method in METHODS.values():
+    if _method.section:  # sft (no section of its own) is `forge train`, above
+        _method_command(_method)
 
 
 @cli.command()

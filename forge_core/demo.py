@@ -27,7 +27,7 @@ from forge_core.evaluate import evaluate, evaluate_preferences, implicit_rewards
 from forge_core.launch import launch
 from forge_core.memory.budget import human
 from forge_core.memory.plan import data_shape_of, plan_memory
-from forge_core.methods import KINDS, start_adapter
+from forge_core.methods import KINDS, method, start_adapter
 from forge_core.models.known import load_model_config
 from forge_core.run_config import resolve
 from forge_core.rundir import RunDir
@@ -79,10 +79,11 @@ def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
     same = cfg.data.system_prompt  # before and after are asked the same way (not each with its own run's prompt)
     t0 = time.perf_counter()
     console.rule(f"[bold]Forge demo: {kind.upper()} on {cfg.model.path} ({name} backend)")
-    if kind == "sft":
+    rows = method(kind).rows  # what the method trains on says how before and after are measured
+    if rows == "sft":
         console.print("measuring the base model on the held-out set...")
         before = evaluate(ops, cfg, adapter=None, model_spec=cfg.model.path, system=same)
-    elif kind == "grpo":  # the reward's own yardstick: the task metric of greedy answers to the held-out prompts
+    elif rows == "prompts":  # the reward's own yardstick: the task metric of greedy answers to the held-out prompts
         console.print(f"measuring the starting policy ({start or 'the base model'}) on the held-out prompts...")
         before = evaluate(ops, cfg, adapter=start, model_spec=None if start else cfg.model.path, system=same)
     else:
@@ -91,10 +92,10 @@ def run_demo(recipe: str, sets=(), backend: str | None = None) -> dict:
     launch(cfg, kind=kind)
     adapter = str(run_dir / "adapter")
     records = RunDir(run_dir).metrics()
-    if kind == "sft":
+    if rows == "sft":
         after = evaluate(ops, cfg, adapter=adapter, system=same)
         keys = ["loss", "ppl", "valid_json", "exact", "field_acc"]
-    elif kind == "grpo":
+    elif rows == "prompts":
         after = evaluate(ops, cfg, adapter=adapter, system=same)
         keys = ["valid_json", "exact", "field_acc", "strict"]
     else:

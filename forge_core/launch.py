@@ -23,6 +23,7 @@ from forge_core.errors import ForgeError
 from forge_core.evaluate import evaluate, generate, recorded_system_prompt
 from forge_core.memory.budget import plans_for_gpu
 from forge_core.memory.plan import check_before_launch, data_shape_of, runtime_limit_bytes
+from forge_core.methods import method
 from forge_core.models.sources import resolve_model
 from forge_core.tracking import check_installed as check_trackers
 
@@ -55,12 +56,7 @@ def launch(cfg: ForgeConfig, kind: str, resume: str | None = None, force: bool =
     """`cfg`: resolved (forge_core/run_config.py), so this and the loop only read it."""
     console = Console(stderr=True, soft_wrap=True, quiet=env_rank() != 0)  # under a launcher rank 0 speaks for all
     _check_data(cfg)
-    if kind == "grpo":  # a reward that cannot load stops the launch before the model is built
-        from forge_core.objectives.grpo import check_grpo_config
-        from forge_core.rewards import Rewards
-
-        check_grpo_config(cfg)
-        Rewards.from_specs(cfg.grpo.rewards, cfg.grpo.reward_weights)
+    method(kind).run_checks(cfg)  # e.g. a GRPO reward that cannot load stops the launch before the model is built
     check_trackers(cfg.train.report_to)
     name = backends.resolve(cfg.backend)
     ops = backends.ops(name)

@@ -167,12 +167,12 @@ def loss_at_init(cfg, console) -> tuple[float, dict]:
     """Validation loss of the model as built (step 0), and the PiSSA factors it used."""
     import mlx.core as mx
 
-    from forge_core.objectives import SFTObjective
+    from forge_core import objectives
     from forge_mlx import ops
 
     mx.random.seed(cfg.train.seed)
     model, tokenizer, _, factors = ops.build_model(cfg)
-    return SFTObjective(cfg, ops, model, tokenizer, console).evaluate()["loss"], factors
+    return objectives.build("sft", cfg, ops, model, tokenizer, None, console).evaluate()["loss"], factors
 
 
 def train_and_eval(cfg, console) -> dict:

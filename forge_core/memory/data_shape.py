@@ -24,11 +24,12 @@ class DataShape:
     source: str  # what was read, for the plan's notes
 
 
+LOADERS = {"sft": fdata.load_sft, "pairs": fdata.load_preferences, "unpaired": fdata.load_unpaired}
+
+
 def loader(kind: str):
-    """The objective's loader for a method's rows."""
-    if kind == "sft":
-        return fdata.load_sft
-    return fdata.load_unpaired if kind == "kto" else fdata.load_preferences
+    """The objective's loader for a method's rows (methods.py: rows)."""
+    return LOADERS[method(kind).rows]
 
 
 def _grpo_shape(cfg: ForgeConfig, tokenizer) -> DataShape:
@@ -45,17 +46,18 @@ def _grpo_shape(cfg: ForgeConfig, tokenizer) -> DataShape:
 
 def data_shape(cfg: ForgeConfig, kind: str, tokenizer) -> DataShape:
     """DataShape of cfg.data.train (+ data.valid: evaluation batches go through the same model) for `kind`."""
-    method(kind)
-    if kind == "grpo":
+    rows_of = method(kind).rows
+    if rows_of == "prompts":
         return _grpo_shape(cfg, tokenizer)
     load = loader(kind)
     rows, _ = load(cfg.data.train, tokenizer, cfg.data, cfg.train.max_seq_len)
     valid = load(cfg.data.valid, tokenizer, cfg.data, cfg.train.max_seq_len)[0] if cfg.data.valid else []
     n = len(rows)
-    if kind == "sft" and cfg.data.packing:
+    packed = rows_of == "sft" and cfg.data.packing
+    if packed:
         rows = fdata.pack(rows, cfg.train.max_seq_len)
     every = rows + valid
-    seq = fdata.widest_batch(every, cfg.train.max_seq_len if kind == "sft" else None)
+    seq = fdata.widest_batch(every, cfg.train.max_seq_len if rows_of == "sft" else None)
     head = min(seq, fdata.loss_row_cap(every))
     return DataShape(seq=seq, head_per_row=head, rows=len(rows),
-                     source=f"{cfg.data.train} ({n} rows{', packed' if kind == 'sft' and cfg.data.packing else ''})")
+                     source=f"{cfg.data.train} ({n} rows{', packed' if packed else ''})")

@@ -455,7 +455,7 @@ def estimate(cfg: ForgeConfig, shape: ModelShape, kind: str = "sft", backend: st
     deq, why = dequant_bytes(run)
     if deq:
         parts.append(Component("dequantized weights", deq, why))
-    if kind == "grpo":
+    if method(kind).samples:
         parts.append(sampling_component(run))
     parts += init_components(run)
     parts.append(overhead_component(run, backend, process_bytes))

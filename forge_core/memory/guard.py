@@ -10,6 +10,7 @@ from __future__ import annotations
 from forge_core.config import ForgeConfig
 from forge_core.errors import ForgeError
 from forge_core.memory.budget import human, parse_size
+from forge_core.methods import method
 
 # Substrings (lower case) of the out-of-memory errors the frameworks raise as plain RuntimeErrors:
 #   torch CUDA "CUDA out of memory. Tried to allocate ..." (torch.OutOfMemoryError), MPS "MPS backend out of
@@ -81,11 +82,11 @@ class MemoryGuard:
         last = run.latest()
         where = (f"resume point: checkpoint of step {last[0]} ({last[1]})" if last
                  else "no checkpoint yet (a resume starts from step 0)")
-        command = "train" if self.kind == "sft" else self.kind
+        command = method(self.kind).command
         todo = f"free memory and resume with `forge {command} --resume {run.path}`"
         if self.source.startswith("memory.limit"):
             todo += " (add --set memory.limit=SIZE to raise the limit)"
-        plan = f"forge memory --config {run.file('config.json')}" + ("" if self.kind == "sft" else f" --method {self.kind}")
+        plan = f"forge memory --config {run.file('config.json')} --method {self.kind}"
         replan = (f"or re-plan with `{plan}` and start a new run with a smaller train.batch_size / "
                   "train.max_seq_len or --grad-checkpoint")
         return ForgeError(f"{what}; stopped - {where}. To go on: {todo}, {replan}")

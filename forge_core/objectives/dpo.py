@@ -42,7 +42,7 @@ class DPOObjective(PairObjective):
     kind = "dpo"
     METRICS = METRICS
 
-    def __init__(self, cfg, ops, model, tokenizer, run, console, world: World):
+    def __init__(self, kind, cfg, ops, model, tokenizer, run, console, world: World):
         d = cfg.dpo
         check_dpo_config(d)
         super().__init__(cfg, ops, model, tokenizer, console, world)

@@ -68,6 +68,12 @@ def reward_names(specs: list[str]) -> list[str]:
     return out
 
 
+def check_launch(cfg) -> None:
+    """At launch, before the model is built: the batch holds whole groups, and every reward loads."""
+    check_grpo_config(cfg)
+    Rewards.from_specs(cfg.grpo.rewards, cfg.grpo.reward_weights)
+
+
 def check_grpo_config(cfg) -> None:
     g, t = cfg.grpo, cfg.train
     per_rank = t.batch_size * t.grad_accum
@@ -87,7 +93,7 @@ def check_grpo_config(cfg) -> None:
 class GRPOObjective(Objective):
     kind = "grpo"
 
-    def __init__(self, cfg, ops, model, tokenizer, run, console, world: World):
+    def __init__(self, kind, cfg, ops, model, tokenizer, run, console, world: World):
         g = cfg.grpo
         check_grpo_config(cfg)
         self.cfg, self.ops, self.model, self.world, self.run, self.tokenizer = cfg, ops, model, world, run, tokenizer

@@ -34,7 +34,7 @@ def kto_loss(ops, model, batch, beta: float, loss_type: str = "kto", desirable_w
 class KTOObjective(Objective):
     kind = "kto"
 
-    def __init__(self, cfg, ops, model, tokenizer, run, console, world: World):
+    def __init__(self, kind, cfg, ops, model, tokenizer, run, console, world: World):
         rows, valid = load_split(fdata.load_unpaired, cfg, ops.hf_tokenizer(tokenizer), console)
         k = cfg.kto
         self.with_z0 = k.loss_type == "kto"  # apo_zero_unpaired has no reference point

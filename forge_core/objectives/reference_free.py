@@ -24,7 +24,7 @@ def cpo_loss(ops, model, batch, beta: float, loss_type: str = "sigmoid", label_s
 
 
 class ReferenceFreeObjective(PairObjective):
-    def __init__(self, kind: str, cfg, ops, model, tokenizer, console, world: World):
+    def __init__(self, kind: str, cfg, ops, model, tokenizer, run, console, world: World):
         super().__init__(cfg, ops, model, tokenizer, console, world)
         self.kind = kind
         if kind == "orpo":

@@ -12,7 +12,7 @@ from forge_core.objectives.base import Objective, load_split
 class SFTObjective(Objective):
     kind = "sft"
 
-    def __init__(self, cfg, ops, model, tokenizer, console, world: World):
+    def __init__(self, kind, cfg, ops, model, tokenizer, run, console, world: World):
         rows, valid = load_split(fdata.load_sft, cfg, ops.hf_tokenizer(tokenizer), console)
         if cfg.data.packing:
             ops.enable_packing(model)
