@@ -15,7 +15,7 @@ else
 EXTRAS := mlx-linux,cuda,dev
 endif
 
-.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto demo-grpo test test-fast bench bench-dpo bench-memory bench-dp bench-methods bench-eval bench-gguf bench-grpo bench-dora bench-chunked-loss fidelity venv clean sysdeps
+.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto demo-grpo test test-fast bench bench-dpo bench-memory bench-dp bench-methods bench-eval bench-gguf bench-grpo bench-dora bench-chunked-loss bench-real-sizes fidelity venv clean sysdeps
 
 # Linux only, optional: an optimized BLAS for MLX's CPU wheel (forge_mlx/blas.py preloads it; ~90x
 # faster fp32 matmul than the wheel's reference BLAS). Installed with apt when we are root; otherwise
@@ -106,6 +106,12 @@ bench-dora: $(VENV)/.stamp
 # the chunked loss head against the whole logits: seconds per step and peak memory (SFT, SFT checkpointed, DPO)
 bench-chunked-loss: $(VENV)/.stamp
 	$(PY) tools/bench_chunked_loss.py --write docs/BENCHMARKS.md
+
+# forge train on random-weight Llama-3.2-1B / Qwen2.5-1.5B / Llama-3.2-3B shapes: build and first-step seconds (cold
+# and on a filled init cache), planned memory against the MLX peak and max RSS, s/step; torch and mlx-lm on the 1B.
+# The shapes are built once into ~/.cache/forge-bench/shapes (12 GB of bf16). Hours on 2 cores: a quiet machine.
+bench-real-sizes: $(VENV)/.stamp
+	$(PY) tools/bench_real_sizes.py --write docs/BENCHMARKS.md
 
 fidelity: $(VENV)/.stamp
 	$(PY) tools/fidelity.py --write docs/BENCHMARKS.md

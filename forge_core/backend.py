@@ -1,7 +1,7 @@
 """What a backend provides, and which backend runs a command (chosen lazily: `forge --help` imports no
 framework).
 
-The loop (forge_core/train.py), the objectives (forge_core/objectives/) and eval (forge_core/evaluate.py)
+The loop (forge_core/train.py), the objectives (forge_core/objectives/) and eval (forge_core/eval/evaluate.py)
 are written once; they reach the tensor framework only through a backend's `ops` module
 (forge_mlx/ops.py, forge_cuda/ops.py), which satisfies `BackendOps` below. `ops.make_stepper` returns a
 `Stepper`: one optimizer step cut where the loop needs to see it (accumulate micro-batches, update,
@@ -175,10 +175,10 @@ class BackendOps(Protocol):
                         batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None,
                         constraints: list | None = None) -> list[list[int]]:
         """The new token ids after each prompt (token ids, no template), stop token left out, `batch_size` rows
-        decoded at once; greedy ids equal complete()'s (forge_core/generation.py orders and decodes). A row
+        decoded at once; greedy ids equal complete()'s (forge_core/eval/generation.py orders and decodes). A row
         shorter than max_tokens stopped at a stop token (`stop`: these ids only; default: the tokenizer's and the
         model's end ids); sampling at temp > 0 keeps the top_p nucleus. `constraints`: per prompt, None or an
-        object whose allowed(generated ids) -> ids | None limits each next token (forge_core/copy_constraint.py),
+        object whose allowed(generated ids) -> ids | None limits each next token (forge_core/datagen/copy_constraint.py),
         the other logits masked before sampling."""
 
     def continuation_scores(self, model, batch: Batch) -> tuple:

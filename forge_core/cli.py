@@ -411,7 +411,7 @@ def data():
 def raft(src, out, teacher, adapter, teacher_url, teacher_model, kinds, p_oracle, distractors, layout, limit,
          max_tokens, seed, free_quotes, backend):
     """RAFT rows from a codebase: a teacher's questions about each chunk and answers that quote it."""
-    from forge_core import raft as fr
+    from forge_core.datagen import raft as fr
 
     who = _teacher(teacher, adapter, teacher_url, teacher_model, backend)
     counts = fr.raft(src, out, who, list(kinds) or None, p_oracle, distractors, seed, max_tokens, layout, limit,
@@ -422,7 +422,7 @@ def raft(src, out, teacher, adapter, teacher_url, teacher_model, kinds, p_oracle
 
 def _teacher(teacher, adapter, teacher_url, teacher_model, backend):
     from forge_core import backend as backends
-    from forge_core import distill as fd
+    from forge_core.datagen import distill as fd
 
     if teacher_url and (teacher or adapter):
         raise ForgeError("give --teacher-url, or --teacher / --adapter: one teacher")
@@ -451,8 +451,8 @@ def _teacher(teacher, adapter, teacher_url, teacher_model, backend):
 def distill(prompts, out, teacher, adapter, teacher_url, teacher_model, samples, rewards, reward_weights, pairs,
             max_tokens, temp, seed, backend):
     """A teacher's answers to prompt rows as SFT rows (best-of-N with rewards; DPO pairs with --pairs)."""
-    from forge_core import distill as fd
-    from forge_core.rewards import Rewards
+    from forge_core.datagen import distill as fd
+    from forge_core.datagen.rewards import Rewards
 
     scorer = Rewards.from_specs(list(rewards), list(reward_weights)) if rewards else None
     who = _teacher(teacher, adapter, teacher_url, teacher_model, backend)

@@ -205,7 +205,7 @@ class GrpoConfig:
     must be whole groups of num_generations."""
 
     lr: NonNeg = 1e-5  # TRL: 1e-6 (full fine-tuning), x 10 for LoRA
-    rewards: list[str] = field(default_factory=list)  # FILE.py:FUNCTION or builtin:NAME[:ARG] (forge_core/rewards.py)
+    rewards: list[str] = field(default_factory=list)  # FILE.py:FUNCTION or builtin:NAME[:ARG] (forge_core/datagen/rewards.py)
     reward_weights: list[float] = field(default_factory=list)  # one per reward; empty = all 1
     num_generations: Annotated[int, Range(2)] = 4  # G completions per prompt (TRL: 8); GRPO compares them
     max_new_tokens: PosInt = 64  # TRL's max_completion_length (TRL: 512)

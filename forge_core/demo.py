@@ -23,7 +23,7 @@ from rich.table import Table
 from forge_core import backend as backends
 from forge_core.atomic import write_json
 from forge_core.errors import ForgeError
-from forge_core.evaluate import evaluate, evaluate_preferences, implicit_rewards
+from forge_core.eval.evaluate import evaluate, evaluate_preferences, implicit_rewards
 from forge_core.launch import launch
 from forge_core.memory.budget import human
 from forge_core.memory.plan import data_shape_of, plan_memory

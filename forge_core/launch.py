@@ -20,7 +20,7 @@ from forge_core import train as train_module
 from forge_core.config import ForgeConfig
 from forge_core.distributed import env_rank, local_ranks
 from forge_core.errors import ForgeError
-from forge_core.evaluate import evaluate, generate, recorded_system_prompt
+from forge_core.eval.evaluate import evaluate, generate, recorded_system_prompt
 from forge_core.memory.budget import plans_for_gpu
 from forge_core.memory.plan import check_before_launch, data_shape_of, runtime_limit_bytes
 from forge_core.methods import method

@@ -2,7 +2,7 @@
 
 from functools import partial
 
-from forge_core import evaluate
+from forge_core.eval import evaluate
 from forge_core.train import train
 
 

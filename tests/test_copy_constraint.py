@@ -1,4 +1,4 @@
-"""Copy-constrained decoding (forge_core/copy_constraint.py): inside ##begin_quote## ... ##end_quote## a model can
+"""Copy-constrained decoding (forge_core/datagen/copy_constraint.py): inside ##begin_quote## ... ##end_quote## a model can
 only write a verbatim piece of its source, and closes the quote only once it is long enough (and must, when the
 token budget is nearly spent). Checked on random walks through the allowed tokens, and on both backends' batched
 generation from a random tiny model - the worst quoter there is - through the local teacher and `forge data raft`."""
@@ -9,9 +9,9 @@ import random
 import pytest
 from click.testing import CliRunner
 
-from forge_core import raft as fr
 from forge_core.cli import cli
-from forge_core.copy_constraint import CLOSE, OPEN, QuoteConstraint, TokenPieces
+from forge_core.datagen import raft as fr
+from forge_core.datagen.copy_constraint import CLOSE, OPEN, QuoteConstraint, TokenPieces
 from tests.test_preference_methods import BACKENDS
 
 SOURCE = "def add(a, b):\n    return a + b\n\n\ndef twice(x):\n    # double it: twice is x + x\n    return 2 * x\n"
@@ -97,9 +97,9 @@ def test_a_quote_closes_before_the_token_budget_runs_out(pieces):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_random_model_quotes_verbatim_and_unconstrained_rows_are_unchanged(backend, tiny_model):
-    from forge_core import generation
     from forge_core.backend import ops as backend_ops
-    from forge_core.distill import LocalTeacher
+    from forge_core.datagen.distill import LocalTeacher
+    from forge_core.eval import generation
 
     teacher = LocalTeacher(backend_ops(backend), str(tiny_model), None, batch_size=4)
     asks = [[{"role": "user", "content": f"Quote the code, number {i}."}] for i in range(3)]

@@ -12,10 +12,10 @@ from click.testing import CliRunner  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from forge_core import backend as backends  # noqa: E402
-from forge_core import lm_eval_bridge  # noqa: E402
 from forge_core.cli import cli  # noqa: E402
 from forge_core.config import ForgeConfig  # noqa: E402
-from forge_core.evaluate import _for_inference  # noqa: E402
+from forge_core.eval import lm_eval_bridge  # noqa: E402
+from forge_core.eval.evaluate import _for_inference  # noqa: E402
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 5, "Pack my box with five dozen liquor jugs."]
 

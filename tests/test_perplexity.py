@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from forge_core.errors import ForgeError
-from forge_core.perplexity import window_batch, windows
+from forge_core.eval.perplexity import window_batch, windows
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 6 + "Pack my box with five dozen liquor jugs.\n"
 
@@ -60,7 +60,7 @@ def test_text_perplexity_equals_a_transformers_loop(backend, tiny_model, tmp_pat
     pytest.importorskip("mlx.core" if backend == "mlx" else "torch")
     from forge_core import backend as backends
     from forge_core.config import ForgeConfig
-    from forge_core.evaluate import evaluate
+    from forge_core.eval.evaluate import evaluate
 
     path = tmp_path / "text.txt"
     path.write_text(TEXT)

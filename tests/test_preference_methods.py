@@ -242,7 +242,7 @@ def test_demo_kind_comes_from_the_recipe_name():
 
 
 def test_implicit_rewards_compare_each_pair_with_the_start():
-    from forge_core.evaluate import implicit_rewards
+    from forge_core.eval.evaluate import implicit_rewards
 
     before = np.array([[-10.0, -12.0], [-8.0, -7.0], [-5.0, -5.0]])
     after = np.array([[-9.0, -13.0], [-8.5, -7.0], [-5.0, -5.0]])

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from forge_core import raft as fr
 from forge_core.cli import cli
+from forge_core.datagen import raft as fr
 
 SRC = '''"""A module."""
 import os

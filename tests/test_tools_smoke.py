@@ -137,4 +137,4 @@ def test_bench_real_sizes_reads_a_runs_lines_metrics_and_max_rss(tmp_path):
     assert row[:5] == ["llama-3.2-1b", "1.24B", "10.7", "-", f"{got['first_step_s']:.1f} / -"]
     assert row[6] == "2048 / 4096 MiB (0.50)" and row[7:] == ["3.00", "170.7", "50.0 / -"]
     assert len(row) == len(brs.SHAPE_HEADER)
-    assert "the run printed a plan" in brs.notes([cold], [])  # the plan made here is not the one printed
+    assert "the run printed planned arrays of 747.6 MiB" in brs.notes([cold], [])  # not those planned here

@@ -63,10 +63,10 @@ def _cases(mx, nn, cm, unpack_affine):
 def worker(spec: dict) -> None:
     if not spec["malloc"]:
         os.environ["FORGE_NO_MALLOC_TUNING"] = "1"
-    import forge_mlx  # noqa: F401  (BLAS preload, malloc settings)
     import mlx.core as mx
     import mlx.nn as nn
 
+    import forge_mlx  # noqa: F401  (BLAS preload, malloc settings)
     from forge_mlx import allocator, cpu_math
     from forge_mlx.quant import unpack_affine
 

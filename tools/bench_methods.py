@@ -49,7 +49,7 @@ def worker(spec: dict) -> None:
     bc.preload_blas()
     import statistics
 
-    from forge_core.evaluate import evaluate_preferences
+    from forge_core.eval.evaluate import evaluate_preferences
     from forge_core.launch import launch
     from forge_core.rundir import RunDir
     from forge_mlx import ops
@@ -76,7 +76,7 @@ def worker(spec: dict) -> None:
 def run_all(args) -> dict:
     import numpy as np
 
-    from forge_core.evaluate import implicit_rewards
+    from forge_core.eval.evaluate import implicit_rewards
 
     script = Path(__file__).resolve()
     out = {}

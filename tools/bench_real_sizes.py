@@ -2,7 +2,7 @@
 
     python tools/bench_real_sizes.py [--shapes llama-3.2-1b,qwen2.5-1.5b,llama-3.2-3b] [--models-dir DIR]
         [--steps 4] [--write docs/BENCHMARKS.md] [--skip-warm] [--skip-torch] [--skip-mlxlm]
-        [--torch-shape llama-3.2-1b] [--mlxlm-shape llama-3.2-1b] [--mlxlm-steps 3]
+        [--torch-shape llama-3.2-1b] [--mlxlm-shape llama-3.2-1b] [--mlxlm-steps 3] [--mlxlm-as-loaded]
         [--layers N] [--vocab N]          # smaller builds, for quick smoke runs only
 
 Each shape's HF dir (bf16 random weights, SmolLM2's tokenizer; tools/make_real_shapes.py) is built once
@@ -24,11 +24,14 @@ What each figure is:
                      plan, data, build and the first (compiling) step - what a user waits for
     run wall s       process start to exit (the steps, the adapter save)
     planned arrays   forge_core.memory.plan.plan_memory on the same config and rows, made here in the
-                     parent, minus its `framework overhead` constant; against the MLX peak: the largest
-                     `peak_memory` (mx.get_peak_memory()) in RUN/metrics.jsonl
-    planned total    plan.total_bytes; against max RSS: ru_maxrss of the process, from os.wait4 on that one
-                     child as it exits (the kernel's high-water mark of its resident set, no sampling:
-                     file-backed pages such as the mmapped safetensors count too)
+                     parent, minus its `framework overhead` (the plan's arrays, exact bytes; checked against
+                     the "arrays" the run printed); against the MLX peak: the largest `peak_memory`
+                     (mx.get_peak_memory()) in RUN/metrics.jsonl
+    planned total    the run's own "memory: planned peak X" (2 decimals): on the CPU its overhead is the
+                     process's RSS measured at the plan, which a plan made outside it cannot know; against
+                     max RSS: ru_maxrss of the process, from os.wait4 on that one child as it exits (the
+                     kernel's high-water mark of its resident set, no sampling: file-backed pages such as
+                     the mmapped safetensors count too)
     s/step, tok/s    medians over the steps >= 2 of RUN/metrics.jsonl (step 1 traces and compiles); tok/s
                      counts the padded batch, B x T
     ratio            planned / measured: above 1 the plan is generous, below 1 it under-plans
@@ -37,7 +40,11 @@ The memory and speed columns are the cold run's. --torch-shape: the same cold ru
 (torch on the CPU here). --mlxlm-shape: tools/bench_sft.py's forge-fp, mlxlm-blas-fp, forge-q4 and
 mlxlm-blas-q4 (its own workers, its --model set to the shape's dir; demo data, batch 2 x 256, LoRA init,
 one round) for forge's tokens/s against mlx-lm's own trainer at this size; mlx-lm's 4-bit
-(quantized_matmul on the CPU) is slow: it times 1 step after 1 warm-up.
+(quantized_matmul on the CPU) is slow: it times 1 step after 1 warm-up. Both trainers get a float32 copy
+of the shape (built once beside it, `<dir>-fp32`), as `make bench` gives both the fp32 SmolLM2: mlx-lm
+computes in the dtype it loads, and bf16 on the CPU has no BLAS (on a 1-layer build mlx-lm's bf16 steps
+were 7x (full) and 160x (4-bit) slower than forge's float32 ones). --mlxlm-as-loaded hands it the bf16
+dir instead, as `mlx_lm.lora` on the Hub checkpoint would run (forge computes in float32 either way).
 """
 
 from __future__ import annotations
@@ -207,7 +214,8 @@ def metrics_summary(run_dir: Path) -> dict:
 
 
 def planned(cfg, backend: str) -> dict:
-    """The plan `forge train` makes before it launches (launch.memory_check): same config, same rows."""
+    """The plan `forge train` makes before it launches (launch.memory_check): same config, same rows; its
+    framework overhead is the backend's constant (the run's own is its measured RSS at the plan)."""
     from forge_core.memory.plan import data_shape_of, plan_memory
     from forge_core.models.known import load_model_config
 
@@ -218,9 +226,9 @@ def planned(cfg, backend: str) -> dict:
 
 
 def plan_disagrees(res: dict) -> bool:
-    """Does the plan made here differ from the one the run printed by more than human()'s rounding?"""
-    pairs = [(res["planned_total"], res["printed_total"]), (res["planned_arrays"], res["printed_arrays"])]
-    return any(printed is None or abs(mine - printed) > 0.005 * mine for mine, printed in pairs)
+    """Do the arrays planned here differ from those the run printed by more than human()'s rounding?"""
+    printed = res["printed_arrays"]
+    return printed is None or abs(res["planned_arrays"] - printed) > 0.005 * res["planned_arrays"]
 
 
 class RunFailed(RuntimeError):
@@ -245,6 +253,8 @@ def forge_run(what: str, opts: dict, home: Path, init_cache: Path, expect_cache_
         raise RunFailed(what, "no 'train step 1' or 'built in' line to read", output)
     res = {**got, **metrics_summary(Path(opts["out"])), **planned(run_config(opts), opts["backend"]),
            "wall_s": proc["wall_s"], "max_rss": proc["max_rss"], "what": what}
+    if got["printed_total"] is not None:  # the run's total: its overhead is what it measured of itself
+        res["planned_total"] = got["printed_total"]
     print(f"{what}: first step {res['first_step_s']:.1f}s, build {res['build_s']:.1f}s, "
           f"{res['step_s']:.2f} s/step, {res['tok_s']:.1f} tok/s, max RSS {res['max_rss'] / MIB:.0f} MiB, "
           f"peak {res['peak'] / MIB:.0f} MiB, wall {res['wall_s']:.1f}s", file=sys.stderr, flush=True)
@@ -275,6 +285,35 @@ def bench_shape(label: str, model: Path, data: Path, work: Path, steps: int, fai
 
 # ---------------------------------------------------------------- forge vs mlx-lm (tools/bench_sft.py)
 
+def fp32_copy(model: Path) -> Path:
+    """`<model>-fp32` beside the shape's dir, built once: the same weights (bf16 -> float32 is exact), the
+    same tokenizer, config.json's torch_dtype float32. A shard is converted whole (a 1B's: 5 GB in memory)."""
+    import mlx.core as mx
+
+    from forge_core.atomic import atomic_dir
+
+    out = model.with_name(model.name + "-fp32")
+    if (out / "config.json").is_file():
+        return out
+    print(f"building {out} (a float32 copy for mlx-lm, once)", file=sys.stderr, flush=True)
+    with atomic_dir(out) as tmp:
+        for f in sorted(model.iterdir()):
+            if f.suffix == ".safetensors":
+                weights = {k: v.astype(mx.float32) for k, v in mx.load(str(f)).items()}
+                mx.save_safetensors(str(tmp / f.name), weights, metadata={"format": "pt"})
+                del weights
+            elif f.name in ("config.json", "model.safetensors.index.json"):
+                meta = json.loads(f.read_text())
+                if "torch_dtype" in meta:
+                    meta["torch_dtype"] = "float32"
+                if "total_size" in meta.get("metadata", {}):
+                    meta["metadata"]["total_size"] *= 2
+                (tmp / f.name).write_text(json.dumps(meta, indent=2) + "\n")
+            else:
+                shutil.copyfile(f, tmp / f.name)
+    return out
+
+
 def mlxlm_compare(model: Path, steps: int):
     """bench_sft's four configurations on this model, one round: (results, failed, bench_sft's args)."""
     import bench_sft
@@ -291,12 +330,13 @@ def mlxlm_section(label: str, results: dict, failed: dict, sft_args) -> str:
     """bench_sft's own tables: each configuration's tok/s, then the ratios forge / mlx-lm."""
     import bench_sft
 
-    head = (f"forge vs mlx-lm's own LoRA trainer on {label} (tools/bench_sft.py's workers, its `--model` "
-            f"the shape's dir; {bench_sft.TRAIN}, batch {sft_args.batch_size} x {sft_args.seq_len}, "
+    dtype = ("the float32 copy of the bf16 shape: both compute in float32, as in `make bench`"
+             if label.endswith("-fp32") else
+             "the bf16 dir as loaded: mlx-lm computes in bf16, forge in float32")
+    head = (f"forge vs mlx-lm's own LoRA trainer on {label} ({dtype}; tools/bench_sft.py's workers with "
+            f"`--model` that dir; {bench_sft.TRAIN}, batch {sft_args.batch_size} x {sft_args.seq_len}, "
             f"LoRA rank {sft_args.rank}, init lora; {sft_args.warmup} + {sft_args.steps} steps, mlx-lm 4-bit "
-            f"{sft_args.slow_warmup} + {sft_args.slow_steps}; one round). The checkpoint is bf16: mlx-lm "
-            "computes in the dtype it loads, forge in float32 on the CPU (model.dtype auto); see the base "
-            "column.")
+            f"{sft_args.slow_warmup} + {sft_args.slow_steps}; one round).")
     return "\n\n".join([head, bench_sft.result_table(results, failed, sft_args),
                         bench_sft.ratio_table(results)])
 
@@ -343,14 +383,17 @@ def torch_row(label: str, n_params: str, cold: dict) -> list:
 
 
 def notes(runs: list[dict], failures: list[RunFailed]) -> str:
-    """What did not go as planned: runs whose printed plan is not the one made here, rows that were not cut
-    to the batch width, and each failed run with the end of its output (the whole of it went to stderr)."""
+    """What did not go as planned: a run without its plan line or whose planned arrays are not those made
+    here, rows not cut to the batch width, each failed run with the end of its output (all of it: stderr)."""
     out = []
     for r in runs:
+        if r["printed_total"] is None:
+            out.append(f"{r['what']}: no 'memory: planned peak' line; its planned total is the plan made "
+                       "here, with the backend's constant overhead.")
         if plan_disagrees(r):
-            out.append(f"{r['what']}: the run printed a plan of {_s((r['printed_total'] or 0) / MIB)} MiB "
-                       f"(arrays {_s((r['printed_arrays'] or 0) / MIB)}), the plan made here is "
-                       f"{_s(r['planned_total'] / MIB)} MiB (arrays {_s(r['planned_arrays'] / MIB)}).")
+            printed = "none" if r["printed_arrays"] is None else f"{r['printed_arrays'] / MIB:.1f} MiB"
+            out.append(f"{r['what']}: the run printed planned arrays of {printed}, the plan made here "
+                       f"has {r['planned_arrays'] / MIB:.1f} MiB.")
         if r["rows"] is not None and r["truncated"] != r["rows"]:
             out.append(f"{r['what']}: only {r['truncated']} of {r['rows']} rows reached {SEQ} tokens.")
     for f in failures:
@@ -368,12 +411,12 @@ def report(args, argv, load_before: str, tables: list[str], runs: list[dict], fa
             f"{RANK} (pissa_niter_4), batch {BATCH} x {SEQ} (every row longer than {SEQ} tokens), "
             f"{args.steps} steps, eval off. cold = fresh FORGE_HOME and FORGE_INIT_CACHE (the SVD runs); "
             "warm = the same command on the filled init cache (the factors read back). build s = the run's "
-            "own `built in`; "
-            "first step s = process start to its `train step 1` line; planned = forge_core.memory.plan on "
-            "the same config and rows (arrays = total - framework overhead); MLX peak = the largest "
-            "peak_memory in metrics.jsonl; max RSS = ru_maxrss of the process (os.wait4), file-backed pages "
-            "included; s/step and tok/s (B x T per second) = medians over steps >= 2; memory and speed are "
-            "the cold run's.")
+            "own `built in`; first step s = process start to its `train step 1` line; planned arrays = "
+            "forge_core.memory.plan on the same config and rows, less its framework overhead; MLX peak = the "
+            "largest peak_memory in metrics.jsonl; planned total = the run's own `memory: planned peak` (its "
+            "overhead on the CPU: its RSS measured at the plan); max RSS = ru_maxrss of the process "
+            "(os.wait4), file-backed pages included; s/step and tok/s (B x T per second) = medians over "
+            "steps >= 2; memory and speed are the cold run's.")
     parts = [bc.provenance(bc.command("bench_real_sizes.py", argv), load_before, note), *tables]
     extra = notes(runs, failures)
     return "\n\n".join(parts + ([extra] if extra else []))
@@ -392,6 +435,8 @@ def parse_args(argv=None):
     p.add_argument("--torch-shape", default="llama-3.2-1b")
     p.add_argument("--mlxlm-shape", default="llama-3.2-1b")
     p.add_argument("--mlxlm-steps", type=int, default=3, help="timed steps of bench_sft's fast configs")
+    p.add_argument("--mlxlm-as-loaded", action="store_true",
+                   help="give mlx-lm the bf16 dir (it then computes in bf16), not a float32 copy")
     p.add_argument("--layers", type=int, default=None, help="build with this many blocks (smoke runs only)")
     p.add_argument("--vocab", type=int, default=None, help="build with this vocab (smoke runs; >= 49152)")
     args = p.parse_args(argv)
@@ -405,7 +450,7 @@ def parse_args(argv=None):
 
 
 def torch_device() -> str:
-    """Where `--backend cuda` trains on this machine (the CUDA plan made here has imported torch already)."""
+    """Where `--backend cuda` trained (torch imported here, after the runs: each ran in its own process)."""
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "torch on the CPU"
@@ -441,8 +486,9 @@ def main(argv=None) -> int:
                            bc.table(TORCH_HEADER, [torch_row(label[args.torch_shape], size[args.torch_shape],
                                                              res["cold"])])]
         if not args.skip_mlxlm:
-            tables.append(mlxlm_section(label[args.mlxlm_shape],
-                                        *mlxlm_compare(models[args.mlxlm_shape], args.mlxlm_steps)))
+            model = models[args.mlxlm_shape]
+            model = model if args.mlxlm_as_loaded else fp32_copy(model)
+            tables.append(mlxlm_section(model.name, *mlxlm_compare(model, args.mlxlm_steps)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     bc.publish(report(args, argv, load_before, tables, runs, failures), args.write, TITLE)

@@ -141,7 +141,7 @@ def schedule_diff(cfg: ForgeConfig, steps: int = 40) -> float:
 
 def adapter_diff(cfg: ForgeConfig, mlx_model, out_dir) -> float:
     """forge_mlx.save_adapter (mlx-lm layout) -> forge_cuda.load_adapted: the same model on the torch side."""
-    from forge_core.evaluate import load_adapted
+    from forge_core.eval.evaluate import load_adapted
     from forge_core.models.sources import resolve_model
     from forge_cuda import ops as cuda_ops
     from forge_mlx.model import save_adapter

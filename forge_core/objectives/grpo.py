@@ -30,12 +30,12 @@ from functools import partial
 import numpy as np
 
 from forge_core import data as fdata
-from forge_core import generation
+from forge_core.datagen.rewards import Rewards
 from forge_core.distributed import World
 from forge_core.errors import ForgeError
+from forge_core.eval import generation
 from forge_core.losses.grpo import METRICS, group_advantages, grpo_reduce, grpo_terms
 from forge_core.objectives.base import Objective, exchange, load_split
-from forge_core.rewards import Rewards
 
 SCORED = ("inputs", "targets", "mask", "loss_positions", "loss_weights", "temperature")  # what a log-prob pass reads
 

@@ -1,4 +1,4 @@
-"""forge_core.metrics on hand-made answers, and the committed demo data (data/demo/*.jsonl)."""
+"""forge_core.eval.metrics on hand-made answers, and the committed demo data (data/demo/*.jsonl)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forge_core.errors import ForgeError
-from forge_core.metrics import MAX_SEARCH_CHARS, exact_match, first_json_object, json_fields_score, score_rows
+from forge_core.eval.metrics import (
+    MAX_SEARCH_CHARS,
+    exact_match,
+    first_json_object,
+    json_fields_score,
+    score_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "data" / "demo"

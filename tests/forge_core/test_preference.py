@@ -6,8 +6,8 @@ import types
 import numpy as np
 import pytest
 
-from forge_core.objectives.dpo import dpo_loss
 from forge_core.losses.dpo import dpo_objective, dpo_terms
+from forge_core.objectives.dpo import dpo_loss
 
 
 def numpy_trl(pc, pr, rc, rr, beta, loss_type, ls=0.0):

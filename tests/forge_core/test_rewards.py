@@ -4,8 +4,8 @@ that raises or returns the wrong thing stops with one line naming the function a
 import numpy as np
 import pytest
 
+from forge_core.datagen.rewards import Rewards, load
 from forge_core.errors import ForgeError
-from forge_core.rewards import Rewards, load
 
 REF = '{"name": "Ada", "age": 36}'
 COMPLETIONS = ['{"name": "Ada", "age": 36}', '{"name": "Ada", "age": 35}', "not json", '```json\n{"name": "Bo"}\n```']

@@ -10,8 +10,8 @@ pytest.importorskip("bitsandbytes")
 
 from rich.console import Console  # noqa: E402
 
+from forge_core.eval.generation import answers  # noqa: E402
 from forge_cuda.generate import complete, for_inference  # noqa: E402
-from forge_core.generation import answers  # noqa: E402
 from forge_cuda.lora import LoRALinear  # noqa: E402
 from forge_cuda.quant import is_quantized  # noqa: E402
 from tests.forge_cuda.run import (  # noqa: E402

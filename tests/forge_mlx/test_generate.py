@@ -11,7 +11,7 @@ mx = pytest.importorskip("mlx.core")
 
 from rich.console import Console
 
-from forge_core.generation import answers
+from forge_core.eval.generation import answers
 from forge_mlx.generate import complete, for_inference
 from forge_mlx.lora import LoRALinear
 from forge_mlx.quant import QuantLinear
@@ -50,7 +50,7 @@ def test_for_inference_keeps_the_outputs_of_the_quantized_adapted_model(run):
 @pytest.mark.parametrize("system", ["", SYSTEM])
 def test_batched_greedy_answers_equal_the_one_row_answers(run, system):
     from forge_core.data import shared_prefix
-    from forge_core.generation import chat_prompt
+    from forge_core.eval.generation import chat_prompt
     from forge_mlx import ops
 
     _, out = run
@@ -69,7 +69,7 @@ def test_batched_greedy_answers_equal_the_one_row_answers(run, system):
 def test_evaluate_scores_batched_answers_and_the_loss_of_the_training_path(run):
     from forge_core import data as fdata
     from forge_core.data.eval_rows import prompts_and_references
-    from forge_core.metrics import score_rows
+    from forge_core.eval.metrics import score_rows
     from forge_mlx import ops
 
     cfg, out = run

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from forge_core.errors import ForgeError
-from forge_core.perplexity import scored_batch
+from forge_core.eval.perplexity import scored_batch
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 

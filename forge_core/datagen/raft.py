@@ -5,7 +5,7 @@ Language Model to Domain Specific RAG").
    anything still longer by lines), every other text file by windows of LINES lines overlapping by OVERLAP.
 2. For each chunk and question kind (explain, usage, debugging) the teacher writes a question, then an answer that
    quotes the chunk between ##begin_quote## and ##end_quote## (asked after one worked example). A local teacher
-   decodes under a copy constraint (forge_core/copy_constraint.py): its answer opens with a quote, and inside any
+   decodes under a copy constraint (forge_core/datagen/copy_constraint.py): its answer opens with a quote, and inside any
    quote it can only write a verbatim piece of the chunk. A URL teacher writes freely (a code block that occurs
    verbatim in the chunk counts as a quote and is marked as one). Either way an answer is kept only when it
    quotes, and every quote occurs verbatim in the chunk and is long enough; the others are dropped and counted
@@ -28,8 +28,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge_core.copy_constraint import CLOSE, OPEN
-from forge_core.distill import done_rows, keep_rows_of, row_source
+from forge_core.datagen.copy_constraint import CLOSE, OPEN
+from forge_core.datagen.distill import done_rows, keep_rows_of, row_source
 from forge_core.errors import ForgeError
 
 MAX_LINES, LINES, OVERLAP = 80, 40, 10

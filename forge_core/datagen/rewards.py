@@ -6,7 +6,7 @@ functions come from a local Python file they name (imported as a module; nothing
     builtin:valid_json          1 when the completion is one JSON object, else 0
     builtin:json_fields[:COL]   the share of the reference's fields (COL, default "reference": a JSON object or
                                 its text) that the first JSON object in the completion gets right - forge eval's
-                                field_acc (forge_core/metrics.py); 0 when the completion holds no JSON object
+                                field_acc (forge_core/eval/metrics.py); 0 when the completion holds no JSON object
     builtin:exact[:COL]         1 when the stripped completion equals the stripped reference
     builtin:regex:PATTERN       1 when the completion matches PATTERN (re.search), else 0
     builtin:length:N            −(characters beyond N) / N: 0 up to N characters, −1 at 2N
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from forge_core.errors import ForgeError
-from forge_core.metrics import json_fields_score
+from forge_core.eval.metrics import json_fields_score
 
 
 def _json_object(text: str):

@@ -1,7 +1,7 @@
 """`forge data distill PROMPTS --teacher MODEL | --teacher-url URL`: a teacher's answers as training rows.
 
 Prompts are TRL's prompt-only rows ({prompt: string or messages, ...other columns}). Each answer becomes a forge SFT
-row {"messages": prompt + assistant}. With --samples N and rewards (forge_core/rewards.py, the same functions as
+row {"messages": prompt + assistant}. With --samples N and rewards (forge_core/datagen/rewards.py, the same functions as
 GRPO's), the best of the N answers is the SFT row (best-of-N, rejection sampling), and --pairs FILE also gets
 {prompt, chosen: best, rejected: worst} for DPO whenever the best scored above the worst.
 
@@ -50,7 +50,7 @@ class LocalTeacher:
     """A model forge loads, answering through the backend's batched generator."""
 
     def __init__(self, ops, model_spec: str | None, adapter: str | None, batch_size: int = 32):
-        from forge_core.evaluate import _for_inference, recorded_system_prompt
+        from forge_core.eval.evaluate import _for_inference, recorded_system_prompt
 
         self.ops, self.batch_size = ops, batch_size
         self.model, self.tokenizer, _ = _for_inference(ops, adapter, model_spec)
@@ -64,7 +64,7 @@ class LocalTeacher:
                 for c in conversations]
 
     def answer(self, conversations: list[list[dict]], n: int, temp: float, max_tokens: int, seed: int) -> list[list[str]]:
-        from forge_core import generation
+        from forge_core.eval import generation
 
         self.ops.seed(seed)
         flat = generation.answers(self.ops, self.model, self.tokenizer,
@@ -75,10 +75,10 @@ class LocalTeacher:
     def answer_quoting(self, conversations: list[list[dict]], sources: list[str], max_tokens: int,
                        long_enough) -> list[str]:
         """One greedy answer per conversation that opens with a quote, and in which every quote is a verbatim piece
-        of that conversation's source (copy-constrained decoding, forge_core/copy_constraint.py); a quote may
+        of that conversation's source (copy-constrained decoding, forge_core/datagen/copy_constraint.py); a quote may
         close once long_enough(quote, source)."""
-        from forge_core import generation
-        from forge_core.copy_constraint import OPEN, QuoteConstraint, TokenPieces
+        from forge_core.datagen.copy_constraint import OPEN, QuoteConstraint, TokenPieces
+        from forge_core.eval import generation
 
         if self.pieces is None:
             self.pieces = TokenPieces(self.ops.hf_tokenizer(self.tokenizer))

@@ -17,12 +17,12 @@ from functools import partial
 import numpy as np
 
 from forge_core import data as fdata
-from forge_core import generation
 from forge_core.adapters.formats import FORGE, forge_adapter_dir, read_json
 from forge_core.config import ForgeConfig
 from forge_core.data.eval_rows import prompt_only, prompts_and_references
-from forge_core.metrics import score_rows
-from forge_core.perplexity import text_perplexity
+from forge_core.eval import generation
+from forge_core.eval.metrics import score_rows
+from forge_core.eval.perplexity import text_perplexity
 
 
 def load_adapted(ops, adapter: str | None, model_spec: str | None = None, quantized: bool = True):
@@ -110,7 +110,7 @@ def first_scored(row) -> int:
 
 
 def task_metrics(cfg: ForgeConfig, path, answer) -> dict:
-    """Greedy answers to the held-out prompts, scored against the references (forge_core.metrics).
+    """Greedy answers to the held-out prompts, scored against the references (forge_core.eval.metrics).
 
     `answer(conversations) -> [str]` is the batched generator (_answers).
     """
@@ -150,7 +150,7 @@ def evaluate(ops, cfg: ForgeConfig, adapter: str | None = None, model_spec: str 
     cfg = with_system_prompt(cfg, adapter, system)
     e = cfg.eval
     if e.lm_eval:
-        from forge_core import lm_eval_bridge
+        from forge_core.eval import lm_eval_bridge
 
         lm_eval_bridge.check_installed()  # before the model is built
     net, tokenizer, _ = _for_inference(ops, adapter, model_spec or (cfg.model.path if not adapter else None))

@@ -20,7 +20,7 @@ def generate(ops, model, tokenizer, prompts: list[list[int]], max_tokens: int, t
              batch_size: int = 32, top_p: float = 1.0, stop: list[int] | None = None,
              constraints: list | None = None) -> list[list[int]]:
     """The new token ids after each prompt, generated in length order (a batch pads to its longest prompt)
-    and returned in the caller's order; `constraints` (per prompt, forge_core/copy_constraint.py) go with theirs."""
+    and returned in the caller's order; `constraints` (per prompt, forge_core/datagen/copy_constraint.py) go with theirs."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = ops.generate_tokens(model, tokenizer, [list(prompts[i]) for i in order], max_tokens, temp,
                               max(1, batch_size), top_p=top_p, stop=stop,
