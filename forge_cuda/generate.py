@@ -1,11 +1,12 @@
-"""Generation on PyTorch for `forge generate` / `forge eval` (forge_core/evaluate.py, generation.py):
+"""Generation on PyTorch for `forge generate` / `forge eval` (forge_core/eval/evaluate.py, generation.py):
 transformers' generate() (streamed for one answer, left-padded batches for many).
 
 On the CPU, inference first folds each layer into one dense nn.Linear (for_inference): an adapted layer
 becomes Q(W_res) + s·BA, any other 4/8-bit layer its dequantized values. Token-by-token decoding would
 otherwise dequantize every layer for every token and run two small extra matmuls per adapted layer.
 Training keeps weights packed and the adapter apart (quant.py, lora.py). Sampling: greedy at temp 0, else
-plain temperature sampling (no top-k / top-p), as forge_mlx does.
+temperature sampling with no top-k and, where the caller gives one (GRPO's grpo.top_p), nucleus sampling - as
+forge_mlx does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from forge_core.generation import chat_prompt
+from forge_core.eval.generation import chat_prompt
 from forge_core.surgery import fold_plan
 
 from .lora import LoRALinear
@@ -117,7 +118,7 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: floa
 
 class _Constrained:
     """A transformers logits processor: in each constrained row the logits of the ids its constraint does not allow
-    (forge_core/copy_constraint.py) go to -inf. The row's new tokens are those after the padded prompt width."""
+    (forge_core/datagen/copy_constraint.py) go to -inf. The row's new tokens are those after the padded prompt width."""
 
     def __init__(self, constraints: list, width: int):
         self.constraints, self.width = constraints, width

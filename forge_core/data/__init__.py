@@ -1,9 +1,10 @@
 """The data pipeline: JSONL / local `datasets` dirs -> token ids + loss masks -> batches (numpy only).
 
-    read_rows(path)                   data_rows.py      (file, line, row) from JSONL, a dir, a datasets dir
+    read_rows(path)                   rows.py           (file, line, row) from JSONL, a dir, a datasets dir
     load_sft / load_preferences       here              rows -> checked -> chat-templated -> truncated
-    pack / BatchOrder / collate_*     data_batches.py   packing, resumable epoch order, padded batches
-    load_tokenizer / ChatTokenizer    data_tokenize.py  assistant-only loss masks via the chat template
+    pack / BatchOrder / collate_*     batches.py        packing, resumable epoch order, padded batches
+    load_tokenizer / ChatTokenizer    tokenize.py       assistant-only loss masks via the chat template
+    held-out prompts + references     eval_rows.py      for generation metrics; the system prompt rows share
 
 A bad row stops the run with `path:line: what is wrong`, or - with DataConfig.skip_bad_rows - is counted
 in DataStats.skipped (first few reasons kept for a warning). transformers is imported only when a
@@ -168,7 +169,7 @@ def load_sft(path, tokenizer, data_cfg: DataConfig, max_seq_len: int) -> tuple[l
     """SFT rows -> TokenizedRow(tokens int32 (L,), mask bool (L,)) with L <= max_seq_len.
 
     mask = assistant content + end-of-turn tokens (all tokens with data_cfg.train_on_prompt); see
-    data_tokenize.py for how turns are located. Packing is a separate step: `pack(rows, max_seq_len)`.
+    tokenize.py for how turns are located. Packing is a separate step: `pack(rows, max_seq_len)`.
     """
     chat = ChatTokenizer(tokenizer)
     _check_system(chat, data_cfg)

@@ -37,7 +37,7 @@ BACKEND_CONSTANTS = {
         # against plain autodiff, which kept every dense W for the backward.
         "dequant_kept": False,
         "fused_reads_packed": True,  # mx.quantized_matmul (Metal/CUDA) reads the packed weights
-        # Gradient checkpointing (forge_mlx/trainer.py checkpoint_blocks, mx.checkpoint per block), measured on
+        # Gradient checkpointing (forge_mlx/model.py checkpoint_blocks, mx.checkpoint per block), measured on
         # the tiny Llama (h=128, T=512, B=4, fp32 CPU) as the peak's growth per extra block, 8 -> 16 blocks:
         # compiled step: 8.3 MiB (i=512) and 5.0 MiB (i=256) per block = ~1.7·h + 1.65·i values per token, so
         # kept per token per block = 2·h + 2·i in the compute dtype (theory: h, the block input). Uncompiled

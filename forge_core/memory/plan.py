@@ -4,7 +4,8 @@
     memory_command(cfg, as_json, kind)                               `forge memory`
     check_before_launch(cfg, kind, backend, model_config, force)     refuse over budget unless --force
 
-The arithmetic lives in memory_estimate.py (pure), the device budget in memory_budget.py. Every
+The arithmetic lives in estimate.py (pure; its measured constants in constants.py), the device budget in
+budget.py, the data's shape in data_shape.py, the runtime check in guard.py. Every
 suggestion is a config change whose estimate was recomputed, never a rule of thumb.
 """
 
