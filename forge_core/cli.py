@@ -102,7 +102,7 @@ def nproc_option(f):
 
 def _relaunch(nproc: int, cfg) -> None:
     """--nproc N: exec the backend's launcher with this same command line, minus --nproc."""
-    from forge_core.launch import relaunch
+    from forge_core.relaunch import relaunch
 
     argv, skip = [], False
     for arg in sys.argv[1:]:
@@ -225,7 +225,7 @@ for _method in METHODS.values():
 @friendly
 def generate(model, adapter, prompt, system, max_tokens, temp, backend):
     """Generate from base + adapter with the chat template (streams)."""
-    from forge_core.launch import run_generate
+    from forge_core.eval.commands import run_generate
 
     run_generate(model=model, adapter=adapter, prompt=prompt, system=system, max_tokens=max_tokens,
                  temp=temp, backend=backend)
@@ -249,7 +249,7 @@ def generate(model, adapter, prompt, system, max_tokens, temp, backend):
 @friendly
 def eval_(adapter, as_json, system, text, stride, lm_eval, lm_eval_include, lm_eval_limit, num_fewshot, **kw):
     """Held-out loss / perplexity and the task metric; a text file's perplexity; lm-eval tasks."""
-    from forge_core.launch import run_eval
+    from forge_core.eval.commands import run_eval
 
     extra = {"eval.text": text, "eval.stride": stride, "eval.lm_eval": lm_eval, "eval.lm_eval_include": lm_eval_include,
              "eval.lm_eval_limit": lm_eval_limit, "eval.lm_eval_fewshot": num_fewshot}

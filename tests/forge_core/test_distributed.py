@@ -6,7 +6,7 @@ import os
 import sys
 
 from forge_core.distributed import World, _flatten, _rebuild, env_rank, is_peer_lost, local_ranks
-from forge_core.launch import launcher_command
+from forge_core.relaunch import launcher_command
 
 
 def test_a_world_of_one_is_the_identity():
