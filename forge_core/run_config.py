@@ -17,7 +17,8 @@ from __future__ import annotations
 import copy
 import json
 
-from forge_core.config import ForgeConfig, build_config, from_dict
+from forge_core.config import ForgeConfig
+from forge_core.config_parse import build_config, from_dict
 from forge_core.errors import ForgeError
 from forge_core.methods import section
 from forge_core.rundir import RunDir

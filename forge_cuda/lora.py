@@ -27,6 +27,7 @@ from forge_core import surgery
 from forge_core.adapters import mapping as mp
 from forge_core.adapters.mapping import collect
 from forge_core.config import ForgeConfig, lora_scale
+from forge_core.dora import dora_weight
 from forge_core.errors import ForgeError
 from forge_core.surgery import select_targets, under
 
@@ -105,10 +106,7 @@ class LoRALinear(nn.Module):
     def merged(self, w: torch.Tensor) -> torch.Tensor:
         """The dense weight this layer computes with, given its base's dense weight w (fp32): W + s·BA, or under
         DoRA m / ||W + s·BA||_row · (W + s·BA)."""
-        adapted = w + self.delta()
-        if self.lora_magnitude_vector is not None:
-            adapted = adapted * (self.lora_magnitude_vector / torch.linalg.norm(adapted, dim=1))[:, None]
-        return adapted
+        return dora_weight(torch, w + self.delta(), self.lora_magnitude_vector)
 
     def fuse(self, w: torch.Tensor | None = None) -> nn.Linear:
         """Fold the adapter into a dense nn.Linear (dequantizing a quantized base; never requantizing). `w`: the

@@ -1,4 +1,4 @@
-"""Generation on MLX for `forge generate` / `forge eval` (forge_core/evaluate.py, generation.py): mlx-lm's
+"""Generation on MLX for `forge generate` / `forge eval` (forge_core/eval/evaluate.py, generation.py): mlx-lm's
 generators (stream_generate for one streamed answer, BatchGenerator for many, with a per-row logits processor
 where a row's decoding is constrained).
 
@@ -19,7 +19,7 @@ from mlx import nn
 from mlx.utils import tree_unflatten
 
 from forge_core.data.batches import shared_prefix
-from forge_core.generation import chat_prompt
+from forge_core.eval.generation import chat_prompt
 from forge_core.surgery import fold_plan
 
 from .lora import LoRALinear
@@ -81,7 +81,7 @@ def sampling_weights(model: nn.Module, cache: dict):
 
 def complete(model, tokenizer, messages: list[dict], max_tokens: int, temp: float = 0.0, stream=None) -> str:
     """One answer with mlx-lm's stream_generate; its text is the tokens decoded without special tokens, as
-    forge_core/generation.py and the torch backend decode (`stream` gets it piece by piece, as transformers'
+    forge_core/eval/generation.py and the torch backend decode (`stream` gets it piece by piece, as transformers'
     TextStreamer hands it out: never half a character)."""
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
@@ -128,7 +128,7 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], max_tokens: int,
     continuous batching: a row that stops makes room for the next). The tokens all prompts start with (a
     shared system prompt) are run once into a KV cache that every row starts from. Greedy ids equal
     stream_generate's. `constraints`: per prompt, None or an object whose allowed(generated ids) limits the
-    next token (forge_core/copy_constraint.py)."""
+    next token (forge_core/datagen/copy_constraint.py)."""
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_sampler

@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from forge_core import surgery
 from forge_core.config import ForgeConfig, lora_scale
+from forge_core.dora import dora_weight
 from forge_core.errors import ForgeError
 from forge_core.surgery import select_targets, under
 
@@ -101,10 +102,7 @@ class LoRALinear(nn.Module):
     def merged(self, w: mx.array) -> mx.array:
         """The dense weight this layer computes with, given its base's dense weight w (fp32): W + s·BA, or under
         DoRA m / ||W + s·BA||_row · (W + s·BA)."""
-        adapted = w + self.delta()
-        if self.dora:
-            adapted = adapted * (self.m / mx.linalg.norm(adapted, axis=1))[:, None]
-        return adapted
+        return dora_weight(mx, w + self.delta(), self.m if self.dora else None)
 
     def fuse(self, w: mx.array | None = None) -> nn.Linear:
         """Fold the adapter into a dense nn.Linear (dequantizing a quantized base; never requantizing). `w`: the

@@ -56,7 +56,7 @@ def _same_adapter(a, b):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_run_takes_the_factors_from_the_cache_no_svd_and_ends_bit_identical(
         backend, tiny_model, jsonl, tmp_path, monkeypatch):
-    import forge_core.surgery as surgery
+    from forge_core import surgery
 
     monkeypatch.setenv("FORGE_INIT_CACHE", str(tmp_path / "cache"))
     train = _train(backend)
@@ -188,3 +188,24 @@ def test_zero_means_never_for_save_every_and_log_every(tiny_model, jsonl, tmp_pa
     assert [r["step"] for r in run.metrics() if r["split"] == "train"] == [1, 5]  # the first and the last
     state = json.loads((run.checkpoint_dir(5) / "state.json").read_text())
     assert set(state["files"]) == {"adapters.safetensors", "optimizer.safetensors"}
+
+
+def test_an_mlx_forge_train_imports_no_torch(tiny_model, jsonl, tmp_path):
+    """`python -X importtime -m forge_core.cli train` (the `forge` script's entry) on MLX: no torch module among the
+    imports, and the run trains (transformers serves the tokenizer without it)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlx.core")
+    data = jsonl("train.jsonl", _rows(8))
+    env = {**os.environ, "FORGE_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "forge_core.cli", "train", "--backend", "mlx",
+                          "--model", str(tiny_model), "--data", str(data), "--steps", "1", "--rank", "4",
+                          "--set", "quant.group_size=32", "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
+    assert "mlx.core" in imported and "transformers" in imported
+    assert not [m for m in imported if m == "torch" or m.startswith("torch.")]
+    assert (tmp_path / "run" / "adapter" / "forge.json").is_file()

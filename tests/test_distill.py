@@ -22,7 +22,7 @@ def server(request):
     asked, ignore_n = [], request.param
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - the http.server name
+        def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             asked.append(body)
             user = body["messages"][-1]["content"]

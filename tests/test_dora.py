@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from forge_core.config import ForgeConfig, set_value
+from forge_core.config import ForgeConfig
+from forge_core.config_parse import set_value
 from tests.conftest import write_jsonl
 from tests.test_preference_methods import BACKENDS, HAVE, ops_of, records, train
 

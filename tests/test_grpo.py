@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-from forge_core.config import ForgeConfig, set_value
+from forge_core.config import ForgeConfig
+from forge_core.config_parse import set_value
 from forge_core.errors import ForgeError
 from forge_core.objectives.grpo import GRPOObjective
 from forge_core.rundir import RunDir

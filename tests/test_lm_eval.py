@@ -8,14 +8,14 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from click.testing import CliRunner  # noqa: E402
-from rich.console import Console  # noqa: E402
+from click.testing import CliRunner
+from rich.console import Console
 
-from forge_core import backend as backends  # noqa: E402
-from forge_core.cli import cli  # noqa: E402
-from forge_core.config import ForgeConfig  # noqa: E402
-from forge_core.eval import lm_eval_bridge  # noqa: E402
-from forge_core.eval.evaluate import _for_inference  # noqa: E402
+from forge_core import backend as backends
+from forge_core.cli import cli
+from forge_core.config import ForgeConfig
+from forge_core.eval import lm_eval_bridge
+from forge_core.eval.evaluate import _for_inference
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 5, "Pack my box with five dozen liquor jugs."]
 

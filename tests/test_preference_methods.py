@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from forge_core.config import ForgeConfig, set_value
+from forge_core.config import ForgeConfig
+from forge_core.config_parse import set_value
 from forge_core.errors import ForgeError
 from forge_core.rundir import RunDir
 from tests.conftest import write_jsonl

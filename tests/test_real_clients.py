@@ -21,18 +21,18 @@ pytest.importorskip("peft")
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from mlx.utils import tree_flatten  # noqa: E402
-from mlx_lm import load as mlx_load  # noqa: E402
-from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
-from mlx_lm.utils import save_config  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from mlx.utils import tree_flatten
+from mlx_lm import load as mlx_load
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import save_config
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.numpy import load_file, save_file
+from transformers import AutoModelForCausalLM
 
-from forge_core.adapters.convert import convert  # noqa: E402
-from forge_core.adapters.export import export  # noqa: E402
-from forge_core.errors import ForgeError  # noqa: E402
-from tests.tiny import make_tiny_model  # noqa: E402
+from forge_core.adapters.convert import convert
+from forge_core.adapters.export import export
+from forge_core.errors import ForgeError
+from tests.tiny import make_tiny_model
 
 IDS = [5, 17, 99, 200, 3, 44, 250, 7, 120, 64]
 TOL = 1e-4
@@ -172,7 +172,7 @@ def test_mlx_peft_mlx_round_trip_is_bit_identical(base, tmp_path):
     assert before.keys() == after.keys()
     for k in before:
         assert before[k].dtype == after[k].dtype and np.array_equal(before[k], after[k]), k
-    cfg = lambda d: json.loads((d / "adapter_config.json").read_text())  # noqa: E731
+    cfg = lambda d: json.loads((d / "adapter_config.json").read_text())
     assert cfg(tmp_path / "back") == cfg(src)
 
 

@@ -25,7 +25,7 @@ TITLE = "MLX CPU kernels"
 
 def _cases(mx, nn, cm, unpack_affine):
     """(name, shape text, elements, MLX fn, forge fn, args)."""
-    r = lambda *s: mx.random.normal(s)  # noqa: E731
+    r = lambda *s: mx.random.normal(s)
     a, b = r(256, 1536), r(256, 1536)
     big = r(256, 49152)
     scores = r(2, 3, 384, 128) * 3
@@ -36,13 +36,13 @@ def _cases(mx, nn, cm, unpack_affine):
 
     def attn(t):
         q, k, v = r(2, 9, t, 64), r(2, 3, t, 64), r(2, 3, t, 64)
-        ref = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")  # noqa: E731
-        ours = lambda q, k, v: cm.attention(q, k, v, 0.125, "causal")  # noqa: E731
+        ref = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
+        ours = lambda q, k, v: cm.attention(q, k, v, 0.125, "causal")
         return ("causal attention fwd+bwd", f"B2 H9/3 T{t} d64", 2 * 9 * t * t, grad(ref, 3), grad(ours, 3), (q, k, v))
 
-    silu = lambda g, x: nn.silu(g) * x  # noqa: E731
+    silu = lambda g, x: nn.silu(g) * x
     packed = mx.quantize(r(1536, 576) * 0.02, group_size=64, bits=4)
-    ce = lambda x: nn.losses.cross_entropy(x, targets, reduction="none")  # noqa: E731
+    ce = lambda x: nn.losses.cross_entropy(x, targets, reduction="none")
     return [
         ("exp", "256x1536", a.size, mx.exp, cm.fast_exp, (a,)),
         ("exp", "256x49152", big.size, mx.exp, cm.fast_exp, (big - 5,)),
@@ -64,7 +64,7 @@ def worker(spec: dict) -> None:
     if not spec["malloc"]:
         os.environ["FORGE_NO_MALLOC_TUNING"] = "1"
     import mlx.core as mx
-    import mlx.nn as nn
+    from mlx import nn
 
     import forge_mlx  # noqa: F401  (BLAS preload, malloc settings)
     from forge_mlx import allocator, cpu_math
@@ -90,7 +90,7 @@ def worker(spec: dict) -> None:
 def report(with_m: dict, without: dict, command: str, load_before: str, label: str = "") -> str:
     rows = []
     for a, b in zip(with_m["rows"], without["rows"]):
-        ns = lambda ms: ms * 1e6 / a["n"]  # noqa: E731
+        ns = lambda ms: ms * 1e6 / a["n"]
         rows.append([a["name"], a["shape"], f"{b['mlx_ms']:.2f} ({ns(b['mlx_ms']):.1f})",
                      f"{b['forge_ms']:.2f} ({ns(b['forge_ms']):.1f})", f"{b['mlx_ms'] / b['forge_ms']:.2f}x",
                      f"{a['mlx_ms']:.2f} ({ns(a['mlx_ms']):.1f})", f"{a['forge_ms']:.2f} ({ns(a['forge_ms']):.1f})",

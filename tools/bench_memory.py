@@ -246,7 +246,7 @@ def worker(spec: dict) -> dict:
         import forge_cuda.ops  # noqa: F401
     from rich.console import Console
 
-    from forge_core.config import build_config
+    from forge_core.config_parse import build_config
 
     cfg = build_config(None, spec["sets"])
     console = Console(stderr=True, quiet=True)
@@ -280,7 +280,7 @@ def measure_ranks(row: dict, sets: list[str], out_dir: Path) -> dict:
     rank's plan, made here from the same settings and rows."""
     import subprocess
 
-    from forge_core.config import build_config
+    from forge_core.config_parse import build_config
 
     command = "train" if row["kind"] == "sft" else row["kind"]
     argv = [sys.executable, "-m", "forge_core.cli", command, "--nproc", str(row["nproc"]), "--force",

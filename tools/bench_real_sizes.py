@@ -29,9 +29,9 @@ What each figure is:
                      (mx.get_peak_memory()) in RUN/metrics.jsonl
     planned total    the run's own "memory: planned peak X" (2 decimals): on the CPU its overhead is the
                      process's RSS measured at the plan, which a plan made outside it cannot know; against
-                     max RSS: ru_maxrss of the process, from os.wait4 on that one child as it exits (the
-                     kernel's high-water mark of its resident set, no sampling: file-backed pages such as
-                     the mmapped safetensors count too)
+                     max RSS: the child's VmHWM (the kernel's high-water mark of its resident set, read every
+                     20 ms until it exits; file-backed pages such as the mmapped safetensors count too; not
+                     ru_maxrss, which also counts the copy of this process a fork makes before the exec)
     s/step, tok/s    medians over the steps >= 2 of RUN/metrics.jsonl (step 1 traces and compiles); tok/s
                      counts the padded batch, B x T
     ratio            planned / measured: above 1 the plan is generous, below 1 it under-plans
@@ -140,7 +140,7 @@ def forge_argv(opts: dict) -> list[str]:
 def run_config(opts: dict):
     """The ForgeConfig the child builds from the same options (cli.TRAIN_OPTIONS maps them to config keys)."""
     from forge_core.cli import TRAIN_OPTIONS
-    from forge_core.config import build_config
+    from forge_core.config_parse import build_config
 
     return build_config(None, [f"{TRAIN_OPTIONS[k]}={v}" for k, v in opts.items()] + SETS)
 
@@ -154,25 +154,47 @@ def forge_env(home: Path, init_cache: Path) -> dict:
 def timed_process(argv: list[str], env: dict, timeout: float = RUN_TIMEOUT) -> dict:
     """Run argv, stamping each line of its output (stderr, stdout merged in) with seconds since the start.
 
-    max_rss = ru_maxrss (KiB on Linux) from os.wait4 on this one child: its own high-water mark, whatever
-    other children this process ran before (RUSAGE_CHILDREN would give the largest of them all).
+    max_rss = the child's VmHWM (/proc/PID/status: the high-water mark of its resident set), read every 20 ms
+    until it exits. Not ru_maxrss: that counts the pages the child had between fork and exec too - a copy of
+    THIS process's resident set (2.3 GB under pytest) - while VmHWM belongs to the image exec started.
     """
     tic = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=bc.ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     killer = threading.Timer(timeout, proc.kill)  # a hung run must not hang the benchmark
     killer.start()
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _hwm_bytes(proc.pid))
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     lines = []
     try:
         for line in proc.stdout:
             lines.append((time.perf_counter() - tic, line.rstrip("\n")))
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
     finally:
+        done.set()
+        sampler.join()
         killer.cancel()
         proc.stdout.close()
-    wall = time.perf_counter() - tic
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait for it again
-    return {"rc": proc.returncode, "lines": lines, "wall_s": wall, "max_rss": usage.ru_maxrss * 1024}
+    return {"rc": proc.returncode, "lines": lines, "wall_s": time.perf_counter() - tic, "max_rss": peak[0]}
+
+
+def _hwm_bytes(pid: int) -> int:
+    """VmHWM of a live process, 0 once it is gone (or a zombie: no memory any more)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 # ---------------------------------------------------------------- reading a run
@@ -414,8 +436,8 @@ def report(args, argv, load_before: str, tables: list[str], runs: list[dict], fa
             "own `built in`; first step s = process start to its `train step 1` line; planned arrays = "
             "forge_core.memory.plan on the same config and rows, less its framework overhead; MLX peak = the "
             "largest peak_memory in metrics.jsonl; planned total = the run's own `memory: planned peak` (its "
-            "overhead on the CPU: its RSS measured at the plan); max RSS = ru_maxrss of the process "
-            "(os.wait4), file-backed pages included; s/step and tok/s (B x T per second) = medians over "
+            "overhead on the CPU: its RSS measured at the plan); max RSS = the process's VmHWM "
+            "(/proc, read every 20 ms), file-backed pages included; s/step and tok/s (B x T per second) = medians over "
             "steps >= 2; memory and speed are the cold run's.")
     parts = [bc.provenance(bc.command("bench_real_sizes.py", argv), load_before, note), *tables]
     extra = notes(runs, failures)

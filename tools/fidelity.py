@@ -155,7 +155,7 @@ def randomized_table(weights: dict, inits: list[str], rank: int, bits: int, grou
 # ---------------------------------------------------------------- 2. held-out loss after equal steps
 
 def demo_config(recipe: str, init: str, steps: int, out_dir: str):
-    from forge_core.config import build_config
+    from forge_core.config_parse import build_config
 
     cfg = build_config(recipe)
     cfg.lora.init, cfg.train.steps, cfg.train.out_dir = init, steps, out_dir

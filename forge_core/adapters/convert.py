@@ -18,6 +18,7 @@ from forge_core.adapters.formats import (
     write_mlx_adapter,
     write_peft_adapter,
 )
+from forge_core.dora import dora_weight
 from forge_core.errors import ForgeError
 
 # ---- math ---------------------------------------------------------------------------------------
@@ -65,10 +66,9 @@ def merged_weight(adapter: Adapter, module: str, w: np.ndarray) -> np.ndarray:
 
     Summed in float64 and rounded once to float32, so the merge adds no error beyond that rounding.
     """
-    merged = w.astype(np.float64) + _delta64(adapter, module)
-    if adapter.magnitudes is not None:
-        merged *= (adapter.magnitudes[module].astype(np.float64) / np.linalg.norm(merged, axis=1))[:, None]
-    return merged.astype(np.float32)
+    mags = adapter.magnitudes
+    m = mags[module].astype(np.float64) if mags is not None else None
+    return dora_weight(np, w.astype(np.float64) + _delta64(adapter, module), m).astype(np.float32)
 
 
 # ---- the base model and `forge convert` ----------------------------------------------------------

@@ -281,7 +281,7 @@ def save_trained(path, tensors: dict, magnitudes: dict | None, cfg, factors: dic
 
 def read_trained(path) -> tuple:
     """(the run's config, its Adapter) of a forge adapter dir in either layout."""
-    from forge_core.config import from_dict
+    from forge_core.config_parse import from_dict
 
     d = forge_adapter_dir(path)
     adapter = read_adapter(d)

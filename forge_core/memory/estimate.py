@@ -21,99 +21,25 @@ derived.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 from forge_core.config import DEFAULT_TARGETS, ForgeConfig, layer_indices, lora_init_kind
 from forge_core.errors import ForgeError
+from forge_core.memory.build import init_cache_disk_bytes, init_components, sampling_component  # noqa: F401
 from forge_core.memory.constants import (
     ADAM8_MIN_NUMEL,
     BACKEND_CONSTANTS,
     LORA_BYTES,
-    NF4_BLOCK,
-    NF4_DQ_BLOCK,
     head_chunk_rows,
+)
+from forge_core.memory.shape import TARGET_INPUT, Component, ModelShape, Run, compute_bytes
+from forge_core.memory.weights import (  # noqa: F401
+    block_weight_bytes,
+    dequant_bytes,
+    embedding_bytes,
+    linear_bytes,
+    weight_components,
 )
 from forge_core.methods import method
 from forge_core.models.architectures import architecture
-
-# Where each LoRA target reads its input from: targets sharing an input share its saved activation.
-TARGET_INPUT = {"q_proj": "xn", "k_proj": "xn", "v_proj": "xn", "o_proj": "attn",
-                "gate_proj": "xn2", "up_proj": "xn2", "down_proj": "mlp"}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The config.json numbers the planner needs (Llama-style decoder blocks)."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    model_type: str = ""
-
-    @classmethod
-    def from_config(cls, config: dict, source: str = "config.json") -> ModelShape:
-        c = config.get("text_config", config) if "hidden_size" not in config else config
-        need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-        missing = [k for k in need if not isinstance(c.get(k), int)]
-        if missing:
-            raise ForgeError(f"{source}: no integer {', '.join(missing)}; the memory planner needs a "
-                             "Llama-style config.json (hidden_size, intermediate_size, num_hidden_layers, ...)")
-        heads = c["num_attention_heads"]
-        return cls(hidden=c["hidden_size"], intermediate=c["intermediate_size"], layers=c["num_hidden_layers"],
-                   heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
-                   head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
-                   tied=bool(c.get("tie_word_embeddings", False)),  # absent: count lm_head separately
-                   model_type=str(c.get("model_type") or config.get("model_type") or ""))
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """Linear weights of one block: name -> (out, in)."""
-        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-
-
-@dataclass
-class Component:
-    """One line of the plan. phase: "train" (training step), "init" (model build), "both"."""
-
-    name: str
-    bytes: int
-    note: str = ""
-    phase: str = "train"
-
-
-@dataclass(frozen=True)
-class Run:
-    """The numbers every formula needs, resolved once from (cfg, shape, kind, backend, device)."""
-
-    cfg: ForgeConfig
-    shape: ModelShape
-    const: dict
-    on_gpu: bool
-    cb: int  # compute dtype bytes
-    rows: int  # B (doubled for the pair methods)
-    seq: int  # T: max_seq_len, or the widest batch of the data
-    head_tokens: int  # positions the vocabulary head runs at per micro-batch (B·T, or B x the data's loss cap)
-    targets: tuple[str, ...]
-    lora_layers: int
-    mode: str  # affine | nf4 | fp4 | int8 | none
-
-    @property
-    def tokens(self) -> int:
-        return self.rows * self.seq
-
-
-def compute_bytes(dtype: str, on_gpu: bool) -> int:
-    """model.dtype -> bytes: auto is fp32 on a CPU, bf16 on Metal/CUDA."""
-    if dtype == "auto":
-        return 2 if on_gpu else 4
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
 
 
 def quant_mode(cfg: ForgeConfig, backend: str) -> str:
@@ -173,88 +99,6 @@ def head_plan(cfg: ForgeConfig, shape: ModelShape, const: dict) -> tuple[bool, b
     quantized = cfg.quant.embeddings and (const["quantized_tied_head"] or not shape.tied)
     chunked = split and cfg.train.chunked_loss and not quantized
     return (chunked if const["head_positions_need_chunking"] else split), chunked
-
-
-# ------------------------------------------------------------------------------------------- weights
-
-def linear_bytes(out: int, inp: int, run: Run) -> int:
-    """One frozen base weight (out, in) as stored.
-
-    affine (MLX): rows of ceil(in·bits/32) uint32 + per group of g: scale and bias in the compute dtype;
-                  a weight whose in-dim is not a multiple of g stays dense (forge_mlx quantizable()).
-    nf4 / fp4:    in·out/2 bytes + absmax per 64 weights: fp32, or with double quant 1 byte per block
-                  plus an fp32 constant per 256 blocks.
-    int8:         1 byte per weight + an fp32 scale per row (LLM.int8).
-    """
-    n, bits, g = out * inp, run.cfg.quant.bits, run.cfg.quant.group_size
-    if run.mode == "none" or (run.mode == "affine" and inp % g):
-        return n * run.cb
-    if run.mode == "affine":
-        return out * (math.ceil(inp * bits / 32) * 4 + (inp // g) * 2 * run.cb)
-    if run.mode == "int8":
-        return n + out * 4
-    blocks = math.ceil(n / NF4_BLOCK)
-    absmax = blocks + math.ceil(blocks / NF4_DQ_BLOCK) * 4 if run.cfg.quant.double_quant else blocks * 4
-    return math.ceil(n / 2) + absmax
-
-
-def embedding_bytes(run: Run) -> int:
-    """embed_tokens (+ lm_head unless tied), each (V, h): quantized only with quant.embeddings."""
-    s = run.shape
-    one = linear_bytes(s.vocab, s.hidden, run) if run.cfg.quant.embeddings else s.vocab * s.hidden * run.cb
-    return one * (1 if s.tied else 2)
-
-
-def block_weight_bytes(run: Run) -> int:
-    """All blocks' linears as stored + every RMSNorm weight ((2L + 1)·h, compute dtype)."""
-    s = run.shape
-    per_block = sum(linear_bytes(o, i, run) for o, i in s.linears().values())
-    return s.layers * per_block + (2 * s.layers + 1) * s.hidden * run.cb
-
-
-def weight_components(run: Run) -> list[Component]:
-    s, q = run.shape, run.cfg.quant
-    label = "full precision" if run.mode == "none" else f"{q.bits}-bit {run.mode}" + (
-        f" g{q.group_size}" if run.mode == "affine" else "")
-    params = s.layers * sum(o * i for o, i in s.linears().values())
-    blocks = block_weight_bytes(run)
-    emb_note = ("tied, " if s.tied else "embed + lm_head, ") + (label if q.embeddings else "not quantized")
-    return [
-        Component("base weights (blocks)", blocks, f"{params / 1e9:.2f}B params, {label}, "
-                  f"{blocks / max(params, 1):.3f} B/param with scales and norms"),
-        Component("embeddings / lm_head", embedding_bytes(run), emb_note, "both"),
-    ]
-
-
-def dequant_bytes(run: Run) -> tuple[int, str]:
-    """Dense copies of quantized weights made for the matmul (0 when the kernel reads them packed); under DoRA at
-    least every adapted weight, dense for its row norms and kept by x·Wᵀ for the backward."""
-    plain, why = _dequant_bytes(run)
-    if run.cfg.lora.dora and (run.mode != "none" or run.on_gpu):  # full precision on the CPU: W itself, no copy
-        shapes = run.shape.linears()
-        blocks = 1 if run.cfg.train.grad_checkpoint else run.lora_layers
-        dora = blocks * sum(shapes[t][0] * shapes[t][1] for t in run.targets) * run.cb
-        if dora > plain:
-            return dora, "DoRA: each adapted weight dense for its row norm" + (", one block (checkpointed)"
-                                                                              if blocks == 1 else "")
-    return plain, why
-
-
-def _dequant_bytes(run: Run) -> tuple[int, str]:
-    if run.mode == "none":
-        return 0, ""
-    s, cb = run.shape, run.cb
-    dense = {n: o * i * cb for n, (o, i) in s.linears().items()}
-    head = s.vocab * s.hidden * cb if run.cfg.quant.embeddings else 0
-    matmul = run.cfg.quant.matmul
-    fused = (matmul == "auto" and run.on_gpu) or matmul == "fused"
-    if fused and run.const["fused_reads_packed"]:
-        return 0, ""
-    if not run.const["dequant_kept"]:  # re-dequantized in the backward: one weight at a time
-        return max([*dense.values(), head]), "largest weight dequantized per matmul"
-    blocks = 1 if run.cfg.train.grad_checkpoint else s.layers
-    why = "one block (checkpointed)" if blocks == 1 else "every block: kept for the backward"
-    return blocks * sum(dense.values()) + head, f"dequant+BLAS matmul, {why}"
 
 
 # ------------------------------------------------------------------------------------------- LoRA
@@ -388,56 +232,6 @@ def activation_components(run: Run) -> list[Component]:
     return out
 
 
-# ------------------------------------------------------------------------------------------- init
-
-def svd_bytes(out: int, inp: int, run: Run) -> int:
-    """forge_core.pissa on one (out, in) weight, fp32 numpy: W, the residual and the B0·A0 product,
-    the MLX copy of W_res (4·out·in floats), plus U, Vt: k = min(out, in) columns for the full SVD,
-    3·(2r + 8) for the randomized one (basis, its projection, U)."""
-    _, niter = lora_init_kind(run.cfg.lora.init)
-    k = min(out, inp) if niter == 0 else 3 * min(2 * run.cfg.lora.rank + 8, min(out, inp))
-    return 4 * (4 * out * inp + k * (out + inp))
-
-
-def init_components(run: Run) -> list[Component]:
-    """The model build: PiSSA SVDs on the dense weights, then quantization of the residual and the rest."""
-    s, cb = run.shape, run.cb
-    kind, _ = lora_init_kind(run.cfg.lora.init)
-    shapes = s.linears()
-    out = []
-    if run.const["init_holds_dense_model"]:
-        dense = s.layers * sum(o * i for o, i in shapes.values()) * cb + (2 * s.layers + 1) * s.hidden * cb
-        if run.cfg.quant.embeddings and run.mode != "none":  # dense until quantize_rest swaps them
-            dense += s.vocab * s.hidden * cb * (1 if s.tied else 2)
-        out.append(Component("dense model at load", dense, "all weights in the compute dtype, as loaded", "init"))
-        if run.mode != "none":
-            # adapt_model swaps the quantized targets in at its end, quantize_rest the others at its end:
-            # dense all + quantized targets, then dense non-targets + everything quantized.
-            q_t = run.lora_layers * sum(linear_bytes(*shapes[t], run) for t in run.targets)
-            d_t = run.lora_layers * sum(shapes[t][0] * shapes[t][1] * cb for t in run.targets)
-            q_all = s.layers * sum(linear_bytes(o, i, run) for o, i in shapes.values())
-            out.append(Component("quantized copies (surgery)", max(q_t, q_all - d_t),
-                                 "coexist with the dense weights until swapped in", "init"))
-    else:
-        big = max(o * i for o, i in shapes.values()) * cb
-        out.append(Component("weights (streamed build)", block_weight_bytes(run) + big,
-                             "final weights + one dense weight being converted", "init"))
-    if kind == "pissa":
-        name = max(run.targets, key=lambda t: svd_bytes(*shapes[t], run))
-        out.append(Component("PiSSA SVD (largest target)", svd_bytes(*shapes[name], run),
-                             f"{name} {shapes[name][0]}x{shapes[name][1]}, fp32", "init"))
-    return out
-
-
-def init_cache_disk_bytes(run: Run) -> int:
-    """Disk, not memory: the init cache entry a PiSSA run writes (forge_core/init_cache.py), fp32 A0 (r, in) and
-    B0 (out, r) for every target."""
-    if lora_init_kind(run.cfg.lora.init)[0] != "pissa":
-        return 0
-    shapes = run.shape.linears()
-    return run.lora_layers * sum(LORA_BYTES * run.cfg.lora.rank * sum(shapes[t]) for t in run.targets)
-
-
 # ------------------------------------------------------------------------------------------- all
 
 def estimate(cfg: ForgeConfig, shape: ModelShape, kind: str = "sft", backend: str = "mlx",
@@ -473,23 +267,6 @@ def overhead_component(run: Run, backend: str, process_bytes: int) -> Component:
         return Component("framework overhead", process_bytes + growth, f"measured: this process at the plan "
                          f"{process_bytes / 2**20:.0f} MiB + {growth / 2**20:.0f} MiB a run grows by", "both")
     return Component("framework overhead", run.const["overhead"][side], f"{backend} ({side}) constant", "both")
-
-
-def sampling_component(run: Run) -> Component:
-    """GRPO's generation: the KV cache of the completions decoded at once (keys and values of every block,
-    rows x (prompt + max_new_tokens) rounded up to mlx-lm's 256-token cache steps) and their fp32 logits. It is
-    freed before the step's forward, so counting it beside the activations is an upper bound."""
-    g, s = run.cfg.grpo, run.shape
-    rows = g.sample_batch_size or run.cfg.train.batch_size * run.cfg.train.grad_accum
-    width = -(-run.seq // 256) * 256
-    kv = 2 * s.layers * s.kv_heads * s.head_dim * rows * width * run.cb
-    note = f"{rows} completions x {width} positions, keys + values of {s.layers} blocks"
-    if not run.on_gpu:  # ops.sampling_weights: every block linear dense fp32 (the dequantized base kept for the run)
-        dense = 4 * s.layers * sum(o * i for o, i in s.linears().values())
-        dense += 4 * s.vocab * s.hidden * (1 if s.tied else 2) if run.cfg.quant.embeddings else 0
-        kv += dense
-        note += f"; + {dense / 2**20:.0f} MiB of dense fp32 weights the CPU samples from"
-    return Component("sampling KV cache", kv + rows * s.vocab * 4, note)
 
 
 def phase_total(components: list[Component], phase: str) -> int:

@@ -19,7 +19,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from forge_core.config import ForgeConfig, set_value
+from forge_core.config import ForgeConfig
+from forge_core.config_parse import set_value
 from forge_core.errors import ForgeError
 from forge_core.memory.budget import device_budget, human, parse_size, plans_for_gpu  # noqa: F401  (parse_size: public API)
 from forge_core.memory.estimate import (

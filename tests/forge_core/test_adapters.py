@@ -30,7 +30,7 @@ def modules(layers=(0, 1)):
 
 def rand_adapter(r=4, scale=2.0, seed=0, init="lora", rslora=False, dora=False, layers=(0, 1), base=None):
     rng = np.random.default_rng(seed)
-    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
     tensors = {m: (f(r, i), f(o, r)) for m, (o, i) in modules(layers).items()}
     pissa = {m: (f(r, i), f(o, r)) for m, (o, i) in modules(layers).items()} if init == "pissa" else None
     mags = {m: np.abs(f(o)) + 1 for m, (o, _) in modules(layers).items()} if dora else None

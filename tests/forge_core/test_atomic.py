@@ -14,10 +14,9 @@ def test_interrupted_directory_write_keeps_the_old_directory(tmp_path):
     target = tmp_path / "ckpt"
     with atomic_dir(target) as tmp:
         (tmp / "a.txt").write_text("old")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(target) as tmp:
-            (tmp / "a.txt").write_text("new")
-            raise KeyboardInterrupt  # Ctrl-C half way through the new version
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("new")
+        raise KeyboardInterrupt  # Ctrl-C half way through the new version
     assert (target / "a.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dir left behind
 
@@ -41,10 +40,9 @@ def test_killed_process_leaves_no_directory_at_the_target(tmp_path):
 def test_interrupted_file_write_keeps_the_old_file(tmp_path):
     target = tmp_path / "latest.json"
     write_json(target, {"step": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text('{"step": 2, "dir": "chec')
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text('{"step": 2, "dir": "chec')
+        raise RuntimeError("killed")
     assert target.read_text() == '{\n  "step": 1\n}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json"]
 

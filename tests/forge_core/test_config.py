@@ -2,15 +2,8 @@
 
 import pytest
 
-from forge_core.config import (
-    ForgeConfig,
-    build_config,
-    from_dict,
-    layer_indices,
-    lora_init_kind,
-    lora_scale,
-    set_value,
-)
+from forge_core.config import ForgeConfig, layer_indices, lora_init_kind, lora_scale
+from forge_core.config_parse import build_config, from_dict, set_value
 from forge_core.errors import ForgeError
 
 
@@ -64,7 +57,8 @@ def test_scale_init_and_layers_helpers():
 
 
 def test_allowed_values_come_from_the_field_types():
-    from forge_core.config import ForgeConfig, choices, set_value
+    from forge_core.config import ForgeConfig
+    from forge_core.config_parse import choices, set_value
 
     assert choices("quant.bits") == (0, 2, 3, 4, 6, 8)
     assert choices("backend") == ("auto", "mlx", "cuda")

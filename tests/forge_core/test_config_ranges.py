@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from forge_core.cli import cli
-from forge_core.config import SECTIONS, Range, _field_types, build_config
+from forge_core.config import SECTIONS, Range
+from forge_core.config_parse import _field_types, build_config
 from forge_core.errors import ForgeError
 
 # one value outside each range (the CLI test runs each through `forge train`)

@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from forge_core.cli import cli
-from forge_core.config import ForgeConfig, set_value
+from forge_core.config import ForgeConfig
+from forge_core.config_parse import set_value
 from forge_core.errors import ForgeError
 from forge_core.memory import estimate as me
 from forge_core.memory.estimate import ModelShape, estimate, peak_bytes, phase_total

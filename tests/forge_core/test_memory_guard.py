@@ -5,7 +5,8 @@ import types
 
 import pytest
 
-from forge_core.config import ForgeConfig, build_config
+from forge_core.config import ForgeConfig
+from forge_core.config_parse import build_config
 from forge_core.errors import ForgeError
 from forge_core.memory.guard import MemoryGuard, oom_summary, save_once
 from forge_core.run_config import for_resume as resumed_config

@@ -14,7 +14,7 @@ def numpy_trl(pc, pr, rc, rr, beta, loss_type, ls=0.0):
     """TRL's DPOTrainer.dpo_loss written out independently in numpy."""
     logits = (pc - pr) - (rc - rr)
     if loss_type == "sigmoid":
-        sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+        sig = lambda z: 1 / (1 + np.exp(-z))
         return -np.log(sig(beta * logits)) * (1 - ls) - np.log(sig(-beta * logits)) * ls
     if loss_type == "ipo":
         return (logits - 1 / (2 * beta)) ** 2

@@ -67,7 +67,8 @@ def dpo_file(tmp_path):
 @pytest.fixture
 def make_cfg(tiny_model, tmp_path):
     """make_cfg(**sections) -> a ForgeConfig on the tiny model: rank 4, 6 steps, logging every step."""
-    from forge_core.config import ForgeConfig, set_value
+    from forge_core.config import ForgeConfig
+    from forge_core.config_parse import set_value
 
     def make(data: str = "", out: str = "run", **sets):
         cfg = ForgeConfig()

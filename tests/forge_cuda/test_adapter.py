@@ -8,13 +8,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-from safetensors.numpy import load_file  # noqa: E402
+from safetensors.numpy import load_file
 
-from forge_core.adapters.formats import forge_adapter_dir  # noqa: E402
-from forge_core.errors import ForgeError  # noqa: E402
-from forge_cuda.lora import trainable_params  # noqa: E402
-from forge_cuda.model import build_model, load_adapter_dir, load_base, save_adapter  # noqa: E402
-from tests.forge_cuda.run import load_adapted  # noqa: E402
+from forge_core.adapters.formats import forge_adapter_dir
+from forge_core.errors import ForgeError
+from forge_cuda.lora import trainable_params
+from forge_cuda.model import build_model, load_adapter_dir, load_base, save_adapter
+from tests.forge_cuda.run import load_adapted
 
 pytestmark = pytest.mark.cuda
 

@@ -8,19 +8,19 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from forge_core.eval.generation import answers  # noqa: E402
-from forge_cuda.generate import complete, for_inference  # noqa: E402
-from forge_cuda.lora import LoRALinear  # noqa: E402
-from forge_cuda.quant import is_quantized  # noqa: E402
-from tests.forge_cuda.run import (  # noqa: E402
+from forge_core.eval.generation import answers
+from forge_cuda.generate import complete, for_inference
+from forge_cuda.lora import LoRALinear
+from forge_cuda.quant import is_quantized
+from tests.forge_cuda.run import (
     evaluate,
     evaluate_preferences,
     generate,
     heldout_loss,
     load_adapted,
-    train,  # noqa: E402
+    train,
 )
 
 pytestmark = pytest.mark.cuda

@@ -8,11 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-from forge_core.errors import ForgeError  # noqa: E402
-from forge_core.pissa import pissa_factors  # noqa: E402
-from forge_cuda.lora import Layers, LoRALinear, factors_to_flat, flat_to_factors, trainable_params  # noqa: E402
-from forge_cuda.model import build_model, load_base  # noqa: E402
-from forge_cuda.quant import QuantLinear  # noqa: E402
+from forge_core.errors import ForgeError
+from forge_core.pissa import pissa_factors
+from forge_cuda.lora import Layers, LoRALinear, factors_to_flat, flat_to_factors, trainable_params
+from forge_cuda.model import build_model, load_base
+from forge_cuda.quant import QuantLinear
 
 pytestmark = pytest.mark.cuda
 

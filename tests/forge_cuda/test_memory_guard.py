@@ -15,14 +15,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-from rich.console import Console  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
+from rich.console import Console
+from safetensors.numpy import load_file
 
-import forge_cuda.ops as ops_mod  # noqa: E402
-import forge_cuda.step as step_mod  # noqa: E402
-from forge_core.errors import ForgeError  # noqa: E402
-from forge_core.rundir import RunDir  # noqa: E402
-from tests.forge_cuda.run import train  # noqa: E402
+import forge_cuda.ops as ops_mod
+import forge_cuda.step as step_mod
+from forge_core.errors import ForgeError
+from forge_core.rundir import RunDir
+from tests.forge_cuda.run import train
 
 pytestmark = pytest.mark.cuda
 

@@ -8,14 +8,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from forge_core.data import TokenizedRow, collate_sft, pack  # noqa: E402
-from forge_core.rundir import RunDir  # noqa: E402
-from forge_cuda.losses import token_logps  # noqa: E402
-from forge_cuda.model import build_model  # noqa: E402
-from forge_cuda.packing import segment_mask  # noqa: E402
-from tests.forge_cuda.run import train  # noqa: E402
+from forge_core.data import TokenizedRow, collate_sft, pack
+from forge_core.rundir import RunDir
+from forge_cuda.losses import token_logps
+from forge_cuda.model import build_model
+from forge_cuda.packing import segment_mask
+from tests.forge_cuda.run import train
 
 pytestmark = pytest.mark.cuda
 

@@ -6,8 +6,8 @@ pytest.importorskip("mlx")
 pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-import forge_mlx  # noqa: E402,F401  (first: its BLAS preload must precede mlx.core)
-from tools import parity  # noqa: E402
+import forge_mlx  # noqa: F401  (first: its BLAS preload must precede mlx.core)
+from tools import parity
 
 pytestmark = [pytest.mark.mlx, pytest.mark.cuda]
 

@@ -6,10 +6,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-from forge_core.config import QuantConfig  # noqa: E402
-from forge_core.errors import ForgeError  # noqa: E402
-from forge_core.pissa import pissa_factors  # noqa: E402
-from forge_cuda.quant import (  # noqa: E402
+from forge_core.config import QuantConfig
+from forge_core.errors import ForgeError
+from forge_core.pissa import pissa_factors
+from forge_cuda.quant import (
     QuantLinear,
     QuantLinear8bit,
     quant_kind,

@@ -10,17 +10,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-from rich.console import Console  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
+from rich.console import Console
+from safetensors.numpy import load_file
 
-from forge_core import objectives  # noqa: E402
-from forge_core.errors import ForgeError  # noqa: E402
-from forge_core.pissa import pissa_factors  # noqa: E402
-from forge_core.rundir import RunDir  # noqa: E402
-from forge_cuda import ops  # noqa: E402
-from forge_cuda.lora import trainable_params  # noqa: E402
-from forge_cuda.model import build_model, checkpoint_blocks, load_base  # noqa: E402
-from tests.forge_cuda.run import train  # noqa: E402
+from forge_core import objectives
+from forge_core.errors import ForgeError
+from forge_core.pissa import pissa_factors
+from forge_core.rundir import RunDir
+from forge_cuda import ops
+from forge_cuda.lora import trainable_params
+from forge_cuda.model import build_model, checkpoint_blocks, load_base
+from tests.forge_cuda.run import train
 
 pytestmark = pytest.mark.cuda
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 mx = pytest.importorskip("mlx.core")
-import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+from mlx import nn
+from mlx.utils import tree_flatten
 
-from forge_core.config import ForgeConfig  # noqa: E402
-from forge_core.data import TokenizedRow, add_loss_positions, collate_sft, pack  # noqa: E402
-from forge_mlx import allocator, cpu_math  # noqa: E402
-from forge_mlx.losses import sft_loss  # noqa: E402
-from forge_mlx.model import build_model  # noqa: E402
+from forge_core.config import ForgeConfig
+from forge_core.data import TokenizedRow, add_loss_positions, collate_sft, pack
+from forge_mlx import allocator, cpu_math
+from forge_mlx.losses import sft_loss
+from forge_mlx.model import build_model
 
 pytestmark = pytest.mark.mlx
 
@@ -43,7 +43,7 @@ def test_softmax_logsumexp_nll_values_and_grads_match_mlx():
     assert _max_abs(mx.grad(lambda v: (cpu_math.softmax(v) * g).sum())(x),
                     mx.grad(lambda v: (mx.softmax(v, axis=-1) * g).sum())(x)) < 1e-5
     assert _max_abs(cpu_math.logsumexp(x), mx.logsumexp(x, axis=-1)) < 1e-5
-    ce = lambda v: nn.losses.cross_entropy(v, t, reduction="none")  # noqa: E731
+    ce = lambda v: nn.losses.cross_entropy(v, t, reduction="none")
     assert _max_abs(cpu_math.nll(x, t), ce(x)) < 1e-5
     assert _max_abs(mx.grad(lambda v: cpu_math.nll(v, t).sum())(x), mx.grad(lambda v: ce(v).sum())(x)) < 1e-5
 
@@ -72,8 +72,8 @@ def test_attention_matches_sdpa_with_grouped_heads(mask):
          "per_head": mx.random.normal((2, 6, 10, 10))}[mask]
     if mask == "causal_offset":
         q = q[:, :, -3:]  # 3 new queries after 7 cached keys
-    ours = lambda a, b, c: cpu_math.attention(a, b, c, 0.3, m)  # noqa: E731
-    ref = lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, scale=0.3, mask=m)  # noqa: E731
+    ours = lambda a, b, c: cpu_math.attention(a, b, c, 0.3, m)
+    ref = lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, scale=0.3, mask=m)
     assert _max_abs(ours(q, k, v), ref(q, k, v)) < 1e-5
     go = mx.grad(lambda *a: (ours(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
     gr = mx.grad(lambda *a: (ref(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
@@ -181,7 +181,7 @@ def test_sequence_logps_with_loss_positions_equal_the_full_head(tiny_model):
 
     model = _tiny(tiny_model)
     rng = np.random.default_rng(4)
-    ids = lambda n: rng.integers(0, 256, n).astype(np.int32)  # noqa: E731
+    ids = lambda n: rng.integers(0, 256, n).astype(np.int32)
     rows = [PreferenceRow(prompt=ids(7), chosen=ids(5), rejected=ids(9)),
             PreferenceRow(prompt=ids(12), chosen=ids(3), rejected=ids(4))]
     full = add_loss_positions(collate_dpo(rows, pad_id=256))

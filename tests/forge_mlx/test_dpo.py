@@ -8,12 +8,12 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from forge_core.config import ForgeConfig  # noqa: E402
-from forge_core.losses.dpo import dpo_terms  # noqa: E402
-from forge_core.objectives.dpo import dpo_loss  # noqa: E402
-from forge_mlx import ops  # noqa: E402
-from tests.forge_core.test_preference import numpy_trl  # noqa: E402
-from tests.forge_mlx.run import train  # noqa: E402
+from forge_core.config import ForgeConfig
+from forge_core.losses.dpo import dpo_terms
+from forge_core.objectives.dpo import dpo_loss
+from forge_mlx import ops
+from tests.forge_core.test_preference import numpy_trl
+from tests.forge_mlx.run import train
 
 pytestmark = pytest.mark.mlx
 

@@ -6,10 +6,10 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 nn = pytest.importorskip("mlx.nn")
 
-from forge_core.config import ForgeConfig  # noqa: E402
-from forge_mlx.lora import LoRALinear, trainable_params  # noqa: E402
-from forge_mlx.model import build_model, load_base  # noqa: E402
-from forge_mlx.quant import QuantLinear  # noqa: E402
+from forge_core.config import ForgeConfig
+from forge_mlx.lora import LoRALinear, trainable_params
+from forge_mlx.model import build_model, load_base
+from forge_mlx.quant import QuantLinear
 
 pytestmark = pytest.mark.mlx
 PROMPT = [[257, 84, 82, 68, 81, 198, 71, 72, 258, 198, 257, 64, 82, 82, 72, 82, 83]]

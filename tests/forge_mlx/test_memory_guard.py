@@ -8,11 +8,11 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-import forge_mlx.step as step_mod  # noqa: E402
-from forge_core.config import ForgeConfig  # noqa: E402
-from forge_core.errors import ForgeError  # noqa: E402
-from forge_core.rundir import RunDir  # noqa: E402
-from tests.forge_mlx.run import train  # noqa: E402
+import forge_mlx.step as step_mod
+from forge_core.config import ForgeConfig
+from forge_core.errors import ForgeError
+from forge_core.rundir import RunDir
+from tests.forge_mlx.run import train
 
 pytestmark = pytest.mark.mlx
 

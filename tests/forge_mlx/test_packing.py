@@ -5,11 +5,11 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from forge_core.config import ForgeConfig  # noqa: E402
-from forge_core.data import TokenizedRow, collate_sft, pack  # noqa: E402
-from forge_mlx.head import logits as head_logits  # noqa: E402
-from forge_mlx.model import build_model  # noqa: E402
-from forge_mlx.packing import packed_hidden  # noqa: E402
+from forge_core.config import ForgeConfig
+from forge_core.data import TokenizedRow, collate_sft, pack
+from forge_mlx.head import logits as head_logits
+from forge_mlx.model import build_model
+from forge_mlx.packing import packed_hidden
 
 pytestmark = pytest.mark.mlx
 

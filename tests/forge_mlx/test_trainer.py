@@ -7,9 +7,9 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from forge_core.config import ForgeConfig  # noqa: E402
-from forge_core.errors import ForgeError  # noqa: E402
-from tests.forge_mlx.run import train  # noqa: E402
+from forge_core.config import ForgeConfig
+from forge_core.errors import ForgeError
+from tests.forge_mlx.run import train
 
 pytestmark = pytest.mark.mlx
 
