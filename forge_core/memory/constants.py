@@ -102,8 +102,11 @@ BACKEND_CONSTANTS = {
         "ckpt_kept": (1, 0),  # torch.utils.checkpoint keeps the block input (theory, to calibrate)
         "ckpt_needs_compile": False,
         # forge_cuda/lora.py: the dense model stays in HOST memory; each target is factorized there, quantized
-        # and moved to the device one at a time, so the device never holds the dense model.
+        # and moved to the device one at a time, so the device never holds the dense model - unless the device is
+        # the host (the CPU): then the dense model at load is planned (Llama-3.2-1B shape: max RSS 7.5 GiB against
+        # a plan of 3.9 GiB without it; docs/BENCHMARKS.md "At real sizes").
         "init_holds_dense_model": False,
+        "host_loads_dense_model": True,
         # GPU: CUDA context (0.3-0.5 GiB), cuBLAS workspaces, caching-allocator slack: an estimate to calibrate.
         # CPU: torch + transformers + peft imported: 437 MiB RSS, a tiny run's non-array 480-500 MiB (Linux x86).
         "overhead": {"gpu": 1 * GiB, "cpu": 512 * MiB},
