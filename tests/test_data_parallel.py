@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from forge_core.launch import launcher_command
+from forge_core.relaunch import launcher_command
 from tests.test_preference_methods import BACKENDS
 
 pytestmark = pytest.mark.slow

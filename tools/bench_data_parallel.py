@@ -36,7 +36,7 @@ LINKS = {
 
 
 def run(nproc: int, batch: int, args, out: Path) -> dict:
-    from forge_core.launch import launcher_command
+    from forge_core.relaunch import launcher_command
 
     argv = ["train", "--backend", args.backend, "--model", "smollm2-135m", "--data", TRAIN, "--steps",
             str(args.warmup + args.steps), "--rank", str(args.rank), "--quant", str(args.quant), "--init", "lora",
