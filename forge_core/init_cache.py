@@ -30,6 +30,7 @@ from forge_core.adapters import safetensors_io as sio
 from forge_core.atomic import atomic_dir
 from forge_core.checksum import file_entry, mismatch
 from forge_core.config import ForgeConfig
+from forge_core.errors import ForgeError
 from forge_core.models.sources import forge_home, model_hash
 
 FACTORS = "factors.safetensors"
@@ -84,15 +85,10 @@ def store(fields: dict, factors: dict, model_dir, build_seconds: float) -> Path:
     with atomic_dir(d) as tmp:
         sio.save(tmp / FACTORS, flat)
         entry = {"key": fields, "model_dir": str(model_dir), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                 "layers_adapted": len(factors), "svd_seconds": round(build_seconds, 1),
+                 "layers_adapted": len(factors), "build_seconds": round(build_seconds, 1),
                  **file_entry(tmp / FACTORS)}
         (tmp / ENTRY).write_text(json.dumps(entry, indent=2) + "\n")
     return d
-
-
-def factor_bytes(targets: list[tuple[int, int]], rank: int) -> int:
-    """Disk size of an entry: fp32 A0 and B0 for each target (out, in)."""
-    return sum(4 * rank * (o + i) for o, i in targets)
 
 
 def entries() -> list[dict]:
@@ -110,8 +106,6 @@ def entries() -> list[dict]:
 
 def remove(ids: list[str], everything: bool = False) -> list[str]:
     """Delete entries by id (a unique prefix will do) or all; returns the ids removed."""
-    from forge_core.errors import ForgeError
-
     known = [e["id"] for e in entries()]
     chosen = list(known) if everything else []
     for want in ids:
@@ -122,7 +116,6 @@ def remove(ids: list[str], everything: bool = False) -> list[str]:
     for k in chosen:
         shutil.rmtree(cache_root() / k, ignore_errors=True)
     return chosen
-
 
 
 def print_entries() -> None:

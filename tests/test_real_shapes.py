@@ -4,13 +4,14 @@ Built with --layers 1 (the full vocab kept: the embedding is the shape most like
 loaded by mlx_lm.utils.load_model and by transformers; the two give the same logits.
 """
 
-import importlib.util
 import json
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.tool_modules import load_tool
 
 mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")
@@ -22,14 +23,9 @@ PUBLISHED = {"llama-3.2-1b": 1_235_814_400, "qwen2.5-1.5b": 1_543_714_304,
              "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248}
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-shapes = _load("make_real_shapes")
+shapes = load_tool("make_real_shapes")
 
 
 def formula(cfg: dict) -> int:

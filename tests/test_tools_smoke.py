@@ -1,6 +1,5 @@
 """tools/fidelity.py's reconstruction math on small random matrices (no model, no timing)."""
 
-import importlib.util
 import json
 import os
 import sys
@@ -9,20 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.tool_modules import load_tool
+
 pytest.importorskip("mlx.core")
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-fidelity = _load("fidelity")
-bench_common = _load("_bench_common")
+fidelity = load_tool("fidelity")
+bench_common = load_tool("_bench_common")
 
 
 def _spiky(out_dim=256, in_dim=128, seed=0):
@@ -93,7 +89,7 @@ def test_side_by_side_alternates_which_variant_goes_first_and_summaries_skip_the
 
 
 def test_bench_sft_pairs_ratios_by_round_and_judges_the_ratio_of_medians():
-    bench_sft = _load("bench_sft")
+    bench_sft = load_tool("bench_sft")
     fp = [{"round": 0, "tok_s": 150.0}, {"round": 1, "tok_s": 120.0}, {"round": 2, "tok_s": 140.0}]
     ref = [{"round": 0, "tok_s": 90.0}, {"round": 2, "tok_s": 100.0}]  # round 1 did not run (or failed)
     assert bench_sft.round_ratios(fp, ref) == pytest.approx([150 / 90, 140 / 100])
@@ -106,7 +102,7 @@ def test_bench_sft_pairs_ratios_by_round_and_judges_the_ratio_of_medians():
 def test_bench_real_sizes_reads_a_runs_lines_metrics_and_max_rss(tmp_path):
     """The helpers of tools/bench_real_sizes.py (a real run takes minutes): a child's lines timed from outside
     and its own max RSS, the lines forge prints parsed, metrics.jsonl summarized, a table row built."""
-    brs = _load("bench_real_sizes")
+    brs = load_tool("bench_real_sizes")
     assert brs.model_dir_for(tmp_path, "llama-3.2-1b", 2, 49152).name == "llama-3.2-1b-L2-V49152"
     assert brs.model_dir_for(tmp_path, "llama-3.2-1b", None, None).name == "llama-3.2-1b"
     forge_lines = [
