@@ -20,24 +20,35 @@ from forge_core.memory.guard import MemoryGuard
 class Objective:
     kind = ""
 
-    def __init__(self, cfg, ops, model, tokenizer, rows: list, valid: list, world: World):
+    def __init__(self, cfg, ops, model, tokenizer, rows: list, valid: list, world: World, *,
+                 per_rank: int | None = None, shuffle: bool | None = None, cap: int | None = None,
+                 n_rows: int | None = None):
+        """The parts every objective has. What a method may set otherwise (all default to SFT's):
+        per_rank  rows of the data order each rank takes per draw (train.batch_size; GRPO: prompts per generation)
+        shuffle   whether the order is reshuffled each epoch (data.shuffle; KTO: False, its rows come in a fixed
+                  seeded order)
+        cap       loss positions per row (the most trained tokens in any row; GRPO: a completion's length)
+        n_rows    what an epoch counts for train.epochs (the rows; GRPO: prompts x G x num_iterations)"""
         self.cfg, self.ops, self.model, self.world = cfg, ops, model, world
-        self.rows, self.valid, self.n_rows = rows, valid, len(rows)
-        world.check_rows(len(rows), cfg.train.batch_size)
+        self.rows, self.valid = rows, valid
+        self.n_rows = len(rows) if n_rows is None else n_rows
+        self.per_rank = cfg.train.batch_size if per_rank is None else per_rank
+        world.check_rows(len(rows), self.per_rank)
         self.pad = fdata.pad_token_id(ops.hf_tokenizer(tokenizer))
         # the most trained tokens in any row, so every batch of a width pads its loss positions to one
         # size: one compiled shape per batch width (forge_mlx/head.py runs the head at those positions)
-        self.cap = fdata.loss_row_cap(rows + valid)
-        # ONE order of global micro-batches (batch_size per rank x world), the single-process order at that size
-        self.order = fdata.BatchOrder(len(rows), self.global_micro_batch, cfg.train.seed, cfg.data.shuffle)
+        self.cap = fdata.loss_row_cap(rows + valid) if cap is None else cap
+        # ONE order of global draws (per_rank x world), the single-process order at that size
+        self.order = fdata.BatchOrder(len(rows), self.per_rank * world.size, cfg.train.seed,
+                                      cfg.data.shuffle if shuffle is None else shuffle)
 
     @property
     def global_micro_batch(self) -> int:
         return self.cfg.train.batch_size * self.world.size
 
     def next_indices(self) -> list[int]:
-        """This rank's rows of the next global micro-batch."""
-        return self.world.shard(self.order.next_batch(), self.cfg.train.batch_size)
+        """This rank's rows of the next global draw."""
+        return self.world.shard(self.order.next_batch(), self.per_rank)
 
     def state(self) -> dict:
         return self.order.state()
@@ -49,12 +60,13 @@ class Objective:
     def restore(self, state: dict | None, arrays: dict | None = None) -> None:
         if not state:
             return
-        saved = state.get("batch_size", self.global_micro_batch)
-        if saved != self.global_micro_batch:
+        size = self.per_rank * self.world.size
+        saved = state.get("batch_size", size)
+        if saved != size:
             raise ForgeError(f"resume: this run's global micro-batch was {saved} rows, now it would be "
-                             f"{self.cfg.train.batch_size} per rank x {self.world.size} rank(s) = "
-                             f"{self.global_micro_batch}; resume with a world size that gives {saved} rows")
-        self.order = fdata.BatchOrder.from_state(self.n_rows, self.global_micro_batch, state)
+                             f"{self.per_rank} per rank x {self.world.size} rank(s) = {size}; resume with a world "
+                             f"size that gives {saved} rows")
+        self.order = fdata.BatchOrder.from_state(len(self.rows), size, state)
 
     def epoch(self) -> float:
         return float(self.order.epoch)

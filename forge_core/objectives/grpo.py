@@ -96,25 +96,24 @@ class GRPOObjective(Objective):
     def __init__(self, kind, cfg, ops, model, tokenizer, run, console, world: World):
         g = cfg.grpo
         check_grpo_config(cfg)
-        self.cfg, self.ops, self.model, self.world, self.run, self.tokenizer = cfg, ops, model, world, run, tokenizer
+        self.run, self.tokenizer = run, tokenizer
         self.rewards = Rewards.from_specs(g.rewards, g.reward_weights)
         self.names = reward_names(g.rewards)
         hf = ops.hf_tokenizer(tokenizer)
         if hf.eos_token_id is None:
             raise ForgeError("GRPO needs the tokenizer's end-of-turn (eos) token to end completions; this tokenizer has none")
-        self.eos, self.pad = int(hf.eos_token_id), fdata.pad_token_id(hf)
-        self.hf = hf
-        self.rows, self.valid = load_split(_prompt_loader(g.max_new_tokens), cfg, hf, console)
+        self.eos, self.hf = int(hf.eos_token_id), hf
+        rows, valid = load_split(_prompt_loader(g.max_new_tokens), cfg, hf, console)
         self.G, self.mu = g.num_generations, g.num_iterations
-        self.per_rank = cfg.train.batch_size * cfg.train.grad_accum // self.G  # prompts per rank per generation
-        if len(self.rows) < self.per_rank * world.size:
-            raise ForgeError(f"{cfg.data.train}: {len(self.rows)} prompts cannot fill one generation of "
-                             f"{self.per_rank * world.size} (train.batch_size x grad_accum / grpo.num_generations"
+        per_rank = cfg.train.batch_size * cfg.train.grad_accum // self.G  # prompts per rank per generation
+        if len(rows) < per_rank * world.size:
+            raise ForgeError(f"{cfg.data.train}: {len(rows)} prompts cannot fill one generation of "
+                             f"{per_rank * world.size} (train.batch_size x grad_accum / grpo.num_generations"
                              f"{' x ranks' if world.size > 1 else ''}); add prompts or lower train.batch_size")
-        # what an epoch trains on, for train.epochs: each prompt G times, each generation for μ steps
-        self.n_rows = len(self.rows) * self.G * self.mu
-        self.cap = g.max_new_tokens + 1  # loss positions per row: a completion and its end-of-turn token
-        self.order = fdata.BatchOrder(len(self.rows), self.per_rank * world.size, cfg.train.seed, cfg.data.shuffle)
+        # the data order draws prompts, one generation's at a time; an epoch (train.epochs) trains each prompt G
+        # times, each generation for μ steps; a row's loss positions are a completion and its end-of-turn token
+        super().__init__(cfg, ops, model, tokenizer, rows, valid, world, per_rank=per_rank,
+                         cap=g.max_new_tokens + 1, n_rows=len(rows) * self.G * self.mu)
         self.iteration, self.generations, self._buffer, self._pending, self._gen_metrics = 0, 0, [], [], {}
         self._arrays: dict = {}  # μ > 1: the generation in use, every rank's, for a checkpoint inside its steps
         self.init_adapter = ops.adapter_state(model) if g.beta else None  # the reference: the policy at init
@@ -126,9 +125,6 @@ class GRPOObjective(Objective):
         self._dense: dict = {}  # the dequantized base the CPU samples from (ops.sampling_weights)
 
     # ------------------------------------------------------------------ data position (exact resume)
-
-    def next_indices(self) -> list[int]:
-        return self.world.shard(self.order.next_batch(), self.per_rank)
 
     def state(self) -> dict:
         return {**self.order.state(), "grpo_iteration": self.iteration, "grpo_generations": self.generations,
@@ -145,7 +141,7 @@ class GRPOObjective(Objective):
         if state.get("batch_size", size) != size:
             raise ForgeError(f"resume: this run sampled for {state['batch_size']} prompts per step, now it would be "
                              f"{size}; resume with the same train.batch_size, grad_accum and number of ranks")
-        self.order = fdata.BatchOrder.from_state(len(self.rows), size, state)
+        super().restore(state)
         self.iteration, self.generations = state.get("grpo_iteration", 0), state.get("grpo_generations", 0)
         self._gen_metrics = dict(state.get("grpo_metrics", {}))
         if self.iteration:  # inside a generation's μ steps: train on the same completions

@@ -47,9 +47,8 @@ class KTOObjective(Objective):
         # epoch, so that the reference can score the mismatched pairs before training.
         seed = cfg.train.seed if cfg.data.shuffle else None
         rows, valid = fixed_order(rows, size, seed), fixed_order(valid, cfg.train.batch_size, seed)
-        super().__init__(cfg, ops, model, tokenizer, rows, valid, world)
+        super().__init__(cfg, ops, model, tokenizer, rows, valid, world, shuffle=False)
         self.splits = {"train": rows, "valid": valid}
-        self.order = fdata.BatchOrder(len(rows), size, cfg.train.seed, shuffle=False)
         self.partner = {"train": mismatched_partners(len(rows), size),  # eval batches: batch_size rows each
                         "valid": mismatched_partners(len(valid), cfg.train.batch_size)}
         self.beta, self._pending = k.beta, []
