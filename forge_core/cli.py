@@ -47,22 +47,36 @@ def _quant_bits(ctx, param, value):
     return 0 if value == "none" else int(value)
 
 
-def config_options(f):
-    """The options shared by train / dpo / memory / eval."""
-    opts = [
+def _model_options() -> list:
+    """The options every command that builds a model and reads data has (train / dpo / memory / eval)."""
+    return [
         click.option("--config", "recipe", type=click.Path(dir_okay=False), help="YAML recipe (configs/*.yaml)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. train.lr=1e-4."),
         click.option("--backend", type=click.Choice(choices("backend")), default=None),
         click.option("--model", help="HF dir, hub id, .gguf file or bundled name (see `forge models`)."),
         click.option("--data", type=click.Path(), help="Training data: JSONL file/dir or a datasets dir."),
         click.option("--valid", type=click.Path(), help="Validation data."),
+        click.option("--batch-size", type=int),
+        click.option("--max-seq-len", type=int),
+    ]
+
+
+def eval_options(f):
+    """`forge eval`'s share of the config options: no training-only flags in its --help."""
+    for opt in reversed(_model_options()):
+        f = opt(f)
+    return f
+
+
+def config_options(f):
+    """The options shared by train / dpo / memory: the model's and data's, and the training run's."""
+    opts = [
+        *_model_options(),
         click.option("--out", type=click.Path(), help="Run directory."),
         click.option("--steps", type=int),
         click.option("--epochs", type=float),
         click.option("--lr", type=float),
-        click.option("--batch-size", type=int),
         click.option("--grad-accum", type=int),
-        click.option("--max-seq-len", type=int),
         click.option("--grad-checkpoint/--no-grad-checkpoint", default=None),
         click.option("--seed", type=int),
         click.option("--rank", type=int),
@@ -206,14 +220,14 @@ def generate(model, adapter, prompt, system, max_tokens, temp, backend):
 
 
 @cli.command(name="eval")
-@config_options
+@eval_options
 @click.option("--adapter", type=click.Path(), help="Adapter dir or run dir (none: the base model).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--system", default=None,
               help="System message for rows without one (default: the one every training row of the run shared; "
                    "'' for none).")
 @click.option("--text", type=click.Path(dir_okay=False), default=None,
-              help="A text file: its sliding-window perplexity (windows of --max-seq-len tokens).")
+              help="A text file: its sliding-window perplexity (windows of --max-seq-len tokens; default: the run's).")
 @click.option("--stride", type=int, default=None, help="--text: tokens between window starts (default: half a window).")
 @click.option("--lm-eval", "lm_eval", default=None, metavar="TASKS",
               help="lm-evaluation-harness tasks, comma-separated (forge ships forge_mc; needs forge-tune[eval]).")
@@ -227,8 +241,9 @@ def eval_(adapter, as_json, system, text, stride, lm_eval, lm_eval_include, lm_e
 
     extra = {"eval.text": text, "eval.stride": stride, "eval.lm_eval": lm_eval, "eval.lm_eval_include": lm_eval_include,
              "eval.lm_eval_limit": lm_eval_limit, "eval.lm_eval_fewshot": num_fewshot}
+    window = kw["max_seq_len"]  # None: the run's own train.max_seq_len when --adapter names one
     run_eval(build_from_cli(kw, {k: v for k, v in extra.items() if v is not None}), adapter=adapter, as_json=as_json,
-             system=system)
+             system=system, max_seq_len=window)
 
 
 @cli.command()

@@ -157,8 +157,11 @@ def _finite(x) -> bool:
 
 
 def total_steps(train_cfg, n_rows: int, world_size: int = 1) -> int:
-    """train.steps, or enough optimizer steps for train.epochs over n_rows (batch_size is per rank)."""
+    """train.steps, or enough optimizer steps for train.epochs over n_rows (batch_size is per rank). An epoch is
+    the data order's: its full micro-batches of batch_size x ranks rows (the rest of the rows wait for the next
+    epoch's shuffle, data/batches.py BatchOrder), so the logged epoch at the end is train.epochs - or a little more
+    when the micro-batches of an epoch are not a whole number of steps of grad_accum."""
     if train_cfg.steps > 0:
         return train_cfg.steps
-    per_step = train_cfg.batch_size * world_size * train_cfg.grad_accum
-    return max(1, math.ceil(train_cfg.epochs * n_rows / per_step))
+    micro_batches = max(1, n_rows // (train_cfg.batch_size * world_size))
+    return max(1, math.ceil(train_cfg.epochs * micro_batches / train_cfg.grad_accum))

@@ -73,3 +73,39 @@ def test_text_perplexity_equals_a_transformers_loop(backend, tiny_model, tmp_pat
     assert res["text_loss"] == pytest.approx(nll / n, abs=1e-4)
     assert res["text_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
     assert (res["window"], res["stride"]) == (64, 24)
+
+
+def test_eval_help_lists_no_training_flags():
+    from click.testing import CliRunner
+
+    from forge_core.cli import cli
+
+    text = CliRunner().invoke(cli, ["eval", "--help"]).output
+    for flag in ("--steps", "--epochs", "--lr", "--rank", "--alpha", "--dora", "--init", "--out ", "--grad-accum"):
+        assert flag not in text, flag
+    for flag in ("--model", "--adapter", "--valid", "--text", "--stride", "--max-seq-len", "--batch-size"):
+        assert flag in text, flag
+
+
+def test_eval_text_windows_are_the_runs_max_seq_len_unless_given(tiny_model, jsonl, tmp_path):
+    pytest.importorskip("mlx.core")
+    import json
+
+    from click.testing import CliRunner
+
+    from forge_core.cli import cli
+    from forge_core.config import ForgeConfig
+    from tests.forge_mlx.run import train
+
+    cfg = ForgeConfig()
+    cfg.model.path, cfg.train.out_dir = str(tiny_model), str(tmp_path / "run")
+    cfg.data.train = str(jsonl("train.jsonl", [{"messages": [{"role": "user", "content": f"q {i}"},
+                                                             {"role": "assistant", "content": "a"}]} for i in range(4)]))
+    cfg.lora.rank, cfg.train.steps, cfg.train.batch_size, cfg.train.max_seq_len = 4, 1, 2, 40
+    run = train(cfg)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    base = ["eval", "--backend", "mlx", "--adapter", str(run), "--text", str(text), "--json"]
+    got = [json.loads(CliRunner().invoke(cli, base + extra).stdout) for extra in ([], ["--max-seq-len", "24"])]
+    assert [g["window"] for g in got] == [40, 24]  # the run trained on 40-token rows; the flag wins
+    assert got[0]["text_tokens"] == got[1]["text_tokens"] and got[0]["text_loss"] != got[1]["text_loss"]

@@ -21,14 +21,15 @@ def run_generate(model=None, adapter=None, prompt="", system=None, max_tokens=No
                         max_tokens=max_tokens or cfg.eval.max_new_tokens, temp=temp)
 
 
-def run_eval(cfg: ForgeConfig, adapter: str | None = None, as_json: bool = False, system: str | None = None) -> dict:
+def run_eval(cfg: ForgeConfig, adapter: str | None = None, as_json: bool = False, system: str | None = None,
+             max_seq_len: int | None = None) -> dict:
     if not (cfg.data.valid or cfg.data.train or cfg.eval.text or cfg.eval.lm_eval):
         raise ForgeError("nothing to evaluate: pass --valid FILE.jsonl (or --data), --text FILE or --lm-eval TASKS")
     name = backends.resolve(cfg.backend)
     recorded = recorded_system_prompt(adapter) if system is None and not cfg.data.system_prompt else ""
     if recorded:
         print(f"system prompt (the run's, for rows without one; --system '' for none): {recorded}", file=sys.stderr)
-    result = evaluate(backends.ops(name), cfg, adapter=adapter, system=system)
+    result = evaluate(backends.ops(name), cfg, adapter=adapter, system=system, max_seq_len=max_seq_len)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

@@ -142,18 +142,21 @@ def with_system_prompt(cfg: ForgeConfig, adapter: str | None, system: str | None
 
 
 def evaluate(ops, cfg: ForgeConfig, adapter: str | None = None, model_spec: str | None = None,
-             system: str | None = None) -> dict:
+             system: str | None = None, max_seq_len: int | None = None) -> dict:
     """What cfg asks for, of one model built once: held-out loss/perplexity and the task metric by greedy
     generation when the config names data; eval.text: the sliding-window perplexity of a text file
     (perplexity.py); eval.lm_eval: lm-evaluation-harness tasks ("task/metric" keys; lm_eval_bridge.py). Rows
-    without a system message get `system`, by default the run's recorded one (with_system_prompt)."""
+    without a system message get `system`, by default the run's recorded one (with_system_prompt). Rows and
+    text windows are `max_seq_len` tokens; None: the run's own train.max_seq_len (an adapter's), else cfg's."""
     cfg = with_system_prompt(cfg, adapter, system)
     e = cfg.eval
     if e.lm_eval:
         from forge_core.eval import lm_eval_bridge
 
         lm_eval_bridge.check_installed()  # before the model is built
-    net, tokenizer, _ = _for_inference(ops, adapter, model_spec or (cfg.model.path if not adapter else None))
+    net, tokenizer, trained = _for_inference(ops, adapter, model_spec or (cfg.model.path if not adapter else None))
+    cfg = copy.deepcopy(cfg)
+    cfg.train.max_seq_len = max_seq_len or (trained.train.max_seq_len if adapter else cfg.train.max_seq_len)
     result = {}
     path = cfg.data.valid or cfg.data.train
     if path:
