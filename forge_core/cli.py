@@ -113,9 +113,14 @@ def nproc_option(f):
                         help="Train data-parallel in N processes on this machine (mlx.launch / torchrun).")(f)
 
 
-def _relaunch(nproc: int, cfg) -> None:
-    """--nproc N: exec the backend's launcher with this same command line, minus --nproc."""
+def _relaunch(nproc: int, cfg, resume: str | None) -> None:
+    """--nproc N: the backend's launcher runs this same command line, minus --nproc, N times; this process exits
+    as the ranks did. What can be checked before launching is (a run dir that already holds a run)."""
     from forge_core.relaunch import relaunch
+    from forge_core.rundir import RunDir
+
+    if not resume:
+        RunDir(cfg.train.out_dir).check_free()
 
     argv, skip = [], False
     for arg in sys.argv[1:]:
@@ -145,7 +150,7 @@ def train(resume, force, nproc, **kw):
 
     cfg = build_from_cli(kw, kind="sft", resume=resume)
     if nproc and nproc > 1:
-        _relaunch(nproc, cfg)
+        _relaunch(nproc, cfg, resume)
     launch(cfg, kind="sft", resume=resume, force=force)
 
 
@@ -177,7 +182,7 @@ def _method_command(m):
             extra[f"{kind}.{name}"] = (list(value) or None) if isinstance(value, tuple) else value  # repeatable
         cfg = build_from_cli(kw, extra, kind=kind, resume=resume)
         if nproc and nproc > 1:
-            _relaunch(nproc, cfg)
+            _relaunch(nproc, cfg, resume)
         launch(cfg, kind=kind, resume=resume, force=force)
 
     command.__doc__ = f"{method(kind).summary} (--lr sets {kind}.lr)"

@@ -136,6 +136,7 @@ class TrainConfig:
     eval_every: Count = 50  # 0 = only at the end
     eval_batches: Count = 0  # 0 = the whole validation set
     save_every: Count = 100  # 0 = only at the end (and on a stop)
+    save_every_minutes: NonNeg = 10.0  # and a checkpoint when this long has passed since the last one; 0 = off
     out_dir: str = "runs/latest"
     compile: bool = True
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, trackio (tracking.py); rank 0 only

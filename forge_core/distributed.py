@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -129,38 +128,35 @@ class World:
                              f"{self.size} ranks; use fewer processes or a smaller train.batch_size")
 
     @contextmanager
-    def stops_cleanly(self, run, step_now):
-        """Around the loop under a launcher: the launcher's SIGTERM (sent when another rank failed) and a
-        collective that finds a peer gone both end this rank with one PeerLost line, never a hang.
+    def stops_cleanly(self, run, step_now, patience=lambda: 0.0):
+        """Around the loop under a launcher: a collective that finds a peer gone ends this rank with one PeerLost
+        line, and a signalled rank never hangs.
 
-        A Python signal handler runs only when the main thread is back in the interpreter, and a rank can be
-        stuck inside a collective whose peer is gone. So a watchdog thread also hears the signal (the
-        interpreter's wakeup fd): if the rank has not ended GRACE_S seconds later, it says so and exits."""
+        A signal (the launcher's SIGTERM when another rank failed or the job is cancelled; Ctrl-C) asks for a
+        polite stop (stopping.py): the ranks finish the step, agree, save and end. But a rank can be stuck inside
+        a collective whose peer is gone, where no Python code runs. So a watchdog thread also hears the signal
+        (the interpreter's wakeup fd): if the rank has not ended GRACE_S + patience() seconds later (patience:
+        what the step under way and a checkpoint may still take), it says so and exits."""
         if self.size == 1:
             yield
             return
-
-        def message(signum: int) -> str:
-            what = "was interrupted" if signum == signal.SIGINT else "was stopped by the launcher"
-            return (f"rank {self.rank} of {self.size} {what} at step {step_now()} "
-                    "(another rank failed or the job was cancelled)")
-
-        def terminated(signum, frame):
-            raise PeerLost(message(signum))
-
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         previous_fd = signal.set_wakeup_fd(write_fd)
-        previous = signal.signal(signal.SIGTERM, terminated)
+        ended = threading.Event()
 
         def watchdog():
             signum = os.read(read_fd, 1)[0]
             if not signum:  # 0: the loop ended and closes the watch
                 os.close(read_fd)
-            else:
-                time.sleep(GRACE_S)
-                os.write(2, f"forge: error: {message(signum)}\n".encode())
-                os._exit(2)
+                return
+            grace = GRACE_S + patience()
+            if ended.wait(grace):  # the loop ended (stopped politely, or finished) in time
+                return
+            what = "was interrupted" if signum == signal.SIGINT else "was stopped by the launcher"
+            os.write(2, f"forge: error: rank {self.rank} of {self.size} {what} at step {step_now()} and did not "
+                        f"end within {grace:.0f}s (another rank failed or the job was cancelled)\n".encode())
+            os._exit(128 + signum)
 
         threading.Thread(target=watchdog, name="forge-stop-watchdog", daemon=True).start()
         try:
@@ -172,7 +168,7 @@ class World:
                 raise self.lost_peers(exc, step_now(), run) from None
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            ended.set()
             signal.set_wakeup_fd(previous_fd)
             os.write(write_fd, b"\0")
             os.close(write_fd)

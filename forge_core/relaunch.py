@@ -1,16 +1,27 @@
-"""`forge <command> --nproc N`: this process replaced by the backend's own launcher (mlx.launch with the ring
-backend, or torchrun) running N copies of the same command on this machine; each copy then runs launch() as one
-rank (forge_core/distributed.py). Never a transport of forge's own."""
+"""`forge <command> --nproc N`: the backend's own launcher (mlx.launch with the ring backend, or torchrun) runs N
+copies of the same command on this machine; each copy then runs launch() as one rank (forge_core/distributed.py).
+Never a transport of forge's own.
+
+This process stays as the launcher's parent, for what the launchers do not do: its exit code is the ranks'
+(mlx.launch exits 0 whatever they did; rank_status.py), with the failing rank's one line; and Ctrl-C or SIGTERM
+asks the ranks to stop politely after their step, with a checkpoint (stopping.py), through a file - the launcher
+runs in a session of its own, so the terminal's Ctrl-C reaches only this process. A second signal kills them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 
 from rich.console import Console
 
 from forge_core import backend as backends
+from forge_core import rank_status
 from forge_core.errors import ForgeError
+from forge_core.stopping import STOP_FILE_ENV, signal_name
 
 
 def launcher_command(nproc: int, backend: str, argv: list[str], port: int | None = None) -> list[str]:
@@ -35,10 +46,36 @@ def under_launcher() -> bool:
 
 
 def relaunch(nproc: int, backend: str, argv: list[str]) -> None:
-    """Replace this process by the launcher running `nproc` copies of `forge <argv>` (argv without --nproc)."""
+    """Run `nproc` copies of `forge <argv>` (argv without --nproc) under the launcher; exit as they did."""
     if under_launcher():
         raise ForgeError("--nproc: this process already runs under a launcher; drop --nproc")
     name = backends.resolve(backend)
-    Console(stderr=True).print(f"launching {nproc} data-parallel processes with "
-                               f"{'mlx.launch (ring)' if name == 'mlx' else 'torchrun'}", markup=False, highlight=False)
-    os.execv(sys.executable, launcher_command(nproc, name, argv))
+    say = Console(stderr=True, soft_wrap=True)
+    say.print(f"launching {nproc} data-parallel processes with {'mlx.launch (ring)' if name == 'mlx' else 'torchrun'}",
+              markup=False, highlight=False)
+    with tempfile.TemporaryDirectory(prefix="forge-ranks-") as status:
+        stop_file = os.path.join(status, "stop")
+        env = {**os.environ, rank_status.STATUS_DIR_ENV: status, STOP_FILE_ENV: stop_file}
+        proc = subprocess.Popen(launcher_command(nproc, name, argv), env=env, start_new_session=True)
+        heard = []
+
+        def on_signal(signum, frame):
+            heard.append(signum)
+            if len(heard) == 1:
+                open(stop_file, "w").close()
+                say.print(f"{signal_name(signum)}: the ranks stop after the step under way, with a checkpoint "
+                          "(again: stop at once)", markup=False, highlight=False)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            launcher_rc = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        code, line = rank_status.verdict(rank_status.read(status, nproc), launcher_rc)
+    if line:
+        say.print(f"forge: error: {line}", markup=False, highlight=False)
+    sys.exit(code)

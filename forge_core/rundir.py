@@ -32,6 +32,11 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def check_free(self) -> None:
+        """A new run may start here: refuse a dir that already holds one (before anything is built or launched)."""
+        if self.latest() is not None:
+            raise ForgeError(f"{self.path} already holds a run; pass --resume {self.path} or choose another --out")
+
     # ---------------------------------------------------------------- config
     def save_config(self, cfg_dict: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

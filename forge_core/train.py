@@ -34,6 +34,7 @@ from forge_core.models.sources import resolve_model
 from forge_core.progress import TrainProgress
 from forge_core.rundir import RunDir, total_steps
 from forge_core.schedule import lr_schedule
+from forge_core.stopping import Stopped, StopRequest, signal_name
 from forge_core.surgery import uses_pissa
 
 
@@ -55,10 +56,10 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
     if resume:
         if not run_config.is_resolved(cfg):  # called directly (tests, tools): resolve the resume here
             cfg = run_config.for_resume(run, cfg)
-    elif run.latest() is not None:
-        raise ForgeError(f"{run.path} already holds a run; pass --resume {run.path} or choose another --out")
-    elif world.main:
-        run.save_config(cfg.to_dict())
+    else:
+        run.check_free()
+        if world.main:
+            run.save_config(cfg.to_dict())
     t = cfg.train
 
     model, tokenizer, model_dir, factors = _build_model(cfg, kind, ops, run, console, world)
@@ -93,10 +94,13 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
     # read now, so that nothing after the last step can stand between the run and its adapter
     system_prompt = shared_system_prompt(cfg.data.train, cfg.data) if world.main else ""
     tokens, tic, step, last_log = 0, time.perf_counter(), start, start
+    last_save, slowest = time.monotonic(), 0.0  # for save_every_minutes; the slowest step, for a stop's patience
     model.train()
-    with TrainProgress(steps, start, label=obj.kind, console=console) as bar, world.stops_cleanly(run, lambda: step), \
+    with TrainProgress(steps, start, label=obj.kind, console=console) as bar, StopRequest() as stop, \
+            world.stops_cleanly(run, lambda: step, patience=lambda: 3 * slowest), \
             tracking.opened(t.report_to, run.path, cfg.to_dict(), world.main, console, start) as tracker:
         for step in range(start + 1, steps + 1):
+            began = time.monotonic()
             # the RNG is a function of the step (exact resume) and of the rank (each rank its own dropout masks)
             ops.seed((t.seed * 1_000_003 + step) * world.size + world.rank)
             lr = lr_at(step - 1)
@@ -160,8 +164,16 @@ def train(cfg: ForgeConfig, kind: str = "sft", *, ops, resume: str | None = None
                         tracker.log(rec)
                     console.print(log_line(rec), soft_wrap=True)
                 model.train()
-            if (t.save_every and step % t.save_every == 0) or step == steps or step == stop_at:
+            # a signal heard on any rank (every rank the same answer); the last step just finishes the run
+            heard = int(world.max(float(stop.requested)) or 0) if step < steps else 0
+            due = (t.save_every and step % t.save_every == 0) or step == steps or step == stop_at or heard or \
+                (t.save_every_minutes and time.monotonic() - last_save >= 60 * t.save_every_minutes)
+            if due:
                 save(step)
+                last_save = time.monotonic()
+            if heard:
+                raise _stopped(run, kind, step, steps, heard, world.size)
+            slowest = max(slowest, time.monotonic() - began)
             if step < steps:  # measured peak (the largest of any rank) over the limit: checkpoint, stop
                 guard.check(run, step, world.max(ops.guard_peak()), save)
             if step == stop_at and step < steps:  # tests: stop here as a kill would
@@ -232,6 +244,13 @@ def _out_of_memory(run: RunDir, step: int, stepper, guard: MemoryGuard, oom: str
     else:
         oom += " - inside the optimizer's in-place update, so the half-updated weights are not saved"
     return guard.stop_error(run, step, peak, oom=oom)
+
+
+def _stopped(run: RunDir, kind: str, step: int, steps: int, signum: int, ranks: int) -> Stopped:
+    command = "train" if kind == "sft" else kind
+    again = f" --nproc {ranks} (or the same launcher)" if ranks > 1 else ""
+    return Stopped(f"stopped by {signal_name(signum)} after step {step}/{steps}, saved in {run.checkpoint_dir(step)}; "
+                   f"continue with `forge {command} --resume {run.path}{again}`", signum)
 
 
 def _nonfinite_loss(run: RunDir, loss: float, step: int) -> ForgeError:

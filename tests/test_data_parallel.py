@@ -2,7 +2,9 @@
 and torchrun (gloo). Two ranks at batch_size B give the single-process run at the same global batch (B rows
 x 2 micro-batches: the same rows, grouped as the ranks group them), step for step; a killed
 rank stops the other within a minute, a resume with another global batch is refused in one line and a
-resume under the launcher ends bit-identical; a bad row stops both ranks with one message."""
+resume under the launcher ends bit-identical; a bad row stops both ranks with one message. `forge ... --nproc 2`
+exits as its ranks did (a rank failing mid-run: its line, non-zero), and SIGTERM to it stops every rank after
+one step, saved, from which --resume ends bit-identical."""
 
 import json
 import os
@@ -203,6 +205,75 @@ def test_killed_rank_stops_the_other_and_resume_under_the_launcher_is_exact(back
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _losses(out) == _losses(tmp_path / "straight")
     _assert_weights(_weights(out, backend), _weights(tmp_path / "straight", backend), atol=0)
+
+
+def _forge_nproc(args, **kw):
+    """`forge <args> --nproc 2`: forge's own process launching the ranks (relaunch.py), as a user runs it."""
+    return [sys.executable, "-m", "forge_core.cli", *args, "--nproc", "2"]
+
+
+@pytest.mark.parametrize("backend", [BACKENDS[0]])  # mlx: its launcher exits 0 whatever the ranks did
+def test_sigterm_to_forge_nproc_stops_every_rank_at_one_step_and_resume_is_exact(backend, tiny_model, jsonl, tmp_path):
+    data = jsonl("data.jsonl", _sft_rows(48))
+    extra = ("--set", "lora.dropout=0.1")  # save_every 100: only the stop saves
+    straight = _launched(backend, _args(backend, tiny_model, data, tmp_path / "straight", 2, steps=40, extra=extra))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "stopped"
+    log = open(tmp_path / "stopped.log", "w")
+    proc = subprocess.Popen(_forge_nproc(_args(backend, tiny_model, data, out, 2, steps=40, extra=extra)),
+                            stdout=log, stderr=subprocess.STDOUT, env=_env())
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # step 5 logged: SIGTERM forge (not the ranks)
+        if (out / "metrics.jsonl").is_file() and len(_losses(out)) >= 5:
+            os.kill(proc.pid, signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=120)
+    text = (tmp_path / "stopped.log").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    step = json.loads((out / "latest.json").read_text())["step"]
+    assert 5 <= step < 40 and len(_losses(out)) == step, text[-3000:]  # the step it stopped at is the one saved
+    assert f"stopped by SIGTERM after step {step}/40" in text and "Traceback" not in text, text[-3000:]
+    resumed = _run(_forge_nproc(["train", "--resume", str(out)]))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _losses(out) == _losses(tmp_path / "straight")
+    _assert_weights(_weights(out, backend), _weights(tmp_path / "straight", backend), atol=0)
+    # a run dir that holds a run: refused before anything is launched, in one line
+    again = _run(_forge_nproc(_args(backend, tiny_model, data, out, 2, steps=40)))
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"forge: error: {out} already holds a run; pass --resume {out} or choose another --out"], again.stderr
+
+
+FAIL_ON_RANK_1 = """
+import os
+if os.environ.get("MLX_RANK") == "1" or os.environ.get("RANK") == "1":
+    from forge_core.errors import ForgeError
+    from forge_core.objectives import sft
+
+    _next, _calls = sft.SFTObjective.next_batch, [0]
+
+    def next_batch(self):
+        _calls[0] += 1
+        if _calls[0] == 4:
+            raise ForgeError("rank 1 could not read its 4th batch (injected by the test)")
+        return _next(self)
+
+    sft.SFTObjective.next_batch = next_batch
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rank_failing_mid_run_fails_forge_nproc_with_its_line(backend, tiny_model, jsonl, tmp_path):
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)  # every rank imports it at start
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])}
+    data = jsonl("data.jsonl", _sft_rows())
+    res = subprocess.run(_forge_nproc(_args(backend, tiny_model, data, tmp_path / "run", 2)), capture_output=True,
+                         text=True, timeout=400, env=env)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("forge: error:")]
+    assert lines[-1] == "forge: error: rank 1 of 2 failed: rank 1 could not read its 4th batch (injected by the " \
+                        "test)", res.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
