@@ -249,11 +249,27 @@ def estimate(cfg: ForgeConfig, shape: ModelShape, kind: str = "sft", backend: st
     deq, why = dequant_bytes(run)
     if deq:
         parts.append(Component("dequantized weights", deq, why))
+    parts += retention_components(run, parts)
     if method(kind).samples:
         parts.append(sampling_component(run))
     parts += init_components(run)
     parts.append(overhead_component(run, backend, process_bytes))
     return parts
+
+
+STEP_CHURN = ("activations", "attention probabilities", "logits + loss", "DoRA products", "backward working set",
+              "dequantized weights")  # what a training step allocates and frees again
+
+
+def retention_components(run: Run, parts: list[Component]) -> list[Component]:
+    """What the host's allocator keeps of the memory a step frees (torch on the CPU: glibc's heap), as a share of
+    the step's working set; none where the framework has its own allocator or the device is a GPU."""
+    share = 0.0 if run.on_gpu else run.const.get("cpu_heap_retention", 0.0)
+    churn = sum(c.bytes for c in parts if c.name in STEP_CHURN)
+    if not share or not churn:
+        return []
+    return [Component("allocator retention", int(share * churn),
+                      f"the C heap keeps freed step memory: {share:g} x the step's working set")]
 
 
 def overhead_component(run: Run, backend: str, process_bytes: int) -> Component:

@@ -158,6 +158,18 @@ def test_sdpa_backend_keeps_no_attention_matrix():
     assert parts(ForgeConfig(), backend="mlx")["attention probabilities"] > 0
 
 
+def test_torch_on_the_cpu_plans_what_the_c_heap_keeps_of_a_step():
+    from forge_core.memory.constants import BACKEND_CONSTANTS
+
+    for kind in ("sft", "dpo"):
+        cpu = parts(ForgeConfig(), kind=kind, backend="cuda", on_gpu=False)
+        churn = sum(cpu.get(name, 0) for name in me.STEP_CHURN)
+        assert churn > cpu["activations"] > 0
+        assert cpu["allocator retention"] == int(BACKEND_CONSTANTS["cuda"]["cpu_heap_retention"] * churn)
+        assert "allocator retention" not in parts(ForgeConfig(), kind=kind, backend="cuda", on_gpu=True)
+        assert "allocator retention" not in parts(ForgeConfig(), kind=kind, backend="mlx", on_gpu=False)
+
+
 def test_logits_terms_are_btv_in_compute_dtype_and_fp32():
     """train.chunked_loss off: the whole (positions x V) logits and their gradient."""
     b, t, v = 2, 16, 32000

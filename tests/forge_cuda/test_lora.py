@@ -1,6 +1,7 @@
 """The torch LoRA layer and the PiSSA / QPiSSA surgery: formulas, inits, stored factors, target selection."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,18 @@ def test_factor_files_read_both_layouts():
     for flat in (peft, mlx):
         got = flat_to_factors(flat)["model.layers.0.mlp.up_proj"]
         assert np.array_equal(got[0], a0) and np.array_equal(got[1], b0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_the_built_model_lets_the_memory_mapped_checkpoint_go(tiny_model, make_cfg):
+    """The fp32 checkpoint, loaded as fp32, is memory-mapped; the weights surgery left as they were (embeddings,
+    norms) would keep the whole file resident through the run: the build copies them, so nothing maps it after."""
+    import gc
+
+    def mapped() -> bool:
+        return str(tiny_model / "model.safetensors") in Path("/proc/self/maps").read_text()
+
+    model, _, _, _ = build_model(make_cfg(quant__bits=4))
+    gc.collect()
+    assert not mapped()
+    assert model.model.embed_tokens.weight.dtype == torch.float32
