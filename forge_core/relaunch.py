@@ -29,11 +29,9 @@ def launcher_command(nproc: int, backend: str, argv: list[str], port: int | None
     ring backend, or torchrun (gloo on the CPU, nccl on GPUs), each process running `forge <argv>`."""
     forge = [sys.executable, "-m", "forge_core.cli", *argv]
     if backend == "mlx":
+        # each rank sizes its BLAS pool to its share of the cores itself (forge_mlx/blas.py), also when the user
+        # runs mlx.launch directly
         ring = ["--backend", "ring"] + (["--starting-port", str(port)] if port else [])
-        # the ranks share this machine's cores: one BLAS pool each, sized to its share (torchrun does the same
-        # with OMP_NUM_THREADS=1), or two pools of spinning threads fight over every core
-        if "OPENBLAS_NUM_THREADS" not in os.environ:
-            ring += ["--env", f"OPENBLAS_NUM_THREADS={max(1, (os.cpu_count() or 1) // nproc)}"]
         return [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()", "-n", str(nproc),
                 *ring, "--", *forge]
     rdzv = [f"--master-port={port}"] if port else []

@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from forge_core.distributed import World, _flatten, _rebuild, env_rank, is_peer_lost, local_ranks
 from forge_core.relaunch import launcher_command
 
@@ -48,6 +50,26 @@ def test_rank_and_local_ranks_from_the_launchers_environment(monkeypatch, tmp_pa
     assert env_rank() == 1 and local_ranks() == 2
 
 
+def test_a_rank_under_mlx_launch_takes_its_share_of_the_cores_for_blas(monkeypatch, tmp_path):
+    pytest.importorskip("mlx.core")
+    from forge_mlx.blas import share_cores_with_local_ranks
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"]]))
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MLX_RANK", raising=False)
+    share_cores_with_local_ranks()  # alone: untouched
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("MLX_RANK", "1")
+    share_cores_with_local_ranks()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "4"  # 8 cores, 2 ranks on this machine
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")  # the user's own setting wins
+    share_cores_with_local_ranks()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
+
+
 def test_peer_loss_is_recognised_from_the_collectives_messages():
     assert is_peer_lost(RuntimeError("[ring] Too many send/recv errors. Failing pending tasks..."))
     assert is_peer_lost(RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
@@ -60,7 +82,7 @@ def test_nproc_execs_the_engines_own_launchers(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     mlx = launcher_command(2, "mlx", ["train", "--steps", "3"], port=4000)
     assert mlx[:2] == [sys.executable, "-c"] and "mlx._distributed_utils.launch" in mlx[2]
-    assert mlx[3:] == ["-n", "2", "--backend", "ring", "--starting-port", "4000", "--env", "OPENBLAS_NUM_THREADS=4",
+    assert mlx[3:] == ["-n", "2", "--backend", "ring", "--starting-port", "4000",
                        "--", sys.executable, "-m", "forge_core.cli", "train", "--steps", "3"]
     torch = launcher_command(4, "cuda", ["dpo", "--data", "p.jsonl"])
     assert torch == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
