@@ -27,7 +27,7 @@ from forge_core import surgery
 from forge_core.adapters import mapping as mp
 from forge_core.adapters.mapping import collect
 from forge_core.config import ForgeConfig, lora_scale
-from forge_core.dora import dora_weight
+from forge_core.dora import dora_weight, nonzero
 from forge_core.errors import ForgeError
 from forge_core.surgery import select_targets, under
 
@@ -87,7 +87,7 @@ class LoRALinear(nn.Module):
     def _dora(self, x):
         w = self.base_weight()
         with torch.no_grad():  # a constant in the backward (the paper's memory saving): no graph for it
-            norm = self.row_norm(w)
+            norm = nonzero(self.row_norm(w))
         mag = self.lora_magnitude_vector / norm  # fp32; m/n − 1 is small, so it is cast after the subtraction
         w = w.to(x.dtype)
         if self.dropout.p > 0 and self.training:  # PEFT's form: the base term sees the dropped input too

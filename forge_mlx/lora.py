@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from forge_core import surgery
 from forge_core.config import ForgeConfig, lora_scale
-from forge_core.dora import dora_weight
+from forge_core.dora import dora_weight, nonzero
 from forge_core.errors import ForgeError
 from forge_core.surgery import select_targets, under
 
@@ -83,7 +83,7 @@ class LoRALinear(nn.Module):
 
     def _dora(self, x):
         w = self.base_weight()
-        norm = mx.stop_gradient(self.row_norm(w))
+        norm = mx.stop_gradient(nonzero(self.row_norm(w)))
         mag = self.m / norm  # fp32; m/n − 1 is small, so it is cast after the subtraction
         w = w.astype(x.dtype)
         if self.dropout_p > 0 and self.training:  # PEFT's form: the base term sees the dropped input too

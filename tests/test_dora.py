@@ -185,3 +185,37 @@ def test_row_norm_needs_no_dense_sum_and_equals_it(backend):
         layer = LoRALinear(torch.nn.Linear(32, 48, bias=False), 4, 1.5, lora_A=torch.tensor(a), lora_B=torch.tensor(b))
         got = layer.row_norm(torch.tensor(w)).detach().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_zero_row_stays_zero_not_nan(backend):
+    """A weight with an all-zero output row (pruned, or a stream a model keeps fixed): m / ||row|| was 0 / 0 = NaN
+    in training and in the merge (as in PEFT and mlx-lm); the row's output is 0."""
+    from forge_core.dora import dora_weight
+
+    rng = np.random.default_rng(0)
+    w, a, b, x = (rng.standard_normal(s).astype(np.float32) for s in ((8, 16), (2, 16), (8, 2), (3, 16)))
+    w[5], b[5] = 0.0, 0.0
+    if backend == "mlx":
+        import mlx.core as mx
+        from mlx import nn
+
+        from forge_mlx.lora import LoRALinear
+
+        base = nn.Linear(16, 8, bias=False)
+        base.weight = mx.array(w)
+        layer = LoRALinear(base, 2, 1.0, lora_a=mx.array(a.T), lora_b=mx.array(b.T), dora=True)
+        y = np.array(layer(mx.array(x)))
+    else:
+        import torch
+
+        from forge_cuda.lora import LoRALinear
+
+        base = torch.nn.Linear(16, 8, bias=False)
+        with torch.no_grad():
+            base.weight.copy_(torch.tensor(w))
+        layer = LoRALinear(base, 2, 1.0, lora_A=torch.tensor(a), lora_B=torch.tensor(b), dora=True)
+        y = layer(torch.tensor(x)).detach().numpy()
+    assert np.isfinite(y).all() and (y[:, 5] == 0).all()
+    merged = dora_weight(np, w + b @ a, np.linalg.norm(w + b @ a, axis=1))
+    assert np.isfinite(merged).all() and (merged[5] == 0).all()
