@@ -15,7 +15,7 @@ else
 EXTRAS := mlx-linux,cuda,dev
 endif
 
-.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto demo-grpo test test-fast bench bench-dpo bench-memory bench-dp bench-methods bench-eval bench-gguf bench-grpo bench-dora bench-chunked-loss bench-real-sizes fidelity venv clean sysdeps
+.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto demo-grpo test test-fast test-readme bench bench-dpo bench-memory bench-dp bench-methods bench-eval bench-gguf bench-grpo bench-dora bench-chunked-loss bench-real-sizes fidelity venv clean sysdeps
 
 # Linux only, optional: an optimized BLAS for MLX's CPU wheel (forge_mlx/blas.py preloads it; ~90x
 # faster fp32 matmul than the wheel's reference BLAS). Installed with apt when we are root; otherwise
@@ -42,8 +42,13 @@ $(VENV)/.stamp: pyproject.toml Makefile
 venv: $(VENV)/.stamp
 
 test: $(VENV)/.stamp
-	@$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	@$(PY) -m pytest -q -p no:cacheprovider -m "not readme" tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+# README.md as a new reader runs it, every command in order (tests/test_readme.py): ~10 minutes, apart from
+# `make test` until it is cheaper
+test-readme: $(VENV)/.stamp
+	$(PY) -m pytest -q -p no:cacheprovider -m readme tests/test_readme.py
 
 test-fast: $(VENV)/.stamp
 	$(PY) -m pytest -q -m "not slow" tests

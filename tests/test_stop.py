@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from forge_core import rank_status
 from forge_core.config import ForgeConfig
 from forge_core.rundir import RunDir
-from forge_core.stopping import StopRequest, Stopped
+from forge_core.stopping import Stopped, StopRequest
 from tests.test_preference_methods import BACKENDS
 
 WEIGHTS = {"mlx": "adapters.safetensors", "cuda": "adapter_model.safetensors"}

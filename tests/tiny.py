@@ -111,3 +111,50 @@ def make_tiny_model(out, seed: int = 0, tie: bool = False, **shape) -> Path:
         })
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def make_stand_in(real: Path, out: Path, seed: int = 0) -> Path:
+    """A tiny random model in the place of a real one: the real dir's tokenizer, chat template and config keys,
+    with hidden 64, 2 layers (the vocabulary stays, so the real data tokenizes as it does for the real model).
+
+    It answers briefly: one coordinate of the residual stream is held at +5 (every embedding has it, no block
+    writes it) and the end-of-turn token's embedding is large there, so with the head tied to the embeddings
+    the end-of-turn token wins every step by a wide margin - generation (eval, GRPO's sampling) ends at once
+    instead of running to max_new_tokens through random text."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    real, out = Path(real), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in real.iterdir():
+        if f.name not in ("config.json", "model.safetensors") and f.is_file():
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((real / "config.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    rng = np.random.default_rng(seed)
+    h, i, v = 64, 128, cfg["vocab_size"]
+
+    def w(o, n):
+        return (rng.standard_normal((o, n)) / np.sqrt(n)).astype(np.float32)
+
+    embed = (rng.standard_normal((v, h)) * 0.5).astype(np.float32)
+    embed[:, -1] = 5.0  # the held coordinate
+    eos = cfg["eos_token_id"][0] if isinstance(cfg["eos_token_id"], list) else cfg["eos_token_id"]
+    embed[eos, -1] = 20.0
+    weights = {"model.embed_tokens.weight": embed, "model.norm.weight": np.ones(h, np.float32)}
+    if not cfg.get("tie_word_embeddings"):
+        weights["lm_head.weight"] = embed.copy()
+    for n in range(2):
+        p = f"model.layers.{n}."
+        weights.update({p + "self_attn.q_proj.weight": w(64, h), p + "self_attn.k_proj.weight": w(32, h),
+                        p + "self_attn.v_proj.weight": w(32, h), p + "self_attn.o_proj.weight": w(h, 64),
+                        p + "mlp.gate_proj.weight": w(i, h), p + "mlp.up_proj.weight": w(i, h),
+                        p + "mlp.down_proj.weight": w(h, i), p + "input_layernorm.weight": np.ones(h, np.float32),
+                        p + "post_attention_layernorm.weight": np.ones(h, np.float32)})
+        weights[p + "self_attn.o_proj.weight"][-1] = 0.0  # no block writes the held coordinate
+        weights[p + "mlp.down_proj.weight"][-1] = 0.0
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -15,7 +15,7 @@ from forge_core.errors import ForgeError
 # one value outside each range (the CLI test runs each through `forge train`)
 BAD = {
     "lora.rank": 0, "lora.alpha": 0, "lora.dropout": 1.0, "quant.group_size": 0,
-    "train.lr": -1, "train.warmup": -1, "train.min_lr_ratio": 1.5, "train.steps": -5, "train.epochs": 0,
+    "train.lr": -1, "train.warmup": -1, "train.save_every_minutes": -1, "train.min_lr_ratio": 1.5, "train.steps": -5, "train.epochs": 0,
     "train.batch_size": 0, "train.grad_accum": 0, "train.max_seq_len": 1, "train.weight_decay": -0.1,
     "train.max_grad_norm": -1, "train.seed": -1, "train.log_every": -1, "train.eval_every": -2,
     "train.eval_batches": -1, "train.save_every": -1,
