@@ -21,7 +21,7 @@ from rich.console import Console
 from forge_core import backend as backends
 from forge_core import rank_status
 from forge_core.errors import ForgeError
-from forge_core.stopping import STOP_FILE_ENV, signal_name
+from forge_core.stopping import STOP_FILE_ENV, StopRequest, signal_name
 
 
 def launcher_command(nproc: int, backend: str, argv: list[str], port: int | None = None) -> list[str]:
@@ -55,24 +55,19 @@ def relaunch(nproc: int, backend: str, argv: list[str]) -> None:
         stop_file = os.path.join(status, "stop")
         env = {**os.environ, rank_status.STATUS_DIR_ENV: status, STOP_FILE_ENV: stop_file}
         proc = subprocess.Popen(launcher_command(nproc, name, argv), env=env, start_new_session=True)
-        heard = []
 
-        def on_signal(signum, frame):
-            heard.append(signum)
-            if len(heard) == 1:
-                open(stop_file, "w").close()
-                say.print(f"{signal_name(signum)}: the ranks stop after the step under way, with a checkpoint "
-                          "(again: stop at once)", markup=False, highlight=False)
-            else:
+        def ask_ranks_to_stop(signum: int) -> None:
+            open(stop_file, "w").close()
+            say.print(f"{signal_name(signum)}: the ranks stop after the step under way, with a checkpoint "
+                      "(again: stop at once)", markup=False, highlight=False)
+
+        with StopRequest(on_first=ask_ranks_to_stop):
+            try:
+                launcher_rc = proc.wait()
+            except KeyboardInterrupt:  # the second signal: the launcher and its ranks, at once
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            launcher_rc = proc.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+                launcher_rc = proc.wait()
         code, line = rank_status.verdict(rank_status.read(status, nproc), launcher_rc)
     if line:
         say.print(f"forge: error: {line}", markup=False, highlight=False)

@@ -3,7 +3,7 @@ exits non-zero with one line saying how to resume - so a killed run continues fr
 from the last `save_every`. A second signal stops at once (the default action).
 
 Under a launcher every rank has its own StopRequest; the ranks agree on stopping at the end of each step
-(World.any), so they stop after the same step whichever of them heard the signal. `forge ... --nproc N` runs the
+(World.max of the signal heard), so they stop after the same step whichever of them heard the signal. `forge ... --nproc N` runs the
 launcher in its own session and asks its ranks to stop through a file (FORGE_STOP_FILE, relaunch.py): the
 launchers themselves do not pass a polite signal on to their ranks.
 """
@@ -28,12 +28,14 @@ class Stopped(ForgeError):
 
 
 class StopRequest:
-    """Hears SIGTERM and SIGINT inside `with` (the main thread only: signal handlers live there)."""
+    """Hears SIGTERM and SIGINT inside `with` (the main thread only: signal handlers live there): the first is
+    recorded (and passed to `on_first`, when given), the second raises KeyboardInterrupt."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, on_first=None):
         self.signum = 0
+        self.on_first = on_first
         self._previous: dict = {}
 
     def __enter__(self) -> StopRequest:  # noqa: PYI034 (Self: Python 3.11+)
@@ -52,6 +54,8 @@ class StopRequest:
                 signal.signal(s, signal.SIG_DFL)
             raise KeyboardInterrupt
         self.signum = signum
+        if self.on_first is not None:
+            self.on_first(signum)
 
     @property
     def requested(self) -> int:

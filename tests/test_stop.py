@@ -84,6 +84,16 @@ def test_ctrl_c_stops_politely_and_a_second_one_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_the_first_signal_is_passed_on_once():
+    heard = []
+    with StopRequest(on_first=heard.append) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert heard == [signal.SIGTERM] and stop.requested == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert heard == [signal.SIGTERM]
+
+
 def test_the_launchers_stop_file_asks_for_a_stop(tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_STOP_FILE", str(tmp_path / "stop"))
     with StopRequest() as stop:

@@ -27,7 +27,7 @@ def init_components(run: Run) -> list[Component]:
     out = []
     # forge_cuda loads the whole dense model into host memory (transformers' from_pretrained) before the surgery
     # moves it to the device layer by layer: on a GPU the device never holds it, on the CPU host and device are one
-    if run.const["init_holds_dense_model"] or (not run.on_gpu and run.const.get("host_loads_dense_model")):
+    if run.const["init_holds_dense_model"] or (not run.on_gpu and run.const["host_loads_dense_model"]):
         dense = s.layers * sum(o * i for o, i in shapes.values()) * cb + (2 * s.layers + 1) * s.hidden * cb
         if run.cfg.quant.embeddings and run.mode != "none":  # dense until quantize_rest swaps them
             dense += s.vocab * s.hidden * cb * (1 if s.tied else 2)

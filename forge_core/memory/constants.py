@@ -47,6 +47,10 @@ BACKEND_CONSTANTS = {
         # forge_mlx/model.py loads lazily; adapt_model / quantize_rest materialise, factorize, quantize and
         # swap in one linear at a time, so only one dense weight is alive during surgery.
         "init_holds_dense_model": False,
+        "host_loads_dense_model": False,  # the lazy load above holds no dense model on the host either
+        # MLX allocates from its own buffer cache, not the C heap: its plans meet the measured max RSS without a
+        # retention term (docs/BENCHMARKS.md "At real sizes"); torch's below needs one
+        "cpu_heap_retention": 0.0,
         # `forge memory` (nothing measured): Python + mlx + mlx_lm + transformers without torch (forge_core/
         # torch_free.py) 88 MiB RSS, a whole run's non-array memory 158 MiB (tiny model) to 293 MiB (SmolLM2-135M),
         # measured Linux x86 MLX CPU; Metal adds its kernel library and command buffers (+100 MiB, to calibrate).

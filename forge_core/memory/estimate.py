@@ -264,7 +264,7 @@ STEP_CHURN = ("activations", "attention probabilities", "logits + loss", "DoRA p
 def retention_components(run: Run, parts: list[Component]) -> list[Component]:
     """What the host's allocator keeps of the memory a step frees (torch on the CPU: glibc's heap), as a share of
     the step's working set; none where the framework has its own allocator or the device is a GPU."""
-    share = 0.0 if run.on_gpu else run.const.get("cpu_heap_retention", 0.0)
+    share = 0.0 if run.on_gpu else run.const["cpu_heap_retention"]
     churn = sum(c.bytes for c in parts if c.name in STEP_CHURN)
     if not share or not churn:
         return []
