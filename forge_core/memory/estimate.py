@@ -104,12 +104,21 @@ def head_plan(cfg: ForgeConfig, shape: ModelShape, const: dict) -> tuple[bool, b
 # ------------------------------------------------------------------------------------------- LoRA
 
 def lora_tensor_sizes(run: Run) -> list[int]:
-    """Element counts of every LoRA factor: A (r, in) and B (out, r) per target per adapted block."""
-    r, shapes = run.cfg.lora.rank, run.shape.linears()
-    one_block = [n for t in run.targets for n in (r * shapes[t][1], shapes[t][0] * r)]
+    """Element counts of every LoRA factor: A (r, in) and B (out, r) per target per adapted block (one pair per
+    expert of an expert stack, as one (E, r, in) and one (E, out, r) tensor)."""
+    s, r = run.shape, run.cfg.lora.rank
+    shapes = s.linears()
+    one_block = [s.copies(t) * n for t in run.targets for n in (r * shapes[t][1], shapes[t][0] * r)]
     if run.cfg.lora.dora:  # DoRA's magnitude: one value per output row
         one_block += [shapes[t][0] for t in run.targets]
     return one_block * run.lora_layers
+
+
+def experts_note(run: Run) -> str:
+    """", one pair per expert (E x top-k)" when the targets include a mixture's expert projections."""
+    s = run.shape
+    return f", one pair per expert ({s.experts} x top-{s.top_k})" if any(s.copies(t) > 1 for t in run.targets) \
+        else ""
 
 
 def optimizer_bytes(sizes: list[int], optimizer: str) -> int:
@@ -130,7 +139,7 @@ def lora_components(run: Run) -> list[Component]:
     return [
         Component("LoRA params", params * LORA_BYTES,
                   f"{params / 1e6:.2f}M fp32, r={run.cfg.lora.rank} x {len(run.targets)} targets x "
-                  f"{run.lora_layers} blocks{disk}", "both"),
+                  f"{run.lora_layers} blocks{experts_note(run)}{disk}", "both"),
         Component("LoRA grads", params * LORA_BYTES * (2 if accum else 1),
                   "fp32" + (", accumulated + current" if accum else "")),
         Component("optimizer states", optimizer_bytes(sizes, t.optimizer), t.optimizer),
@@ -143,7 +152,9 @@ def block_token_bytes(run: Run) -> int:
     """Bytes one block keeps per token for the backward (frozen base, LoRA on run.targets).
 
     Always: the two RMSNorm inputs (h each), attention q, k, v after RoPE and its output (2q + 2kv;
-    k, v at q size where repeat_kv copies them), SwiGLU gate, silu(gate), up (3i). LoRA targets add
+    k, v at q size where repeat_kv copies them), SwiGLU gate, silu(gate), up (3i; a mixture of experts: 3 x top-k
+    x the expert width, plus its router's logits and probabilities (2E, fp32) and each chosen expert's input and
+    output (2 x top-k x h): the sort that groups tokens by expert copies them). LoRA targets add
     their input (shared by targets that read the same tensor; attention's output is kept anyway) or,
     where adapters are fp32 and compute is not, an fp32 copy per target; plus x·A (r) per target and,
     with dropout, the dropped input and its mask.
@@ -151,17 +162,19 @@ def block_token_bytes(run: Run) -> int:
     s, cb, c = run.shape, run.cb, run.const
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     k_v = 2 * (q if c["gqa_repeat"] else kv)
-    total = (8 if c["norm_fp32"] else 2 * cb) * s.hidden + cb * (2 * q + k_v + 3 * s.intermediate)
+    total = (8 if c["norm_fp32"] else 2 * cb) * s.hidden + cb * (2 * q + k_v + 3 * s.mlp_width)
+    if s.experts:
+        total += 8 * s.experts + cb * 2 * s.top_k * s.hidden
     if c["attention"] == "sdpa":
         total += 4 * s.heads  # fp32 logsumexp per head
-    sizes = {"xn": s.hidden, "attn": 0, "xn2": s.hidden, "mlp": s.intermediate}
-    inputs = {t: s.linears()[t][1] for t in run.targets}
+    sizes = {"xn": s.hidden, "attn": 0, "xn2": s.hidden, "mlp": s.mlp_width}
+    inputs = {t: s.active(t) * s.linears()[t][1] for t in run.targets}
     lora_b = LORA_BYTES if c["lora_fp32_inputs"] else cb
     if c["lora_fp32_inputs"] and cb < 4:
         total += sum(4 * n for n in inputs.values())
     else:
         total += cb * sum(sizes[g] for g in {TARGET_INPUT[t] for t in run.targets})
-    total += len(run.targets) * run.cfg.lora.rank * lora_b
+    total += sum(s.active(t) for t in run.targets) * run.cfg.lora.rank * lora_b
     if run.cfg.lora.dropout > 0:
         total += sum(n * (lora_b + 1) for n in inputs.values())
     return total
@@ -191,7 +204,7 @@ def activation_components(run: Run) -> list[Component]:
         acts = s.layers * n * per_tok + final
         note = f"{per_tok / 1024:.1f} KiB/token/block x {s.layers}: checkpointing saves nothing without compile"
     elif ckpt:
-        kept = cb * (kh * s.hidden + ki * s.intermediate)
+        kept = cb * (kh * s.hidden + ki * s.mlp_width)
         copies = run.const["ckpt_block_copies"]
         acts = s.layers * n * kept + int(copies * n * per_tok) + final
         note = (f"{kept / 1024:.1f} KiB/token x {s.layers} checkpointed blocks + {copies:g} recomputed "
@@ -202,7 +215,7 @@ def activation_components(run: Run) -> list[Component]:
     out = [Component("activations", acts, note)]
     if run.cfg.lora.dora:  # m/n · (Wx + s·BAx): the magnitude's gradient keeps that (N, out) product per target
         blocks = 1 if ckpt else run.lora_layers
-        outs = sum(s.linears()[t][0] for t in run.targets)
+        outs = sum(s.active(t) * s.linears()[t][0] for t in run.targets)
         out.append(Component("DoRA products", blocks * n * outs * cb,
                              f"N x {outs} outputs of the adapted linears x {blocks} block(s), for the magnitudes"))
     kept = run.const["scores_kept_per_block"]

@@ -225,9 +225,22 @@ def over_message(plan: MemoryPlan) -> str:
     for s in plan.suggestions[:3]:
         parts.append(f"fits with {s.label()} ({human(s.total_bytes)})")
     if not plan.suggestions:
-        parts.append("no single config change fits this device; use a smaller model or a bigger device")
+        parts.append(no_fit_advice(plan))
     parts.append("run `forge memory` with the same options for the breakdown, or pass --force to launch anyway")
     return "; ".join(parts)
+
+
+def no_fit_advice(plan: MemoryPlan) -> str:
+    """What to do when no change of the run's own settings fits: when the frozen weights alone are over the limit,
+    say so (a mixture of experts stores every expert) and how big a device it needs."""
+    weights = plan.component("base weights (blocks)") + plan.component("embeddings / lm_head")
+    if weights <= plan.limit_bytes:
+        return "no single config change fits this device; use a smaller model or a bigger device"
+    note = next((c.note for c in plan.components if c.name == "base weights (blocks)"), "")
+    moe = " (every expert is stored, routed to or not)" if "MoE" in note else ""
+    return (f"the frozen weights alone are {human(weights)}{moe}, over the limit whatever the batch, rank or "
+            f"sequence length: this model needs a device of at least {human(plan.total_bytes / plan.threshold)} "
+            "as configured")
 
 
 def check_before_launch(cfg: ForgeConfig, kind: str, backend: str, model_config: dict, force: bool,
@@ -366,4 +379,4 @@ def _print_plan(plan: MemoryPlan, source: str, worst: MemoryPlan | None = None) 
             for s in plan.suggestions:
                 console.print(f"  {s.label()}  -> {human(s.total_bytes)}", markup=False, highlight=False)
         else:
-            console.print("no config change fits this device; use a smaller model or a bigger device")
+            console.print(no_fit_advice(plan))

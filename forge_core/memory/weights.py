@@ -39,9 +39,10 @@ def embedding_bytes(run: Run) -> int:
 
 
 def block_weight_bytes(run: Run) -> int:
-    """All blocks' linears as stored + every RMSNorm weight ((2L + 1)·h, compute dtype)."""
+    """All blocks' linears as stored (every expert of a mixture) + every RMSNorm weight ((2L + 1)·h, compute
+    dtype)."""
     s = run.shape
-    per_block = sum(linear_bytes(o, i, run) for o, i in s.linears().values())
+    per_block = sum(s.copies(n) * linear_bytes(o, i, run) for n, (o, i) in s.linears().items())
     return s.layers * per_block + (2 * s.layers + 1) * s.hidden * run.cb
 
 
@@ -49,12 +50,13 @@ def weight_components(run: Run) -> list[Component]:
     s, q = run.shape, run.cfg.quant
     label = "full precision" if run.mode == "none" else f"{q.bits}-bit {run.mode}" + (
         f" g{q.group_size}" if run.mode == "affine" else "")
-    params = s.layers * sum(o * i for o, i in s.linears().values())
+    params = s.layers * s.block_params()
     blocks = block_weight_bytes(run)
     emb_note = ("tied, " if s.tied else "embed + lm_head, ") + (label if q.embeddings else "not quantized")
     return [
         Component("base weights (blocks)", blocks, f"{params / 1e9:.2f}B params, {label}, "
-                  f"{blocks / max(params, 1):.3f} B/param with scales and norms"),
+                  f"{blocks / max(params, 1):.3f} B/param with scales and norms"
+                  + (f"; {s.moe_note()}, all stored" if s.experts else "")),
         Component("embeddings / lm_head", embedding_bytes(run), emb_note, "both"),
     ]
 
@@ -64,9 +66,8 @@ def dequant_bytes(run: Run) -> tuple[int, str]:
     least every adapted weight, dense for its row norms and kept by x·Wᵀ for the backward."""
     plain, why = _dequant_bytes(run)
     if run.cfg.lora.dora and (run.mode != "none" or run.on_gpu):  # full precision on the CPU: W itself, no copy
-        shapes = run.shape.linears()
         blocks = 1 if run.cfg.train.grad_checkpoint else run.lora_layers
-        dora = blocks * sum(shapes[t][0] * shapes[t][1] for t in run.targets) * run.cb
+        dora = blocks * sum(run.shape.stored(t) for t in run.targets) * run.cb
         if dora > plain:
             return dora, "DoRA: each adapted weight dense for its row norm" + (", one block (checkpointed)"
                                                                               if blocks == 1 else "")
@@ -77,7 +78,7 @@ def _dequant_bytes(run: Run) -> tuple[int, str]:
     if run.mode == "none":
         return 0, ""
     s, cb = run.shape, run.cb
-    dense = {n: o * i * cb for n, (o, i) in s.linears().items()}
+    dense = {n: s.stored(n) * cb for n in s.linears()}  # an expert stack dequantizes whole
     head = s.vocab * s.hidden * cb if run.cfg.quant.embeddings else 0
     matmul = run.cfg.quant.matmul
     fused = (matmul == "auto" and run.on_gpu) or matmul == "fused"

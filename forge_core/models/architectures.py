@@ -32,6 +32,9 @@ ARCHITECTURES = {
     "gemma": Architecture(split_head=True),
     "olmo2": Architecture(split_head=True),
     "starcoder2": Architecture(split_head=True),
+    "mixtral": Architecture(split_head=True),  # mixtures of experts: the router's aux loss is off by default
+    "qwen3_moe": Architecture(split_head=True),
+    "olmoe": Architecture(split_head=True),
 }
 UNKNOWN = Architecture()
 

@@ -15,6 +15,14 @@ def _llama(h, i, layers, heads, kv, vocab, tied, head_dim=None, model_type="llam
             "vocab_size": vocab, "tie_word_embeddings": tied}
 
 
+def _moe(h, expert_i, layers, heads, kv, vocab, experts, top_k, head_dim=None, model_type="mixtral",
+         dense_i=None) -> dict:
+    """A mixture of experts: every block's MLP is `experts` experts of width `expert_i`, `top_k` per token
+    (`dense_i`: the config's intermediate_size where it differs, as Qwen3-MoE's does)."""
+    return {**_llama(h, dense_i or expert_i, layers, heads, kv, vocab, False, head_dim, model_type),
+            "moe_intermediate_size": expert_i, "num_experts": experts, "num_experts_per_tok": top_k}
+
+
 _KNOWN = {
     "huggingfacetb/smollm2-135m": _llama(576, 1536, 30, 9, 3, 49152, True),
     "meta-llama/meta-llama-3-8b": _llama(4096, 14336, 32, 32, 8, 128256, False),
@@ -24,12 +32,17 @@ _KNOWN = {
     "qwen/qwen2.5-7b": _llama(3584, 18944, 28, 28, 4, 152064, False, model_type="qwen2"),
     "mistralai/mistral-7b-v0.1": _llama(4096, 14336, 32, 32, 8, 32000, False, model_type="mistral"),
     "mistralai/mistral-7b-v0.3": _llama(4096, 14336, 32, 32, 8, 32768, False, model_type="mistral"),
+    "mistralai/mixtral-8x7b-v0.1": _moe(4096, 14336, 32, 32, 8, 32000, 8, 2),
+    "qwen/qwen3-30b-a3b": _moe(2048, 768, 48, 32, 4, 151936, 128, 8, head_dim=128, model_type="qwen3_moe",
+                                dense_i=6144),
 }
 KNOWN_MODELS = {**_KNOWN, **{k + "-instruct": v for k, v in _KNOWN.items()},
                 "smollm2-135m": _KNOWN["huggingfacetb/smollm2-135m"],  # the bundled model
                 "mistralai/mistral-7b-instruct-v0.1": _KNOWN["mistralai/mistral-7b-v0.1"],
                 "mistralai/mistral-7b-instruct-v0.2": _KNOWN["mistralai/mistral-7b-v0.1"],
-                "mistralai/mistral-7b-instruct-v0.3": _KNOWN["mistralai/mistral-7b-v0.3"]}
+                "mistralai/mistral-7b-instruct-v0.3": _KNOWN["mistralai/mistral-7b-v0.3"],
+                "mistralai/mixtral-8x7b-instruct-v0.1": _KNOWN["mistralai/mixtral-8x7b-v0.1"],
+                "qwen/qwen3-30b-a3b-instruct-2507": _KNOWN["qwen/qwen3-30b-a3b"]}
 
 
 def known_model_config(name: str) -> dict | None:
