@@ -97,3 +97,10 @@ def building(paths: list[str], what: str = "PiSSA + quantize") -> Iterator[tuple
 def _block_of(path: str) -> str:
     parts = path.split(".")
     return parts[parts.index("layers") + 1] if "layers" in parts[:-1] else path
+
+
+def say(text: str) -> None:
+    """One line on stderr about the run being set up (rank 0 only under a launcher)."""
+    from forge_core.distributed import env_rank
+
+    Console(stderr=True, quiet=env_rank() != 0, soft_wrap=True).print(text, highlight=False, markup=False)

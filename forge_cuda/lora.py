@@ -142,6 +142,7 @@ class Layers:
     get = staticmethod(lambda model, path: model.get_submodule(path))
     is_quantized = staticmethod(is_quantized)
     shape = staticmethod(lambda layer: tuple(layer.weight.shape))
+    experts = staticmethod(lambda layer: 0)
 
     @staticmethod
     def weight(layer) -> np.ndarray:

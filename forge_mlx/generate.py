@@ -22,11 +22,13 @@ from forge_core.data.batches import shared_prefix
 from forge_core.eval.generation import chat_prompt
 from forge_core.surgery import fold_plan
 
-from .lora import LoRALinear
-from .quant import QuantLinear
+from .experts import dense_switch
+from .lora import LORA_LAYERS, QUANT_LAYERS
 
 
-def _dense(layer: nn.Module, weight: mx.array) -> nn.Linear:
+def _dense(layer: nn.Module, weight: mx.array) -> nn.Module:
+    if weight.ndim == 3:  # an expert stack
+        return dense_switch(layer, weight)
     out_dims, in_dims = weight.shape
     dense = nn.Linear(in_dims, out_dims, bias="bias" in layer)
     dense.weight = weight
@@ -40,7 +42,7 @@ def _dense_layers(model: nn.Module, cache: dict) -> list[tuple[str, nn.Module, n
     DoRA's) and every other QuantLinear (dequantized). The bases' dense fp32 weights are taken from `cache` by path,
     and put there when missing."""
     modules = dict(model.named_modules())
-    kinds = ((p, "lora" if isinstance(m, LoRALinear) else "quantized" if isinstance(m, QuantLinear) else "")
+    kinds = ((p, "lora" if isinstance(m, LORA_LAYERS) else "quantized" if isinstance(m, QUANT_LAYERS) else "")
              for p, m in modules.items())
     out = []
     for path, kind in fold_plan(kinds):

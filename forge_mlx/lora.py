@@ -21,13 +21,16 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from forge_core import surgery
+from forge_core.adapters.mapping import mlx_pair
 from forge_core.config import ForgeConfig, lora_scale
 from forge_core.dora import dora_weight, nonzero
 from forge_core.errors import ForgeError
 from forge_core.surgery import select_targets, under
 
+from .experts import LoRASwitchLinear, QuantSwitchLinear, experts_of, quantizable_switch
 from .quant import QuantLinear, quantizable, quantize_linear, quantize_rest
 
 
@@ -117,24 +120,34 @@ class LoRALinear(nn.Module):
         return fused
 
 
+# What the model's adapted layers and its other quantized layers are (generate.py folds them for inference)
+LORA_LAYERS = (LoRALinear, LoRASwitchLinear)
+QUANT_LAYERS = (QuantLinear, QuantSwitchLinear)
+LINEARS = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+QUANTIZED = (nn.QuantizedLinear, QuantizedSwitchLinear)
+
+
 def _shape(module: nn.Module) -> tuple[int, int]:
-    out_dims, in_dims = module.weight.shape
-    if isinstance(module, nn.QuantizedLinear):
+    """(out, in) of a linear, or of ONE expert of an expert stack."""
+    out_dims, in_dims = module.weight.shape[-2:]
+    if isinstance(module, QUANTIZED):
         in_dims = in_dims * 32 // module.bits
     return out_dims, in_dims
 
 
 class Layers:
-    """The MLX side of forge_core.surgery.adapt_model: mlx-lm's nn.Linear, QuantLinear and LoRALinear."""
+    """The MLX side of forge_core.surgery.adapt_model: mlx-lm's nn.Linear, QuantLinear and LoRALinear, and for a
+    mixture of experts its SwitchLinear stacks, QuantSwitchLinear and LoRASwitchLinear (experts.py)."""
 
     def targets(self, model: nn.Module, cfg: ForgeConfig) -> list[str]:
-        model.freeze()  # the base is frozen: only what LoRALinear adds trains
-        linears = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+        model.freeze()  # the base is frozen: only what the LoRA layers add trains
+        linears = [p for p, m in model.named_modules() if isinstance(m, LINEARS)]
         return select_targets(linears, cfg, len(model.layers))
 
     get = staticmethod(lambda model, path: _get(model, path))
-    is_quantized = staticmethod(lambda layer: isinstance(layer, nn.QuantizedLinear))
+    is_quantized = staticmethod(lambda layer: isinstance(layer, QUANTIZED))
     shape = staticmethod(lambda layer: _shape(layer))
+    experts = staticmethod(experts_of)
 
     @staticmethod
     def weight(layer) -> np.ndarray:
@@ -147,11 +160,17 @@ class Layers:
     @staticmethod
     def quantize(layer, cfg: ForgeConfig):
         q = cfg.quant
+        if q.bits and quantizable_switch(layer, q.group_size):
+            return QuantSwitchLinear.from_switch(layer, q.group_size, q.bits, q.matmul)
         return quantize_linear(layer, q.bits, q.group_size, q.matmul) if q.bits and quantizable(layer, q.group_size) \
             else layer
 
     @staticmethod
-    def wrap(layer, a: np.ndarray, b: np.ndarray, cfg: ForgeConfig) -> LoRALinear:
+    def wrap(layer, a: np.ndarray, b: np.ndarray, cfg: ForgeConfig) -> nn.Module:
+        if a.ndim == 3:  # one LoRA per expert: mlx-lm's LoRASwitchLinear layout is the canonical (E, r, in), (E, out, r)
+            lora = LoRASwitchLinear(layer, lora_scale(cfg.lora), cfg.lora.dropout, mx.array(a), mx.array(b))
+            mx.eval(lora.parameters())
+            return lora
         # contiguous copies in mlx-lm's layout: a transposed view would be saved with its raw (transposed) memory
         lora = LoRALinear(layer, cfg.lora.rank, lora_scale(cfg.lora), cfg.lora.dropout,
                           mx.array(np.ascontiguousarray(a.T)), mx.array(np.ascontiguousarray(b.T)), dora=cfg.lora.dora)
@@ -196,14 +215,15 @@ def load_trainable(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 
 def factors_to_flat(factors: dict) -> dict[str, np.ndarray]:
-    """{path: (A0, B0)} -> mlx-lm keys {path.lora_a: A0ᵀ (in,r), path.lora_b: B0ᵀ (r,out)}."""
+    """{path: (A0, B0)} -> mlx-lm keys {path.lora_a: A0ᵀ (in,r), path.lora_b: B0ᵀ (r,out)} (an expert stack's
+    (E, r, in), (E, out, r) as they are: mapping.mlx_pair)."""
     flat = {}
     for path, (a0, b0) in factors.items():
-        flat[f"{path}.lora_a"] = np.ascontiguousarray(a0.T)
-        flat[f"{path}.lora_b"] = np.ascontiguousarray(b0.T)
+        a, b = mlx_pair(a0, b0)
+        flat[f"{path}.lora_a"], flat[f"{path}.lora_b"] = np.ascontiguousarray(a), np.ascontiguousarray(b)
     return flat
 
 
 def flat_to_factors(flat: dict) -> dict:
     paths = {k.rsplit(".", 1)[0] for k in flat}
-    return {p: (np.asarray(flat[f"{p}.lora_a"]).T, np.asarray(flat[f"{p}.lora_b"]).T) for p in paths}
+    return {p: mlx_pair(np.asarray(flat[f"{p}.lora_a"]), np.asarray(flat[f"{p}.lora_b"])) for p in paths}

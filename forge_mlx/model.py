@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from forge_core.adapters.forge_json import training_meta
 from forge_core.adapters.formats import read_trained, save_trained
@@ -49,7 +50,7 @@ def load_base(model_spec: str, dtype=mx.float32, lazy: bool = False):
     except ValueError as e:  # unsupported model_type and similar
         raise ForgeError(f"{model_dir}: mlx-lm cannot load this model ({e})") from None
     tokenizer = mlx_lm.utils.load_tokenizer(model_dir)
-    if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+    if any(isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear)) for _, m in model.named_modules()):
         raise ForgeError(f"{model_dir} is already quantized; give forge the full-precision model "
                          "(forge quantizes the PiSSA residual itself)")
     model.set_dtype(dtype)

@@ -11,14 +11,14 @@ Both paths are differentiable with respect to the input; the quantized weights a
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 
-@lru_cache(maxsize=None)
+@cache
 def dequant_matmul(group_size: int, bits: int, mode: str):
     """y = x @ dequantize(W)ᵀ whose backward dequantizes W AGAIN instead of keeping the dense copy.
 
@@ -117,16 +117,20 @@ def quantizable(module: nn.Module, group_size: int) -> bool:
 
 def quantize_rest(model: nn.Module, bits: int, group_size: int, matmul: str = "auto", embeddings: bool = False,
                   skip=lambda path: False) -> int:
-    """Quantize every remaining dense nn.Linear (not LoRA-wrapped, not skipped). Returns how many.
+    """Quantize every remaining dense nn.Linear and expert stack (not LoRA-wrapped, not skipped). Returns how many.
 
     Embeddings (and a tied lm_head through them) stay full precision unless `embeddings`.
     """
+    from .experts import QuantSwitchLinear, quantizable_switch  # experts.py builds on this module
+
     count = 0
     for path, module in list(model.named_modules()):
         if skip(path):
             continue
         if quantizable(module, group_size) and (embeddings or not path.endswith("lm_head")):
             layer = quantize_linear(module, bits, group_size, matmul)
+        elif quantizable_switch(module, group_size):
+            layer = QuantSwitchLinear.from_switch(module, group_size, bits, matmul)
         elif embeddings and isinstance(module, nn.Embedding) and module.weight.shape[-1] % group_size == 0:
             layer = nn.QuantizedEmbedding.from_embedding(module, group_size=group_size, bits=bits)
         else:

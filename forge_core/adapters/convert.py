@@ -20,6 +20,7 @@ from forge_core.adapters.formats import (
 )
 from forge_core.dora import dora_weight
 from forge_core.errors import ForgeError
+from forge_core.models.experts import stack_shapes
 
 # ---- math ---------------------------------------------------------------------------------------
 
@@ -34,19 +35,23 @@ def to_plain_lora(adapter: Adapter) -> Adapter:
     tensors = {}
     for m, (a, b) in adapter.tensors.items():
         a0, b0 = adapter.pissa_init[m]
-        tensors[m] = (np.concatenate([a, a0], axis=0), np.concatenate([b, -b0], axis=1))
+        tensors[m] = (np.concatenate([a, a0], axis=-2), np.concatenate([b, -b0], axis=-1))
     alpha = adapter.alpha * (math.sqrt(2.0) if adapter.rslora else 2.0)
     forge = {**adapter.forge, "pissa_to_lora": {"rank": adapter.rank, "alpha": adapter.alpha}}
     return dataclasses.replace(adapter, tensors=tensors, rank=2 * adapter.rank, alpha=alpha, init="lora",
                                pissa_init=None, forge=forge)
 
 
-def _delta64(adapter: Adapter, module: str) -> np.ndarray:
-    """s·(B A - B0 A0) of one module in float64 (no B0 A0 term for a plain LoRA)."""
-    a, b = adapter.tensors[module]
+def _delta64(adapter: Adapter, module: str, expert: int | None = None) -> np.ndarray:
+    """s·(B A - B0 A0) of one module in float64 (no B0 A0 term for a plain LoRA); `expert`: of that expert of an
+    expert stack only."""
+    def pick(a, b):
+        return (a, b) if expert is None else (a[expert], b[expert])
+
+    a, b = pick(*adapter.tensors[module])
     delta = b.astype(np.float64) @ a.astype(np.float64)
     if adapter.init == "pissa":
-        a0, b0 = adapter.pissa_init[module]
+        a0, b0 = pick(*adapter.pissa_init[module])
         delta -= b0.astype(np.float64) @ a0.astype(np.float64)
     return adapter.scale * delta
 
@@ -61,14 +66,15 @@ def delta_weights(adapter: Adapter) -> dict[str, np.ndarray]:
     return {m: _delta64(adapter, m).astype(np.float32) for m in adapter.tensors}
 
 
-def merged_weight(adapter: Adapter, module: str, w: np.ndarray) -> np.ndarray:
-    """W (out, in) -> W + ΔW (LoRA / PiSSA), or m / ||W + ΔW||_row · (W + ΔW) (DoRA).
+def merged_weight(adapter: Adapter, module: str, w: np.ndarray, expert: int | None = None) -> np.ndarray:
+    """W (out, in) -> W + ΔW (LoRA / PiSSA), or m / ||W + ΔW||_row · (W + ΔW) (DoRA); `expert`: W is that expert's
+    weight of the expert stack `module`.
 
     Summed in float64 and rounded once to float32, so the merge adds no error beyond that rounding.
     """
     mags = adapter.magnitudes
     m = mags[module].astype(np.float64) if mags is not None else None
-    return dora_weight(np, w.astype(np.float64) + _delta64(adapter, module), m).astype(np.float32)
+    return dora_weight(np, w.astype(np.float64) + _delta64(adapter, module, expert), m).astype(np.float32)
 
 
 # ---- the base model and `forge convert` ----------------------------------------------------------
@@ -93,9 +99,10 @@ def local_base(adapter: Adapter) -> Path | None:
     return None
 
 
-def base_linear_shapes(base: Path) -> tuple[dict[str, tuple[int, int]], int | None]:
-    """{module: (out, in)} of every 2-D '<module>.weight' (packed quantized weights unpacked) and the
-    number of blocks - read from config.json and safetensors headers only."""
+def base_linear_shapes(base: Path) -> tuple[dict[str, tuple], int | None]:
+    """{module: (out, in)} of every 2-D '<module>.weight' (packed quantized weights unpacked), {stack: (E, out, in)}
+    of a mixture's experts (forge_core/models/experts.py), and the number of blocks - read from config.json and
+    safetensors headers only."""
     cfg = read_json(base / "config.json")
     headers = {n: i.shape for f in sio.checkpoint_files(base) for n, i in sio.read_header(f)[0].items()}
     q = cfg.get("quantization") or cfg.get("quantization_config") or {}
@@ -106,6 +113,7 @@ def base_linear_shapes(base: Path) -> tuple[dict[str, tuple[int, int]], int | No
             module = name[: -len(".weight")]
             packed = bits and f"{module}.scales" in headers
             shapes[module] = (shape[0], shape[1] * 32 // bits if packed else shape[1])
+    shapes.update(stack_shapes(cfg.get("model_type"), headers))
     total = cfg.get("num_hidden_layers", (cfg.get("text_config") or {}).get("num_hidden_layers"))
     return shapes, total
 
@@ -116,9 +124,9 @@ def check_against_base(adapter: Adapter, base: Path) -> int | None:
     for m, (a, b) in sorted(adapter.tensors.items()):
         if m not in shapes:
             raise ForgeError(f"adapter module '{m}' is not a linear layer of the base {base}; wrong --base?")
-        if (b.shape[0], a.shape[1]) != shapes[m]:
+        if (*b.shape[:-1], a.shape[-1]) != shapes[m]:
             raise ForgeError(f"'{m}': adapter A {a.shape} / B {b.shape} needs a weight of shape "
-                             f"{(b.shape[0], a.shape[1])}, the base {base} has {shapes[m]}; wrong --base?")
+                             f"{(*b.shape[:-1], a.shape[-1])}, the base {base} has {shapes[m]}; wrong --base?")
     return total
 
 

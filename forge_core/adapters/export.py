@@ -28,6 +28,7 @@ from forge_core.adapters import formats as ad
 from forge_core.adapters import safetensors_io as sio
 from forge_core.atomic import atomic_dir, write_json, write_text
 from forge_core.errors import ForgeError
+from forge_core.models.experts import expert_weight
 
 SHARD_BYTES = 5_000_000_000  # transformers' default max_shard_size ("5GB")
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|"
@@ -133,7 +134,13 @@ def write_merged(adapter: ad.Adapter, base: Path, out: Path, dtype: str = "float
                          "(a quantized delta would be rounded away) - pass --base with the original model")
     entries = sorted(((name, f, info) for f in sio.checkpoint_files(base)
                       for name, info in sio.read_header(f)[0].items()), key=lambda e: e[0])
-    modules = {f"{m}.weight": m for m in adapter.tensors}
+    # {weight name: (module, expert)}: a linear's own weight, or each expert's of an adapted expert stack
+    modules = {f"{m}.weight": (m, None) for m in adapter.tensors}
+    for name, _, _ in entries:
+        hit = expert_weight(cfg.get("model_type"), name)
+        if hit and hit[0] in adapter.tensors:
+            modules.pop(f"{hit[0]}.weight", None)
+            modules[name] = hit
     missing = set(modules) - {name for name, _, _ in entries}
     if missing:
         raise ForgeError(f"{base}: has no weight {min(missing)} for the adapter; wrong --base?")
@@ -144,7 +151,10 @@ def write_merged(adapter: ad.Adapter, base: Path, out: Path, dtype: str = "float
         tensors = {}
         for name, f, info, _ in shard:
             arr = sio.read_tensor(f, info)
-            tensors[name] = cv.merged_weight(adapter, modules[name], arr) if name in modules else arr
+            if name in modules:
+                module, expert = modules[name]
+                arr = cv.merged_weight(adapter, module, arr, expert)
+            tensors[name] = arr
             weight_map[name] = fname
         sio.save(out / fname, tensors, metadata={"format": "pt"}, as_dtype={n: w for n, _, _, w in shard})
     write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total},

@@ -135,8 +135,8 @@ def _read_mlx(d: Path, meta: dict) -> Adapter:
     flat, dtype = _load_weights(d / WEIGHTS["mlx"])
     tensors, mags = mp.collect(flat, mp.parse_mlx_key, d / WEIGHTS["mlx"], transposed=True)
     for module, (a, _) in tensors.items():
-        if a.shape[0] != rank:
-            raise ForgeError(f"{d / WEIGHTS['mlx']}: '{module}' has rank {a.shape[0]}, "
+        if a.shape[-2] != rank:
+            raise ForgeError(f"{d / WEIGHTS['mlx']}: '{module}' has rank {a.shape[-2]}, "
                              f"adapter_config says {rank}")
     if (kind == "dora") != bool(mags):
         raise ForgeError(f"{d}: fine_tune_type is '{kind}' but the magnitude vectors (.m) are "
@@ -229,13 +229,13 @@ def write_files(adapter: Adapter, d: Path, layout: str, total_layers: int | None
     """
     tensors, init, dora = adapter.tensors, adapter.pissa_init, adapter.magnitudes is not None
     if layout == "mlx":
-        r = max(a.shape[0] for a, _ in tensors.values())
+        r = max(a.shape[-2] for a, _ in tensors.values())
         tensors = {m: mp.pad_rank(a, b, r) for m, (a, b) in tensors.items()}
         init = {m: mp.pad_rank(a, b, r) for m, (a, b) in init.items()} if init else None
         derived = mp.mlx_config(tensors, r, adapter.scale, adapter.dropout, dora, total_layers)
         cfg = mp.keep_mlx_config(_carried(adapter, "mlx"), derived, tensors, total_layers)
     else:
-        ranks = {m: a.shape[0] for m, (a, _) in tensors.items()}
+        ranks = {m: a.shape[-2] for m, (a, _) in tensors.items()}
         cfg = mp.peft_config(ranks, adapter.rank, adapter.scale, adapter.rslora, adapter.dropout, dora,
                              adapter.base_model, total_layers)
         if adapter.init == "pissa":

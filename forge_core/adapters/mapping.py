@@ -7,6 +7,10 @@
                                base_model.model.<module>.lora_magnitude_vector (out,)
     canonical tensors          A (r, in) = lora_A.weight = lora_a.T,   B (out, r) = lora_B.weight = lora_b.T
 
+An expert stack (mlx-lm's SwitchLinear: every expert of a mixture-of-experts MLP in one (E, out, in) weight) has one
+LoRA per expert: canonical A (E, r, in), B (E, out, r), which is also mlx-lm's LoRASwitchLinear layout (lora_a, lora_b
+NOT transposed). Every formula here reads the rank on A's axis -2 and B's axis -1, so both shapes go through it.
+
 Scale: mlx-lm stores `scale` itself; PEFT stores lora_alpha and divides by r (by sqrt(r) with use_rslora).
 mlx-lm wraps the LAST `num_layers` blocks (-1: all) with one rank and scale for every listed key.
 """
@@ -69,8 +73,14 @@ def scale_for(alpha: float, rank: int, rslora: bool) -> float:
 
 # ---- flat tensor dicts <-> canonical {module: (A, B)} ----------------------------------------------
 
+def mlx_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical (A, B) <-> mlx-lm's (lora_a, lora_b), both ways: transposed for a linear, as they are for an expert
+    stack (LoRASwitchLinear keeps (E, r, in) and (E, out, r))."""
+    return (a.T, b.T) if a.ndim == 2 else (a, b)
+
+
 def collect(flat: dict, parse, where, transposed: bool) -> tuple[dict, dict | None]:
-    """Flat {key: array} -> ({module: (A, B)}, {module: m} or None). transposed: keys hold A.T / B.T (mlx)."""
+    """Flat {key: array} -> ({module: (A, B)}, {module: m} or None). transposed: keys hold mlx-lm's layout."""
     parts: dict[str, dict] = {}
     for key, arr in flat.items():
         p = parse(key)
@@ -82,12 +92,12 @@ def collect(flat: dict, parse, where, transposed: bool) -> tuple[dict, dict | No
     for module, t in sorted(parts.items()):
         if "A" not in t or "B" not in t:
             raise ForgeError(f"{where}: module '{module}' has {sorted(t)} but needs both A and B")
-        a, b = (t["A"].T, t["B"].T) if transposed else (t["A"], t["B"])
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        a, b = mlx_pair(t["A"], t["B"]) if transposed else (t["A"], t["B"])
+        if a.ndim not in (2, 3) or b.ndim != a.ndim or a.shape[-2] != b.shape[-1] or a.shape[:-2] != b.shape[:-2]:
             raise ForgeError(f"{where}: module '{module}': A {a.shape} and B {b.shape} do not share a rank")
         tensors[module] = (np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32))
         if "m" in t:
-            if t["m"].shape != (b.shape[0],):
+            if b.ndim != 2 or t["m"].shape != (b.shape[0],):
                 raise ForgeError(f"{where}: module '{module}': magnitude {t['m'].shape} != ({b.shape[0]},)")
             mags[module] = np.asarray(t["m"], np.float32)
     if mags and set(mags) != set(tensors):
@@ -98,8 +108,9 @@ def collect(flat: dict, parse, where, transposed: bool) -> tuple[dict, dict | No
 
 def pad_rank(a: np.ndarray, b: np.ndarray, r: int):
     """Zero rows of A / columns of B up to rank r: B·A is unchanged."""
-    k = r - a.shape[0]
-    return (a, b) if k == 0 else (np.pad(a, ((0, k), (0, 0))), np.pad(b, ((0, 0), (0, k))))
+    k = r - a.shape[-2]
+    lead = [(0, 0)] * (a.ndim - 2)
+    return (a, b) if k == 0 else (np.pad(a, [*lead, (0, k), (0, 0)]), np.pad(b, [*lead, (0, 0), (0, k)]))
 
 
 def flatten(tensors: dict, magnitudes: dict | None, layout: str) -> dict:
@@ -107,7 +118,10 @@ def flatten(tensors: dict, magnitudes: dict | None, layout: str) -> dict:
     key, mlx = (mlx_key, True) if layout == "mlx" else (peft_key, False)
     flat = {}
     for m, (a, b) in tensors.items():
-        flat[key(m, "A")], flat[key(m, "B")] = (a.T, b.T) if mlx else (a, b)
+        if a.ndim == 3 and not mlx:
+            raise ForgeError(f"'{m}' holds one LoRA per expert of a mixture of experts: forge writes those in "
+                             "mlx-lm's layout only for now; keep the adapter in the mlx layout")
+        flat[key(m, "A")], flat[key(m, "B")] = mlx_pair(a, b) if mlx else (a, b)
     for m, mag in (magnitudes or {}).items():
         flat[key(m, "m")] = mag
     return flat

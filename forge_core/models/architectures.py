@@ -9,6 +9,7 @@ this table, so a new architecture (or a quirk found in one) is one entry here, n
                  position.
     packing      forge_mlx can pack rows into one sequence (forge_mlx/packing.py: mlx-lm's llama-style attention
                  with a `rope` module it can wrap); torch packs any model through its position ids.
+    experts      a mixture of experts: where the checkpoint keeps them (forge_core/models/experts.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,21 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A block's mixture of experts as the Hub checkpoint stores it - `<block>.<moe>.experts.<e>.<name>.weight`, one
+    (out, in) weight per expert, `names` those of (gate_proj, up_proj, down_proj) - and as mlx-lm stacks it:
+    `<block>.<moe>.switch_mlp.<gate_proj|up_proj|down_proj>`, one (E, out, in) weight, the path forge's adapters
+    name."""
+
+    moe: str
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
 class Architecture:
     split_head: bool = False
     packing: bool = False
+    experts: Experts | None = None
 
 
 ARCHITECTURES = {
@@ -32,9 +45,10 @@ ARCHITECTURES = {
     "gemma": Architecture(split_head=True),
     "olmo2": Architecture(split_head=True),
     "starcoder2": Architecture(split_head=True),
-    "mixtral": Architecture(split_head=True),  # mixtures of experts: the router's aux loss is off by default
-    "qwen3_moe": Architecture(split_head=True),
-    "olmoe": Architecture(split_head=True),
+    # mixtures of experts (their router's aux loss is off by default: the head still splits)
+    "mixtral": Architecture(split_head=True, experts=Experts("block_sparse_moe", ("w1", "w3", "w2"))),
+    "qwen3_moe": Architecture(split_head=True, experts=Experts("mlp")),
+    "olmoe": Architecture(split_head=True, experts=Experts("mlp")),
 }
 UNKNOWN = Architecture()
 

@@ -111,7 +111,7 @@ def test_target_selection_by_layers_and_names(tiny_model, make_cfg):
     model, _, _, _ = build_model(cfg)
     assert sorted({k.rsplit(".", 1)[0] for k in trainable_params(model)}) == [
         "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
-    with pytest.raises(ForgeError, match="matched no linear layer"):
+    with pytest.raises(ForgeError, match="'qkv' matches no linear layer of this model's blocks"):
         build_model(make_cfg(lora__targets=["qkv"]))
 
 

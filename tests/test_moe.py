@@ -1,0 +1,206 @@
+"""Mixtures of experts end to end on tiny random fixtures with the Hub's config keys (tests/moe.py): LoRA / PiSSA on
+every expert of every block, the experts quantized, and the real clients agreeing with forge on the trained model -
+mlx_lm.load(base, adapter), the merged export in transformers and in mlx-lm. Targets that match nothing, DoRA on
+experts and the router are covered on the side.
+
+Tolerance 1e-4 on fp32 logits as in test_real_clients.py: the trained adapter moves the logits by > 0.1, so a wrong
+expert order, transpose or scale fails by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from click.testing import CliRunner
+from safetensors.numpy import load_file
+
+from forge_core.adapters.convert import convert
+from forge_core.adapters.export import export
+from forge_core.cli import cli
+from forge_core.config import ForgeConfig
+from forge_core.errors import ForgeError
+from tests.moe import LAYOUT, TINY, make_tiny_moe
+
+IDS = [5, 17, 99, 200, 3, 44, 250, 7, 120, 64]
+TOL = 1e-4
+KINDS = ["mixtral", "qwen3_moe"]
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {kind: make_tiny_moe(root / kind, kind, seed=1) for kind in [*KINDS, "olmoe"]}
+
+
+def rows_file(path):
+    rows = [{"messages": [{"role": "user", "content": f"question {i}: hello?"},
+                          {"role": "assistant", "content": f"answer {i}, the world says hi"}]} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def moe_cfg(model, data, out, **over) -> ForgeConfig:
+    cfg = ForgeConfig()
+    cfg.model.path, cfg.data.train, cfg.train.out_dir = str(model), str(data), str(out)
+    cfg.lora.rank, cfg.lora.init, cfg.quant.bits, cfg.quant.group_size = 4, "pissa", 4, 32
+    cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.max_seq_len = 3, 2, 1e-2, 128
+    cfg.train.log_every = 1
+    for key, value in over.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def mlx_logits(model) -> np.ndarray:
+    return np.array(model(mx.array([IDS]))[0].astype(mx.float32))
+
+
+def hf_logits(path) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0].numpy()
+
+
+def stacks(kind: str) -> list[str]:
+    moe = LAYOUT[kind][0]
+    return [f"model.layers.{n}.{moe}.switch_mlp.{p}" for n in range(TINY["num_hidden_layers"])
+            for p in ("gate_proj", "up_proj", "down_proj")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mlx_trains_every_expert_4bit_pissa_and_the_clients_agree(kind, moe_models, tmp_path):
+    from mlx_lm import load
+
+    from tests.forge_mlx.run import load_adapted, train
+
+    base = moe_models[kind]
+    run = train(moe_cfg(base, rows_file(tmp_path / "d.jsonl"), tmp_path / "run"))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if m.get("split") == "train"]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+    adapter = load_file(str(run / "adapter" / "adapters.safetensors"))
+    e, r, h, w = TINY["experts"], 4, TINY["hidden_size"], TINY["expert_width"]
+    for stack in stacks(kind):  # one LoRA per expert, every block, in mlx-lm's LoRASwitchLinear layout
+        out, inp = (h, w) if stack.endswith("down_proj") else (w, h)
+        assert adapter[f"{stack}.lora_a"].shape == (e, r, inp) and adapter[f"{stack}.lora_b"].shape == (e, out, r)
+    assert not any(".gate." in k for k in adapter)  # the router is not adapted by default
+    init = load_file(str(run / "adapter" / "pissa_init.safetensors"))
+    moved = {s: np.abs(adapter[f"{s}.lora_b"] - init[f"{s}.lora_b"]).max(axis=(1, 2)) for s in stacks(kind)}
+    assert all((m > 0).any() for m in moved.values())  # the routed experts trained
+
+    model, _, _ = load_adapted(str(run / "adapter"), quantized=False)  # W_res + s·BA, full precision
+    want = mlx_logits(model)
+    base_model, _ = load(str(base))
+    assert np.abs(want - mlx_logits(base_model)).max() > 0.1
+    convert(run / "adapter", tmp_path / "mlx", to="mlx")  # PiSSA -> plain LoRA rank 2r on the original base
+    with_adapter, _ = load(str(base), adapter_path=str(tmp_path / "mlx"))
+    assert np.abs(mlx_logits(with_adapter) - want).max() < TOL
+    export(run, fmt="merged", out=tmp_path / "merged")  # experts merged back in the checkpoint's own layout
+    names = load_file(str(next((tmp_path / "merged").glob("*.safetensors")))).keys()
+    assert any(".experts.3." in n for n in names) and not any("switch_mlp" in n for n in names)
+    assert np.abs(hf_logits(tmp_path / "merged") - want).max() < TOL
+    merged, _ = load(str(tmp_path / "merged"))
+    assert np.abs(mlx_logits(merged) - want).max() < TOL
+
+
+def test_olmoe_plain_lora_starts_at_the_base_and_attention_only_quantizes_the_experts(moe_models):
+    """LoRA init leaves the model as it was (B = 0 per expert); targets without the experts leave them to
+    quantize_rest, which quantizes the stacks too."""
+    from mlx_lm import load
+
+    from forge_mlx import ops
+    from forge_mlx.experts import QuantSwitchLinear
+
+    cfg = ForgeConfig()
+    cfg.model.path, cfg.lora.rank, cfg.lora.init, cfg.quant.bits = str(moe_models["olmoe"]), 4, "lora", 0
+    model, *_ = ops.build_model(cfg)
+    base, _ = load(str(moe_models["olmoe"]))
+    assert np.abs(mlx_logits(model) - mlx_logits(base)).max() < 1e-5
+    cfg.lora.targets, cfg.quant.bits, cfg.quant.group_size = ["q_proj", "v_proj"], 4, 32
+    model, *_ = ops.build_model(cfg)
+    switch = model.model.layers[0].mlp.switch_mlp
+    assert all(isinstance(getattr(switch, p), QuantSwitchLinear) for p in ("gate_proj", "up_proj", "down_proj"))
+    # what mlx-lm's own quantization gives (QuantizedSwitchLinear, gather_qmm): every linear but the head, 4-bit g32
+    from mlx import nn
+
+    nn.quantize(base, group_size=32, bits=4,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and not isinstance(m, nn.Embedding)
+                and not p.endswith("lm_head"))
+    assert np.abs(mlx_logits(model) - mlx_logits(base)).max() < TOL
+
+
+def test_dequant_and_fused_expert_matmuls_agree_with_gradients(moe_models):
+    """The CPU path (the stack dequantized in the forward and again in the backward) computes what gather_qmm does,
+    input gradient included."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    from forge_mlx.experts import QuantSwitchLinear
+
+    mx.random.seed(0)
+    dense = SwitchLinear(64, 32, 4, bias=False)
+    x = mx.random.normal((3, 5, 1, 1, 64))
+    idx = mx.array(np.random.default_rng(0).integers(0, 4, (3, 5, 2)))
+    outs = []
+    for path in ("dequant", "fused"):
+        layer = QuantSwitchLinear.from_switch(dense, 32, 4, matmul=path)
+        y, g = mx.value_and_grad(lambda x_: (layer(x_, idx) ** 2).sum())(x)
+        outs.append((np.array(y), np.array(g)))
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-4)
+    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-4)
+
+
+def test_the_router_trains_only_when_named(moe_models):
+    from forge_mlx import ops
+
+    cfg = ForgeConfig()
+    cfg.model.path, cfg.lora.rank, cfg.lora.init, cfg.lora.targets = str(moe_models["mixtral"]), 4, "lora", ["gate"]
+    model, *_ = ops.build_model(cfg)
+    assert sorted(ops.trainable_params(model)) == [f"model.layers.{n}.block_sparse_moe.gate.{t}"
+                                                   for n in range(2) for t in ("lora_a", "lora_b")]
+
+
+def test_dora_on_experts_is_refused_in_one_line(moe_models):
+    from forge_mlx import ops
+
+    cfg = ForgeConfig()
+    cfg.model.path, cfg.lora.rank, cfg.lora.dora = str(moe_models["mixtral"]), 4, True
+    with pytest.raises(ForgeError, match="DoRA is not defined for expert layers"):
+        ops.build_model(cfg)
+    cfg.lora.targets = ["q_proj", "v_proj"]  # attention only: DoRA as usual
+    ops.build_model(cfg)
+
+
+def test_a_named_target_that_matches_nothing_is_one_line_and_a_default_one_is_listed(moe_models, tiny_model,
+                                                                                     tmp_path, capsys):
+    from forge_mlx import ops
+
+    data = rows_file(tmp_path / "d.jsonl")
+    res = CliRunner().invoke(cli, ["train", "--model", str(moe_models["mixtral"]), "--data", str(data),
+                                   "--backend", "mlx", "--out", str(tmp_path / "run"), "--steps", "1",
+                                   "--set", "lora.targets=[q_proj, w1]"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    last = res.output.strip().splitlines()[-1]
+    assert "lora.targets: 'w1' is not a linear of a decoder block" in last and "gate_proj" in last  # the plan's
+    assert not (tmp_path / "run" / "adapter").exists()
+    cfg = ForgeConfig()  # the build checks it too (a model the planner could not read)
+    cfg.model.path, cfg.lora.targets = str(moe_models["mixtral"]), ["q_proj", "w1"]
+    with pytest.raises(ForgeError, match="'w1' matches no linear layer of this model's blocks"):
+        ops.build_model(cfg)
+    from tests.test_architectures import _model
+
+    cfg = ForgeConfig()  # phi3 fuses q/k/v and gate/up: the defaults it lacks are named, the rest adapted
+    cfg.model.path, cfg.lora.rank, cfg.quant.group_size = str(_model("phi3", tiny_model, tmp_path / "phi3")), 4, 32
+    model, *_ = ops.build_model(cfg)
+    err = capsys.readouterr().err
+    assert "default targets not in this model, skipped: q_proj, k_proj, v_proj, gate_proj, up_proj" in err
+    assert {k.split(".")[-2] for k in ops.trainable_params(model)} == {"o_proj", "down_proj"}
