@@ -31,6 +31,7 @@ from forge_core.dora import dora_weight, nonzero
 from forge_core.errors import ForgeError
 from forge_core.surgery import select_targets, under
 
+from .experts import ExpertLinears, LoRAExperts
 from .quant import is_quantized, quant_kind, quantize_linear, quantize_rest, set_module
 
 
@@ -128,38 +129,56 @@ def num_blocks(model: nn.Module) -> int:
 class Layers:
     """The torch side of forge_core.surgery.adapt_model. The dense model stays in host memory; each target is
     factorized there (fp32) and its residual quantized onto `device`, one at a time, so the device never holds the
-    dense model."""
+    dense model. A mixture's expert projections (experts.py: ExpertLinears of E nn.Linear) are targets of their
+    own; the linears inside them are not."""
 
     def __init__(self, device="cpu", compute_dtype=torch.float32):
         self.device, self.compute_dtype = device, compute_dtype
 
     @staticmethod
     def targets(model: nn.Module, cfg: ForgeConfig) -> list[str]:
-        model.requires_grad_(False)  # the base is frozen: only what LoRALinear adds trains
-        linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
-        return select_targets(linears, cfg, num_blocks(model))
+        model.requires_grad_(False)  # the base is frozen: only what the LoRA layers add trains
+        modules = dict(model.named_modules())
+        stacks = [p for p, m in modules.items() if isinstance(m, ExpertLinears)]
+        inside = under(stacks)
+        linears = [p for p, m in modules.items() if isinstance(m, nn.Linear) and not inside(p)]
+        return select_targets(linears + stacks, cfg, num_blocks(model))
 
     get = staticmethod(lambda model, path: model.get_submodule(path))
-    is_quantized = staticmethod(is_quantized)
-    shape = staticmethod(lambda layer: tuple(layer.weight.shape))
-    experts = staticmethod(lambda layer: 0)
+    experts = staticmethod(lambda layer: layer.num_experts if isinstance(layer, ExpertLinears) else 0)
+
+    @staticmethod
+    def is_quantized(layer) -> bool:
+        return is_quantized(layer.experts[0] if isinstance(layer, ExpertLinears) else layer)
+
+    @staticmethod
+    def shape(layer) -> tuple[int, int]:
+        return layer.shape if isinstance(layer, ExpertLinears) else tuple(layer.weight.shape)
 
     @staticmethod
     def weight(layer) -> np.ndarray:
+        if isinstance(layer, ExpertLinears):
+            return np.stack([m.weight.detach().float().cpu().numpy() for m in layer.experts])
         return layer.weight.detach().float().cpu().numpy()
 
     @staticmethod
     def set_weight(layer, w: np.ndarray) -> None:
-        layer.weight.data = torch.from_numpy(w).to(layer.weight.dtype)
+        for m, we in zip(layer.experts, w, strict=True) if isinstance(layer, ExpertLinears) else [(layer, w)]:
+            m.weight.data = torch.from_numpy(np.ascontiguousarray(we)).to(m.weight.dtype)
 
     def quantize(self, layer, cfg: ForgeConfig):
+        if isinstance(layer, ExpertLinears):  # bitsandbytes per expert
+            return ExpertLinears([self.quantize(m, cfg) for m in layer.experts])
         q, kind = cfg.quant, quant_kind(cfg.quant)
         if kind:
             return quantize_linear(layer, kind, q.double_quant, self.compute_dtype, self.device, q.matmul)
         return layer.to(self.device)
 
     @staticmethod
-    def wrap(layer, a: np.ndarray, b: np.ndarray, cfg: ForgeConfig) -> LoRALinear:
+    def wrap(layer, a: np.ndarray, b: np.ndarray, cfg: ForgeConfig) -> nn.Module:
+        if a.ndim == 3:  # one LoRA per expert
+            return LoRAExperts(layer, lora_scale(cfg.lora), cfg.lora.dropout, torch.from_numpy(a),
+                               torch.from_numpy(b))
         return LoRALinear(layer, cfg.lora.rank, lora_scale(cfg.lora), cfg.lora.dropout, torch.from_numpy(a),
                           torch.from_numpy(b), dora=cfg.lora.dora)
 

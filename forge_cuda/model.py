@@ -22,8 +22,10 @@ from forge_core.adapters.formats import read_trained, save_trained
 from forge_core.config import ForgeConfig
 from forge_core.data import load_tokenizer
 from forge_core.errors import ForgeError
+from forge_core.models.experts import canonical_path, torch_path
 from forge_core.models.sources import resolve_model
 
+from .experts import split_experts
 from .lora import adapt_model, flat_to_tensors, load_trainable, num_blocks, tensors_to_flat, trainable_params
 from .quant import BLOCKSIZE, quant_kind
 
@@ -68,6 +70,7 @@ def load_base(model_spec: str, dtype=torch.float32):
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    split_experts(model)
     return model, load_tokenizer(model_dir), model_dir
 
 
@@ -75,12 +78,25 @@ def build_model(cfg: ForgeConfig, pissa_init: dict | None = None, adapter_weight
     """Base -> PiSSA/LoRA on targets -> quantize (residual + rest) -> device. Returns (model, tokenizer, model_dir, factors)."""
     dtype = compute_dtype(cfg)
     model, tokenizer, model_dir = load_base(cfg.model.path, dtype)
-    factors = adapt_model(model, cfg, pissa_init=pissa_init, device=device(), compute_dtype=dtype)
+    factors = adapt_model(model, cfg, pissa_init=_renamed(pissa_init, model, to_torch=True), device=device(),
+                          compute_dtype=dtype)
     release_checkpoint(model)
     if adapter_weights is not None:
-        load_trainable(model, adapter_weights)
+        load_trainable(model, _renamed(adapter_weights, model, to_torch=True, keys=True))
     model.forge_chunked_loss = cfg.train.chunked_loss  # read by head.head_weight
-    return model, tokenizer, model_dir, factors
+    return model, tokenizer, model_dir, _renamed(factors, model, to_torch=False)
+
+
+def _renamed(named: dict | None, model: nn.Module, to_torch: bool, keys: bool = False) -> dict | None:
+    """Module paths between this model's (`<block>.mlp.experts.gate_proj`) and the adapters' (mlx-lm's
+    `<block>.<moe>.switch_mlp.gate_proj`, forge_core/models/experts.py); `keys`: {"<module>.<tensor>": ...}."""
+    if named is None:
+        return None
+    model_type = model.config.model_type
+    rename = (lambda p: torch_path(model_type, p)) if to_torch else (lambda p: canonical_path(model_type, p))
+    if not keys:
+        return {rename(p): v for p, v in named.items()}
+    return {f"{rename(k.rsplit('.', 1)[0])}.{k.rsplit('.', 1)[1]}": v for k, v in named.items()}
 
 
 def release_checkpoint(model: nn.Module) -> None:
@@ -109,7 +125,8 @@ def save_adapter(out_dir, model: nn.Module, cfg: ForgeConfig, factors: dict, mod
     """Write adapter_model.safetensors + adapter_config.json + forge.json (+ pissa_init.safetensors), atomically."""
     blocks = num_blocks(model)
     meta = training_meta(cfg, "cuda", model_dir, factors, blocks, quant_meta(cfg), extra)
-    flat = {k: v.detach().float().cpu().numpy() for k, v in trainable_params(model).items()}
+    flat = _renamed({k: v.detach().float().cpu().numpy() for k, v in trainable_params(model).items()}, model,
+                    to_torch=False, keys=True)
     return save_trained(out_dir, *flat_to_tensors(flat), cfg, factors, meta, "peft", blocks)
 
 

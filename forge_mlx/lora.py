@@ -28,6 +28,7 @@ from forge_core.adapters.mapping import mlx_pair
 from forge_core.config import ForgeConfig, lora_scale
 from forge_core.dora import dora_weight, nonzero
 from forge_core.errors import ForgeError
+from forge_core.models.experts import is_router
 from forge_core.surgery import select_targets, under
 
 from .experts import LoRASwitchLinear, QuantSwitchLinear, experts_of, quantizable_switch
@@ -184,8 +185,10 @@ class Layers:
     @staticmethod
     def finish(model: nn.Module, cfg: ForgeConfig, adapted: list[str]) -> None:
         q = cfg.quant
-        if q.bits:
-            quantize_rest(model, q.bits, q.group_size, q.matmul, q.embeddings, skip=under(adapted))
+        if q.bits:  # a mixture's router stays full precision (torch's is no nn.Linear: both keep it dense)
+            adapted_or_under, model_type = under(adapted), getattr(model, "model_type", None)
+            quantize_rest(model, q.bits, q.group_size, q.matmul, q.embeddings,
+                          skip=lambda p: adapted_or_under(p) or is_router(model_type, p))
 
 
 def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = None) -> dict:

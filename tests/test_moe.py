@@ -1,7 +1,8 @@
-"""Mixtures of experts end to end on tiny random fixtures with the Hub's config keys (tests/moe.py): LoRA / PiSSA on
-every expert of every block, the experts quantized, and the real clients agreeing with forge on the trained model -
-mlx_lm.load(base, adapter), the merged export in transformers and in mlx-lm. Targets that match nothing, DoRA on
-experts and the router are covered on the side.
+"""Mixtures of experts end to end on tiny random fixtures with the Hub's config keys (tests/moe.py), on both backends:
+LoRA / PiSSA on every expert of every block, the experts quantized, and the real clients agreeing with forge on the
+trained model - mlx_lm.load(base, adapter), PEFT on the base (target_parameters), the merged export in transformers
+and in mlx-lm - and MLX and torch on the losses. Targets that match nothing, DoRA on experts and the router are
+covered on the side.
 
 Tolerance 1e-4 on fp32 logits as in test_real_clients.py: the trained adapter moves the logits by > 0.1, so a wrong
 expert order, transpose or scale fails by orders of magnitude.
@@ -76,41 +77,86 @@ def stacks(kind: str) -> list[str]:
             for p in ("gate_proj", "up_proj", "down_proj")]
 
 
+def trained(backend: str):
+    """(train, load_adapted) of `backend`'s bound loop."""
+    if backend == "mlx":
+        from tests.forge_mlx.run import load_adapted, train
+    else:
+        pytest.importorskip("bitsandbytes")
+        from tests.forge_cuda.run import load_adapted, train
+    return train, load_adapted
+
+
+def forge_logits(model) -> np.ndarray:
+    if hasattr(model, "config"):  # torch
+        import torch
+
+        with torch.no_grad():
+            return model(torch.tensor([IDS])).logits[0].float().numpy()
+    return mlx_logits(model)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_mlx_trains_every_expert_4bit_pissa_and_the_clients_agree(kind, moe_models, tmp_path):
+def test_every_expert_trains_4bit_pissa_and_the_clients_agree(kind, backend, moe_models, tmp_path):
+    """3 steps, 4-bit (MLX affine / bitsandbytes NF4), PiSSA; the adapter holds one LoRA per expert of every block;
+    forge's model (W_res + s·BA at full precision) = mlx_lm.load(base, adapter) = PEFT on the base = the merged
+    export in transformers and in mlx-lm, to 1e-4."""
+    import torch
     from mlx_lm import load
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    from tests.forge_mlx.run import load_adapted, train
-
+    train, load_adapted = trained(backend)
     base = moe_models[kind]
     run = train(moe_cfg(base, rows_file(tmp_path / "d.jsonl"), tmp_path / "run"))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if m.get("split") == "train"]
     assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
 
-    adapter = load_file(str(run / "adapter" / "adapters.safetensors"))
-    e, r, h, w = TINY["experts"], 4, TINY["hidden_size"], TINY["expert_width"]
+    convert(run / "adapter", tmp_path / "mlx", to="mlx")  # PiSSA -> plain LoRA rank 2r on the original base
+    adapter = load_file(str(tmp_path / "mlx" / "adapters.safetensors"))
+    e, r, h, w = TINY["experts"], 8, TINY["hidden_size"], TINY["expert_width"]
     for stack in stacks(kind):  # one LoRA per expert, every block, in mlx-lm's LoRASwitchLinear layout
         out, inp = (h, w) if stack.endswith("down_proj") else (w, h)
         assert adapter[f"{stack}.lora_a"].shape == (e, r, inp) and adapter[f"{stack}.lora_b"].shape == (e, out, r)
+        assert (np.abs(adapter[f"{stack}.lora_b"][..., :4]).max(axis=(1, 2)) > 0).all()  # every expert's own
     assert not any(".gate." in k for k in adapter)  # the router is not adapted by default
-    init = load_file(str(run / "adapter" / "pissa_init.safetensors"))
-    moved = {s: np.abs(adapter[f"{s}.lora_b"] - init[f"{s}.lora_b"]).max(axis=(1, 2)) for s in stacks(kind)}
-    assert all((m > 0).any() for m in moved.values())  # the routed experts trained
 
     model, _, _ = load_adapted(str(run / "adapter"), quantized=False)  # W_res + s·BA, full precision
-    want = mlx_logits(model)
+    want = forge_logits(model)
     base_model, _ = load(str(base))
     assert np.abs(want - mlx_logits(base_model)).max() > 0.1
-    convert(run / "adapter", tmp_path / "mlx", to="mlx")  # PiSSA -> plain LoRA rank 2r on the original base
     with_adapter, _ = load(str(base), adapter_path=str(tmp_path / "mlx"))
     assert np.abs(mlx_logits(with_adapter) - want).max() < TOL
+    convert(run / "adapter", tmp_path / "peft", to="peft")  # target_parameters on the fused experts
+    peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["target_parameters"] == sorted(f"model.layers.{n}.mlp.experts.{p}" for n in range(2)
+                                                   for p in ("gate_up_proj", "down_proj"))
+    hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()(torch.tensor([IDS])).logits[0].numpy()
+    assert np.abs(got - want).max() < TOL
     export(run, fmt="merged", out=tmp_path / "merged")  # experts merged back in the checkpoint's own layout
     names = load_file(str(next((tmp_path / "merged").glob("*.safetensors")))).keys()
     assert any(".experts.3." in n for n in names) and not any("switch_mlp" in n for n in names)
     assert np.abs(hf_logits(tmp_path / "merged") - want).max() < TOL
     merged, _ = load(str(tmp_path / "merged"))
     assert np.abs(mlx_logits(merged) - want).max() < TOL
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mlx_and_torch_agree_on_the_first_losses(kind, moe_models, tmp_path):
+    """Full precision, PiSSA (the same factors from the same SVD), the same rows: the same 3 losses to 1e-4."""
+    data = rows_file(tmp_path / "d.jsonl")
+    losses = {}
+    for backend in ("mlx", "torch"):
+        train, _ = trained(backend)
+        run = train(moe_cfg(moe_models[kind], data, tmp_path / backend, quant__bits=0))
+        losses[backend] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                           if json.loads(line).get("split") == "train"]
+    assert len(losses["mlx"]) == 3 and losses["mlx"][-1] < losses["mlx"][0]
+    np.testing.assert_allclose(losses["torch"], losses["mlx"], atol=1e-4, rtol=0)
 
 
 def test_olmoe_plain_lora_starts_at_the_base_and_attention_only_quantizes_the_experts(moe_models):
@@ -130,12 +176,14 @@ def test_olmoe_plain_lora_starts_at_the_base_and_attention_only_quantizes_the_ex
     model, *_ = ops.build_model(cfg)
     switch = model.model.layers[0].mlp.switch_mlp
     assert all(isinstance(getattr(switch, p), QuantSwitchLinear) for p in ("gate_proj", "up_proj", "down_proj"))
-    # what mlx-lm's own quantization gives (QuantizedSwitchLinear, gather_qmm): every linear but the head, 4-bit g32
     from mlx import nn
 
+    assert type(model.model.layers[0].mlp.gate) is nn.Linear  # the router stays full precision
+    # what mlx-lm's own quantization gives (QuantizedSwitchLinear, gather_qmm): every linear but the head and the
+    # router, 4-bit g32
     nn.quantize(base, group_size=32, bits=4,
                 class_predicate=lambda p, m: hasattr(m, "to_quantized") and not isinstance(m, nn.Embedding)
-                and not p.endswith("lm_head"))
+                and not p.endswith(("lm_head", "mlp.gate")))
     assert np.abs(mlx_logits(model) - mlx_logits(base)).max() < TOL
 
 

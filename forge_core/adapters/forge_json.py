@@ -4,6 +4,9 @@ training config. Both backends write it through training_meta(); a converted ada
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from forge_core.config import ForgeConfig, layer_indices, lora_scale
 from forge_core.models.sources import model_hash
 
@@ -13,6 +16,7 @@ def training_meta(cfg: ForgeConfig, backend: str, model_dir, factors: dict, num_
     meta = {
         "format": "forge-adapter", "version": 1, "backend": backend,
         "base_model": cfg.model.path, "base_model_dir": str(model_dir), "base_model_hash": model_hash(model_dir),
+        "model_type": _model_type(model_dir),
         "init": "pissa" if factors else "lora", "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
         "scale": lora_scale(cfg.lora), "rslora": cfg.lora.rslora,
         **({"targets": targets} if targets is not None else {}),
@@ -20,6 +24,14 @@ def training_meta(cfg: ForgeConfig, backend: str, model_dir, factors: dict, num_
     }
     meta.update(extra or {})
     return meta
+
+
+def _model_type(model_dir) -> str | None:
+    """config.json's model_type (names a mixture's experts in PEFT's layout: forge_core/adapters/peft_experts.py)."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def forge_meta(adapter, layout: str) -> dict:

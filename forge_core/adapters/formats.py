@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from forge_core.adapters import mapping as mp
+from forge_core.adapters import peft_experts as pe
 from forge_core.adapters import safetensors_io as sio
 from forge_core.adapters.forge_json import forge_meta
 from forge_core.atomic import atomic_dir, write_json
@@ -155,17 +156,28 @@ def _read_peft(d: Path, meta: dict) -> Adapter:
     flat, dtype = _load_weights(d / WEIGHTS["peft"])
     tensors, mags = mp.collect(flat, mp.parse_peft_key, d / WEIGHTS["peft"], transposed=False)
     scale = mp.scale_for(alpha, r, rslora)
+    params = cfg.get("target_parameters") or []
+    wrappers = pe.wrapper_keys(params)  # a mixture's fused experts: their rank and scale go by parameter path
+
+    def rank_of(name: str) -> int:
+        return mp.peft_pattern_value(cfg.get("rank_pattern"), name, r)
+
     folded = {}
     for module, (a, b) in tensors.items():
-        r_m = mp.peft_pattern_value(cfg.get("rank_pattern"), module, r)
+        name = wrappers.get(module, module)
+        r_m = rank_of(name)
+        if module in wrappers:  # (E·R, in): checked by unfuse
+            r_m = a.shape[0]
         if a.shape[0] != r_m:
             raise ForgeError(f"{d / WEIGHTS['peft']}: '{module}' has rank {a.shape[0]}, "
                              f"adapter_config says {r_m}")
-        s_m = mp.scale_for(float(mp.peft_pattern_value(cfg.get("alpha_pattern"), module, alpha)), r_m, rslora)
+        s_m = mp.scale_for(float(mp.peft_pattern_value(cfg.get("alpha_pattern"), name, alpha)), rank_of(name), rslora)
         # mlx-lm has one scale: fold this module's own scale into B (B·s_m/s keeps s·B·A = s_m·B·A)
         folded[module] = (a, b * np.float32(s_m / scale)) if s_m != scale else (a, b)
     if any(folded[m][1] is not tensors[m][1] for m in tensors):
         dtype = "float32"  # rescaled B is no longer exactly representable in a 16-bit source dtype
+    if params:
+        folded = pe.unfuse(folded, params, rank_of, _model_type(cfg, meta), d / CONFIG)
     return Adapter(folded, scale, r, alpha, rslora, magnitudes=mags,
                    dropout=float(cfg.get("lora_dropout", 0.0)), layout="peft", dtype=dtype, source_config=cfg,
                    base_model=cfg.get("base_model_name_or_path"))
@@ -193,6 +205,18 @@ def _apply_forge_meta(adapter: Adapter, meta: dict, d: Path) -> None:
     adapter.forge = meta
 
 
+def _model_type(peft_cfg: dict, meta: dict) -> str | None:
+    """The base's model_type, for the names of a mixture's experts: forge.json's, else the base's config.json when
+    base_model_name_or_path is a local dir."""
+    if meta.get("model_type"):
+        return meta["model_type"]
+    base = Path(str(peft_cfg.get("base_model_name_or_path") or "")) / "config.json"
+    try:
+        return json.loads(base.read_text()).get("model_type") if base.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def _read_pissa_init(d: Path, adapter: Adapter) -> dict:
     path = d / PISSA
     if not path.exists():
@@ -202,6 +226,11 @@ def _read_pissa_init(d: Path, adapter: Adapter) -> dict:
     mlx_style = all(mp.parse_mlx_key(k) for k in flat)  # forge_mlx writes mlx keys, forge_cuda PEFT keys
     parse = mp.parse_mlx_key if mlx_style else mp.parse_peft_key
     init, mags = mp.collect(flat, parse, path, transposed=mlx_style)
+    params = [] if mlx_style else (adapter.source_config.get("target_parameters") or [])
+    if params:
+        ranks = adapter.source_config.get("rank_pattern")
+        init = pe.unfuse(init, params, lambda p: mp.peft_pattern_value(ranks, p, adapter.rank),
+                         _model_type(adapter.source_config, adapter.forge), path)
     if mags or set(init) != set(adapter.tensors):
         raise ForgeError(f"{path}: must hold A0, B0 for exactly the adapter's {len(adapter.tensors)} modules")
     for m, (a0, b0) in init.items():
@@ -234,10 +263,16 @@ def write_files(adapter: Adapter, d: Path, layout: str, total_layers: int | None
         init = {m: mp.pad_rank(a, b, r) for m, (a, b) in init.items()} if init else None
         derived = mp.mlx_config(tensors, r, adapter.scale, adapter.dropout, dora, total_layers)
         cfg = mp.keep_mlx_config(_carried(adapter, "mlx"), derived, tensors, total_layers)
-    else:
-        ranks = {m: a.shape[-2] for m, (a, _) in tensors.items()}
+    else:  # a mixture's expert stacks go to PEFT's LoRA on its fused expert parameters (peft_experts.py)
+        model_type = adapter.forge.get("model_type")
+        linear, fused, params = pe.fuse(tensors, model_type)
+        tensors = {**linear, **fused}
+        if init:
+            init_linear, init_fused, _ = pe.fuse(init, model_type)
+            init = {**init_linear, **init_fused}
+        ranks = {m: a.shape[-2] for m, (a, _) in linear.items()}
         cfg = mp.peft_config(ranks, adapter.rank, adapter.scale, adapter.rslora, adapter.dropout, dora,
-                             adapter.base_model, total_layers)
+                             adapter.base_model, total_layers, params)
         if adapter.init == "pissa":
             cfg["init_lora_weights"] = "pissa"  # a forge PiSSA dir: NOT valid on the original base by itself
     meta = {"format": "mlx" if layout == "mlx" else "pt"}

@@ -209,19 +209,20 @@ def peft_targets(modules, total_layers: int | None) -> tuple[list[str] | str, li
 
 
 def peft_config(ranks: dict[str, int], rank: int, scale: float, rslora: bool, dropout: float, dora: bool,
-                base_model: str | None, total_layers: int | None) -> dict:
+                base_model: str | None, total_layers: int | None, params: dict[str, int] | None = None) -> dict:
     """A LoraConfig dict PEFT loads unmodified. Modules whose rank differs from `rank` go to rank_pattern,
-    with alpha_pattern keeping every module at the same `scale`."""
-    rank_pattern = {re.escape(m): r for m, r in sorted(ranks.items()) if r != rank}
+    with alpha_pattern keeping every module at the same `scale`. `params`: {parameter path: rank} of LoRA on
+    parameters (a mixture's fused experts, peft_experts.py), PEFT's target_parameters by their full paths."""
+    rank_pattern = {re.escape(m): r for m, r in sorted({**ranks, **(params or {})}.items()) if r != rank}
     alpha_pattern = {k: alpha_for(scale, r, rslora) for k, r in rank_pattern.items()}
-    targets, layers = peft_targets(ranks, total_layers)
+    targets, layers = peft_targets(ranks, total_layers) if ranks else ([], None)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": rank,
         "lora_alpha": alpha_for(scale, rank, rslora),
-        "lora_dropout": dropout,
+        "lora_dropout": 0.0 if params else dropout,  # PEFT's parameter LoRA refuses dropout (inference: none)
         "target_modules": targets,
         "layers_to_transform": layers,
         "bias": "none",
@@ -233,6 +234,7 @@ def peft_config(ranks: dict[str, int], rank: int, scale: float, rslora: bool, dr
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "inference_mode": True,
+        "target_parameters": sorted(params) if params else None,
     }
 
 
@@ -244,7 +246,6 @@ PEFT_UNSUPPORTED = {
     "modules_to_save": (None, []),
     "layer_replication": (None, []),
     "trainable_token_indices": (None,),
-    "target_parameters": (None, []),
     "alora_invocation_tokens": (None,),
     "use_qalora": (False, None),
 }

@@ -42,7 +42,8 @@ def block_weight_bytes(run: Run) -> int:
     """All blocks' linears as stored (every expert of a mixture) + every RMSNorm weight ((2L + 1)·h, compute
     dtype)."""
     s = run.shape
-    per_block = sum(s.copies(n) * linear_bytes(o, i, run) for n, (o, i) in s.linears().items())
+    per_block = sum(s.copies(n) * linear_bytes(o, i, run) for n, (o, i) in s.linears().items() if n != "gate")
+    per_block += s.stored("gate") * run.cb if s.experts else 0  # the router stays full precision
     return s.layers * per_block + (2 * s.layers + 1) * s.hidden * run.cb
 
 

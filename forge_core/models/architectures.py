@@ -26,6 +26,8 @@ class Experts:
 
     moe: str
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    router: str = "gate"  # <block>.<moe>.<router>: (E, h), kept in full precision
+    torch_moe: str = "mlp"  # transformers 5's name for <moe> (it renamed Mixtral's block_sparse_moe)
 
 
 @dataclass(frozen=True)

@@ -32,3 +32,29 @@ def stack_shapes(model_type: str | None, shapes: dict[str, tuple]) -> dict[str, 
         if hit and len(shape) == 2:
             found.setdefault(hit[0], {})[hit[1]] = tuple(shape)
     return {m: (len(per), *per[0]) for m, per in found.items() if sorted(per) == list(range(len(per)))}
+
+
+def _stack(path: str, moe: str) -> re.Match | None:
+    return re.match(rf"^(.*\.layers\.\d+)\.{re.escape(moe)}\.(?:switch_mlp|experts)\.({'|'.join(PROJECTIONS)})$", path)
+
+
+def canonical_path(model_type: str | None, torch_path: str) -> str:
+    """forge_cuda's `<block>.mlp.experts.gate_proj` -> the adapters' `<block>.<moe>.switch_mlp.gate_proj`; any other
+    path as it is."""
+    experts = architecture(model_type).experts
+    m = _stack(torch_path, experts.torch_moe) if experts else None
+    return f"{m.group(1)}.{experts.moe}.switch_mlp.{m.group(2)}" if m and ".experts." in torch_path else torch_path
+
+
+def torch_path(model_type: str | None, canonical: str) -> str:
+    """Inverse of canonical_path."""
+    experts = architecture(model_type).experts
+    m = _stack(canonical, experts.moe) if experts else None
+    return f"{m.group(1)}.{experts.torch_moe}.experts.{m.group(2)}" if m and ".switch_mlp." in canonical else canonical
+
+
+def is_router(model_type: str | None, path: str) -> bool:
+    """`<block>.<moe>.<router>`: the router of a mixture (MLX keeps it in full precision, as torch does)."""
+    experts = architecture(model_type).experts
+    return bool(experts) and re.match(rf"^.*\.layers\.\d+\.{re.escape(experts.moe)}\.{re.escape(experts.router)}$",
+                                      path) is not None
