@@ -56,10 +56,10 @@ TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "nu
         "experts": 4, "top_k": 2, "expert_width": 32}
 
 
-def tiny_moe_config(kind: str, vocab: int, eos: int, pad: int) -> dict:
-    """The Hub config of `kind`, every key kept, the sizes shrunk."""
+def tiny_moe_config(kind: str, vocab: int, eos: int, pad: int, **sizes) -> dict:
+    """The Hub config of `kind`, every key kept, the sizes shrunk (TINY, or `sizes` in its keys)."""
     cfg = json.loads(json.dumps(HUB_CONFIGS[kind]))
-    t = TINY
+    t = {**TINY, **sizes}
     cfg.update(hidden_size=t["hidden_size"], num_hidden_layers=t["num_hidden_layers"],
                num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
                num_experts_per_tok=t["top_k"], vocab_size=vocab, eos_token_id=eos, max_position_embeddings=512,
@@ -79,8 +79,9 @@ def tiny_moe_config(kind: str, vocab: int, eos: int, pad: int) -> dict:
     return cfg
 
 
-def make_tiny_moe(out, kind: str, seed: int = 0) -> Path:
-    """Write a random tiny `kind` ("mixtral", "qwen3_moe", "olmoe") HF dir with the tiny byte tokenizer."""
+def make_tiny_moe(out, kind: str, seed: int = 0, **sizes) -> Path:
+    """Write a random tiny `kind` ("mixtral", "qwen3_moe", "olmoe") HF dir with the tiny byte tokenizer (`sizes`:
+    TINY's keys, for a bigger one)."""
     from safetensors.numpy import save_file
 
     from tests.tiny import make_tokenizer
@@ -89,10 +90,10 @@ def make_tiny_moe(out, kind: str, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(out)
     cfg = tiny_moe_config(kind, len(tok), tok.convert_tokens_to_ids("<|im_end|>"),
-                          tok.convert_tokens_to_ids("<|endoftext|>"))
+                          tok.convert_tokens_to_ids("<|endoftext|>"), **sizes)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     rng = np.random.default_rng(seed)
-    h, v, t = cfg["hidden_size"], cfg["vocab_size"], TINY
+    h, v, t = cfg["hidden_size"], cfg["vocab_size"], {**TINY, **sizes}
     hd = h // cfg["num_attention_heads"]
     q, kv, i = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd, t["expert_width"]
 
@@ -119,4 +120,28 @@ def make_tiny_moe(out, kind: str, seed: int = 0) -> Path:
             x = f"{p}{moe}.experts.{e}."
             weights.update({x + f"{gate}.weight": w(i, h), x + f"{up}.weight": w(i, h), x + f"{down}.weight": w(h, i)})
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def make_tiny_gpt_oss(out, tiny_model: Path, seed: int = 0) -> Path:
+    """A tiny random gpt-oss written by transformers 5 (its own layout: experts fused and transposed, with biases;
+    attention sinks, sliding and full layers), with the tiny byte tokenizer. Full precision: the Hub's checkpoint
+    is MXFP4, which forge refuses as an already quantized base."""
+    import shutil
+
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    base = json.loads((Path(tiny_model) / "config.json").read_text())
+    config = GptOssConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                          vocab_size=base["vocab_size"], max_position_embeddings=128, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"], eos_token_id=base["eos_token_id"],
+                          pad_token_id=base["pad_token_id"], bos_token_id=None)
+    torch.manual_seed(seed)
+    out = Path(out)
+    GptOssForCausalLM(config).float().save_pretrained(str(out), safe_serialization=True)
+    for f in Path(tiny_model).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
     return out

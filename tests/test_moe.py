@@ -252,3 +252,24 @@ def test_a_named_target_that_matches_nothing_is_one_line_and_a_default_one_is_li
     err = capsys.readouterr().err
     assert "default targets not in this model, skipped: q_proj, k_proj, v_proj, gate_proj, up_proj" in err
     assert {k.split(".")[-2] for k in ops.trainable_params(model)} == {"o_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss"])
+def test_gemma2_and_gpt_oss_train_on_torch(kind, tiny_model, tmp_path, capsys):
+    """Models transformers builds without SDPA attention (gemma2's soft-capping, gpt-oss's sinks) load with an
+    attention they support and train; gpt-oss's experts (fused, transposed, with biases) are not split - the
+    default targets say so in one line and its attention trains."""
+    from tests.moe import make_tiny_gpt_oss
+    from tests.test_architectures import _model
+
+    train, _ = trained("torch")
+    model = make_tiny_gpt_oss(tmp_path / kind, tiny_model) if kind == "gpt_oss" else \
+        _model("gemma2", tiny_model, tmp_path / kind)
+    cfg = moe_cfg(model, rows_file(tmp_path / "d.jsonl"), tmp_path / "run", train__steps=2)
+    run = train(cfg)
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line).get("split") == "train"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    if kind == "gpt_oss":
+        assert "default targets not in this model, skipped: gate_proj, up_proj, down_proj" in capsys.readouterr().err

@@ -103,6 +103,10 @@ MATRIX = [
     # rank's plan (forge_core.memory.estimate with nproc=2)
     {**_smol("smol-sft-q4-dp2"), "nproc": 2},
     {**_smol("smol-dpo-q4-dp2", kind="dpo"), "nproc": 2},
+    # a mixture of experts (tests/moe.py's Mixtral with the Hub's keys): 8 experts of width 256, top-2, every
+    # expert adapted (one LoRA each) and quantized
+    {**_row("mlx-moe-q4", "mlx", 128, 4, 256, 2, 256, 8, 4), "moe": "mixtral", "experts": 8, "top_k": 2},
+    {**_row("torch-moe-nf4", "cuda", 128, 4, 256, 2, 256, 8, 4), "moe": "mixtral", "experts": 8, "top_k": 2},
 ]
 
 
@@ -114,6 +118,15 @@ def make_model(root: Path, row: dict) -> Path:
 
     heads = row["hidden"] // 32
     out = root / f"h{row['hidden']}_L{row['layers']}_i{row['intermediate']}"
+    if row.get("moe"):
+        from tests.moe import make_tiny_moe
+
+        out = root / f"{row['moe']}_h{row['hidden']}_L{row['layers']}_e{row['experts']}_i{row['intermediate']}"
+        if not (out / "model.safetensors").is_file():
+            make_tiny_moe(out, row["moe"], hidden_size=row["hidden"], num_hidden_layers=row["layers"],
+                          num_attention_heads=heads, num_key_value_heads=heads // 2, experts=row["experts"],
+                          top_k=row["top_k"], expert_width=row["intermediate"])
+        return out
     if not (out / "model.safetensors").is_file():
         make_tiny_model(out, hidden=row["hidden"], layers=row["layers"], heads=heads, kv_heads=heads // 2,
                         intermediate=row["intermediate"])
@@ -367,7 +380,9 @@ def describe(row: dict, result: dict | None = None) -> str:
     if row.get("model"):
         seq = f"T<={result['data_seq']} (data)" if result else f"T<={row['seq']}"
         return f"SmolLM2-135M, demo rows, B{row['batch']} {seq}, r{row['rank']}, {bits}{extra}"
-    return f"h{row['hidden']} L{row['layers']} i{row['intermediate']}, B{row['batch']} T{row['seq']}, r{row['rank']}, {bits}{extra}"
+    moe = f" {row['moe']} {row['experts']} experts top-{row['top_k']}" if row.get("moe") else ""
+    return (f"h{row['hidden']} L{row['layers']} i{row['intermediate']}{moe}, B{row['batch']} T{row['seq']}, "
+            f"r{row['rank']}, {bits}{extra}")
 
 
 def verdict(ratio: float) -> str:
