@@ -356,3 +356,58 @@ def test_qwen3_with_its_qk_norms_round_trips_through_transformers(tiny_model, tm
     _copy_tokenizer(tiny_model, src)
     meta, names = _round_trip(src, tmp_path)
     assert meta["general.architecture"] == "qwen3" and "blk.1.attn_k_norm.weight" in names
+
+
+def test_qwen3_moe_round_trips_through_transformers_with_its_experts_stacked(tmp_path):
+    """Qwen3-MoE (tests/moe.py, the Hub's config keys): each projection's per-expert weights stacked into one
+    ffn_*_exps tensor, the router as ffn_gate_inp, the expert count / top-k / width in the metadata; transformers'
+    GGUF loader gives the checkpoint's logits (with the checkpoint's config: its GGUF mapping drops the expert
+    width, expert_feed_forward_length, and would build Qwen3-30B-A3B's 768)."""
+    from transformers import AutoConfig
+
+    from tests.moe import make_tiny_moe
+
+    src = make_tiny_moe(tmp_path / "src", "qwen3_moe", seed=2)
+    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
+    meta, tensors = gguf_import.read_gguf(tmp_path / "m.gguf")
+    names = {t.name for t in tensors}
+    want = _logits(src)
+    got = _logits(tmp_path, gguf_file="m.gguf", config=AutoConfig.from_pretrained(str(src)))
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    assert meta["general.architecture"] == "qwen3moe"
+    assert (meta["qwen3moe.expert_count"], meta["qwen3moe.expert_used_count"],
+            meta["qwen3moe.expert_feed_forward_length"]) == (4, 2, 32)
+    assert {"blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight",
+            "blk.1.ffn_gate_inp.weight", "blk.1.attn_q_norm.weight"} <= names
+    assert not any("experts" in n for n in names)
+
+
+def test_mixtral_gets_llama_cpp_s_names_and_stacked_experts(tmp_path):
+    """Mixtral as llama.cpp's converter writes it ("llama" with experts; names from gguf-py's own tensor map, which
+    transformers cannot load back): every expert in its place in the stack, q/k rows permuted as for Llama."""
+    import gguf
+
+    from tests.moe import make_tiny_moe
+
+    src = make_tiny_moe(tmp_path / "src", "mixtral", seed=2)
+    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    fields = {f.name: f.parts[f.data[0]][0] for f in reader.fields.values() if len(f.data) == 1}
+    assert (fields["llama.expert_count"], fields["llama.expert_used_count"]) == (4, 2)
+    weights = {}
+    for f in src.glob("*.safetensors"):
+        from safetensors.numpy import load_file
+
+        weights.update(load_file(str(f)))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    for n in range(2):
+        for hf in ("w1", "w2", "w3"):
+            name = names.get_name(f"model.layers.{n}.block_sparse_moe.experts.{hf}") + ".weight"
+            want = np.stack([weights[f"model.layers.{n}.block_sparse_moe.experts.{e}.{hf}.weight"] for e in range(4)])
+            np.testing.assert_array_equal(tensors[name], want)
+        router = names.get_name(f"model.layers.{n}.block_sparse_moe.gate") + ".weight"
+        np.testing.assert_array_equal(tensors[router], weights[f"model.layers.{n}.block_sparse_moe.gate.weight"])
+        q = weights[f"model.layers.{n}.self_attn.q_proj.weight"]
+        np.testing.assert_array_equal(tensors[f"blk.{n}.attn_q.weight"], gguf_export.permute_rows(q, 4))
+    assert len(tensors) == 3 + 2 * (4 + 2 + 1 + 3)  # embed, norm, head + per block: attention, norms, router, 3 stacks

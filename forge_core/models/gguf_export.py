@@ -7,7 +7,9 @@ the chat template.
 Architectures (ARCHS): Llama and Mistral (llama.cpp's "llama": q and k rows permuted), Qwen2 ("qwen2": q/k/v
 biases, no permutation), Qwen3 ("qwen3": q/k norms), Phi-3 ("phi3": fused qkv and gate_up), Gemma 2 ("gemma2": four norms per block, stored
 as 1 + w, the soft-capping values, head_dim written) and Gemma 3's text model ("gemma3": Gemma 2's layout plus q/k
-norms); others are refused with one line naming them.
+norms); the mixtures of experts Mixtral (llama.cpp's "llama" with experts) and Qwen3-MoE ("qwen3moe"): the router
+as ffn_gate_inp, each projection's per-expert weights stacked into one (E, out, in) tensor, ffn_{gate,up,down}_exps,
+with the expert count, top-k and (qwen3moe) the expert width; others are refused with one line naming them.
 Tokenizers: byte-level BPE (Llama 3, Qwen2, SmolLM, GPT-2 style) whose pre-tokenizer llama.cpp knows by name
 (GPT-2, digits + GPT-2 as SmolLM/StarCoder, Llama 3's and Qwen2's regexes), as llama.cpp's "gpt2" vocabulary; and
 SentencePiece-style BPE with byte fallback (Llama 2, Mistral 7B v0.1-0.3, Phi-3-mini, Gemma), as its "llama"
@@ -28,6 +30,7 @@ import numpy as np
 
 from forge_core.adapters import safetensors_io as sio
 from forge_core.errors import ForgeError
+from forge_core.models.experts import expert_weight
 from forge_core.models.gguf_import import (
     BLOCK_NAMES,
     CONTROL,
@@ -44,7 +47,9 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 ARCHS = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
          "Qwen2ForCausalLM": ("qwen2", False), "Phi3ForCausalLM": ("phi3", False),
          "Qwen3ForCausalLM": ("qwen3", False), "Gemma2ForCausalLM": ("gemma2", False),
-         "Gemma3ForCausalLM": ("gemma3", False)}
+         "Gemma3ForCausalLM": ("gemma3", False), "MixtralForCausalLM": ("llama", True),
+         "Qwen3MoeForCausalLM": ("qwen3moe", False)}
+EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 # module names beyond the import's tables (Phi-3 keeps q/k/v and gate/up fused, as llama.cpp does)
 FUSED_NAMES = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 # Gemma 2's four norms per block: its post_attention_layernorm normalises the attention's output, and the norm
@@ -54,8 +59,10 @@ GEMMA2_NAMES = {"post_attention_layernorm": "post_attention_norm", "pre_feedforw
 
 _TO_GGUF = {**{hf: g for g, hf in {**BLOCK_NAMES, **TOP_NAMES}.items()}, **FUSED_NAMES}
 QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+ROUTERS = {"block_sparse_moe.gate": "ffn_gate_inp", "mlp.gate": "ffn_gate_inp"}  # Mixtral's, Qwen3-MoE's
 _ARCH_NAMES = {"gemma2": {**_TO_GGUF, **GEMMA2_NAMES}, "gemma3": {**_TO_GGUF, **GEMMA2_NAMES, **QK_NORMS},
-               "qwen3": {**_TO_GGUF, **QK_NORMS}}
+               "qwen3": {**_TO_GGUF, **QK_NORMS}, "llama": {**_TO_GGUF, **ROUTERS},
+               "qwen3moe": {**_TO_GGUF, **QK_NORMS, **ROUTERS}}
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -229,6 +236,12 @@ def _hyperparameters(writer, cfg: dict, src: Path) -> None:
                          ("final_logit_softcapping", writer.add_final_logit_softcapping)):
             if cfg.get(key) is not None:
                 add(float(cfg[key]))
+    experts = next((cfg[k] for k in ("num_local_experts", "num_experts") if cfg.get(k)), 0)
+    if experts:
+        writer.add_expert_count(int(experts))
+        writer.add_expert_used_count(int(cfg["num_experts_per_tok"]))
+        if cfg.get("moe_intermediate_size"):
+            writer.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
     if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
         writer.add_sliding_window(int(cfg["sliding_window"]))
     scaling = cfg.get("rope_scaling") or {}
@@ -282,15 +295,31 @@ def write_gguf(src: Path, out: Path, outtype: str = "f16", name: str | None = No
     _tokenizer(writer, src, cfg)
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg.get("num_key_value_heads", cfg["num_attention_heads"])}
     heads = heads if permuted else {}
+    experts = next((cfg[k] for k in ("num_local_experts", "num_experts") if cfg.get(k)), 0)
+    pending: dict[str, dict[int, np.ndarray]] = {}  # an expert stack's weights until all E are read
     for f in sio.checkpoint_files(src):
         header, _ = sio.read_header(f)
         for hf in sorted(header):
             a = sio.read_tensor(f, header[hf]).astype(np.float32)
+            hit = expert_weight(cfg.get("model_type"), hf)
+            if hit:
+                stack = pending.setdefault(hit[0], {})
+                stack[hit[1]] = a
+                if len(stack) == experts:  # one (E, out, in) tensor, written as soon as it is whole
+                    block, proj = hit[0].split(".")[2], hit[0].rsplit(".", 1)[1]
+                    data, raw = _encoded(np.stack([stack[e] for e in range(experts)]), outtype)
+                    writer.add_tensor(f"blk.{block}.{EXPERT_NAMES[proj]}.weight", data, raw_dtype=raw)
+                    del pending[hit[0]]
+                continue
             n = next((h for k, h in heads.items() if f".{k}." in hf), 0)
             if plus_one and hf.endswith("norm.weight"):
                 a = a + 1.0
             data, raw = _encoded(permute_rows(a, n) if n else a, outtype)
             writer.add_tensor(gguf_name(hf, arch), data, raw_dtype=raw)
+    if pending:
+        stack = min(pending)
+        raise ForgeError(f"{src}: {stack} has {len(pending[stack])} of its {experts} experts' weights; the "
+                         "checkpoint is incomplete")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
