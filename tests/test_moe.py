@@ -201,7 +201,7 @@ def test_dequant_and_fused_expert_matmuls_agree_with_gradients(moe_models):
     outs = []
     for path in ("dequant", "fused"):
         layer = QuantSwitchLinear.from_switch(dense, 32, 4, matmul=path)
-        y, g = mx.value_and_grad(lambda x_: (layer(x_, idx) ** 2).sum())(x)
+        y, g = mx.value_and_grad(lambda x_, layer=layer: (layer(x_, idx) ** 2).sum())(x)
         outs.append((np.array(y), np.array(g)))
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-4)
     np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-4)
