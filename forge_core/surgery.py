@@ -192,8 +192,8 @@ def under(adapted) -> Callable[[str], bool]:
 
 def fold_plan(paths_and_kinds) -> list[tuple[str, str]]:
     """What inference and GRPO's sampling fold on the CPU, from (path, "lora" | "quantized" | other) in module
-    order: every LoRA layer (its adapter folded into one dense weight) and every quantized linear that is not a
-    LoRA layer's own base (dequantized) - the rest stays as it is."""
+    order: every LoRA layer (its adapter folded into one dense weight) and every quantized linear that is not inside
+    a LoRA layer (its base, or an expert of its base: dequantized) - the rest stays as it is."""
     items = list(paths_and_kinds)
-    lora = {p for p, k in items if k == "lora"}
-    return [(p, k) for p, k in items if k == "lora" or (k == "quantized" and p.rpartition(".")[0] not in lora)]
+    inside = under([p for p, k in items if k == "lora"])
+    return [(p, k) for p, k in items if k == "lora" or (k == "quantized" and not inside(p))]

@@ -19,6 +19,7 @@ from torch import nn
 from forge_core.eval.generation import chat_prompt
 from forge_core.surgery import fold_plan
 
+from .experts import LoRAExperts
 from .lora import LoRALinear
 from .quant import is_quantized, set_module
 
@@ -29,7 +30,7 @@ def _dense_layers(model: nn.Module, cache: dict) -> list[tuple[str, nn.Module, n
     weights are taken from `cache` by path, and put there when missing."""
     dtype = model.get_input_embeddings().weight.dtype
     modules = dict(model.named_modules())
-    kinds = ((p, "lora" if isinstance(m, LoRALinear) else "quantized" if is_quantized(m) else "")
+    kinds = ((p, "lora" if isinstance(m, (LoRALinear, LoRAExperts)) else "quantized" if is_quantized(m) else "")
              for p, m in modules.items())
     out = []
     with torch.no_grad():

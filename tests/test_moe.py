@@ -273,3 +273,25 @@ def test_gemma2_and_gpt_oss_train_on_torch(kind, tiny_model, tmp_path, capsys):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     if kind == "gpt_oss":
         assert "default targets not in this model, skipped: gate_proj, up_proj, down_proj" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_inference_folds_every_expert_adapter_into_dense_experts(backend, moe_models):
+    """On the CPU, generation first folds each adapted layer (each expert's W_res + s·B_e A_e) and dequantizes the
+    rest, once: the folded model computes what the training model does."""
+    from forge_core.backend import ops as backend_ops
+
+    ops = backend_ops("cuda" if backend == "torch" else backend)
+    cfg = ForgeConfig()
+    cfg.model.path, cfg.lora.rank, cfg.lora.init = str(moe_models["qwen3_moe"]), 4, "lora"
+    cfg.quant.bits, cfg.quant.group_size = 4, 32
+    model, *_ = ops.build_model(cfg)
+    rng = np.random.default_rng(0)
+    weights = {k: rng.standard_normal(np.shape(v)).astype(np.float32) * 0.1
+               for k, v in ops.trainable_params(model).items()}
+    ops.load_trainable(model, {k: mx.array(v) for k, v in weights.items()} if backend == "mlx" else weights)
+    before = forge_logits(model)
+    ops.for_inference(model)
+    assert np.abs(forge_logits(model) - before).max() < TOL
+    names = {type(m).__name__ for _, m in (model.named_modules())}
+    assert not names & {"LoRASwitchLinear", "LoRAExperts", "QuantSwitchLinear", "QuantLinear"}
