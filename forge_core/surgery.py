@@ -141,8 +141,9 @@ class Layers(Protocol):
 
     def set_weight(self, layer, w: np.ndarray) -> None: ...
 
-    def quantize(self, layer, cfg: ForgeConfig) -> Any:
-        """The layer quantized as cfg.quant says (itself when it stays dense), on the training device."""
+    def quantize(self, layer, cfg: ForgeConfig, path: str) -> Any:
+        """The layer at `path` quantized as cfg.quant says (itself when it stays dense: a mixture's router does),
+        on the training device."""
 
     def wrap(self, layer, a: np.ndarray, b: np.ndarray, cfg: ForgeConfig) -> Any:
         """The backend's LoRA layer over `layer` starting from A (r, in), B (out, r) - per expert (E, r, in),
@@ -178,7 +179,7 @@ def adapt_model(model, cfg: ForgeConfig, layers: Layers, pissa_init: dict | None
         else:
             a, b = lora_init(*layers.shape(layer), cfg.lora.rank, cfg.train.seed, i, experts)
         # swapped in at once: the model's reference to this layer's dense W goes, so W can be freed
-        layers.swap(model, path, layers.wrap(layers.quantize(layer, cfg), a, b, cfg))
+        layers.swap(model, path, layers.wrap(layers.quantize(layer, cfg, path), a, b, cfg))
         adapted.append(path)
     layers.finish(model, cfg, adapted)
     return factors

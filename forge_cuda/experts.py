@@ -82,13 +82,12 @@ class LoRAExperts(nn.Module):
 
 
 def dense_experts(w: torch.Tensor, like: ExpertLinears | None = None) -> ExpertLinears:
-    """ExpertLinears of plain nn.Linear holding `w` (E, out, in), no bias."""
+    """ExpertLinears of plain nn.Linear holding copies of `w` (E, out, in), no bias (built on the meta device: no
+    random init to overwrite)."""
     linears = []
     for e in range(w.shape[0]):
-        lin = nn.Linear(w.shape[2], w.shape[1], bias=False, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w[e])
-        lin.requires_grad_(False)
+        lin = nn.Linear(w.shape[2], w.shape[1], bias=False, device="meta")
+        lin.weight = nn.Parameter(w[e].detach().clone(), requires_grad=False)
         linears.append(lin)
     return ExpertLinears(linears)
 
@@ -128,12 +127,12 @@ def splittable(module: nn.Module) -> bool:
 
 
 def split_experts(model: nn.Module) -> list[str]:
-    """Replace every fused experts module by its SplitExperts, one at a time (the fused copy freed as it goes);
-    returns the paths of the expert projections, `<...>.experts.gate_proj` etc."""
-    paths = []
-    for path, module in list(model.named_modules()):
-        if splittable(module):
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, SplitExperts(module))
-            paths += [f"{path}.{p}" for p in PROJECTIONS]
-    return paths
+    """Replace every fused experts module by its SplitExperts, one at a time: only paths are listed up front, so
+    each fused module is freed once its split copy replaces it (one block's experts twice at most, never the
+    model's). Returns the paths of the expert projections, `<...>.experts.gate_proj` etc."""
+    fused = [path for path, module in model.named_modules() if splittable(module)]
+    for path in fused:
+        parent, _, name = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, name, SplitExperts(getattr(owner, name)))
+    return [f"{path}.{p}" for path in fused for p in PROJECTIONS]

@@ -29,6 +29,7 @@ from forge_core.adapters.mapping import collect
 from forge_core.config import ForgeConfig, lora_scale
 from forge_core.dora import dora_weight, nonzero
 from forge_core.errors import ForgeError
+from forge_core.models.architectures import architecture
 from forge_core.surgery import select_targets, under
 
 from .experts import ExpertLinears, LoRAExperts
@@ -138,6 +139,9 @@ class Layers:
     @staticmethod
     def targets(model: nn.Module, cfg: ForgeConfig) -> list[str]:
         model.requires_grad_(False)  # the base is frozen: only what the LoRA layers add trains
+        if "gate" in (cfg.lora.targets or []) and architecture(model.config.model_type).experts:
+            raise ForgeError("lora.targets: 'gate', the router of a mixture of experts, is adapted on the MLX backend "
+                             "only (transformers keeps it as a parameter, not a linear); drop it or use --backend mlx")
         modules = dict(model.named_modules())
         stacks = [p for p, m in modules.items() if isinstance(m, ExpertLinears)]
         inside = under(stacks)
@@ -166,7 +170,7 @@ class Layers:
         for m, we in zip(layer.experts, w, strict=True) if isinstance(layer, ExpertLinears) else [(layer, w)]:
             m.weight.data = torch.from_numpy(np.ascontiguousarray(we)).to(m.weight.dtype)
 
-    def quantize(self, layer, cfg: ForgeConfig):
+    def quantize(self, layer, cfg: ForgeConfig, path: str = ""):
         if isinstance(layer, ExpertLinears):  # bitsandbytes per expert
             return ExpertLinears([self.quantize(m, cfg) for m in layer.experts])
         q, kind = cfg.quant, quant_kind(cfg.quant)

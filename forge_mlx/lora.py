@@ -138,11 +138,18 @@ def _shape(module: nn.Module) -> tuple[int, int]:
 
 class Layers:
     """The MLX side of forge_core.surgery.adapt_model: mlx-lm's nn.Linear, QuantLinear and LoRALinear, and for a
-    mixture of experts its SwitchLinear stacks, QuantSwitchLinear and LoRASwitchLinear (experts.py)."""
+    mixture of experts its SwitchLinear stacks, QuantSwitchLinear and LoRASwitchLinear (experts.py). A mixture's
+    router (an nn.Linear here, a parameter in transformers) is a target only when lora.targets names it
+    (`gate`), and stays full precision."""
+
+    def __init__(self, model_type: str | None = None):
+        self.model_type = model_type
 
     def targets(self, model: nn.Module, cfg: ForgeConfig) -> list[str]:
         model.freeze()  # the base is frozen: only what the LoRA layers add trains
-        linears = [p for p, m in model.named_modules() if isinstance(m, LINEARS)]
+        named_router = "gate" in (cfg.lora.targets or [])
+        linears = [p for p, m in model.named_modules() if isinstance(m, LINEARS)
+                   and (named_router or not is_router(self.model_type, p))]
         return select_targets(linears, cfg, len(model.layers))
 
     get = staticmethod(lambda model, path: _get(model, path))
@@ -158,9 +165,10 @@ class Layers:
     def set_weight(layer, w: np.ndarray) -> None:
         layer.weight = mx.array(w).astype(layer.weight.dtype)
 
-    @staticmethod
-    def quantize(layer, cfg: ForgeConfig):
+    def quantize(self, layer, cfg: ForgeConfig, path: str = ""):
         q = cfg.quant
+        if is_router(self.model_type, path):
+            return layer
         if q.bits and quantizable_switch(layer, q.group_size):
             return QuantSwitchLinear.from_switch(layer, q.group_size, q.bits, q.matmul)
         return quantize_linear(layer, q.bits, q.group_size, q.matmul) if q.bits and quantizable(layer, q.group_size) \
@@ -182,18 +190,17 @@ class Layers:
     def swap(model: nn.Module, path: str, layer) -> None:
         model.update_modules(tree_unflatten([(path, layer)]))
 
-    @staticmethod
-    def finish(model: nn.Module, cfg: ForgeConfig, adapted: list[str]) -> None:
+    def finish(self, model: nn.Module, cfg: ForgeConfig, adapted: list[str]) -> None:
         q = cfg.quant
         if q.bits:  # a mixture's router stays full precision (torch's is no nn.Linear: both keep it dense)
-            adapted_or_under, model_type = under(adapted), getattr(model, "model_type", None)
+            adapted_or_under = under(adapted)
             quantize_rest(model, q.bits, q.group_size, q.matmul, q.embeddings,
-                          skip=lambda p: adapted_or_under(p) or is_router(model_type, p))
+                          skip=lambda p: adapted_or_under(p) or is_router(self.model_type, p))
 
 
 def adapt_model(model: nn.Module, cfg: ForgeConfig, pissa_init: dict | None = None) -> dict:
     """forge_core.surgery.adapt_model with MLX's layers: returns the PiSSA factors used ({} for plain LoRA)."""
-    return surgery.adapt_model(model, cfg, Layers(), pissa_init)
+    return surgery.adapt_model(model, cfg, Layers(getattr(model, "model_type", None)), pissa_init)
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:

@@ -114,13 +114,16 @@ def test_every_expert_trains_4bit_pissa_and_the_clients_agree(kind, backend, moe
     losses = [m["loss"] for m in metrics if m.get("split") == "train"]
     assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
 
+    trained_adapter = read_adapter(run / "adapter")  # either layout, canonical (E, r, in) / (E, out, r)
+    for stack in stacks(kind):  # every expert of every block trained its own LoRA (B moved off B0)
+        b, b0 = trained_adapter.tensors[stack][1], trained_adapter.pissa_init[stack][1]
+        assert (np.abs(b - b0).max(axis=(1, 2)) > 0).all()
     convert(run / "adapter", tmp_path / "mlx", to="mlx")  # PiSSA -> plain LoRA rank 2r on the original base
     adapter = load_file(str(tmp_path / "mlx" / "adapters.safetensors"))
     e, r, h, w = TINY["experts"], 8, TINY["hidden_size"], TINY["expert_width"]
     for stack in stacks(kind):  # one LoRA per expert, every block, in mlx-lm's LoRASwitchLinear layout
         out, inp = (h, w) if stack.endswith("down_proj") else (w, h)
         assert adapter[f"{stack}.lora_a"].shape == (e, r, inp) and adapter[f"{stack}.lora_b"].shape == (e, out, r)
-        assert (np.abs(adapter[f"{stack}.lora_b"][..., :4]).max(axis=(1, 2)) > 0).all()  # every expert's own
     assert not any(".gate." in k for k in adapter)  # the router is not adapted by default
 
     model, _, _ = load_adapted(str(run / "adapter"), quantized=False)  # W_res + s·BA, full precision
@@ -207,14 +210,58 @@ def test_dequant_and_fused_expert_matmuls_agree_with_gradients(moe_models):
     np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-4)
 
 
-def test_the_router_trains_only_when_named(moe_models):
+def test_the_router_trains_only_when_named_and_stays_full_precision(moe_models, tmp_path):
+    """MLX adapts the router when lora.targets names it (its base left dense), never through all-linear; torch,
+    whose router is a parameter, refuses the name in one line, and a router LoRA does not go to PEFT's layout."""
+    from mlx import nn
+
+    from forge_cuda import ops as torch_ops
     from forge_mlx import ops
 
     cfg = ForgeConfig()
     cfg.model.path, cfg.lora.rank, cfg.lora.init, cfg.lora.targets = str(moe_models["mixtral"]), 4, "lora", ["gate"]
+    cfg.quant.bits, cfg.quant.group_size = 4, 32
     model, *_ = ops.build_model(cfg)
     assert sorted(ops.trainable_params(model)) == [f"model.layers.{n}.block_sparse_moe.gate.{t}"
                                                    for n in range(2) for t in ("lora_a", "lora_b")]
+    assert type(model.model.layers[0].block_sparse_moe.gate.linear) is nn.Linear
+    with pytest.raises(ForgeError, match="'gate', the router of a mixture of experts, is adapted on the MLX"):
+        torch_ops.build_model(cfg)
+    ops.save_adapter(tmp_path / "router", model, cfg, {}, moe_models["mixtral"])
+    with pytest.raises(ForgeError, match="is the router of a mixture of experts"):
+        convert(tmp_path / "router", tmp_path / "peft", to="peft")
+    cfg.lora.targets = ["all-linear"]
+    model, *_ = ops.build_model(cfg)
+    assert not any(".gate." in k for k in ops.trainable_params(model))
+
+
+def test_a_peft_made_expert_adapter_converts_to_mlx_lm_with_peft_s_logits(moe_models, tmp_path):
+    """A LoRA PEFT itself puts on the fused experts (target_parameters given as suffixes, as PEFT's docs do; gate
+    and up sharing one rank) -> forge convert --to mlx -> mlx_lm.load gives PEFT's logits; and back to PEFT."""
+    import torch
+    from mlx_lm import load
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = moe_models["qwen3_moe"]
+    hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM",
+                                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        want = peft(torch.tensor([IDS])).logits[0].numpy()
+    peft.save_pretrained(str(tmp_path / "peft"))
+    convert(tmp_path / "peft", tmp_path / "mlx", to="mlx", base=str(base))
+    model, _ = load(str(base), adapter_path=str(tmp_path / "mlx"))
+    assert np.abs(mlx_logits(model) - want).max() < TOL and np.abs(want - hf_logits(base)).max() > 0.1
+    convert(tmp_path / "mlx", tmp_path / "back", to="peft", base=str(base))
+    hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(hf, str(tmp_path / "back")).eval()(torch.tensor([IDS])).logits[0].numpy()
+    assert np.abs(got - want).max() < TOL
 
 
 def test_dora_on_experts_is_refused_in_one_line(moe_models):

@@ -109,10 +109,10 @@ def base_linear_shapes(base: Path) -> tuple[dict[str, tuple], int | None]:
     bits = q.get("bits") if isinstance(q, dict) else None
     shapes = {}
     for name, shape in headers.items():
-        if name.endswith(".weight") and len(shape) == 2:
+        if name.endswith(".weight") and len(shape) in (2, 3):  # 3-D: an expert stack (E, out, in), mlx-lm's layout
             module = name[: -len(".weight")]
             packed = bits and f"{module}.scales" in headers
-            shapes[module] = (shape[0], shape[1] * 32 // bits if packed else shape[1])
+            shapes[module] = (*shape[:-1], shape[-1] * 32 // bits if packed else shape[-1])
     shapes.update(stack_shapes(cfg.get("model_type"), headers))
     total = cfg.get("num_hidden_layers", (cfg.get("text_config") or {}).get("num_hidden_layers"))
     return shapes, total

@@ -28,7 +28,7 @@ from forge_core.adapters import formats as ad
 from forge_core.adapters import safetensors_io as sio
 from forge_core.atomic import atomic_dir, write_json, write_text
 from forge_core.errors import ForgeError
-from forge_core.models.experts import expert_weight
+from forge_core.models.experts import expert_weight, is_router
 
 SHARD_BYTES = 5_000_000_000  # transformers' default max_shard_size ("5GB")
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|"
@@ -222,9 +222,13 @@ def _merged_quantized(adapter: ad.Adapter, base: Path, out: Path, shard_bytes: i
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-f32.") as f32:
         write_merged(adapter, base, Path(f32), "float32", shard_bytes)
         staging = out / ".quantized"
-        mlx_convert(str(f32), str(staging), quantize=True, q_group_size=group, q_bits=bits,
-                    quant_predicate=(lambda path, m: not path.endswith(("embed_tokens", "lm_head")))
-                    if keep_embeddings else None)
+        model_type = adapter.forge.get("model_type")
+
+        def keep(path, module):  # the embeddings (unless the run quantized them) and a mixture's router stay dense
+            return not (keep_embeddings and path.endswith(("embed_tokens", "lm_head"))) \
+                and not is_router(model_type, path)
+
+        mlx_convert(str(f32), str(staging), quantize=True, q_group_size=group, q_bits=bits, quant_predicate=keep)
         for f in staging.iterdir():
             os.replace(f, out / f.name)
         staging.rmdir()

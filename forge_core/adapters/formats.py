@@ -156,7 +156,7 @@ def _read_peft(d: Path, meta: dict) -> Adapter:
     flat, dtype = _load_weights(d / WEIGHTS["peft"])
     tensors, mags = mp.collect(flat, mp.parse_peft_key, d / WEIGHTS["peft"], transposed=False)
     scale = mp.scale_for(alpha, r, rslora)
-    params = cfg.get("target_parameters") or []
+    params = pe.full_paths(cfg.get("target_parameters") or [], tensors)
     wrappers = pe.wrapper_keys(params)  # a mixture's fused experts: their rank and scale go by parameter path
 
     def rank_of(name: str) -> int:
@@ -226,7 +226,7 @@ def _read_pissa_init(d: Path, adapter: Adapter) -> dict:
     mlx_style = all(mp.parse_mlx_key(k) for k in flat)  # forge_mlx writes mlx keys, forge_cuda PEFT keys
     parse = mp.parse_mlx_key if mlx_style else mp.parse_peft_key
     init, mags = mp.collect(flat, parse, path, transposed=mlx_style)
-    params = [] if mlx_style else (adapter.source_config.get("target_parameters") or [])
+    params = [] if mlx_style else pe.full_paths(adapter.source_config.get("target_parameters") or [], init)
     if params:
         ranks = adapter.source_config.get("rank_pattern")
         init = pe.unfuse(init, params, lambda p: mp.peft_pattern_value(ranks, p, adapter.rank),

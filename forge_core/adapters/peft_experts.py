@@ -23,6 +23,7 @@ import numpy as np
 
 from forge_core.errors import ForgeError
 from forge_core.models.architectures import architecture
+from forge_core.models.experts import is_router
 
 PARAMS = ("gate_up_proj", "down_proj")  # the order transformers 5 registers them: PEFT's nesting order
 _STACK = re.compile(r"^(.*\.layers\.\d+)\.([^.]+)\.switch_mlp\.(gate_proj|up_proj|down_proj)$")
@@ -40,6 +41,10 @@ def fuse(tensors: dict, model_type: str | None) -> tuple[dict, dict, dict]:
     linear, stacks = {}, {}
     for module, pair in tensors.items():
         m = _STACK.match(module) if pair[0].ndim == 3 else None
+        if m is None and is_router(model_type, module):
+            raise ForgeError(f"'{module}' is the router of a mixture of experts: transformers keeps it as a "
+                             "parameter, not a linear, so PEFT cannot apply this LoRA; keep the adapter in the mlx "
+                             "layout (forge convert --to mlx)")
         if m is None:
             linear[module] = pair
         else:
@@ -63,11 +68,11 @@ def fuse(tensors: dict, model_type: str | None) -> tuple[dict, dict, dict]:
 
 def _gate_up(gate, up):
     """The fused gate_up adapter (A (E, rg + ru, h), B (E, 2i, rg + ru)) of separate gate and up ones (a missing one:
-    nothing on its half)."""
+    zeros of the other's rank, A and B both, which is how unfuse tells it was missing)."""
     like = gate if gate is not None else up
-    e, _, h = like[0].shape
+    e, r, h = like[0].shape
     width = like[1].shape[1]
-    zero = (np.zeros((e, 0, h), np.float32), np.zeros((e, width, 0), np.float32))
+    zero = (np.zeros((e, r, h), np.float32), np.zeros((e, width, r), np.float32))
     (ag, bg), (au, bu) = gate if gate is not None else zero, up if up is not None else zero
     b = np.zeros((e, 2 * width, ag.shape[1] + au.shape[1]), np.float32)
     b[:, :width, :ag.shape[1]], b[:, width:, ag.shape[1]:] = bg, bu
@@ -97,7 +102,7 @@ def unfuse(tensors: dict, target_parameters: list[str], rank_of, model_type: str
         raise ForgeError(f"{where}: LoRA on expert parameters ({target_parameters[0]}), but the base's model type "
                          f"{model_type!r} is not a mixture of experts forge knows; pass --base with the model")
     out = dict(tensors)
-    for key, path in wrapper_keys(target_parameters).items():
+    for key, path in wrapper_keys(full_paths(target_parameters, tensors)).items():
         module, _, param = path.rpartition(".")
         if param not in PARAMS or not module.endswith(f".{experts.torch_moe}.experts"):
             raise ForgeError(f"{where}: target_parameters '{path}': forge converts LoRA on "
@@ -121,14 +126,24 @@ def unfuse(tensors: dict, target_parameters: list[str], rank_of, model_type: str
 
 
 def _split_gate_up(a, b, stack: str) -> dict:
+    """gate and up adapters of a fused gate_up one: forge's own (block-diagonal B, each half of the rank) split back
+    exactly, a side fuse padded with zeros (A and B all zero) dropped; any other (PEFT's own) split by output rows,
+    each side keeping the whole rank."""
     width, r = b.shape[1] // 2, a.shape[1]
-    # forge's own: B block-diagonal, the gate's rank first (half of it, unless one side was never adapted)
-    for rg in [r // 2, *(k for k in range(r + 1) if k != r // 2)]:
-        if not b[:, :width, rg:].any() and not b[:, width:, :rg].any():
-            parts = {}
-            if rg:
-                parts[f"{stack}.gate_proj"] = (a[:, :rg], b[:, :width, :rg])
-            if rg < r:
-                parts[f"{stack}.up_proj"] = (a[:, rg:], b[:, width:, rg:])
-            return parts
+    half = r // 2
+    if r % 2 == 0 and not b[:, :width, half:].any() and not b[:, width:, :half].any():
+        sides = {"gate_proj": (a[:, :half], b[:, :width, :half]), "up_proj": (a[:, half:], b[:, width:, half:])}
+        return {f"{stack}.{p}": ab for p, ab in sides.items() if ab[0].any() or ab[1].any()}
     return {f"{stack}.gate_proj": (a, b[:, :width]), f"{stack}.up_proj": (a, b[:, width:])}
+
+
+def full_paths(target_parameters: list[str], tensors: dict) -> list[str]:
+    """PEFT's target_parameters as full parameter paths: PEFT also takes a suffix (`mlp.experts.gate_up_proj`,
+    matched at a dot boundary) - each becomes the paths of the wrapped modules the adapter's tensors show."""
+    modules = {k.replace(".base_layer", "") for k in tensors}
+    full = []
+    for target in target_parameters:
+        owner, _, param = target.rpartition(".")
+        hits = [f"{m}.{param}" for m in sorted(modules) if m == owner or m.endswith(f".{owner}")]
+        full += hits or [target]  # none: unfuse names the missing tensors
+    return list(dict.fromkeys(full))
