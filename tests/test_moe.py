@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 
 from forge_core.adapters.convert import convert
 from forge_core.adapters.export import export
+from forge_core.adapters.formats import read_adapter
 from forge_core.cli import cli
 from forge_core.config import ForgeConfig
 from forge_core.errors import ForgeError
