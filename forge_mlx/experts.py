@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from .quant import default_matmul, unpack_affine
+from .quant import Dequantizable, default_matmul, unpack_affine
 
 
 def dense_experts(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
@@ -57,7 +57,7 @@ def dequant_gather_mm(group_size: int, bits: int, mode: str, sorted_indices: boo
     return gmm
 
 
-class QuantSwitchLinear(QuantizedSwitchLinear):
+class QuantSwitchLinear(Dequantizable, QuantizedSwitchLinear):
     """mlx-lm's QuantizedSwitchLinear with the matmul path chosen per device, as quant.QuantLinear: "fused"
     (mx.gather_qmm) on Metal and CUDA, "dequant" (the stack dequantized transiently, then gather_mm) on the CPU."""
 
@@ -74,11 +74,6 @@ class QuantSwitchLinear(QuantizedSwitchLinear):
             q.bias = layer.bias
         q.freeze()
         return q
-
-    def dequantized(self, dtype=None) -> mx.array:
-        w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size, bits=self.bits,
-                          mode=self.mode)
-        return w if dtype is None else w.astype(dtype)
 
     def __call__(self, x, indices, sorted_indices=False):
         if self.matmul == "fused" or self.get("biases") is None or self.get("global_scale") is not None:

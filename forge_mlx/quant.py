@@ -71,7 +71,17 @@ def default_matmul() -> str:
     return "dequant" if mx.default_device() == mx.cpu else "fused"
 
 
-class QuantLinear(nn.QuantizedLinear):
+class Dequantizable:
+    """dequantized() of a quantized layer that holds weight, scales, biases, group_size, bits and mode (QuantLinear,
+    experts.QuantSwitchLinear)."""
+
+    def dequantized(self, dtype=None) -> mx.array:
+        w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size, bits=self.bits,
+                          mode=self.mode)
+        return w if dtype is None else w.astype(dtype)
+
+
+class QuantLinear(Dequantizable, nn.QuantizedLinear):
     """nn.QuantizedLinear whose matmul path is chosen per device ("dequant" or "fused")."""
 
     def __init__(self, *args, matmul: str = "auto", **kwargs):
@@ -87,11 +97,6 @@ class QuantLinear(nn.QuantizedLinear):
             layer.bias = bias
         layer.freeze()
         return layer
-
-    def dequantized(self, dtype=None) -> mx.array:
-        w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size, bits=self.bits,
-                          mode=self.mode)
-        return w if dtype is None else w.astype(dtype)
 
     def __call__(self, x):
         if self.matmul == "fused":

@@ -7,23 +7,12 @@ import pytest
 from click.testing import CliRunner
 
 from forge_core.cli import cli
-from forge_core.config import ForgeConfig
-from forge_core.config_parse import set_value
 from forge_core.errors import ForgeError
 from forge_core.memory.estimate import ModelShape
 from forge_core.memory.plan import check_before_launch, plan_memory
 from forge_core.models.known import known_model_config
+from tests.forge_core.test_memory import cfg_with
 from tests.moe import HUB_CONFIGS
-
-GiB = 2**30
-
-
-def cfg_with(**keys) -> ForgeConfig:
-    cfg = ForgeConfig()
-    for k, v in keys.items():
-        set_value(cfg, k, v)
-    return cfg
-
 
 RECIPE = {"quant.bits": 4, "lora.rank": 16, "train.batch_size": 1, "train.max_seq_len": 2048,
           "train.grad_checkpoint": True, "memory.device_memory": "192GB"}
