@@ -77,8 +77,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # JSONL file, directory of JSONL files, or a `datasets.save_to_disk` dir
-    valid: str = ""
+    # a JSONL / JSON / parquet / CSV file, a directory of JSONL, a `datasets` dir, a dataset repo dir or a Hub
+    # dataset id `org/name[:subset][@split]` (forge_core/data/sources.py)
+    train: str = ""
+    valid: str = ""  # a source as above, a split of the train dataset ("test"), or a held-out fraction ("0.05")
+    subset: str = ""  # the dataset's configuration (datasets' `name`), when the spec does not say
+    split: str = ""  # the train split of a dataset ("" = train), when the spec does not say
     columns: dict[str, str] = field(default_factory=dict)  # our name -> the dataset's column name
     train_on_prompt: bool = False  # False: loss on assistant tokens only
     packing: bool = False  # pack short rows into max_seq_len sequences (attention kept per row)

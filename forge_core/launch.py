@@ -17,6 +17,7 @@ from rich.console import Console
 from forge_core import backend as backends
 from forge_core import train as train_module
 from forge_core.config import ForgeConfig
+from forge_core.data import sources
 from forge_core.distributed import env_rank, local_ranks
 from forge_core.errors import ForgeError
 from forge_core.memory.budget import plans_for_gpu
@@ -30,9 +31,11 @@ def _check_data(cfg: ForgeConfig) -> None:
     if not cfg.data.train:
         raise ForgeError("no training data: pass --data FILE.jsonl (or set data.train in the recipe)")
     for key in ("train", "valid"):
-        p = getattr(cfg.data, key)
-        if p and not Path(p).exists():
-            raise ForgeError(f"data.{key}: {p} does not exist")
+        p = str(getattr(cfg.data, key) or "")
+        if p and not Path(p).exists() and not sources.is_dataset(p) and not (
+                key == "valid" and (sources.holdout_fraction(cfg.data) or sources.is_split_of_train(p, cfg.data))):
+            also = ", a split of data.train or a held-out fraction like 0.05" if key == "valid" else ""
+            raise ForgeError(f"data.{key}: {p} does not exist (nor is it a Hub dataset id like org/name{also})")
 
 
 def _model_config(cfg: ForgeConfig) -> dict:

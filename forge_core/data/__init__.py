@@ -47,6 +47,7 @@ from forge_core.data.rows import (
     parse_unpaired,
     read_rows,
 )
+from forge_core.data.shapes import NAMES
 from forge_core.data.tokenize import (
     ChatTokenizer,
     load_tokenizer,
@@ -94,25 +95,30 @@ class DataStats:
     skipped: int = 0  # bad rows dropped (skip_bad_rows)
     split_pairs: int = 0  # preference pairs read as two unpaired rows (KTO)
     reasons: list[str] = field(default_factory=list)  # the first MAX_REASONS skip reasons, `path:line: what`
+    shapes: dict[str, int] = field(default_factory=dict)  # rows read per shape (shapes.py): messages, ShareGPT...
 
     def summary(self) -> str:
-        """e.g. '200 rows, 3 truncated to max_seq_len, 1 skipped (path:line: why)' - what a run prints per source."""
+        """e.g. '200 rows, 3 truncated to max_seq_len, 1 skipped (path:line: why); read as ShareGPT 150, messages 50'
+        - what a run prints per source."""
         parts = [f"{self.rows} rows" + (f" ({self.split_pairs} pairs split in two)" if self.split_pairs else "")]
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_seq_len")
         if self.skipped:
             parts.append(f"{self.skipped} skipped ({'; '.join(self.reasons[:3])})")
-        return ", ".join(parts)
+        shapes = ", ".join(f"{NAMES.get(k, k)} {n}" for k, n in sorted(self.shapes.items(), key=lambda kv: -kv[1]))
+        return ", ".join(parts) + (f"; read as {shapes}" if shapes else "")
 
 
 def _load(path, data_cfg: DataConfig, build) -> tuple[list, DataStats]:
     """Run `build(row) -> (item, truncated?)` over every row, stopping or skipping on RowProblem."""
     items, stats = [], DataStats()
-    for file, line, row in iter_rows(path, data_cfg.columns):
+    for file, line, row in iter_rows(path, data_cfg):
         try:
             if isinstance(row, RowProblem):
                 raise row
             item, cut = build(row)  # one item, or a list (a KTO pair split in two)
+            shape = getattr(row, "shape", "other")
+            stats.shapes[shape] = stats.shapes.get(shape, 0) + 1
         except RowProblem as e:
             where = located(file, line, str(e))
             if not data_cfg.skip_bad_rows:
@@ -135,10 +141,11 @@ def _load(path, data_cfg: DataConfig, build) -> tuple[list, DataStats]:
 
 
 def source_key(path) -> tuple:
-    """What a data source's rows depend on, on disk: every file's path, size and mtime."""
+    """What a data source's rows depend on: the spec itself (a Hub id, `dir@split`...) and, on disk, every file's
+    path, size and mtime."""
     p = Path(path)
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
-    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return (str(path), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 
 def _memo(load):

@@ -45,14 +45,14 @@ def _prompt_only(row: dict, data_cfg: DataConfig) -> bool:
 
 def prompt_only(path, data_cfg: DataConfig) -> bool:
     """Whether the file's rows are GRPO's prompt-only rows (no answer to score a held-out loss on)."""
-    for _, _, row in iter_rows(path, data_cfg.columns):
+    for _, _, row in iter_rows(path, data_cfg):
         return not isinstance(row, RowProblem) and _prompt_only(row, data_cfg)
     return False
 
 
 def prompts_and_references(path, data_cfg: DataConfig) -> list[tuple[list[dict], str]]:
     pairs = []
-    for file, line, row in iter_rows(path, data_cfg.columns):
+    for file, line, row in iter_rows(path, data_cfg):
         try:
             if isinstance(row, RowProblem):
                 raise row
@@ -83,7 +83,7 @@ def shared_system_prompt(path, data_cfg: DataConfig) -> str:
     """The system message every usable row of `path` starts its prompt with ("" when a row has none, or
     rows differ). Bad rows are left out here: training stopped at them or skipped them."""
     shared = None
-    for _, _, row in iter_rows(path, data_cfg.columns):
+    for _, _, row in iter_rows(path, data_cfg):
         try:
             system = None if isinstance(row, RowProblem) else _prompt_system(row, data_cfg)
         except RowProblem:

@@ -1,10 +1,7 @@
 """Reading training rows and checking their shape - no tokenizer here.
 
-Sources (`iter_rows`):
-    a JSONL file            one JSON object per line; blank lines are ignored; line numbers are 1-based
-    a directory of *.jsonl  every file, sorted by name (recursively)
-    a `datasets` directory  what `Dataset.save_to_disk` wrote (or a DatasetDict: its "train" split);
-                            "line" is then the 1-based row number
+Sources (`iter_rows`): sources.py - JSONL, JSON, parquet and CSV files, directories of JSONL, `datasets`
+directories, dataset repos and Hub dataset ids, with data.valid as a split or a held-out fraction.
 
 Row formats (after `DataConfig.columns` renames: our name -> the dataset's column):
     SFT          {"messages": [{"role", "content"}, ...]} | {"prompt", "completion"} | {"text"}
@@ -21,23 +18,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
+from forge_core.data.shapes import normalise
+from forge_core.data.sources import RowProblem, source_rows
 from forge_core.errors import ForgeError, located
 
-ROLES = ("system", "user", "assistant")
-FIELDS = ("messages", "prompt", "completion", "text", "chosen", "rejected", "label", "system")
+ROLES = ("system", "user", "assistant", "tool")
+FIELDS = ("messages", "prompt", "completion", "text", "chosen", "rejected", "label", "system", "tools",
+          "conversations", "instruction", "input", "output", "history")  # the last: ShareGPT / Alpaca (shapes.py)
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
                int: "a number", float: "a number", type(None): "null"}
-
-
-class RowProblem(ValueError):
-    """One row is unusable; the message says what is wrong, without the location."""
 
 
 @dataclass
 class SftExample:
     messages: list[dict] | None = None  # chat form; prompt/completion rows become [system?, user, assistant]
+    tools: list[dict] | None = None  # the tools the conversation may call (passed to the chat template)
     text: str | None = None  # a plain-text row
     prompt: str | None = None  # prompt/completion kept as strings for tokenizers without a chat template
     completion: str | None = None
@@ -67,17 +63,23 @@ class UnpairedExample:
 # ---------------------------------------------------------------- sources
 
 
-def iter_rows(path, columns: dict | None = None):
-    """Yield (file, line, row) where row is a dict (columns applied) or a RowProblem for a bad line."""
-    columns = check_columns(columns)
-    for file, line, row in _source_rows(path):
-        yield file, line, row if isinstance(row, RowProblem) else _rename(row, columns)
+def iter_rows(path, data=None):
+    """Yield (file, line, row) where row is a dict (columns applied) or a RowProblem for a bad line. `data`: the
+    DataConfig (its columns, subset, split and held-out fraction: sources.py), or just a columns dict."""
+    columns = check_columns(data if isinstance(data, dict) or data is None else data.columns)
+    for file, line, row in source_rows(path, None if isinstance(data, dict) else data):
+        if not isinstance(row, RowProblem):
+            try:
+                row = normalise(_rename(row, columns))
+            except RowProblem as e:
+                row = e
+        yield file, line, row
 
 
-def read_rows(path, columns: dict | None = None) -> list[tuple[str, int, dict]]:
+def read_rows(path, data=None) -> list[tuple[str, int, dict]]:
     """All rows of a source as (file, line, row); the first bad line raises ForgeError(`file:line: ...`)."""
     out = []
-    for file, line, row in iter_rows(path, columns):
+    for file, line, row in iter_rows(path, data):
         if isinstance(row, RowProblem):
             raise ForgeError(located(file, line, str(row)))
         out.append((file, line, row))
@@ -105,77 +107,6 @@ def _rename(row: dict, columns: dict) -> dict:
     return out
 
 
-def _source_rows(path):
-    path = Path(path)
-    if not str(path) or not path.exists():
-        raise ForgeError(f"{path}: data file or directory not found")
-    if path.is_file():
-        yield from _jsonl_rows(path)
-    elif _is_datasets_dir(path):
-        yield from _datasets_rows(path)
-    else:
-        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
-        if not files:
-            raise ForgeError(f"{path}: directory has no .jsonl files and is not a `datasets.save_to_disk` directory")
-        for file in files:
-            yield from _jsonl_rows(file)
-
-
-def _jsonl_rows(file: Path):
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        raise ForgeError(f"{file}: cannot read ({e.strerror})") from None
-    if not data.strip():
-        raise ForgeError(located(file, None, "empty file: no rows"))
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark some editors write
-        data = data[3:]
-    # split on \n only: str.splitlines would also split on \x1c, \u2028... and shift line numbers
-    for n, raw in enumerate(data.split(b"\n"), 1):
-        if raw.strip():
-            yield str(file), n, _parse_line(raw)
-
-
-def _parse_line(raw: bytes) -> dict | RowProblem:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return RowProblem(f"not valid UTF-8 (byte {e.start + 1})")
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as e:
-        return RowProblem(f"not valid JSON ({e.msg} at column {e.colno})")
-    except (ValueError, RecursionError) as e:  # int digit limit, absurd nesting
-        return RowProblem(f"not valid JSON ({type(e).__name__})")
-    if not isinstance(row, dict):
-        return RowProblem(f"expected a JSON object like {{\"messages\": [...]}}, got {json_type(row)}")
-    return row
-
-
-def _is_datasets_dir(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
-
-
-def _datasets_rows(path: Path):
-    try:
-        import datasets  # lazy: an optional dependency, and slow to import
-    except ImportError:
-        raise ForgeError(f"{path}: is a `datasets` directory; install the datasets package "
-                         "(pip install 'forge-tune[data]')") from None
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable directory
-        raise ForgeError(f"{path}: cannot load the datasets directory ({type(e).__name__}: {e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds)
-        if "train" not in ds and len(splits) != 1:
-            raise ForgeError(f"{path}: a DatasetDict with splits {splits} and no 'train'; "
-                             f"point to one split, e.g. {path / splits[0]}")
-        ds = ds["train"] if "train" in ds else ds[splits[0]]
-    for i, row in enumerate(ds):
-        yield str(path), i + 1, dict(row)
-
-
 # ---------------------------------------------------------------- row checks
 
 
@@ -194,7 +125,8 @@ def check_text(value, where: str) -> str:
 
 
 def check_messages(value, where: str) -> list[dict]:
-    """A message list -> clean [{"role", "content"}] (other keys dropped, so templates see only these)."""
+    """A message list -> clean [{"role", "content"}] (other keys dropped, so templates see only these), an assistant
+    turn's tool_calls and a tool message's name kept (an assistant turn that only calls tools may have no text)."""
     if not isinstance(value, list):
         raise RowProblem(f"{where} must be a list of {{\"role\", \"content\"}} objects, got {json_type(value)}")
     if not value:
@@ -204,14 +136,49 @@ def check_messages(value, where: str) -> list[dict]:
         at = f"{where}[{i}]"
         if not isinstance(m, dict):
             raise RowProblem(f"{at} must be an object with 'role' and 'content', got {json_type(m)}")
-        for key in ("role", "content"):
-            if key not in m:
-                raise RowProblem(f"{at} has no '{key}'")
+        if "role" not in m:
+            raise RowProblem(f"{at} has no 'role'")
         role = check_text(m["role"], f"{at}.role")
         if role not in ROLES:
             raise RowProblem(f"{at}.role is {role[:40]!r}; allowed: {', '.join(ROLES)}")
-        out.append({"role": role, "content": check_text(m["content"], f"{at}.content")})
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if "content" not in m and not calls:
+            raise RowProblem(f"{at} has no 'content'")
+        content = m.get("content")
+        msg = {"role": role, "content": "" if content is None and calls else check_text(content, f"{at}.content")}
+        if calls:
+            msg["tool_calls"] = check_tool_calls(calls, f"{at}.tool_calls")
+        if role == "tool" and isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        out.append(msg)
     return out
+
+
+def check_tool_calls(value, where: str) -> list[dict]:
+    """[{"type": "function", "function": {"name", "arguments"}}] (TRL's and the chat templates' form); arguments
+    given as a JSON string are parsed, as the templates of Qwen2.5 and Llama 3.1 expect an object."""
+    if not isinstance(value, list):
+        raise RowProblem(f"{where} must be a list of tool calls, got {json_type(value)}")
+    out = []
+    for i, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RowProblem(f"{where}[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                             "\"arguments\"}}}}")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                raise RowProblem(f"{where}[{i}].function.arguments is not JSON") from None
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def check_tools(value, where: str) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise RowProblem(f"{where} must be a list of tool (function) schemas, got {json_type(value)}")
+    return value
 
 
 class _Row:
@@ -257,7 +224,8 @@ def parse_sft(row: dict, system: str = "", columns: dict | None = None) -> SftEx
         msgs = r.messages("messages")
         if not any(m["role"] == "assistant" for m in msgs):
             raise RowProblem(f"{r.name('messages')} has no assistant turn (nothing to learn from)")
-        return SftExample(messages=r.with_system(msgs, system))
+        tools = check_tools(r.raw("tools"), r.name("tools")) if "tools" in r and r.raw("tools") else None
+        return SftExample(messages=r.with_system(msgs, system), tools=tools)
     if "prompt" in r or "completion" in r:
         prompt, completion = r.string("prompt"), r.string("completion")
         msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]

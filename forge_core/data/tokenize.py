@@ -68,10 +68,10 @@ class ChatTokenizer:
 
     # ------------------------------------------------------------ rendering
 
-    def render(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+    def render(self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
         try:
-            ids = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
-                                               return_dict=False)
+            ids = self.tok.apply_chat_template(messages, tools=tools, tokenize=True,
+                                               add_generation_prompt=generation_prompt, return_dict=False)
         except Exception as e:  # noqa: BLE001 - templates raise anything (jinja errors, raise_exception)
             raise RowProblem(f"the chat template rejected this conversation ({type(e).__name__}: "
                              f"{str(e)[:160]})") from None
@@ -79,9 +79,10 @@ class ChatTokenizer:
             ids = ids[0]
         return [int(i) for i in ids]
 
-    def _prefix(self, full: list[int], messages: list[dict], generation_prompt: bool) -> int:
+    def _prefix(self, full: list[int], messages: list[dict], generation_prompt: bool,
+                tools: list[dict] | None = None) -> int:
         """Length of the render of `messages`, after checking it is a token prefix of `full`."""
-        ids = self.render(messages, generation_prompt)
+        ids = self.render(messages, generation_prompt, tools)
         if full[:len(ids)] != ids:
             what = " + generation prompt" if generation_prompt else ""
             raise RowProblem(f"chat template is not prefix-stable: the first {len(messages)} message(s){what} "
@@ -116,10 +117,13 @@ class ChatTokenizer:
                 raise RowProblem("the tokenizer has no chat template: use 'text' or 'prompt'/'completion' rows "
                                  "without a system message, or a model with a chat template")
             return self.plain(ex.prompt, ex.completion, train_on_prompt)
-        return self.chat(ex.messages, train_on_prompt)
+        return self.chat(ex.messages, train_on_prompt, ex.tools)
 
-    def chat(self, messages: list[dict], train_on_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
-        full = self.render(messages, False)
+    def chat(self, messages: list[dict], train_on_prompt: bool,
+             tools: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """ids and loss mask of a conversation: every assistant turn (its tool calls too) trained, the rest - system,
+        user, tool results, the template's headers - not (unless train_on_prompt)."""
+        full = self.render(messages, False, tools)
         tokens: list[int] = []
         mask: list[bool] = []
         cursor = 0
@@ -128,8 +132,8 @@ class ChatTokenizer:
                 continue
             if i == 0:  # transformers refuses to render the empty conversation before it
                 raise RowProblem("the conversation starts with an assistant turn; put a user message first")
-            start = self._prefix(full, messages[:i], True)
-            end = self._prefix(full, messages[:i + 1], False)
+            start = self._prefix(full, messages[:i], True, tools)
+            end = self._prefix(full, messages[:i + 1], False, tools)
             if not cursor <= start <= end:  # renders must grow with the conversation
                 raise RowProblem(f"chat template renders message {i} (assistant) inconsistently: its generation "
                                  "prompt does not lie between the previous turn and this one")

@@ -33,7 +33,7 @@ def read_prompts(path, data_cfg: DataConfig | None = None) -> list[tuple[list[di
     """(prompt messages, extra columns, "file:line") of every prompt row; a bad row stops with its file:line."""
     data_cfg = data_cfg or DataConfig()
     out = []
-    for file, line, row in iter_rows(path, data_cfg.columns):
+    for file, line, row in iter_rows(path, data_cfg):
         try:
             if isinstance(row, RowProblem):
                 raise row

@@ -168,11 +168,12 @@ def test_datasets_directory_with_column_mapping(tmp_path, tok):
     datasets.Dataset.from_list([{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
                                ).save_to_disk(str(tmp_path / "ds"))
     rows = read_rows(tmp_path / "ds", {"prompt": "question", "completion": "answer"})
-    assert [(line, r["prompt"], r["completion"]) for _, line, r in rows] == [(1, "q1", "a1"), (2, "q2", "a2")]
+    assert [(line, r["prompt"], r["completion"]) for _, line, r in rows] == [("row 1", "q1", "a1"),
+                                                                            ("row 2", "q2", "a2")]
     out, stats = load_sft(tmp_path / "ds", tok, DataConfig(columns={"prompt": "question", "completion": "answer"}), 64)
     assert [masked_runs(tok, r) for r in out] == [["a1<|im_end|>"], ["a2<|im_end|>"]] and stats.rows == 2
     msg = error_of(load_sft, tmp_path / "ds", tok, DataConfig(columns={"prompt": "q", "completion": "answer"}), 64)
-    assert msg == f"{tmp_path / 'ds'}:1: missing field 'q' (data.columns prompt)"
+    assert msg == f"{tmp_path / 'ds'}:row 1: missing field 'q' (data.columns prompt)"
 
 
 def test_directory_of_jsonl_files_reads_all_in_name_order(tmp_path, tok):
@@ -343,7 +344,7 @@ def test_batch_order_refuses_a_state_from_other_data():
     ('{"prompt": "p"}', "missing field 'completion'"),
     ('{"input": "p"}', ("expected 'messages', 'prompt' + 'completion', or 'text' (found keys: 'input'; "
                         "map other names with data.columns)")),
-    ('{"messages": [{"role": "bot", "content": "x"}]}', "'messages'[0].role is 'bot'; allowed: system, user, assistant"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}', "'messages'[0].role is 'bot'; allowed: system, user, assistant, tool"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "'messages' has no assistant turn (nothing to learn from)"),
     ('{"messages": [{"role": "user"}]}', "'messages'[0] has no 'content'"),
     ('{"messages": "hi"}', "'messages' must be a list of {\"role\", \"content\"} objects, got a string"),
@@ -376,12 +377,14 @@ def test_row_with_nothing_to_learn_after_truncation(tmp_path, tok):
 
 
 def test_missing_and_empty_sources(tmp_path, tok):
-    assert error_of(read_rows, tmp_path / "nope.jsonl") == f"{tmp_path / 'nope.jsonl'}: data file or directory not found"
+    assert error_of(read_rows, tmp_path / "nope.jsonl") == (
+        f"{tmp_path / 'nope.jsonl'}: data file or directory not found (nor a Hub dataset id like org/name)")
     (tmp_path / "empty.jsonl").write_text("\n  \n")
     assert error_of(read_rows, tmp_path / "empty.jsonl") == f"{tmp_path / 'empty.jsonl'}: empty file: no rows"
     (tmp_path / "dir").mkdir()
     assert error_of(read_rows, tmp_path / "dir") == (
-        f"{tmp_path / 'dir'}: directory has no .jsonl files and is not a `datasets.save_to_disk` directory")
+        f"{tmp_path / 'dir'}: directory has no .jsonl files and is not a dataset (a README.md with configs, "
+        "parquet/json/csv shards, or a `datasets.save_to_disk` directory)")
     assert error_of(load_tokenizer, tmp_path / "dir").startswith(f"{tmp_path / 'dir'}: no tokenizer here")
     assert error_of(read_rows, tmp_path, {"answer": "a"}).startswith("data.columns: 'answer' is not a field")
 
