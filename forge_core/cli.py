@@ -14,6 +14,7 @@ from forge_core.config_parse import choices
 from forge_core.errors import ForgeError
 from forge_core.friendly import friendly
 from forge_core.methods import KINDS, METHODS, method
+from forge_core.models.gguf_export import OUTTYPES as GGUF_OUTTYPES
 
 # CLI option name -> config key. Options left unset (None) do not override the recipe.
 TRAIN_OPTIONS = {
@@ -259,7 +260,7 @@ def eval_(adapter, as_json, system, text, stride, lm_eval, lm_eval_include, lm_e
 @click.option("--quantize", is_flag=True, help="merged: quantize the merged weights afterwards (mlx 4-bit).")
 @click.option("--dtype", type=click.Choice(["float32", "base", "bfloat16", "float16"]), default="float32",
               help="merged: dtype of the written weights (base = the base checkpoint's own).")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16",
+@click.option("--outtype", type=click.Choice(GGUF_OUTTYPES), default="f16",
               help="gguf: the tensor type of the file (from the exact float32 merge).")
 @click.option("--push-to-hub", default=None, metavar="REPO")
 @friendly

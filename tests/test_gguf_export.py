@@ -411,3 +411,85 @@ def test_mixtral_gets_llama_cpp_s_names_and_stacked_experts(tmp_path):
         q = weights[f"model.layers.{n}.self_attn.q_proj.weight"]
         np.testing.assert_array_equal(tensors[f"blk.{n}.attn_q.weight"], gguf_export.permute_rows(q, 4))
     assert len(tensors) == 3 + 2 * (4 + 2 + 1 + 3)  # embed, norm, head + per block: attention, norms, router, 3 stacks
+
+
+@pytest.mark.parametrize("outtype", ["q5_1", "q5_0", "q4_1", "q4_0"])
+def test_4_and_5_bit_blocks_load_in_transformers_as_gguf_py_dequantizes_them(outtype, exported, tmp_path):
+    """llama.cpp's 4/5-bit blocks of 32 (gguf-py's quantizers): norms stay f32; transformers' GGUF loader reads the
+    file and holds exactly what gguf-py dequantizes from it; the model still answers close to the merge."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    merged, _ = exported
+    gguf_export.write_gguf(merged, tmp_path / "m.gguf", outtype)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == outtype.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    down = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    want = gguf.quants.dequantize(down.data, down.tensor_type).reshape(down.data.shape[0], -1)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    np.testing.assert_array_equal(model.model.layers[1].mlp.down_proj.weight.detach().numpy(), want)
+    got, base = _logits(tmp_path, gguf_file="m.gguf"), _logits(merged)
+    assert np.corrcoef(got.ravel(), base.ravel())[0, 1] > 0.95  # 4/5-bit rounding of the merge, not another model
+
+
+def test_a_block_type_refuses_a_row_that_is_not_whole_blocks_naming_the_tensor(tiny_model, tmp_path):
+    from tests.tiny import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "odd", intermediate=72)  # down_proj rows of 72 values
+    with pytest.raises(ForgeError, match=r"model\.layers\.0\.mlp\.down_proj\.weight has rows of 72 values"):
+        gguf_export.write_gguf(src, tmp_path / "m.gguf", "q4_0")
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("style", ["rope_parameters", "top-level"])
+def test_the_rope_base_and_scaling_come_from_either_config_style(style, scaled, tiny_model, tmp_path):
+    """transformers 5 writes rope_parameters, transformers 4 a top-level rope_theta / rope_scaling: both give the
+    file the config's base (1e5 here, not llama.cpp's default 1e4) and its linear scaling. transformers' GGUF loader
+    gives the checkpoint's logits (it reads the base; it has no key for the scaling, so that one is checked in the
+    metadata)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = json.loads((tiny_model / "config.json").read_text())
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=base["vocab_size"], max_position_embeddings=256,
+                         rope_theta=1e5, rope_scaling={"rope_type": "linear", "factor": 2.0} if scaled else None,
+                         eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"], bos_token_id=None)
+    torch.manual_seed(5)
+    src = tmp_path / "src"
+    LlamaForCausalLM(config).float().save_pretrained(str(src), safe_serialization=True)
+    _copy_tokenizer(tiny_model, src)
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_theta"] == 1e5
+    if style == "top-level":
+        params = cfg.pop("rope_parameters")
+        cfg.update(rope_theta=params.pop("rope_theta"), rope_scaling=params if scaled else None)
+        (src / "config.json").write_text(json.dumps(cfg))
+    if scaled:
+        gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
+        meta, _ = gguf_import.read_gguf(tmp_path / "m.gguf")
+        assert meta["llama.rope.scaling.factor"] == pytest.approx(2.0)
+        assert meta["llama.rope.scaling.type"] == "linear"
+    else:
+        meta, _ = _round_trip(src, tmp_path, f16=False)
+    assert meta["llama.rope.freq_base"] == pytest.approx(1e5)
+
+
+def test_gemma3_carries_its_global_layers_rope_base(tmp_path, tiny_model):
+    """Gemma 3 (6 blocks: five sliding, one global): rope_parameters per layer type; the file carries the global
+    layers' base (1e6), llama.cpp's sliding layers use 1e4 as the config does."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    base = json.loads((tiny_model / "config.json").read_text())
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+                              vocab_size=base["vocab_size"], max_position_embeddings=128, sliding_window=8,
+                              eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"], bos_token_id=None)
+    src = tmp_path / "src"
+    Gemma3ForCausalLM(config).float().save_pretrained(str(src), safe_serialization=True)
+    _copy_tokenizer(tiny_model, src)
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg["rope_parameters"]["full_attention"]["rope_theta"] == 1e6
+    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
+    meta, _ = gguf_import.read_gguf(tmp_path / "m.gguf")
+    assert meta["gemma3.rope.freq_base"] == pytest.approx(1e6)

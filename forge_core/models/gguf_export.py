@@ -10,6 +10,8 @@ as 1 + w, the soft-capping values, head_dim written) and Gemma 3's text model ("
 norms); the mixtures of experts Mixtral (llama.cpp's "llama" with experts) and Qwen3-MoE ("qwen3moe"): the router
 as ffn_gate_inp, each projection's per-expert weights stacked into one (E, out, in) tensor, ffn_{gate,up,down}_exps,
 with the expert count, top-k and (qwen3moe) the expert width; others are refused with one line naming them.
+Outtypes beyond the float ones: llama.cpp's blocks of 32 (q8_0, q5_1, q5_0, q4_1, q4_0), quantized by gguf-py;
+q4_K_M and the other k-quants come from llama.cpp's own `llama-quantize` on the f16 file (README, GGUF).
 Tokenizers: byte-level BPE (Llama 3, Qwen2, SmolLM, GPT-2 style) whose pre-tokenizer llama.cpp knows by name
 (GPT-2, digits + GPT-2 as SmolLM/StarCoder, Llama 3's and Qwen2's regexes), as llama.cpp's "gpt2" vocabulary; and
 SentencePiece-style BPE with byte fallback (Llama 2, Mistral 7B v0.1-0.3, Phi-3-mini, Gemma), as its "llama"
@@ -40,7 +42,8 @@ from forge_core.models.gguf_import import (
     USER_DEFINED,
 )
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+BLOCK_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # llama.cpp's blocks of 32 values, gguf-py's quantizers
 NORMAL, UNKNOWN, BYTE = 1, 2, 6  # llama.cpp token types (CONTROL and USER_DEFINED: the import's; UNUSED below)
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # HF architecture -> (llama.cpp architecture, whether llama.cpp permutes the q/k rows for its rotary order)
@@ -219,7 +222,8 @@ def _hyperparameters(writer, cfg: dict, src: Path) -> None:
     writer.add_feed_forward_length(cfg["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(cfg.get("num_key_value_heads", heads))
-    writer.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    theta, scaling = rope_settings(cfg, src)
+    writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
     writer.add_vocab_size(cfg["vocab_size"])
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -244,7 +248,6 @@ def _hyperparameters(writer, cfg: dict, src: Path) -> None:
             writer.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
     if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
         writer.add_sliding_window(int(cfg["sliding_window"]))
-    scaling = cfg.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) in ("default", None) and not any(
             k in scaling for k in ("factor", "short_factor")):
         scaling = {}
@@ -257,17 +260,38 @@ def _hyperparameters(writer, cfg: dict, src: Path) -> None:
         raise ForgeError(f"GGUF export: rope_scaling {scaling} is not written yet (linear only)")
 
 
-def _encoded(a: np.ndarray, outtype: str):
-    """(data, raw dtype or None) for the writer: float arrays as numpy, q8_0 blocks as raw bytes."""
+def rope_settings(cfg: dict, src: Path) -> tuple[float, dict]:
+    """(rope base, scaling) from either config style: transformers 4's top-level rope_theta / rope_scaling, or
+    transformers 5's rope_parameters - one block, or one per layer type (Gemma 3: full_attention's base is the one
+    llama.cpp's file carries; its sliding layers use 10000, which llama.cpp assumes)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:
+        local = (params.get("sliding_attention") or {}).get("rope_theta", 10000.0)
+        if float(local) != 10000.0:
+            raise ForgeError(f"{src}: the sliding layers' rope base is {local}; llama.cpp's file holds one base "
+                             "(the global layers') and uses 10000 for the sliding ones")
+        params = params["full_attention"]
+    if isinstance(params, dict) and params:
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))), scaling
+    return float(cfg.get("rope_theta", 10000.0)), dict(cfg.get("rope_scaling") or {})
+
+
+def _encoded(a: np.ndarray, outtype: str, name: str = ""):
+    """(data, raw dtype or None) for the writer: float arrays as numpy, bf16 and the block types as raw bytes. 1-D
+    tensors (norms, biases) stay f32, as llama.cpp's converter keeps them."""
     import gguf
 
     if outtype == "f32" or a.ndim == 1:
         return a.astype(np.float32), None
     if outtype == "f16":
         return a.astype(np.float16), None
-    kind = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+    kind = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else getattr(gguf.GGMLQuantizationType, outtype.upper())
     if outtype == "q8_0" and a.shape[-1] % 32:
         return a.astype(np.float16), None  # a row not in whole blocks of 32: f16, as llama.cpp falls back
+    if outtype in BLOCK_TYPES and a.shape[-1] % 32:
+        raise ForgeError(f"GGUF export: {name} has rows of {a.shape[-1]} values, not whole blocks of 32 as "
+                         f"{outtype} needs; export --outtype q8_0 (it keeps such rows f16) or f16")
     return gguf.quants.quantize(a.astype(np.float32), kind), kind
 
 
@@ -290,7 +314,8 @@ def write_gguf(src: Path, out: Path, outtype: str = "f16", name: str | None = No
     writer = gguf.GGUFWriter(str(out), arch, use_temp_file=True)  # tensors go to disk as they come, not to RAM
     writer.add_name(name or src.name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                          **{t: getattr(gguf.LlamaFileType, f"MOSTLY_{t.upper()}") for t in BLOCK_TYPES}}[outtype])
     _hyperparameters(writer, cfg, src)
     _tokenizer(writer, src, cfg)
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg.get("num_key_value_heads", cfg["num_attention_heads"])}
@@ -307,14 +332,14 @@ def write_gguf(src: Path, out: Path, outtype: str = "f16", name: str | None = No
                 stack[hit[1]] = a
                 if len(stack) == experts:  # one (E, out, in) tensor, written as soon as it is whole
                     block, proj = hit[0].split(".")[2], hit[0].rsplit(".", 1)[1]
-                    data, raw = _encoded(np.stack([stack[e] for e in range(experts)]), outtype)
+                    data, raw = _encoded(np.stack([stack[e] for e in range(experts)]), outtype, hit[0])
                     writer.add_tensor(f"blk.{block}.{EXPERT_NAMES[proj]}.weight", data, raw_dtype=raw)
                     del pending[hit[0]]
                 continue
             n = next((h for k, h in heads.items() if f".{k}." in hf), 0)
             if plus_one and hf.endswith("norm.weight"):
                 a = a + 1.0
-            data, raw = _encoded(permute_rows(a, n) if n else a, outtype)
+            data, raw = _encoded(permute_rows(a, n) if n else a, outtype, hf)
             writer.add_tensor(gguf_name(hf, arch), data, raw_dtype=raw)
     if pending:
         stack = min(pending)
