@@ -94,29 +94,20 @@ def _tool_calls(value, i: int) -> list[dict]:
     except json.JSONDecodeError as e:
         raise RowProblem(f"turn {i + 1}: a function_call value must be JSON ({e.msg})") from None
     calls = calls if isinstance(calls, list) else [calls]
-    out = []
-    for c in calls:
-        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
-            raise RowProblem(f"turn {i + 1}: a function call needs a 'name' (and 'arguments')")
-        args = c.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                raise RowProblem(f"turn {i + 1}: the arguments of {c['name']} are not JSON") from None
-        out.append({"type": "function", "function": {"name": c["name"], "arguments": args}})
-    return out
+    if not all(isinstance(c, dict) for c in calls):
+        raise RowProblem(f"turn {i + 1}: a function call is an object with 'name' and 'arguments'")
+    # in TRL's form; rows.check_tool_calls checks the names and parses arguments given as JSON text
+    return [{"type": "function", "function": {"name": c.get("name"), "arguments": c.get("arguments", {})}}
+            for c in calls]
 
 
-def _tools(value) -> list[dict]:
-    """The row's tools: a list of JSON schemas, or that list as a JSON string (how ShareGPT files store it)."""
+def _tools(value):
+    """The row's tools, parsed when given as a JSON string (how ShareGPT files store them; rows.check_tools checks
+    the list)."""
     try:
-        tools = json.loads(value) if isinstance(value, str) else value
+        return json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError as e:
         raise RowProblem(f"tools must be a JSON list of function schemas ({e.msg})") from None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise RowProblem("tools must be a list of function schemas (objects)")
-    return tools
 
 
 def _alpaca(row: dict) -> dict:
