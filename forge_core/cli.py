@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from forge_core.adapters.calibration import QUANTIZERS
 from forge_core.config_parse import choices
 from forge_core.errors import ForgeError
 from forge_core.friendly import friendly
@@ -257,19 +258,22 @@ def eval_(adapter, as_json, system, text, stride, lm_eval, lm_eval_include, lm_e
 @click.option("--format", "fmt", type=click.Choice(["peft", "merged", "mlx", "gguf"]), required=True)
 @click.option("--out", required=True, type=click.Path())
 @click.option("--base", default=None, help="Base model (default: the one recorded in forge.json).")
-@click.option("--quantize", is_flag=True, help="merged: quantize the merged weights afterwards (mlx 4-bit).")
+@click.option("--quantize", type=click.Choice(QUANTIZERS), is_flag=False, flag_value="rtn", default=None,
+              help="merged: quantize the merged weights afterwards, an mlx-lm model at the run's bits: rtn (plain "
+                   "rounding, the bare flag), awq or gptq (mlx-lm's, calibrated on the run's training rows).")
+@click.option("--calib", default=None, metavar="DATA", help="awq / gptq: calibrate on these rows instead.")
 @click.option("--dtype", type=click.Choice(["float32", "base", "bfloat16", "float16"]), default="float32",
               help="merged: dtype of the written weights (base = the base checkpoint's own).")
 @click.option("--outtype", type=click.Choice(GGUF_OUTTYPES), default="f16",
               help="gguf: the tensor type of the file (from the exact float32 merge).")
 @click.option("--push-to-hub", default=None, metavar="REPO")
 @friendly
-def export(src, fmt, out, base, quantize, dtype, outtype, push_to_hub):
+def export(src, fmt, out, base, quantize, calib, dtype, outtype, push_to_hub):
     """Export a run or adapter: PEFT dir, merged HF checkpoint, mlx-lm adapter, or GGUF (llama.cpp/Ollama)."""
     from forge_core.adapters.export import export as do_export
 
-    do_export(src, fmt=fmt, out=out, base=base, quantize=quantize, push_to_hub=push_to_hub, dtype=dtype,
-              outtype=outtype)
+    do_export(src, fmt=fmt, out=out, base=base, quantize=quantize or False, push_to_hub=push_to_hub, dtype=dtype,
+              outtype=outtype, calib=calib)
 
 
 @cli.command()

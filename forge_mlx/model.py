@@ -35,12 +35,13 @@ def compute_dtype(cfg: ForgeConfig):
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
-def load_base(model_spec: str, dtype=mx.float32, lazy: bool = False):
+def load_base(model_spec: str, dtype=mx.float32, lazy: bool = False, quantized_ok: bool = False):
     """(model, tokenizer wrapper, model_dir) with weights cast to `dtype`, nothing quantized yet.
 
     lazy=True leaves the weights unevaluated (read from the safetensors on first use), so model
     surgery can materialize, factorize and quantize one linear at a time: the dense model is never
-    resident as a whole.
+    resident as a whole. quantized_ok: an already quantized model is fine (inference on an export's
+    AWQ / GPTQ / rtn model); training refuses it.
     """
     import mlx_lm.utils
 
@@ -50,7 +51,8 @@ def load_base(model_spec: str, dtype=mx.float32, lazy: bool = False):
     except ValueError as e:  # unsupported model_type and similar
         raise ForgeError(f"{model_dir}: mlx-lm cannot load this model ({e})") from None
     tokenizer = mlx_lm.utils.load_tokenizer(model_dir)
-    if any(isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear)) for _, m in model.named_modules()):
+    if not quantized_ok and any(isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear))
+                                for _, m in model.named_modules()):
         raise ForgeError(f"{model_dir} is already quantized; give forge the full-precision model "
                          "(forge quantizes the PiSSA residual itself)")
     model.set_dtype(dtype)

@@ -97,6 +97,6 @@ def hf_tokenizer(tokenizer):
 
 
 def load_base_for_inference(cfg) -> tuple:
-    model, tokenizer, _ = load_base(cfg.model.path, compute_dtype(cfg))
+    model, tokenizer, _ = load_base(cfg.model.path, compute_dtype(cfg), quantized_ok=True)
     cpu_math.install(model, cfg.model.fast_cpu_math)
     return model, tokenizer

@@ -283,3 +283,52 @@ def test_merged_quantize_keeps_the_delta_through_4bit(base, tmp_path):
     assert err < 0.25 * delta, (err, delta)
     assert "model.embed_tokens.scales" not in q  # embeddings stay full precision (quant.embeddings = false)
     assert mlx_logits(tmp_path / "q4").shape == (len(IDS), 259)  # mlx_lm loads it
+
+
+def _calibration_rows(path, n: int = 24):
+    rows = [{"messages": [{"role": "user", "content": f"question {i}: what colour is the sky?"},
+                          {"role": "assistant", "content": f"blue, of course ({i})"}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_awq_and_gptq_exports_are_mlx_lm_models_forge_loads_too(method, base, tmp_path):
+    """--quantize awq|gptq: mlx-lm's own quantizers on the exact merge, calibrated on chat-templated rows; the result
+    loads in mlx_lm.load and in forge's inference path with the same logits. GPTQ keeps the calibration rows'
+    logits closer to the float merge than plain rounding does (rtn: the bare --quantize)."""
+    from forge_core.adapters.calibration import calibration_tokens
+    from forge_mlx import ops
+
+    src = make_mlx_adapter(base, tmp_path / "adapter")
+    calib = _calibration_rows(tmp_path / "calib.jsonl")
+    export(src, fmt="merged", out=tmp_path / method, base=str(base), quantize=method, calib=str(calib))
+    cfg = json.loads((tmp_path / method / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == 4
+    model, _ = mlx_load(str(tmp_path / method))
+    assert any(type(m).__name__ == "QuantizedLinear" for _, m in model.named_modules())
+    forge_cfg = __import__("forge_core.config", fromlist=["ForgeConfig"]).ForgeConfig()
+    forge_cfg.model.path = str(tmp_path / method)
+    forge_model, _ = ops.load_base_for_inference(forge_cfg)
+    np.testing.assert_allclose(np.array(forge_model(mx.array([IDS]))[0]), mlx_logits(tmp_path / method),
+                               atol=TOL)
+    if method == "gptq":
+        export(src, fmt="merged", out=tmp_path / "f32", base=str(base))
+        export(src, fmt="merged", out=tmp_path / "rtn", base=str(base), quantize=True)
+        tokens = mx.array(calibration_tokens({}, base, str(calib)))
+        want = np.array(mlx_load(str(tmp_path / "f32"))[0](tokens))
+        errors = {q: np.abs(np.array(mlx_load(str(tmp_path / q))[0](tokens)) - want).mean() for q in ("rtn", "gptq")}
+        assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+def test_a_quantize_export_with_bad_calibration_rows_is_one_line_and_writes_nothing(base, tmp_path):
+    src = make_mlx_adapter(base, tmp_path / "adapter")
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    with pytest.raises(ForgeError, match=r"bad\.jsonl:1: .*no assistant turn"):
+        export(src, fmt="merged", out=tmp_path / "out", base=str(base), quantize="gptq", calib=str(tmp_path / "bad.jsonl"))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ForgeError, match="records no training data to calibrate on; pass --calib"):
+        export(src, fmt="merged", out=tmp_path / "out", base=str(base), quantize="awq")
+    with pytest.raises(ForgeError, match="--calib calibrates --quantize awq or gptq"):
+        export(src, fmt="merged", out=tmp_path / "out", base=str(base), quantize=True, calib=str(tmp_path / "bad.jsonl"))
+    assert not (tmp_path / "out").exists()

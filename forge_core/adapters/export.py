@@ -26,6 +26,7 @@ import numpy as np
 from forge_core.adapters import convert as cv
 from forge_core.adapters import formats as ad
 from forge_core.adapters import safetensors_io as sio
+from forge_core.adapters.calibration import QUANTIZERS, calibration_tokens
 from forge_core.atomic import atomic_dir, write_json, write_text
 from forge_core.errors import ForgeError
 from forge_core.models.experts import expert_weight, is_router
@@ -37,9 +38,9 @@ TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_toke
 DTYPES = ("float32", "base", "bfloat16", "float16")
 
 
-def export(src, fmt: str, out, base: str | None = None, quantize: bool = False,
+def export(src, fmt: str, out, base: str | None = None, quantize: bool | str = False,
            push_to_hub: str | None = None, dtype: str = "float32", shard_bytes: int = SHARD_BYTES,
-           outtype: str = "f16") -> Path:
+           outtype: str = "f16", calib: str | None = None) -> Path:
     """Export SRC (a run dir with adapter/ or an adapter dir) as `fmt` into OUT.
 
     base: --base, else forge.json's base_model (resolved through forge_core.models.sources.resolve_model).
@@ -49,6 +50,11 @@ def export(src, fmt: str, out, base: str | None = None, quantize: bool = False,
         raise ForgeError(f"--format '{fmt}': choose peft, merged, mlx or gguf")
     if quantize and fmt != "merged":
         raise ForgeError("--quantize applies to --format merged only (adapters stay full precision)")
+    method = "rtn" if quantize is True else quantize or None
+    if method not in (None, *QUANTIZERS):
+        raise ForgeError(f"--quantize {method}: choose one of {', '.join(QUANTIZERS)}")
+    if calib and method in (None, "rtn"):
+        raise ForgeError("--calib calibrates --quantize awq or gptq; rtn rounds without data")
     if dtype not in DTYPES:
         raise ForgeError(f"dtype '{dtype}': choose one of {', '.join(DTYPES)}")
     out = Path(out)
@@ -63,8 +69,8 @@ def export(src, fmt: str, out, base: str | None = None, quantize: bool = False,
             ad.write_files(plain, tmp, fmt, total)
         elif fmt == "gguf":
             _gguf(plain, base_dir, tmp, outtype, adapter.forge.get("system_prompt", ""))
-        elif quantize:
-            _merged_quantized(plain, base_dir, tmp, shard_bytes)
+        elif method:
+            _merged_quantized(plain, base_dir, tmp, shard_bytes, method, calib)
         else:
             write_merged(plain, base_dir, tmp, dtype=dtype, shard_bytes=shard_bytes)
         write_text(tmp / "README.md", model_card(adapter, plain, fmt, src, quantize))
@@ -208,8 +214,11 @@ def copy_tokenizer(base: Path, out: Path) -> None:
             shutil.copyfile(f, out / f.name)
 
 
-def _merged_quantized(adapter: ad.Adapter, base: Path, out: Path, shard_bytes: int) -> None:
-    """Merge in float32 first, then quantize the merged weights with mlx-lm (bits, group from forge.json)."""
+def _merged_quantized(adapter: ad.Adapter, base: Path, out: Path, shard_bytes: int, method: str = "rtn",
+                      calib: str | None = None) -> None:
+    """Merge in float32 first, then quantize the merged weights with mlx-lm (bits, group from forge.json): rtn by
+    mlx_lm.convert's rounding, awq / gptq by mlx-lm's own quantizers calibrated on the run's rows
+    (forge_mlx/posttrain_quant.py, calibration.py)."""
     try:
         from mlx_lm import convert as mlx_convert
     except ImportError:
@@ -219,9 +228,18 @@ def _merged_quantized(adapter: ad.Adapter, base: Path, out: Path, shard_bytes: i
     bits = q.get("bits") if q.get("bits") in (2, 3, 4, 6, 8) else 4
     group = q.get("group_size") or 64
     keep_embeddings = not ((adapter.forge.get("config") or {}).get("quant", {}).get("embeddings", False))
+    tokens = calibration_tokens(adapter.forge, base, calib) if method != "rtn" else None  # bad rows: before any work
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-f32.") as f32:
         write_merged(adapter, base, Path(f32), "float32", shard_bytes)
         staging = out / ".quantized"
+        if method != "rtn":
+            from forge_mlx.posttrain_quant import quantize_checkpoint
+
+            quantize_checkpoint(Path(f32), staging, method, bits, group, tokens)
+            for f in staging.iterdir():
+                os.replace(f, out / f.name)
+            staging.rmdir()
+            return
         model_type = adapter.forge.get("model_type")
 
         def keep(path, module):  # the embeddings (unless the run quantized them) and a mixture's router stay dense
