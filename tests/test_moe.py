@@ -343,3 +343,18 @@ def test_inference_folds_every_expert_adapter_into_dense_experts(backend, moe_mo
     assert np.abs(forge_logits(model) - before).max() < TOL
     names = {type(m).__name__ for _, m in (model.named_modules())}
     assert not names & {"LoRASwitchLinear", "LoRAExperts", "QuantSwitchLinear", "QuantLinear"}
+
+
+def test_awq_export_of_a_model_mlx_lm_has_no_recipe_for_is_one_line(moe_models, tmp_path):
+    """mlx-lm's AWQ knows dense families only (no Mixtral recipe): one line naming the ones it has, nothing in --out;
+    GPTQ, which quantizes any linear and expert stack, is the way."""
+    from forge_mlx import ops
+
+    cfg = ForgeConfig()
+    cfg.model.path, cfg.lora.rank, cfg.lora.init, cfg.quant.bits = str(moe_models["mixtral"]), 4, "lora", 0
+    model, *_ = ops.build_model(cfg)
+    ops.save_adapter(tmp_path / "adapter", model, cfg, {}, moe_models["mixtral"])
+    data = rows_file(tmp_path / "d.jsonl")
+    with pytest.raises(ForgeError, match="mlx-lm's AWQ has no recipe for mixtral models .*use --quantize gptq"):
+        export(tmp_path / "adapter", fmt="merged", out=tmp_path / "awq", quantize="awq", calib=str(data))
+    assert not (tmp_path / "awq").exists()
