@@ -134,3 +134,20 @@ def test_bench_real_sizes_reads_a_runs_lines_metrics_and_max_rss(tmp_path):
     assert row[6] == "2048 / 4096 MiB (0.50)" and row[7:] == ["3.00", "170.7", "50.0 / -"]
     assert len(row) == len(brs.SHAPE_HEADER)
     assert "the run printed planned arrays of 747.6 MiB" in brs.notes([cold], [])  # not those planned here
+
+
+def test_bench_export_quality_names_every_export_and_reads_forge_eval_s_json():
+    """tools/bench_export_quality.py (a real run takes many minutes): every format is an export forge's CLI takes,
+    and a result becomes a table row from `forge eval --json`'s keys."""
+    from click.testing import CliRunner
+
+    from forge_core.cli import cli
+
+    beq = load_tool("bench_export_quality")
+    export_help = CliRunner().invoke(cli, ["export", "--help"]).output
+    for args, _ in beq.FORMATS.values():
+        for value in args[1::2]:
+            assert value in export_help or value in ("merged", "gguf")
+    got = beq.row({"name": "mlx-gptq-4", "mib": 80.25, "export_s": 12.34,
+                   "metrics": {"loss": 0.21, "ppl": 1.2337, "tokens": 900, "valid_json": 1.0, "field_acc": 0.875}})
+    assert got == ["mlx-gptq-4", "80.2", "0.2100", "1.234", "1.000", "0.875", "12.3"]
