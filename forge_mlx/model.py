@@ -24,6 +24,7 @@ from forge_core.errors import ForgeError
 from forge_core.models.sources import resolve_model
 
 from . import cpu_math
+from .quant import adopt_quantized
 from .lora import adapt_model, load_trainable, trainable_params
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -56,6 +57,8 @@ def load_base(model_spec: str, dtype=mx.float32, lazy: bool = False, quantized_o
         raise ForgeError(f"{model_dir} is already quantized; give forge the full-precision model "
                          "(forge quantizes the PiSSA residual itself)")
     model.set_dtype(dtype)
+    if quantized_ok:
+        adopt_quantized(model)
     if not lazy:
         mx.eval(model.parameters())
     return model, tokenizer, model_dir

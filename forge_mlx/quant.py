@@ -111,6 +111,39 @@ class QuantLinear(Dequantizable, nn.QuantizedLinear):
         return y
 
 
+class QuantEmbedding(Dequantizable, nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose tied-head product (as_linear) takes the per-device path of QuantLinear."""
+
+    def as_linear(self, x):
+        if self.matmul == "fused":
+            return super().as_linear(x)
+        return x @ self.dequantized(x.dtype).T
+
+
+def adopt_quantized(model: nn.Module) -> int:
+    """Give an already quantized model (an mlx-lm export: rtn, AWQ, GPTQ) forge's per-device matmul paths, in place.
+
+    mlx-lm's layers always call mx.quantized_matmul, whose CPU kernel is slow enough here that a 135M model's
+    4x256 forward took ~3 minutes; the dequant path computes the same product from the same packed weights. The
+    layers keep their arrays; only their class changes (no weight is re-read, re-quantized or copied). Returns how
+    many layers were adopted.
+    """
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    from .experts import QuantSwitchLinear  # experts.py builds on this module
+
+    adopt = {nn.QuantizedLinear: QuantLinear, nn.QuantizedEmbedding: QuantEmbedding,
+             QuantizedSwitchLinear: QuantSwitchLinear}
+    count = 0
+    for _, module in model.named_modules():
+        cls = adopt.get(type(module))
+        if cls is not None:
+            module.__class__ = cls
+            module.matmul = default_matmul()
+            count += 1
+    return count
+
+
 def quantize_linear(linear: nn.Linear, bits: int, group_size: int, matmul: str = "auto") -> QuantLinear:
     bias = linear.bias if "bias" in linear else None
     return QuantLinear.from_weight(linear.weight, bias, group_size, bits, matmul)

@@ -131,3 +131,22 @@ def test_cpu_unpack_equals_mx_dequantize_bit_for_bit(bits, group_size):
     assert mx.array_equal(unpack_affine(q, s, b, group_size, bits), want).item()
     compiled = mx.compile(lambda q, s, b: unpack_affine(q, s, b, group_size, bits))  # as inside the train step
     assert mx.array_equal(compiled(q, s, b), want).item()
+
+
+def test_an_mlx_lm_quantized_model_gets_forges_cpu_matmul_with_the_same_logits(tiny_model):
+    """load_base(quantized_ok=True) (inference on an rtn/AWQ/GPTQ export) switches mlx-lm's quantized layers, the
+    embedding's tied-head product included, to forge's per-device path in place; the logits are mlx-lm's own."""
+    import mlx_lm.utils
+    from mlx import nn
+
+    from forge_mlx.quant import QuantEmbedding, adopt_quantized
+
+    model, _ = mlx_lm.utils.load_model(tiny_model)
+    nn.quantize(model, group_size=32, bits=4)  # every Linear and the Embedding, as mlx_lm.convert -q does
+    ids = mx.array([[3, 17, 42, 99, 5, 250]])
+    want = np.array(model(ids))
+    quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    assert adopt_quantized(model) == len(quantized) >= 2 * 7 + 1
+    assert {type(m) for m in quantized} == {QuantLinear, QuantEmbedding}
+    assert all(m.matmul == "dequant" for m in quantized)
+    np.testing.assert_allclose(np.array(model(ids)), want, atol=1e-4)
