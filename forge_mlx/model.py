@@ -24,8 +24,8 @@ from forge_core.errors import ForgeError
 from forge_core.models.sources import resolve_model
 
 from . import cpu_math
-from .quant import adopt_quantized
 from .lora import adapt_model, load_trainable, trainable_params
+from .quant import adopt_quantized
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
