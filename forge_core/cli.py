@@ -395,8 +395,11 @@ def demo(recipe, sets, backend):
 
 
 from forge_core.datagen.commands import data
+from forge_core.serve.cli import router, serve
 
 cli.add_command(data)
+cli.add_command(serve)
+cli.add_command(router)
 
 
 def main():
