@@ -110,6 +110,10 @@ class MlxEngine:
         if not self.live[name]:
             mx.clear_cache()
 
+    def memory(self) -> int:
+        """Bytes the framework holds now (the health check reports it)."""
+        return int(mx.get_active_memory())
+
     def pooled(self, ids: list[int]) -> np.ndarray:
         model = self._activate(self.base_name)
         hidden = model.model(mx.array([ids]))  # the final norm's output, (1, L, h)

@@ -109,7 +109,9 @@ class Server:
 
     # ---- routes
     async def health(self, request: HttpRequest):
-        return JSONResponse({"status": "ok", "models": self.catalog.names(), "rows": self.scheduler.rows()})
+        memory = getattr(self.scheduler.engine, "memory", None)
+        return JSONResponse({"status": "ok", "models": self.catalog.names(), "rows": self.scheduler.rows(),
+                             "pending": len(self.scheduler.pending), "memory_bytes": memory() if memory else None})
 
     async def models(self, request: HttpRequest):
         async def handler(request):
