@@ -61,6 +61,7 @@ class Entry:
     pattern: str  # a regular expression searched in the command
     skip: str = ""  # why it does not run here ("" = it runs)
     replace: tuple = ()  # (old, new) pairs applied to the command before it runs
+    background: bool = False  # a server: started, waited for (its /health answers), stopped when the walk ends
 
 
 # What a reader fills in or cannot run here. Placeholders are made by the test (tests/test_readme.py: place()).
@@ -74,4 +75,6 @@ TABLE = [
     Entry(r"^forge data raft \./my_project", replace=(("--out raft.jsonl", "--out raft.jsonl --teacher ./my-hf-model"),)),
     # runs, in the installed venv: make is told its stamp is up to date, so it never installs anything
     Entry(r"^make demo\b", replace=(("make demo", "make -o .venv/.stamp demo"),)),
+    # runs until stopped: the walk starts it, waits for its /health, runs the commands after it against it
+    Entry(r"^forge serve ", background=True),
 ]

@@ -102,6 +102,27 @@ def run_step(step: Step, cwd: Path, env: dict, timeout: int = 900) -> tuple[int,
     return (proc.returncode or (1 if "Traceback (most recent call last)" in out else 0)), out
 
 
+def start_server(step: Step, cwd: Path, env: dict, failed: list, port: int = 8080, timeout: float = 600):
+    """A README server command started in the background; the walk goes on once its /health answers."""
+    import urllib.request
+
+    log = cwd.parent / f"server-{step.line}.log"  # a file, not a pipe: a chatty server never blocks on it
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", "-c", f"exec {step.code}"], cwd=cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+            print(f"README.md:{step.line}: serving  {step.code[:90]}", flush=True)
+            return proc
+        except OSError:
+            time.sleep(1)
+    out = log.read_text() if proc.poll() is not None else "(no /health answer)"
+    failed.append(f"README.md:{step.line}: the server did not come up: {step.code[:120]}\n{out[-600:]}")
+    return proc
+
+
 def _env(home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "RANK", "LOCAL_RANK", "VIRTUAL_ENV")}
     env.update(FORGE_HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -120,19 +141,27 @@ def test_every_readme_command_runs_as_written(tmp_path):
     place(repo)
     _stand_in_for_the_bundled_model(home, tmp_path)
     env = _env(home)
-    walk, used, failed = steps((repo / "README.md").read_text()), set(), []
-    for step in walk:
-        entry = entry_for(step)
-        if entry is not None:
-            used.add(entry.pattern)
-            if entry.skip:
-                continue
-        tic = time.perf_counter()
-        rc, out = run_step(step, repo, env)
-        print(f"README.md:{step.line}: {time.perf_counter() - tic:6.1f}s rc {rc}  {step.code[:90]}", flush=True)
-        if rc != 0:
-            tail = "\n".join(out.strip().splitlines()[-6:])
-            failed.append(f"README.md:{step.line}: exit {rc}: {step.code[:120]}\n{tail}")
+    walk, used, failed, servers = steps((repo / "README.md").read_text()), set(), [], []
+    try:
+        for step in walk:
+            entry = entry_for(step)
+            if entry is not None:
+                used.add(entry.pattern)
+                if entry.skip:
+                    continue
+                if entry.background:
+                    servers.append(start_server(step, repo, env, failed))
+                    continue
+            tic = time.perf_counter()
+            rc, out = run_step(step, repo, env)
+            print(f"README.md:{step.line}: {time.perf_counter() - tic:6.1f}s rc {rc}  {step.code[:90]}", flush=True)
+            if rc != 0:
+                tail = "\n".join(out.strip().splitlines()[-6:])
+                failed.append(f"README.md:{step.line}: exit {rc}: {step.code[:120]}\n{tail}")
+    finally:
+        for proc in servers:
+            proc.terminate()
+            proc.wait(timeout=60)
     assert not failed, "\n\n".join(failed)
     assert used == {e.pattern for e in TABLE}, f"entries matching no README command: { {e.pattern for e in TABLE} - used}"
     # what the README's commands wrote stays out of git's way

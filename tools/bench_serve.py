@@ -1,0 +1,167 @@
+"""Serving speed: `forge serve` against `mlx_lm.server` on the same merged model, and the cost of mixing adapters.
+
+    python tools/bench_serve.py [--run runs/demo-sft] [--clients 1,4,16] [--max-tokens 32] [--write docs/BENCHMARKS.md]
+
+The SFT demo run is exported merged (forge export --format merged), then served three ways, one server at a time on
+one port, each asked the same thing by C concurrent clients (C in --clients, each sending 2 streamed chat requests
+with distinct prompts, greedy, --max-tokens):
+- mlx_lm.server --model MERGED (mlx-lm's own OpenAI server),
+- forge serve --model MERGED (the merged model as a base, no adapter),
+- forge serve RUN RUN-COPY: the run as trained (its 4-bit residual, dequantized once for CPU decoding, the adapter
+  apart), all requests to one adapter, and then half to each of two adapters (the copy is the same run under another
+  name: what is measured is the switch of factors per step and the batch split in two, not different weights).
+Per server and C: tokens/s over all clients (answer tokens, counted by the model's tokenizer, over the wall time from
+the first request sent to the last answer done) and time to first token (median over requests, from sending to the
+first content chunk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bc
+from bench_eval import BIN, timed
+
+TITLE = "Serving: forge serve vs mlx_lm.server"
+QUESTIONS = ["Name a colour.", "What is 2 + 3?", "Say hello in French.", "Name a fruit.", "What is the capital of Italy?",
+             "Give me a word that rhymes with cat.", "Name an animal.", "What day comes after Monday?"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=5).read()
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError("server did not come up")
+
+
+def _ask(url: str, model: str, question: str, max_tokens: int) -> tuple[float, str]:
+    """(seconds to the first content chunk, the answer) of one streamed chat request."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+                       "temperature": 0.0, "stream": True}).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    tic, first, text = time.perf_counter(), None, ""
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for line in resp:
+            line = line.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            piece = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content") or ""
+            if piece and first is None:
+                first = time.perf_counter() - tic
+            text += piece
+    return (first if first is not None else time.perf_counter() - tic), text
+
+
+def load(url: str, models: list[str], clients: int, max_tokens: int, tokenizer) -> dict:
+    ttft, texts, errors = [], [], []
+
+    def client(i: int) -> None:
+        try:
+            for j in range(2):
+                t, text = _ask(url, models[(i + j) % len(models)], QUESTIONS[(i * 2 + j) % len(QUESTIONS)], max_tokens)
+                ttft.append(t)
+                texts.append(text)
+        except Exception as e:  # noqa: BLE001 - reported
+            errors.append(repr(e))
+
+    _ask(url, models[0], "Warm up.", 4)
+    tic = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - tic
+    if errors:
+        raise RuntimeError(errors[0])
+    tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+    return {"tok_s": tokens / wall, "ttft": statistics.median(ttft), "tokens": tokens}
+
+
+def serve(cmd: list[str], port: int, log: Path):
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=bc.ROOT)
+    _wait(f"http://127.0.0.1:{port}", proc)
+    return proc
+
+
+def main(argv=None) -> None:
+    from transformers import AutoTokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default=str(bc.ROOT / "runs" / "demo-sft"))
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--write", default=None, metavar="MD")
+    args = ap.parse_args(argv)
+    counts = [int(c) for c in args.clients.split(",")]
+    load_before = bc.machine()["load"]
+    run = Path(args.run)
+    tmp = Path(tempfile.mkdtemp(prefix="forge-bench-serve-"))
+    try:
+        merged = tmp / "merged"
+        timed([str(BIN / "forge"), "export", str(run), "--format", "merged", "--out", str(merged)], bc.ROOT)
+        copy = tmp / "copy"
+        shutil.copytree(run / "adapter", copy / "adapter")
+        tokenizer = AutoTokenizer.from_pretrained(str(merged))
+        port = _port()
+        py = str(BIN / "python")
+        setups = [
+            ("mlx_lm.server, merged", [py, "-m", "mlx_lm.server", "--model", str(merged), "--port", str(port)],
+             [str(merged)]),
+            ("forge serve, merged", [str(BIN / "forge"), "serve", "--model", str(merged), "--port", str(port)],
+             ["merged"]),
+            ("forge serve, run as trained (1 adapter)",
+             [str(BIN / "forge"), "serve", str(run), str(copy), "--port", str(port)], [run.name]),
+            ("forge serve, run as trained (2 adapters mixed)",
+             [str(BIN / "forge"), "serve", str(run), str(copy), "--port", str(port)], [run.name, "copy"]),
+        ]
+        rows = []
+        for label, cmd, models in setups:
+            proc = serve(cmd, port, tmp / "server.log")
+            try:
+                for c in counts:
+                    r = load(f"http://127.0.0.1:{port}", models, c, args.max_tokens, tokenizer)
+                    rows.append([label, c, f"{r['tok_s']:.1f}", f"{r['ttft']:.2f}", r["tokens"]])
+                    print(rows[-1], file=sys.stderr)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = "\n".join([
+        bc.provenance(bc.command("bench_serve.py", argv), load_before), "",
+        bc.table(["server", "clients", "tokens/s", "TTFT s (median)", "answer tokens"], rows), "",
+        f"Each client sends 2 streamed greedy chat requests of at most {args.max_tokens} tokens; one warm-up request "
+        "first. The merged model is the run's exact merge in float32."])
+    bc.publish(text, args.write, TITLE)
+
+
+if __name__ == "__main__":
+    main()
