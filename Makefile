@@ -15,7 +15,7 @@ else
 EXTRAS := mlx-linux,cuda,dev
 endif
 
-.PHONY: demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto demo-grpo test test-fast test-readme bench bench-dpo bench-memory bench-dp bench-methods bench-eval bench-gguf bench-grpo bench-dora bench-chunked-loss bench-real-sizes fidelity venv clean sysdeps
+.PHONY: llama-cpp demo demo-sft demo-dpo demo-orpo demo-simpo demo-cpo demo-kto demo-grpo test test-fast test-readme bench bench-dpo bench-memory bench-dp bench-methods bench-eval bench-gguf bench-grpo bench-dora bench-chunked-loss bench-real-sizes fidelity venv clean sysdeps
 
 # Linux only, optional: an optimized BLAS for MLX's CPU wheel (forge_mlx/blas.py preloads it; ~90x
 # faster fp32 matmul than the wheel's reference BLAS). Installed with apt when we are root; otherwise
@@ -41,7 +41,15 @@ $(VENV)/.stamp: pyproject.toml Makefile
 
 venv: $(VENV)/.stamp
 
-test: $(VENV)/.stamp
+# llama.cpp as a client of forge's GGUF files (tests/test_llama_cpp_client.py): its prebuilt CPU binding from the npm
+# registry, no compiler. Without node/npm the tests that need it skip, saying so.
+llama-cpp:
+	@if command -v npm >/dev/null 2>&1; then \
+	  test -d tools/llama_cpp/node_modules/node-llama-cpp || npm install --prefix tools/llama_cpp --no-audit --no-fund --no-package-lock \
+	    --loglevel=error || echo "note: could not install node-llama-cpp; the llama.cpp client tests will skip"; \
+	else echo "note: no npm; the llama.cpp client tests will skip"; fi
+
+test: $(VENV)/.stamp llama-cpp
 	@$(PY) -m pytest -q -p no:cacheprovider -m "not readme" tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
