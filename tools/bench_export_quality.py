@@ -8,6 +8,7 @@ merge, the quantizer, imports), the weights' size on disk, then `forge eval --co
 --json` (the held-out loss and perplexity over the demo's 40 valid rows, valid_json / field_acc over 24 greedy
 answers) and `forge generate --model OUT` on the README's prompt (its greedy answer, shown as is). GGUF files are
 read back through forge's GGUF import (the gguf package's dequantization: what llama.cpp computes with, in float).
+For GGUF files llama.cpp's own greedy answer is shown too (its Node binding, tools/llama_cpp; `make llama-cpp`).
 The run is trained first when missing (`forge train --config configs/demo.yaml --set train.out_dir=RUN`).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +28,7 @@ import _bench_common as bc
 from bench_eval import BIN, PROMPT, timed
 
 TITLE = "Export formats: size and quality"
+LLAMA_CPP = bc.ROOT / "tools" / "llama_cpp"  # llama.cpp's Node binding (make llama-cpp): its answers to GGUF files
 # name -> (forge export arguments, the model file inside --out, or "" for the directory)
 FORMATS = {
     "merged-f32": (["--format", "merged"], ""),
@@ -59,7 +62,30 @@ def measure(name: str, run: Path, tmp: Path, home: Path) -> dict:
     metrics = json.loads(text)
     _, answer = timed([str(BIN / "forge"), "generate", "--model", str(model), "--prompt", PROMPT, "--max-tokens",
                        "40"], bc.ROOT, env)
-    return {"name": name, "mib": size_mib(out), "export_s": export_s, "metrics": metrics, "answer": answer.strip()}
+    result = {"name": name, "mib": size_mib(out), "export_s": export_s, "metrics": metrics, "answer": answer.strip()}
+    if model.suffix == ".gguf" and (LLAMA_CPP / "node_modules" / "node-llama-cpp").is_dir():
+        result["llama_cpp"] = llama_cpp_answer(model, run)
+    return result
+
+
+def llama_cpp_answer(gguf: Path, run: Path) -> str:
+    """llama.cpp's own greedy answer (tools/llama_cpp/greedy.mjs) to the README prompt, chat-templated with the run's
+    system prompt as forge generate asks it."""
+    from transformers import AutoTokenizer
+
+    from forge_core.adapters.formats import FORGE, forge_adapter_dir, read_json
+    from forge_core.eval.generation import chat_prompt
+    from forge_core.models.sources import resolve_model
+
+    meta = read_json(forge_adapter_dir(run) / FORGE)
+    tok = AutoTokenizer.from_pretrained(str(resolve_model(meta["config"]["model"]["path"])))
+    system = meta.get("system_prompt", "")
+    ids = chat_prompt(tok, ([{"role": "system", "content": system}] if system else [])
+                      + [{"role": "user", "content": PROMPT}])
+    spec = json.dumps({"model": str(gguf), "prompts": [ids], "max_tokens": 40})
+    out = subprocess.run(["node", str(LLAMA_CPP / "greedy.mjs"), spec], capture_output=True, text=True, cwd=LLAMA_CPP,
+                         check=True)
+    return tok.decode(json.loads(out.stdout.strip().splitlines()[-1])["tokens"][0], skip_special_tokens=True)
 
 
 def row(r: dict) -> list:
@@ -91,7 +117,8 @@ def main(argv=None) -> None:
             print(f"{row(results[-1])}  ({time.perf_counter() - tic:.0f}s)", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    answers = "\n".join(f"- {r['name']}: {json.dumps(r['answer'])}" for r in results)
+    answers = "\n".join(f"- {r['name']}: {json.dumps(r['answer'])}"
+                        + (f"; llama.cpp: {json.dumps(r['llama_cpp'])}" if "llama_cpp" in r else "") for r in results)
     text = "\n".join([
         bc.provenance(bc.command("bench_export_quality.py", argv), load_before), "",
         bc.table(["format", "MiB", "held-out loss", "ppl", "valid_json", "field_acc", "export s"],
