@@ -21,11 +21,10 @@ def _say(msg: str) -> None:
 
 
 def _engine(name: str, catalog, settings: ServeSettings):
-    if name != "mlx":
-        raise ForgeError("forge serve runs on the MLX backend (Apple Silicon, or MLX on CPU); on a CUDA machine "
-                         "export the runs (forge export --format peft) and serve them with vLLM's multi-LoRA")
+    """The backend's serving engine (forge_mlx/serve.py, forge_cuda/serve.py)."""
     module = importlib.import_module(f"forge_{name}.serve")
-    return module.MlxEngine(catalog, settings.max_batch, log=_say)
+    engine = module.MlxEngine if name == "mlx" else module.TorchEngine
+    return engine(catalog, settings.max_batch, log=_say)
 
 
 def prepare(runs: list[str], model: str | None, router_path: str | None, settings: ServeSettings,

@@ -35,7 +35,7 @@ def serve_plan(catalog: Catalog, settings: ServeSettings, backend: str) -> tuple
         cfg = copy.deepcopy(members[0].cfg)
         on_gpu = plans_for_gpu(backend, cfg)
         adapted = any(m.adapter_dir for m in members)
-        if not adapted or (backend == "mlx" and not on_gpu):
+        if not adapted or not on_gpu:
             cfg.quant.bits = 0  # served as loaded / dequantized once for CPU decoding
         shape = _shape(cfg)
         run = make_run(cfg, shape, "sft", backend, on_gpu)
