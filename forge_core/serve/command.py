@@ -44,7 +44,7 @@ def prepare(runs: list[str], model: str | None, router_path: str | None, setting
     catalog = build_catalog(ops, runs, model)
     router = load_router(router_path) if router_path else None
     if router is not None:
-        router.check_served(catalog.names())
+        router.check_served(catalog.names(), catalog.base_name)
     check_serve_plan(catalog, settings, name, say=_say)
     engine = _engine(name, catalog, settings)
     scheduler = Scheduler(engine, max_rows=settings.max_batch, log=_say)

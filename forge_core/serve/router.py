@@ -112,6 +112,7 @@ class Router:
     threshold: float
     experts: dict[str, Expert]
     classifier: Classifier | None = None
+    classifier_meta: dict = field(default_factory=dict)  # what it was fitted on ("base": the served base's name)
 
     @property
     def classifier_path(self) -> Path:
@@ -137,7 +138,11 @@ class Router:
             return Route(self.default, float(p[i]), "default")
         return Route(self.default, 0.0, "default")
 
-    def check_served(self, names: list[str]) -> None:
+    def check_served(self, names: list[str], base: str) -> None:
+        fitted = self.classifier_meta.get("base")
+        if self.classifier is not None and fitted and fitted != base:
+            raise ForgeError(f"{self.classifier_path}: fitted on the hidden states of {fitted}, this server's base is "
+                             f"{base}; run `forge router train {self.path} --model {base}`")
         for name in [*self.experts, self.default]:
             if name not in names:
                 raise ForgeError(f"{self.path}: expert '{name}' is not served (served: {', '.join(names)}); "
@@ -197,7 +202,7 @@ def load_router(path, need_classifier: bool = True) -> Router:
     if mode != "keyword" and need_classifier:
         if not router.classifier_path.is_file():
             raise ForgeError(f"{path}: mode {mode} needs the classifier; run `forge router train {path}` first")
-        router.classifier, _ = Classifier.load(router.classifier_path)
+        router.classifier, router.classifier_meta = Classifier.load(router.classifier_path)
         if set(router.classifier.experts) != set(experts):
             raise ForgeError(f"{router.classifier_path}: fitted for experts {router.classifier.experts}, the router "
                              f"lists {list(experts)}; run `forge router train {path}` again")

@@ -125,7 +125,15 @@ def test_router_mistakes_are_one_line_naming_the_file_and_key(tmp_path, text, ma
 def test_a_router_naming_an_expert_that_is_not_served_is_refused(tmp_path):
     r = _router(tmp_path, "keyword", fit=False)
     with pytest.raises(ForgeError, match="expert 'math' is not served"):
-        r.check_served(["code", "general"])
+        r.check_served(["code", "general"], "toy")
+
+
+def test_a_classifier_fitted_on_another_base_is_refused(tmp_path):
+    r = _router(tmp_path, "hybrid")
+    r.check_served(["code", "math", "general"], "toy")
+    with pytest.raises(ForgeError, match="fitted on the hidden states of toy, this server's base is other; run `forge "
+                                         "router train .*router.yaml --model other`"):
+        r.check_served(["code", "math", "general"], "other")
 
 
 class FakeEngine:
