@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from forge_core.cli import cli
 from forge_core.errors import ForgeError
 from forge_core.models import gguf_export, gguf_import
+from tests.rope_fixtures import gemma3, rope_llama
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("mlx.core")
@@ -448,23 +449,7 @@ def test_the_rope_base_and_scaling_come_from_either_config_style(style, scaled, 
     file the config's base (1e5 here, not llama.cpp's default 1e4) and its linear scaling. transformers' GGUF loader
     gives the checkpoint's logits (it reads the base; it has no key for the scaling, so that one is checked in the
     metadata)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    base = json.loads((tiny_model / "config.json").read_text())
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=base["vocab_size"], max_position_embeddings=256,
-                         rope_theta=1e5, rope_scaling={"rope_type": "linear", "factor": 2.0} if scaled else None,
-                         eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"], bos_token_id=None)
-    torch.manual_seed(5)
-    src = tmp_path / "src"
-    LlamaForCausalLM(config).float().save_pretrained(str(src), safe_serialization=True)
-    _copy_tokenizer(tiny_model, src)
-    cfg = json.loads((src / "config.json").read_text())
-    assert cfg["rope_parameters"]["rope_theta"] == 1e5
-    if style == "top-level":
-        params = cfg.pop("rope_parameters")
-        cfg.update(rope_theta=params.pop("rope_theta"), rope_scaling=params if scaled else None)
-        (src / "config.json").write_text(json.dumps(cfg))
+    src = rope_llama(tiny_model, tmp_path / "src", style, scaled)
     if scaled:
         gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
         meta, _ = gguf_import.read_gguf(tmp_path / "m.gguf")
@@ -478,18 +463,7 @@ def test_the_rope_base_and_scaling_come_from_either_config_style(style, scaled, 
 def test_gemma3_carries_its_global_layers_rope_base(tmp_path, tiny_model):
     """Gemma 3 (6 blocks: five sliding, one global): rope_parameters per layer type; the file carries the global
     layers' base (1e6), llama.cpp's sliding layers use 1e4 as the config does."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    base = json.loads((tiny_model / "config.json").read_text())
-    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
-                              num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
-                              vocab_size=base["vocab_size"], max_position_embeddings=128, sliding_window=8,
-                              eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"], bos_token_id=None)
-    src = tmp_path / "src"
-    Gemma3ForCausalLM(config).float().save_pretrained(str(src), safe_serialization=True)
-    _copy_tokenizer(tiny_model, src)
-    cfg = json.loads((src / "config.json").read_text())
-    assert cfg["rope_parameters"]["full_attention"]["rope_theta"] == 1e6
+    src = gemma3(tiny_model, tmp_path / "src")
     gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
     meta, _ = gguf_import.read_gguf(tmp_path / "m.gguf")
     assert meta["gemma3.rope.freq_base"] == pytest.approx(1e6)

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from forge_core.cli import cli
 from forge_core.models import gguf_export
+from tests.rope_fixtures import gemma3, rope_llama
 
 CLIENT = Path(__file__).resolve().parents[1] / "tools" / "llama_cpp"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -117,48 +118,17 @@ def test_llama_cpp_decodes_each_gguf_type_as_transformers_does(run, outtype):
         assert all(g[:4] == w[:4] for g, w in zip(got, want)) and sum(g == w for g, w in zip(got, want)) >= 1
 
 
-def _copy_tokenizer(tiny_model, out):
-    for f in tiny_model.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copyfile(f, out / f.name)
-
-
 @pytest.mark.parametrize("style,scaled", [("rope_parameters", False), ("rope_parameters", True),
                                           ("top-level", False), ("top-level", True)])
 def test_llama_cpp_reads_the_rope_of_either_config_style(style, scaled, merged_tok, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    base = json.loads((merged_tok / "config.json").read_text())
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=base["vocab_size"], max_position_embeddings=256,
-                         rope_theta=1e5, rope_scaling={"rope_type": "linear", "factor": 2.0} if scaled else None,
-                         eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"], bos_token_id=None)
-    torch.manual_seed(5)
-    src = tmp_path / "src"
-    LlamaForCausalLM(config).float().save_pretrained(str(src), safe_serialization=True)
-    _copy_tokenizer(merged_tok, src)
-    if style == "top-level":
-        cfg = json.loads((src / "config.json").read_text())
-        params = cfg.pop("rope_parameters")
-        cfg.update(rope_theta=params.pop("rope_theta"), rope_scaling=params if scaled else None)
-        (src / "config.json").write_text(json.dumps(cfg))
+    src = rope_llama(merged_tok, tmp_path / "src", style, scaled)
     gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
     long = [list(range(3, 40))]  # positions far enough apart for the base and the scaling to matter
     assert llama_cpp_greedy(tmp_path / "m.gguf", long) == transformers_greedy(src, long)
 
 
 def test_llama_cpp_runs_gemma3_with_its_two_rope_bases(merged_tok, tmp_path):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    base = json.loads((merged_tok / "config.json").read_text())
-    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
-                              num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
-                              vocab_size=base["vocab_size"], max_position_embeddings=128, sliding_window=8,
-                              eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"], bos_token_id=None)
-    torch.manual_seed(3)
-    src = tmp_path / "src"
-    Gemma3ForCausalLM(config).float().save_pretrained(str(src), safe_serialization=True)
-    _copy_tokenizer(merged_tok, src)
+    src = gemma3(merged_tok, tmp_path / "src")
     gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
     long = [list(range(3, 30))]  # past the sliding window of 8
     assert llama_cpp_greedy(tmp_path / "m.gguf", long) == transformers_greedy(src, long)

@@ -159,15 +159,10 @@ def _list(v, where: str) -> list[str]:
 
 def load_router(path, need_classifier: bool = True) -> Router:
     """router.yaml -> Router, every mistake one line naming the file and key."""
-    import yaml
+    from forge_core.config_parse import load_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ForgeError(f"{path}: no such router file")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ForgeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    doc = load_yaml(path)  # a missing file or bad YAML: one line with the file (and line)
     if not isinstance(doc, dict) or not isinstance(doc.get("experts"), dict) or not doc["experts"]:
         raise ForgeError(f"{path}: needs 'experts:' (a mapping of served names to keywords / examples)")
     unknown = set(doc) - {"mode", "default", "threshold", "experts"}
