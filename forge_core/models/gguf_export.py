@@ -90,7 +90,7 @@ def _pre_name(pre_tokenizer: dict | None) -> str:
     """llama.cpp's name for an HF byte-level pre-tokenizer (tokenizer.json), or a ForgeError."""
     kinds = [p.get("type") for p in (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer or {}])]
     if kinds == ["ByteLevel"]:
-        return "gpt-2"  # llama.cpp knows "gpt-2" (convert_hf_to_gguf.py writes it); "gpt2" fails its load
+        return "gpt-2"  # llama.cpp knows "gpt-2" (its own converter writes it); "gpt2" fails its load
     if kinds == ["Digits", "ByteLevel"]:
         return "smollm"  # llama.cpp's name for digits-then-GPT-2 (DIGITS_PRE in gguf_import.py)
     if kinds == ["Split", "ByteLevel"]:
