@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bc
 from bench_eval import BIN, PROMPT, timed
 
+from forge_core.adapters.formats import FORGE, forge_adapter_dir, read_json
+
 TITLE = "Export formats: size and quality"
 LLAMA_CPP = bc.ROOT / "tools" / "llama_cpp"  # llama.cpp's Node binding (make llama-cpp): its answers to GGUF files
 # name -> (forge export arguments, the model file inside --out, or "" for the directory)
@@ -60,8 +62,9 @@ def measure(name: str, run: Path, tmp: Path, home: Path) -> dict:
     _, text = timed([str(BIN / "forge"), "eval", "--config", "configs/demo.yaml", "--model", str(model), "--json"],
                     bc.ROOT, env)
     metrics = json.loads(text)
-    _, answer = timed([str(BIN / "forge"), "generate", "--model", str(model), "--prompt", PROMPT, "--max-tokens",
-                       "40"], bc.ROOT, env)
+    system = read_json(forge_adapter_dir(run) / FORGE).get("system_prompt", "")  # asked as the run was taught
+    _, answer = timed([str(BIN / "forge"), "generate", "--model", str(model), "--prompt", PROMPT, "--system", system,
+                       "--max-tokens", "40"], bc.ROOT, env)
     result = {"name": name, "mib": size_mib(out), "export_s": export_s, "metrics": metrics, "answer": answer.strip()}
     if model.suffix == ".gguf" and (LLAMA_CPP / "node_modules" / "node-llama-cpp").is_dir():
         result["llama_cpp"] = llama_cpp_answer(model, run)
@@ -73,7 +76,6 @@ def llama_cpp_answer(gguf: Path, run: Path) -> str:
     system prompt as forge generate asks it."""
     from transformers import AutoTokenizer
 
-    from forge_core.adapters.formats import FORGE, forge_adapter_dir, read_json
     from forge_core.eval.generation import chat_prompt
     from forge_core.models.sources import resolve_model
 
