@@ -158,8 +158,8 @@ def main(argv=None) -> None:
     text = "\n".join([
         bc.provenance(bc.command("bench_serve.py", argv), load_before), "",
         bc.table(["server", "clients", "tokens/s", "TTFT s (median)", "answer tokens"], rows), "",
-        f"Each client sends 2 streamed greedy chat requests of at most {args.max_tokens} tokens; one warm-up request "
-        "first. The merged model is the run's exact merge in float32."])
+        (f"Each client sends 2 streamed greedy chat requests of at most {args.max_tokens} tokens; one warm-up request "
+         "first. The merged model is the run's exact merge in float32.")])
     bc.publish(text, args.write, TITLE)
 
 
