@@ -38,15 +38,20 @@ def _dense_layers(model: nn.Module, cache: dict) -> list[tuple[str, nn.Module, n
             m = modules[path]
             if path not in cache:
                 cache[path] = m.base_weight() if kind == "lora" else m.dequantized(torch.float32)
-            if kind == "lora":
-                dense = m.fuse(cache[path])
-            else:
-                dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-                dense.weight.copy_(cache[path])
-                if m.bias is not None:
-                    dense.bias.copy_(m.bias.float())
-            out.append((path, dense.to(dtype).requires_grad_(False), m))
+            dense = m.fuse(cache[path]).to(dtype).requires_grad_(False) if kind == "lora" else \
+                dense_linear(m, cache[path], dtype)
+            out.append((path, dense, m))
     return out
+
+
+@torch.no_grad()
+def dense_linear(layer: nn.Module, weight: torch.Tensor, dtype) -> nn.Linear:
+    """A frozen nn.Linear in `dtype` holding `weight` (out, in) and `layer`'s bias: a quantized layer made dense."""
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    dense.weight.copy_(weight)
+    if layer.bias is not None:
+        dense.bias.copy_(layer.bias.float())
+    return dense.to(dtype).requires_grad_(False)
 
 
 def for_inference(model: nn.Module) -> None:

@@ -21,7 +21,7 @@ from forge_core.config import lora_scale
 
 from . import ops
 from .experts import LoRAExperts
-from .generate import _stop_ids
+from .generate import _stop_ids, dense_linear
 from .lora import LoRALinear, load_trainable, trainable_params
 from .model import _renamed, device
 from .quant import is_quantized, set_module
@@ -32,13 +32,8 @@ def _dense_base(model: nn.Module) -> None:
     if next(model.parameters()).device.type != "cpu":
         return
     dtype = model.get_input_embeddings().weight.dtype
-    with torch.no_grad():
-        for path, m in [(p, m) for p, m in model.named_modules() if is_quantized(m)]:
-            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            dense.weight.copy_(m.dequantized(torch.float32))
-            if m.bias is not None:
-                dense.bias.copy_(m.bias.float())
-            set_module(model, path, dense.to(dtype).requires_grad_(False))
+    for path, m in [(p, m) for p, m in model.named_modules() if is_quantized(m)]:
+        set_module(model, path, dense_linear(m, m.dequantized(torch.float32), dtype))
 
 
 class _Row:
