@@ -17,7 +17,7 @@ from forge_core.serve.settings import API_KEY_ENV, ServeSettings
 @click.option("--router", "router_path", type=click.Path(dir_okay=False), default=None,
               help="router.yaml: `model: auto` picks the expert (keyword / classifier / hybrid).")
 @click.option("--host", default=None, help="Bind address (default 127.0.0.1; any other needs an API key).")
-@click.option("--port", type=int, default=None)
+@click.option("--port", type=click.IntRange(1, 65535), default=None)
 @click.option("--api-key", default=None, help=f"Bearer token every request must send (or ${API_KEY_ENV}).")
 @click.option("--max-batch", type=click.IntRange(1), default=None, help="Rows decoded at once, all adapters.")
 @click.option("--max-context", type=click.IntRange(16), default=None, help="Prompt + answer tokens per request.")
