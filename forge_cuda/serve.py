@@ -5,9 +5,11 @@ every adapter is its factors kept as tensors on the device, and switching adapte
 another adapter's tensors (no copy, no reload). On the CPU each quantized layer is dequantized once into a dense
 one (the adapters stay apart: they are switched per step).
 
-Continuous batching, per adapter: a new row is prefilled alone and joins the adapter's batch, whose KV cache is
+Continuous batching, per lane: a new row is prefilled alone and joins its lane's batch, whose KV cache is
 left-padded to one length (the padding masked, each row's positions its own); a row that ends leaves the batch
 between steps. transformers' generate() batches only rows that start together, so the scheduler here is ours.
+A lane is a group's (--mix rows, the default: each row with its own adapter, serve_rows.py) or one adapter's
+(grouped: its factors switched in per step); DoRA and expert adapters are served grouped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .generate import _stop_ids, dense_linear
 from .lora import LoRALinear, load_trainable, trainable_params
 from .model import _renamed, device
 from .quant import is_quantized, set_module
+from .serve_rows import Rows, stack_adapters
 
 
 def _dense_base(model: nn.Module) -> None:
@@ -37,13 +40,14 @@ def _dense_base(model: nn.Module) -> None:
 
 
 class _Row:
-    def __init__(self, uid: int, prompt: list[int], max_tokens: int, temp: float, top_p: float):
+    def __init__(self, uid: int, prompt: list[int], max_tokens: int, temp: float, top_p: float, adapter: int = 0):
         self.uid, self.prompt, self.max_tokens, self.temp, self.top_p = uid, prompt, max_tokens, temp, top_p
+        self.adapter = adapter  # rows mode: the row's adapter index in its group
         self.made = 0
 
 
 class _Batch:
-    """One adapter's rows decoding together: a left-padded KV cache, each row's padding and last token."""
+    """One lane's rows decoding together: a left-padded KV cache, each row's padding and last token."""
 
     def __init__(self):
         self.rows: list[_Row] = []
@@ -95,15 +99,25 @@ def _sample(logits: torch.Tensor, temp: float, top_p: float) -> torch.Tensor:
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
+def _rows_ok(model: nn.Module) -> list[str] | None:
+    """The paths of the model's LoRA layers when every one can be applied per row (plain LoRA on a linear), else None."""
+    loras = [(p, m) for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))]
+    if all(isinstance(m, LoRALinear) and m.lora_magnitude_vector is None for _, m in loras):
+        return [p for p, _ in loras]
+    return None
+
+
 class TorchEngine:
-    def __init__(self, catalog, max_batch: int = 16, log=print):
+    def __init__(self, catalog, max_batch: int = 16, log=print, mix: str = "rows"):
         self.group_of, self.models, self.current, self.adapters = {}, {}, {}, {}
+        self.lane_of, self.index, self.rows = {}, {}, {}  # rows mode: the group's lane, each adapter's row index
         self.waiting, self.batches, self.stop = {}, {}, {}
         self.tokenizer = None
         self._uid = 0
         for key, members in catalog.groups().items():
             cfg = members[0].cfg
-            if any(m.adapter_dir for m in members):
+            adapted = any(m.adapter_dir for m in members)
+            if adapted:
                 model, tokenizer, _, _ = ops.build_model(cfg, pissa_init=members[0].factors)
             else:
                 model, tokenizer = ops.load_base_for_inference(cfg)
@@ -116,18 +130,35 @@ class TorchEngine:
                     else init
                 self.adapters[m.name] = (weights, lora_scale(m.cfg.lora))
                 self.group_of[m.name] = key
-                self.waiting[m.name], self.batches[m.name] = [], _Batch()
+            paths = _rows_ok(model) if adapted and mix == "rows" else None
+            if paths is not None:  # one batch for the group, each row its adapter
+                self.rows[key] = Rows()
+                stack_adapters(model, paths, [self.adapters[m.name] for m in members], self.rows[key])
+                self.index.update({m.name: i for i, m in enumerate(members)})
+                self.lane_of.update({m.name: key for m in members})
+            else:
+                self.lane_of.update({m.name: m.name for m in members})
+            for lane in {self.lane_of[m.name] for m in members}:
+                self.waiting[lane], self.batches[lane] = [], _Batch()
             _dense_base(model)
             self.current[key] = None
             self.models[key] = model
             self.stop[key] = set(_stop_ids(model, tokenizer))
             self.tokenizer = self.tokenizer or tokenizer
-            log(f"serving {', '.join(m.name for m in members)} on one base ({cfg.model.path})")
+            how = "per row" if paths is not None else "one adapter per step" if len(members) > 1 else ""
+            log(f"serving {', '.join(m.name for m in members)} on one base ({cfg.model.path})"
+                + (f", adapters applied {how}" if how else ""))
         self.base_name = catalog.base_name
+
+    def lane(self, name: str) -> str:
+        """The batch `name`'s requests decode in: its group's (rows mode) or its own."""
+        return self.lane_of[name]
 
     def _activate(self, name: str) -> nn.Module:
         key = self.group_of[name]
         model = self.models[key]
+        if key in self.rows:
+            return model
         if self.current[key] != name:
             weights, scale = self.adapters[name]
             params = trainable_params(model)
@@ -139,9 +170,18 @@ class TorchEngine:
             self.current[key] = name
         return model
 
+    def _model(self, lane: str, rows: list[_Row]) -> nn.Module:
+        """The lane's model, ready for a call on `rows` (rows mode: their adapters set)."""
+        key = self.group_of.get(lane, lane)
+        if key in self.rows:
+            self.rows[key].set([r.adapter for r in rows], device())
+            return self.models[key]
+        return self._activate(lane)
+
     def insert(self, name: str, prompt: list[int], max_tokens: int, temp: float, top_p: float) -> int:
         self._uid += 1
-        self.waiting[name].append(_Row(self._uid, list(prompt), max_tokens, temp, top_p))
+        self.waiting[self.lane_of[name]].append(_Row(self._uid, list(prompt), max_tokens, temp, top_p,
+                                                     self.index.get(name, 0)))
         return self._uid
 
     def _finish(self, row: _Row, token: int, stop: set) -> str | None:
@@ -151,13 +191,14 @@ class TorchEngine:
         return "length" if row.made >= row.max_tokens else None
 
     @torch.no_grad()
-    def step(self, name: str) -> list[tuple[int, int, str | None]]:
+    def step(self, lane: str) -> list[tuple[int, int, str | None]]:
         from transformers import DynamicCache
 
-        model, batch, stop = self._activate(name), self.batches[name], self.stop[self.group_of[name]]
-        dev = next(model.parameters()).device
+        batch, stop = self.batches[lane], self.stop[self.group_of.get(lane, lane)]
+        dev = device()
         out, keep = [], []
         if batch.rows:  # one decode step of the rows already in the batch
+            model = self._model(lane, batch.rows)
             width = batch.length()
             mask = torch.ones(len(batch.rows), width + 1, dtype=torch.long, device=dev)
             for i, p in enumerate(batch.pad):
@@ -173,9 +214,10 @@ class TorchEngine:
                 if finish is None:
                     keep.append(i)
             batch.keep(keep)
-        while self.waiting[name]:  # new rows: prefilled alone, their first token, then into the batch
-            row = self.waiting[name].pop(0)
+        while self.waiting[lane]:  # new rows: prefilled alone, their first token, then into the batch
+            row = self.waiting[lane].pop(0)
             cache = DynamicCache()
+            model = self._model(lane, [row])
             logits = model(input_ids=torch.tensor([row.prompt], device=dev), past_key_values=cache,
                            use_cache=True).logits[0, -1]
             token = int(_sample(logits, row.temp, row.top_p))
@@ -185,10 +227,10 @@ class TorchEngine:
                 batch.join(row, cache, torch.tensor([token], device=dev))
         return out
 
-    def remove(self, name: str, uids: list[int]) -> None:
+    def remove(self, lane: str, uids: list[int]) -> None:
         gone = set(uids)
-        self.waiting[name] = [r for r in self.waiting[name] if r.uid not in gone]
-        batch = self.batches[name]
+        self.waiting[lane] = [r for r in self.waiting[lane] if r.uid not in gone]
+        batch = self.batches[lane]
         if any(r.uid in gone for r in batch.rows):
             batch.keep([i for i, r in enumerate(batch.rows) if r.uid not in gone])
 
@@ -197,6 +239,6 @@ class TorchEngine:
 
     @torch.no_grad()
     def pooled(self, ids: list[int]) -> np.ndarray:
-        model = self._activate(self.base_name)
+        model = self._model(self.base_name, [_Row(0, ids, 1, 0.0, 1.0, self.index.get(self.base_name, 0))])
         out = model(input_ids=torch.tensor([ids], device=device()), output_hidden_states=True)
         return out.hidden_states[-1][0].float().mean(0).cpu().numpy()

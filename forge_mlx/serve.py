@@ -2,10 +2,13 @@
 
 Each group of served runs (forge_core/serve/catalog.py: runs that share their base exactly) is built once, as
 `forge generate` builds a run: the base, its residual quantized as trained, LoRA layers at the targets. Every
-adapter of the group is then only its factors, resident as MLX arrays; switching adapters points the LoRA layers at
-another adapter's arrays (and its scale): no weight is read, copied or reloaded. Each adapter has its own mlx-lm
-BatchGenerator (continuous batching: rows join and leave between steps), and a step runs one adapter's rows at once
-with its factors switched in: requests for different adapters share the base, one batched step per adapter.
+adapter of the group is then only its factors, resident as MLX arrays. Requests are decoded by mlx-lm's
+BatchGenerator (continuous batching: rows join and leave between steps), in one of two ways (--mix):
+- rows (the default): one generator per group; each row of a batch decodes with its own adapter's factors, gathered
+  per row (serve_rows.py), so requests for different adapters share every step;
+- grouped: one generator per adapter, and a step runs one adapter's rows with its factors switched in (the LoRA
+  layers pointed at another adapter's arrays: nothing read, copied or reloaded), one batched step per adapter.
+DoRA and expert (mixture) adapters are served grouped. docs/BENCHMARKS.md "Serving" measures the two.
 
 On the CPU the quantized base layers are dequantized once into dense weights (as forge generate's for_inference
 does) and the adapters stay apart from them, since they are switched per step.
@@ -21,7 +24,8 @@ from forge_core.config import lora_scale
 
 from . import ops
 from .generate import _dense
-from .lora import LORA_LAYERS, QUANT_LAYERS, trainable_params
+from .lora import LORA_LAYERS, QUANT_LAYERS, LoRALinear, trainable_params
+from .serve_rows import RowAdapters, RowModel, Rows, stack_adapters
 
 
 def _dense_base(model) -> None:
@@ -34,11 +38,20 @@ def _dense_base(model) -> None:
     mx.eval(model.parameters())
 
 
+def _rows_ok(model) -> list[str] | None:
+    """The paths of the model's LoRA layers when every one can be applied per row (plain LoRA on a linear), else None."""
+    loras = [(p, m) for p, m in model.named_modules() if isinstance(m, LORA_LAYERS)]
+    if all(isinstance(m, LoRALinear) and not m.dora for _, m in loras):
+        return [p for p, _ in loras]
+    return None
+
+
 class MlxEngine:
-    def __init__(self, catalog, max_batch: int = 32, log=print):
+    def __init__(self, catalog, max_batch: int = 32, log=print, mix: str = "rows"):
         from mlx_lm.generate import BatchGenerator
 
         self.group_of, self.models, self.current, self.adapters = {}, {}, {}, {}
+        self.lane_of, self.index, self.rows = {}, {}, {}  # rows mode: the group's lane, each adapter's row index
         self.gens, self.live, self._samplers = {}, {}, {}
         self.tokenizer = None
         for key, members in catalog.groups().items():
@@ -54,21 +67,42 @@ class MlxEngine:
             model.eval()
             self.tokenizer = self.tokenizer or tokenizer
             self.models[key] = model
+            stop = [[t] for t in tokenizer.eos_token_ids]
             for m in members:
                 weights = {k: mx.array(v) for k, v in m.weights.items()} if m.weights is not None else init
                 mx.eval(list(weights.values()))
                 self.adapters[m.name] = (weights, lora_scale(m.cfg.lora))
                 self.group_of[m.name] = key
-                self.gens[m.name] = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-                                                   completion_batch_size=max_batch, prefill_batch_size=max_batch)
-                self.live[m.name] = set()
-            log(f"serving {', '.join(m.name for m in members)} on one base ({cfg.model.path})")
+            paths = _rows_ok(model) if adapted and mix == "rows" else None
+            if paths is not None:  # one generator for the group, each row its adapter
+                self.rows[key] = Rows()
+                stack_adapters(model, paths, [self.adapters[m.name] for m in members], self.rows[key])
+                self.index.update({m.name: i for i, m in enumerate(members)})
+                lanes = {m.name: key for m in members}
+                runner = RowModel(model, self.rows[key])
+            else:
+                lanes = {m.name: m.name for m in members}
+                runner = model
+            self.lane_of.update(lanes)
+            for lane in set(lanes.values()):
+                self.gens[lane] = BatchGenerator(runner, stop_tokens=stop, completion_batch_size=max_batch,
+                                                 prefill_batch_size=max_batch)
+                self.live[lane] = set()
+            how = "per row" if paths is not None else "one adapter per step" if len(members) > 1 else ""
+            log(f"serving {', '.join(m.name for m in members)} on one base ({cfg.model.path})"
+                + (f", adapters applied {how}" if how else ""))
         self.base_name = catalog.base_name
+
+    def lane(self, name: str) -> str:
+        """The generator `name`'s requests decode in: its group's (rows mode) or its own."""
+        return self.lane_of[name]
 
     def _activate(self, name: str):
         key = self.group_of[name]
         model = self.models[key]
-        if self.current.get(key) != name:
+        if key in self.rows:  # rows mode: a lone call (the router's features) runs as one row of `name`
+            self.rows[key].idx = mx.array([self.index[name]], dtype=mx.uint32)
+        elif self.current.get(key) != name:
             weights, scale = self.adapters[name]
             if weights:
                 model.load_weights(list(weights.items()), strict=False)
@@ -87,27 +121,36 @@ class MlxEngine:
         return self._samplers[key]
 
     def insert(self, name: str, prompt: list[int], max_tokens: int, temp: float, top_p: float) -> int:
-        (uid,) = self.gens[name].insert([prompt], max_tokens=[max_tokens], samplers=[self._sampler(temp, top_p)])
-        self.live[name].add(uid)
+        """A row for adapter `name`; its id is unique within its lane (self.lane(name))."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        lane = self.lane_of[name]
+        caches = None
+        if name in self.index:  # the row's adapter rides in its cache list (serve_rows.py)
+            caches = [make_prompt_cache(self.models[lane]) + [RowAdapters([self.index[name]])]]
+        (uid,) = self.gens[lane].insert([prompt], max_tokens=[max_tokens], caches=caches,
+                                        samplers=[self._sampler(temp, top_p)])
+        self.live[lane].add(uid)
         return uid
 
-    def step(self, name: str) -> list[tuple[int, int, str | None]]:
-        self._activate(name)
+    def step(self, lane: str) -> list[tuple[int, int, str | None]]:
+        if lane not in self.rows:
+            self._activate(lane)
         out = []
-        for r in self.gens[name].next_generated():
+        for r in self.gens[lane].next_generated():
             out.append((r.uid, r.token, r.finish_reason))
             if r.finish_reason is not None:
-                self.live[name].discard(r.uid)
-        if not self.live[name]:
+                self.live[lane].discard(r.uid)
+        if not self.live[lane]:
             mx.clear_cache()  # the finished rows' KV cache goes back, not to the allocator's cache
         return out
 
-    def remove(self, name: str, uids: list[int]) -> None:
-        gone = [u for u in uids if u in self.live[name]]
+    def remove(self, lane: str, uids: list[int]) -> None:
+        gone = [u for u in uids if u in self.live[lane]]
         if gone:
-            self.gens[name].remove(gone)
-            self.live[name].difference_update(gone)
-        if not self.live[name]:
+            self.gens[lane].remove(gone)
+            self.live[lane].difference_update(gone)
+        if not self.live[lane]:
             mx.clear_cache()
 
     def memory(self) -> int:

@@ -8,8 +8,9 @@ with distinct prompts, greedy, --max-tokens):
 - mlx_lm.server --model MERGED (mlx-lm's own OpenAI server),
 - forge serve --model MERGED (the merged model as a base, no adapter),
 - forge serve RUN RUN-COPY: the run as trained (its 4-bit residual, dequantized once for CPU decoding, the adapter
-  apart), all requests to one adapter, and then half to each of two adapters (the copy is the same run under another
-  name: what is measured is the switch of factors per step and the batch split in two, not different weights).
+  apart), all requests to one adapter, and then half to each of two adapters, both ways forge mixes them: per row in
+  one batch (--mix rows, the default) and one batch per adapter (--mix grouped). The copy is the same run under
+  another name: what is measured is how the adapters are applied, not different weights.
 Per server and C: tokens/s over all clients (answer tokens, counted by the model's tokenizer, over the wall time from
 the first request sent to the last answer done) and time to first token (median over requests, from sending to the
 first content chunk).
@@ -139,8 +140,11 @@ def main(argv=None) -> None:
              ["merged"]),
             ("forge serve, run as trained (1 adapter)",
              [str(BIN / "forge"), "serve", str(run), str(copy), "--port", str(port)], [run.name]),
-            ("forge serve, run as trained (2 adapters mixed)",
+            ("forge serve, run as trained (2 adapters mixed, per row)",
              [str(BIN / "forge"), "serve", str(run), str(copy), "--port", str(port)], [run.name, "copy"]),
+            ("forge serve, run as trained (2 adapters mixed, grouped)",
+             [str(BIN / "forge"), "serve", str(run), str(copy), "--port", str(port), "--mix", "grouped"],
+             [run.name, "copy"]),
         ]
         rows = []
         for label, cmd, models in setups:

@@ -8,7 +8,7 @@ import click
 
 from forge_core.config_parse import choices
 from forge_core.friendly import friendly
-from forge_core.serve.settings import API_KEY_ENV, ServeSettings
+from forge_core.serve.settings import API_KEY_ENV, MIXES, ServeSettings
 
 
 @click.command()
@@ -20,6 +20,8 @@ from forge_core.serve.settings import API_KEY_ENV, ServeSettings
 @click.option("--port", type=click.IntRange(1, 65535), default=None)
 @click.option("--api-key", default=None, help=f"Bearer token every request must send (or ${API_KEY_ENV}).")
 @click.option("--max-batch", type=click.IntRange(1), default=None, help="Rows decoded at once, all adapters.")
+@click.option("--mix", type=click.Choice(MIXES), default=None,
+              help="Requests for different adapters: one batch, each row its adapter (rows) or a batch per adapter.")
 @click.option("--max-context", type=click.IntRange(16), default=None, help="Prompt + answer tokens per request.")
 @click.option("--max-tokens-limit", type=click.IntRange(1), default=None, help="Largest max_tokens a request gets.")
 @click.option("--force", is_flag=True, default=None, help="Start even where the memory plan says it does not fit.")

@@ -24,7 +24,7 @@ def _engine(name: str, catalog, settings: ServeSettings):
     """The backend's serving engine (forge_mlx/serve.py, forge_cuda/serve.py)."""
     module = importlib.import_module(f"forge_{name}.serve")
     engine = module.MlxEngine if name == "mlx" else module.TorchEngine
-    return engine(catalog, settings.max_batch, log=_say)
+    return engine(catalog, settings.max_batch, log=_say, mix=settings.mix)
 
 
 def prepare(runs: list[str], model: str | None, router_path: str | None, settings: ServeSettings,

@@ -1,9 +1,10 @@
 """The decode thread: every model call of the server runs here, one at a time, so the framework sees one thread.
 
 Requests come in from the HTTP side (any thread) and are inserted into the backend's continuous-batching generator
-of their adapter; each turn of the loop runs one decode step per adapter that has rows (the adapter's factors are
-switched in, not reloaded: forge_mlx/serve.py), hands each row its token, and takes new requests and cancellations
-(a client gone mid-stream) between steps, so a request never waits for another to finish, only for a step.
+of their *lane*: the adapter's own (grouped: its factors switched in per step, not reloaded) or its base's (rows:
+every row of the batch with its own adapter; forge_mlx/serve.py). Each turn of the loop runs one decode step per
+lane that has rows, hands each row its token, and takes new requests and cancellations (a client gone mid-stream)
+between steps, so a request never waits for another to finish, only for a step.
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ from typing import Protocol
 class Engine(Protocol):
     """What a backend's serving side provides (forge_mlx/serve.py). Called from the decode thread only."""
 
+    def lane(self, name: str) -> str:
+        """The generator adapter `name`'s rows decode in (its own, or one its base's adapters share)."""
+
     def insert(self, name: str, prompt: list[int], max_tokens: int, temp: float, top_p: float) -> int:
-        """Queue a row for adapter `name`; returns its id within that adapter's generator."""
+        """Queue a row for adapter `name`; returns its id within its lane."""
 
-    def step(self, name: str) -> list[tuple[int, int, str | None]]:
-        """One decode step of adapter `name`'s rows: (row id, token, finish reason: None, "stop" (an end token,
-        not part of the answer) or "length")."""
+    def step(self, lane: str) -> list[tuple[int, int, str | None]]:
+        """One decode step of a lane's rows: (row id, token, finish reason: None, "stop" (an end token, not part of
+        the answer) or "length")."""
 
-    def remove(self, name: str, uids: list[int]) -> None:
-        """Drop rows (their KV cache is freed)."""
+    def remove(self, lane: str, uids: list[int]) -> None:
+        """Drop rows of a lane (their KV cache is freed)."""
 
     def pooled(self, ids: list[int]):
         """The base model's mean-pooled last hidden state of `ids` (the router's classifier features)."""
@@ -45,6 +49,7 @@ class Request:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # (token, finish) or (None, "error: ...")
     uid: int | None = None
+    lane: str = ""  # the engine's generator it decodes in (set when inserted)
 
     def deliver(self, item: tuple) -> None:
         try:
@@ -59,7 +64,7 @@ class Scheduler:
         self.max_rows = max_rows  # rows decoded at once, all adapters together; more requests wait their turn
         self.pending: collections.deque[Request] = collections.deque()
         self.inbox: queue.Queue = queue.Queue()
-        self.active: dict[str, dict[int, Request]] = {}
+        self.active: dict[str, dict[int, Request]] = {}  # lane -> row id -> request
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="forge-decode", daemon=True)
@@ -94,8 +99,8 @@ class Scheduler:
             self._drain(block=not self.rows())
             while self.pending and self.rows() < self.max_rows:
                 self._insert(self.pending.popleft())
-            for name in [n for n, rows in self.active.items() if rows]:
-                self._step(name)
+            for lane in [n for n, rows in self.active.items() if rows]:
+                self._step(lane)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -117,8 +122,8 @@ class Scheduler:
             req = item[1]
             if req in self.pending:
                 self.pending.remove(req)
-            elif self.active.get(req.name, {}).pop(req.uid, None) is not None:
-                self.engine.remove(req.name, [req.uid])
+            elif self.active.get(req.lane, {}).pop(req.uid, None) is not None:
+                self.engine.remove(req.lane, [req.uid])
         elif kind == "call":
             _, fn, args, fut = item
             try:
@@ -128,19 +133,20 @@ class Scheduler:
 
     def _insert(self, req: Request) -> None:
         try:
+            req.lane = self.engine.lane(req.name)
             req.uid = self.engine.insert(req.name, req.prompt, req.max_tokens, req.temp, req.top_p)
         except Exception as e:  # noqa: BLE001 - the request fails, the server stays up
             req.deliver((None, f"error: {type(e).__name__}: {e}"))
             return
-        self.active.setdefault(req.name, {})[req.uid] = req
+        self.active.setdefault(req.lane, {})[req.uid] = req
 
-    def _step(self, name: str) -> None:
-        rows = self.active[name]
+    def _step(self, lane: str) -> None:
+        rows = self.active[lane]
         try:
-            out = self.engine.step(name)
-        except Exception as e:  # noqa: BLE001 - this adapter's rows fail, the server stays up
-            self.log(f"decode step of '{name}' failed: {type(e).__name__}: {e}")
-            self.engine.remove(name, list(rows))
+            out = self.engine.step(lane)
+        except Exception as e:  # noqa: BLE001 - this lane's rows fail, the server stays up
+            self.log(f"decode step of '{lane}' failed: {type(e).__name__}: {e}")
+            self.engine.remove(lane, list(rows))
             for req in rows.values():
                 req.deliver((None, f"error: {type(e).__name__}: {e}"))
             rows.clear()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 API_KEY_ENV = "FORGE_API_KEY"
+MIXES = ("rows", "grouped")
 
 
 @dataclass
@@ -17,6 +18,9 @@ class ServeSettings:
     max_tokens_limit: int = 2048  # a request asking for more gets 400
     max_body_bytes: int = 1_000_000  # a larger request body gets 413
     max_batch: int = 16  # rows decoded at once, all adapters together (more requests wait for a row)
+    # requests for different adapters of one base: "rows" decodes them in one batch, each row with its own factors;
+    # "grouped" runs one batch per adapter (docs/BENCHMARKS.md "Serving" measures both)
+    mix: str = "rows"
     max_context: int = 2048  # prompt + answer tokens a request may hold (the KV cache the plan counts per row)
     force: bool = False  # start even where the memory plan says it does not fit
 

@@ -1,6 +1,7 @@
 """Both backends' serving engines (forge_mlx/serve.py, forge_cuda/serve.py) decode what `forge generate` decodes:
 two runs on one base, rows for both adapters joining at different steps (continuous batching), greedy tokens equal
-to the backend's own generation with that run loaded alone; a row removed mid-answer leaves the others as they were."""
+to the backend's own generation with that run loaded alone; a row removed mid-answer leaves the others as they were.
+Both ways of mixing adapters: per row in one batch (rows) and one batch per adapter (grouped)."""
 
 import io
 import json
@@ -38,14 +39,14 @@ def runs(tiny_model, tmp_path_factory):
 PROMPTS = [[5, 70, 71, 72], [200, 41, 42, 43, 44, 45, 46], [9, 8]]
 
 
-def _engine(backend, catalog):
+def _engine(backend, catalog, mix):
     if backend == "mlx":
         from forge_mlx.serve import MlxEngine
 
-        return MlxEngine(catalog, 8, log=lambda m: None)
+        return MlxEngine(catalog, 8, log=lambda m: None, mix=mix)
     from forge_cuda.serve import TorchEngine
 
-    return TorchEngine(catalog, 8, log=lambda m: None)
+    return TorchEngine(catalog, 8, log=lambda m: None, mix=mix)
 
 
 def _alone(backend, run, prompt) -> list[int]:
@@ -57,27 +58,30 @@ def _alone(backend, run, prompt) -> list[int]:
     return o.generate_tokens(model, tok, [prompt], MAX)[0]
 
 
+@pytest.mark.parametrize("mix", ["rows", "grouped"])
 @pytest.mark.parametrize("backend", ["mlx", "cuda"])
-def test_rows_joining_at_different_steps_decode_as_each_run_alone(backend, runs):
+def test_rows_joining_at_different_steps_decode_as_each_run_alone(backend, mix, runs):
     from forge_core.backend import ops
 
     catalog = build_catalog(ops(backend), [str(runs["a"]), str(runs["b"])], None)
-    engine = _engine(backend, catalog)
+    engine = _engine(backend, catalog, mix)
+    lanes = sorted({engine.lane(n) for n in ("a", "b")})
+    assert len(lanes) == (1 if mix == "rows" else 2)
     plan = [("a", PROMPTS[0]), ("b", PROMPTS[1]), ("a", PROMPTS[2]), ("b", PROMPTS[0]), ("a", PROMPTS[1])]
     got, owner, dropped = {}, {}, None
     for step in range(40):
         if step < len(plan):  # one new row per step: each joins rows already decoding
             name, prompt = plan[step]
-            key = (name, engine.insert(name, prompt, MAX, 0.0, 1.0))  # row ids are per adapter
+            key = (engine.lane(name), engine.insert(name, prompt, MAX, 0.0, 1.0))  # row ids are per lane
             owner[key], got[key] = (name, tuple(prompt)), []
         if step == 3:  # the first row of "b" leaves mid-answer (a client gone)
             dropped = next(k for k, (n, _) in owner.items() if n == "b")
-            engine.remove("b", [dropped[1]])
-        for name in ("a", "b"):
-            for uid, token, finish in engine.step(name):
-                assert (name, uid) != dropped or step < 3
+            engine.remove(dropped[0], [dropped[1]])
+        for lane in lanes:
+            for uid, token, finish in engine.step(lane):
+                assert (lane, uid) != dropped or step < 3
                 if finish != "stop":
-                    got[(name, uid)].append(token)
+                    got[(lane, uid)].append(token)
     for key, (name, prompt) in owner.items():
         uid = key
         if uid != dropped:

@@ -142,6 +142,9 @@ class FakeEngine:
     def __init__(self):
         self.rows, self.widest, self.removed = {}, 0, []
 
+    def lane(self, name):
+        return name
+
     def insert(self, name, prompt, max_tokens, temp, top_p):
         uid = len(self.rows)
         self.rows[uid] = [name, 0, max_tokens]
