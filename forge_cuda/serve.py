@@ -14,6 +14,8 @@ A lane is a group's (--mix rows, the default: each row with its own adapter, ser
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,12 @@ class _Batch:
         self.rows = [self.rows[i] for i in keep]
         self.pad = [self.pad[i] - cut for i in keep]
         self.last = self.last.index_select(0, index)
+
+
+def _cache_kw(model: nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.25 (`past_key_values` deprecated), before it
+    `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _sample(logits: torch.Tensor, temp: float, top_p: float) -> torch.Tensor:
@@ -205,7 +213,7 @@ class TorchEngine:
                 mask[i, :p] = 0
             positions = torch.tensor([[width - p] for p in batch.pad], device=dev)
             logits = model(input_ids=batch.last[:, None], attention_mask=mask, position_ids=positions,
-                           past_key_values=batch.cache, use_cache=True).logits[:, -1]
+                           use_cache=True, **{_cache_kw(model): batch.cache}).logits[:, -1]
             tokens = [int(_sample(logits[i], r.temp, r.top_p)) for i, r in enumerate(batch.rows)]
             batch.last = torch.tensor(tokens, device=dev)
             for i, (row, token) in enumerate(zip(batch.rows, tokens)):
@@ -218,8 +226,8 @@ class TorchEngine:
             row = self.waiting[lane].pop(0)
             cache = DynamicCache()
             model = self._model(lane, [row])
-            logits = model(input_ids=torch.tensor([row.prompt], device=dev), past_key_values=cache,
-                           use_cache=True).logits[0, -1]
+            logits = model(input_ids=torch.tensor([row.prompt], device=dev), use_cache=True,
+                           **{_cache_kw(model): cache}).logits[0, -1]
             token = int(_sample(logits, row.temp, row.top_p))
             finish = self._finish(row, token, stop)
             out.append((row.uid, token, finish))
