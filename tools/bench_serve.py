@@ -1,6 +1,7 @@
 """Serving speed: `forge serve` against `mlx_lm.server` on the same merged model, and the cost of mixing adapters.
 
-    python tools/bench_serve.py [--run runs/demo-sft] [--clients 1,4,16] [--max-tokens 32] [--write docs/BENCHMARKS.md]
+    python tools/bench_serve.py [--run runs/demo-sft] [--clients 1,4,16] [--max-tokens 32] [--backend mlx|cuda]
+                                [--write docs/BENCHMARKS.md]
 
 The SFT demo run is exported merged (forge export --format merged), then served three ways, one server at a time on
 one port, each asked the same thing by C concurrent clients (C in --clients, each sending 2 streamed chat requests
@@ -11,6 +12,7 @@ with distinct prompts, greedy, --max-tokens):
   apart), all requests to one adapter, and then half to each of two adapters, both ways forge mixes them: per row in
   one batch (--mix rows, the default) and one batch per adapter (--mix grouped). The copy is the same run under
   another name: what is measured is how the adapters are applied, not different weights.
+With --backend cuda only the run's three forge serve rows are measured, served by the torch engine (its own section).
 Per server and C: tokens/s over all clients (answer tokens, counted by the model's tokenizer, over the wall time from
 the first request sent to the last answer done) and time to first token (median over requests, from sending to the
 first content chunk).
@@ -37,6 +39,10 @@ import _bench_common as bc
 from bench_eval import BIN, timed
 
 TITLE = "Serving: forge serve vs mlx_lm.server"
+TITLE_TORCH = "Serving on torch: adapters per row vs grouped"
+ONE = "forge serve, run as trained (1 adapter)"
+PER_ROW = "forge serve, run as trained (2 adapters mixed, per row)"
+GROUPED = "forge serve, run as trained (2 adapters mixed, grouped)"
 QUESTIONS = ["Name a colour.", "What is 2 + 3?", "Say hello in French.", "Name a fruit.", "What is the capital of Italy?",
              "Give me a word that rhymes with cat.", "Name an animal.", "What day comes after Monday?"]
 
@@ -119,6 +125,7 @@ def main(argv=None) -> None:
     ap.add_argument("--run", default=str(bc.ROOT / "runs" / "demo-sft"))
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--backend", choices=["mlx", "cuda"], default="mlx")
     ap.add_argument("--write", default=None, metavar="MD")
     args = ap.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
@@ -133,19 +140,17 @@ def main(argv=None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(merged))
         port = _port()
         py = str(BIN / "python")
+        forge = [str(BIN / "forge"), "serve", "--port", str(port), "--backend", args.backend]
         setups = [
             ("mlx_lm.server, merged", [py, "-m", "mlx_lm.server", "--model", str(merged), "--port", str(port)],
              [str(merged)]),
-            ("forge serve, merged", [str(BIN / "forge"), "serve", "--model", str(merged), "--port", str(port)],
-             ["merged"]),
-            ("forge serve, run as trained (1 adapter)",
-             [str(BIN / "forge"), "serve", str(run), str(copy), "--port", str(port)], [run.name]),
-            ("forge serve, run as trained (2 adapters mixed, per row)",
-             [str(BIN / "forge"), "serve", str(run), str(copy), "--port", str(port)], [run.name, "copy"]),
-            ("forge serve, run as trained (2 adapters mixed, grouped)",
-             [str(BIN / "forge"), "serve", str(run), str(copy), "--port", str(port), "--mix", "grouped"],
-             [run.name, "copy"]),
+            ("forge serve, merged", [*forge, "--model", str(merged)], ["merged"]),
+            (ONE, [*forge, str(run), str(copy)], [run.name]),
+            (PER_ROW, [*forge, str(run), str(copy)], [run.name, "copy"]),
+            (GROUPED, [*forge, str(run), str(copy), "--mix", "grouped"], [run.name, "copy"]),
         ]
+        if args.backend == "cuda":  # the torch engine: how it mixes adapters (mlx_lm.server is MLX's)
+            setups = setups[2:]
         rows = []
         for label, cmd, models in setups:
             proc = serve(cmd, port, tmp / "server.log")
@@ -163,8 +168,26 @@ def main(argv=None) -> None:
         bc.provenance(bc.command("bench_serve.py", argv), load_before), "",
         bc.table(["server", "clients", "tokens/s", "TTFT s (median)", "answer tokens"], rows), "",
         (f"Each client sends 2 streamed greedy chat requests of at most {args.max_tokens} tokens; one warm-up request "
-         "first. The merged model is the run's exact merge in float32.")])
-    bc.publish(text, args.write, TITLE)
+         "first." + (" The merged model is the run's exact merge in float32." if args.backend == "mlx" else "")),
+        "", reading(rows, max(counts))])
+    bc.publish(text, args.write, TITLE if args.backend == "mlx" else TITLE_TORCH)
+
+
+def reading(rows: list, c: int) -> str:
+    """The ratios this table is for, at the most clients, computed from its rows."""
+    tok = {(r[0], r[1]): float(r[2]) for r in rows}
+    lines = [f"Read at {c} clients (this run):"]
+    if ("mlx_lm.server, merged", c) in tok:
+        lines.append(f"- the same merged model: forge serve {tok[('forge serve, merged', c)]:.1f} vs mlx_lm.server "
+                     f"{tok[('mlx_lm.server, merged', c)]:.1f} tokens/s "
+                     f"({tok[('forge serve, merged', c)] / tok[('mlx_lm.server, merged', c)]:.2f}x);")
+    rows_, grouped, one = tok[(PER_ROW, c)], tok[(GROUPED, c)], tok[(ONE, c)]
+    lines.append(f"- two adapters mixed, applied per row in one batch vs one batch per adapter: {rows_:.1f} vs "
+                 f"{grouped:.1f} tokens/s ({rows_ / grouped:.2f}x; forge's default is per row, --mix rows);")
+    lines.append(f"- against all requests on one adapter ({one:.1f}): per row {100 * (rows_ / one - 1):+.0f}%, grouped "
+                 f"{100 * (grouped / one - 1):+.0f}% (grouping runs two half-width batches per step, each with the "
+                 "base's matmuls; per row runs one).")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
