@@ -220,6 +220,7 @@ def _merged_quantized(adapter: ad.Adapter, base: Path, out: Path, shard_bytes: i
     mlx_lm.convert's rounding, awq / gptq by mlx-lm's own quantizers calibrated on the run's rows
     (forge_mlx/posttrain_quant.py, calibration.py)."""
     try:
+        import forge_mlx  # noqa: F401, I001 - first: on Linux it loads an optimized BLAS, which must precede mlx's
         from mlx_lm import convert as mlx_convert
     except ImportError:
         raise ForgeError('--quantize needs mlx-lm: pip install "forge-tune[mlx]" '
