@@ -150,3 +150,26 @@ def test_an_mlx_lm_quantized_model_gets_forges_cpu_matmul_with_the_same_logits(t
     assert {type(m) for m in quantized} == {QuantLinear, QuantEmbedding}
     assert all(m.matmul == "dequant" for m in quantized)
     np.testing.assert_allclose(np.array(model(ids)), want, atol=1e-4)
+
+
+def test_awqs_quantized_blocks_compute_with_forges_cpu_path_only_inside_the_export(tiny_model):
+    """forge export --quantize awq on the CPU: inside posttrain_quant's context, awq.py's nn.quantize leaves forge's
+    dequant layers (the same outputs as mlx-lm's own); outside it, awq.py sees mlx.nn again."""
+    import mlx_lm.utils
+    from mlx import nn
+    from mlx_lm.quant import awq
+
+    from forge_mlx.posttrain_quant import _fast_quantized_blocks
+
+    model, _ = mlx_lm.utils.load_model(tiny_model)
+    block, x = model.model.layers[0], mx.random.normal((2, 5, model.args.hidden_size))
+    mask = "causal"
+    plain = model.model.layers[1]
+    plain.update(block.parameters())  # the same weights, quantized by mlx-lm itself
+    nn.quantize(plain, group_size=32, bits=4)
+    with _fast_quantized_blocks(awq):
+        assert awq.nn is not nn and awq.nn.Linear is nn.Linear
+        awq.nn.quantize(block, group_size=32, bits=4)
+    assert awq.nn is nn
+    assert {type(m) for _, m in block.named_modules() if isinstance(m, nn.QuantizedLinear)} == {QuantLinear}
+    np.testing.assert_allclose(np.array(block(x, mask=mask)), np.array(plain(x, mask=mask)), atol=1e-4)
