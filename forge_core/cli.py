@@ -260,8 +260,8 @@ def eval_(adapter, as_json, system, text, stride, lm_eval, lm_eval_include, lm_e
 @click.option("--base", default=None, help="Base model (default: the one recorded in forge.json).")
 @click.option("--quantize", type=click.Choice(QUANTIZERS), is_flag=False, flag_value="rtn", default=None,
               help="merged: quantize the merged weights afterwards, an mlx-lm model at the run's bits: rtn (plain "
-                   "rounding, the bare flag), awq or gptq (mlx-lm's, calibrated on the run's training rows).")
-@click.option("--calib", default=None, metavar="DATA", help="awq / gptq: calibrate on these rows instead.")
+                   "rounding, the bare flag), awq, gptq or dwq (mlx-lm's, calibrated on the run's training rows).")
+@click.option("--calib", default=None, metavar="DATA", help="awq / gptq / dwq: calibrate on these rows instead.")
 @click.option("--dtype", type=click.Choice(["float32", "base", "bfloat16", "float16"]), default="float32",
               help="merged: dtype of the written weights (base = the base checkpoint's own).")
 @click.option("--outtype", type=click.Choice(GGUF_OUTTYPES), default="f16",

@@ -1,11 +1,14 @@
-"""Post-training quantization of a merged checkpoint with mlx-lm's own quantizers - AWQ (mlx_lm.quant.awq) and GPTQ
-(mlx_lm.quant.gptq), not re-implemented here - calibrated on token rows forge hands over (by default the run's own
-training rows, chat-templated as they were trained), saved as an mlx-lm model directory (mlx_lm.load reads it).
+"""Post-training quantization of a merged checkpoint with mlx-lm's own quantizers - AWQ (mlx_lm.quant.awq), GPTQ
+(mlx_lm.quant.gptq) and DWQ (mlx_lm.quant.dwq), not re-implemented here - calibrated on token rows forge hands over
+(by default the run's own training rows, chat-templated as they were trained), saved as an mlx-lm model directory
+(mlx_lm.load reads it).
 
     awq   per-channel scales searched to keep each block's output (n_grid points), then clipping; the embeddings and
           head at embed_bits (4, groups of 32), as mlx-lm's AWQ does
     gptq  each linear's columns rounded in order with the error pushed onto the rest through the inverse Hessian of
           its inputs; layers GPTQ does not handle (the embeddings) at fallback_bits (6)
+    dwq   the rtn model (the same layers quantized as --quantize rtn), then its scales and biases trained to match
+          the float merge's output distribution on the rows (KL at temperature 2, Adam at mlx-lm's defaults)
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from .quant import adopt_quantized
 N_GRID = 20  # AWQ's scale / clip search points (mlx-lm's default)
 EMBED_BITS, EMBED_GROUP = 4, 32  # AWQ's embeddings and head (mlx-lm's defaults)
 FALLBACK_BITS = 6  # GPTQ's layers it does not quantize itself (mlx-lm's default)
+DWQ_LR, DWQ_TEMPERATURE, DWQ_BATCH = 1e-6, 2.0, 4  # mlx_lm.quant.dwq's defaults
+DWQ_STEPS = 100  # at least this many steps: the rows are repeated (a run's rows are far fewer than DWQ's 2048)
 
 
 @contextlib.contextmanager
@@ -54,8 +59,71 @@ def _fast_quantized_blocks(awq_module):
         awq_module.nn = real
 
 
-def quantize_checkpoint(src: Path, dst: Path, method: str, bits: int, group_size: int, tokens: np.ndarray) -> None:
-    """src (a float checkpoint) -> dst (an mlx-lm quantized model) by `method`, calibrated on `tokens` (N, T)."""
+class _TrainableDequant:
+    """DWQ on the CPU: a quantized layer computing x @ dequant(W)ᵀ by plain ops, so the gradient reaches its scales
+    and biases (mx.quantized_matmul's CPU kernel is the slow one; forge's own dequant path freezes them)."""
+
+    def __call__(self, x):
+        from .quant import unpack_affine
+
+        if self.bits in (4, 8) and self.mode == "affine":
+            w = unpack_affine(self.weight, self.scales, self.biases, self.group_size, self.bits)
+        else:
+            w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size,
+                              bits=self.bits, mode=self.mode)
+        y = x @ w.astype(x.dtype).T
+        return y + self.bias if "bias" in self else y
+
+
+@contextlib.contextmanager
+def _trainable_on_cpu(model):
+    from mlx import nn
+
+    if mx.default_device() != mx.cpu:
+        yield
+        return
+    swapped = [m for _, m in model.named_modules() if type(m) is nn.QuantizedLinear]
+    cls = type("TrainableQuantizedLinear", (_TrainableDequant, nn.QuantizedLinear), {})
+    for m in swapped:
+        m.__class__ = cls
+    try:
+        yield
+    finally:
+        for m in swapped:
+            m.__class__ = nn.QuantizedLinear
+
+
+def _dwq(src: Path, teacher, tokens: np.ndarray, config: dict, bits: int, group_size: int, keep):
+    """(the student, its config): `keep`'s layers quantized as rtn would, then mlx-lm's DWQ on the rows."""
+    import math
+
+    import mlx.optimizers as optim
+    from mlx_lm.quant.dwq import dwq_quantize
+    from mlx_lm.utils import load, quantize_model
+
+    rows = [([int(t) for t in r], 0) for r in tokens]
+    batch = min(DWQ_BATCH, len(rows) // 2)  # few rows (a small run): smaller batches, a train and a valid one at least
+    if batch < 1:
+        raise ForgeError(f"--quantize dwq: {len(rows)} calibration sequence of {tokens.shape[1]} tokens; it needs 2 "
+                         "at least (pass --calib with more rows)")
+    n_valid = max(batch, len(rows) // 10)
+    train, valid = rows[:-n_valid], rows[-n_valid:]
+    train = train * math.ceil(DWQ_STEPS * batch / len(train))
+    student = load(str(src), lazy=True)[0]
+    student, config = quantize_model(student, config, group_size, bits, quant_predicate=keep)
+    teacher.eval()
+    with _trainable_on_cpu(student):
+        dwq_quantize(student, lambda batch, idx, split: mx.stop_gradient(teacher(batch)),
+                     optim.Adam(learning_rate=DWQ_LR, bias_correction=True), train, valid, batch,
+                     tokens.shape[1] + 1, seed=0, dtype=mx.float32, temperature=DWQ_TEMPERATURE)
+    student.eval()
+    return student, config
+
+
+def quantize_checkpoint(src: Path, dst: Path, method: str, bits: int, group_size: int, tokens: np.ndarray,
+                        keep=None) -> None:
+    """src (a float checkpoint) -> dst (an mlx-lm quantized model) by `method`, calibrated on `tokens` (N, T).
+    `keep(path, module)`: which layers dwq quantizes (rtn's choice)."""
     from mlx_lm.utils import load, save
 
     model, tokenizer, config = load(str(src), lazy=True, return_config=True)
@@ -78,7 +146,9 @@ def quantize_checkpoint(src: Path, dst: Path, method: str, bits: int, group_size
 
         model, config["quantization"] = gptq_quantize(model, data, bits, group_size, FALLBACK_BITS, group_size,
                                                       batch_size=min(8, len(tokens)))
+    elif method == "dwq":
+        model, config = _dwq(src, model, tokens, config, bits, group_size, keep)
     else:
-        raise ForgeError(f"--quantize {method}: choose rtn, awq or gptq")
+        raise ForgeError(f"--quantize {method}: choose rtn, awq, gptq or dwq")
     config.pop("quantization_config", None)
     save(str(dst), str(src), model, tokenizer, config)

@@ -292,11 +292,11 @@ def _calibration_rows(path, n: int = 24):
     return path
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
-def test_awq_and_gptq_exports_are_mlx_lm_models_forge_loads_too(method, base, tmp_path):
-    """--quantize awq|gptq: mlx-lm's own quantizers on the exact merge, calibrated on chat-templated rows; the result
-    loads in mlx_lm.load and in forge's inference path with the same logits. GPTQ keeps the calibration rows'
-    logits closer to the float merge than plain rounding does (rtn: the bare --quantize)."""
+@pytest.mark.parametrize("method", ["awq", "gptq", "dwq"])
+def test_awq_gptq_and_dwq_exports_are_mlx_lm_models_forge_loads_too(method, base, tmp_path):
+    """--quantize awq|gptq|dwq: mlx-lm's own quantizers on the exact merge, calibrated on chat-templated rows; the
+    result loads in mlx_lm.load and in forge's inference path with the same logits. GPTQ and DWQ keep the calibration
+    rows' logits closer to the float merge than plain rounding does (rtn: the bare --quantize)."""
     from forge_core.adapters.calibration import calibration_tokens
     from forge_mlx import ops
 
@@ -312,13 +312,19 @@ def test_awq_and_gptq_exports_are_mlx_lm_models_forge_loads_too(method, base, tm
     forge_model, _ = ops.load_base_for_inference(forge_cfg)
     np.testing.assert_allclose(np.array(forge_model(mx.array([IDS]))[0]), mlx_logits(tmp_path / method),
                                atol=TOL)
-    if method == "gptq":
+    if method in ("gptq", "dwq"):
         export(src, fmt="merged", out=tmp_path / "f32", base=str(base))
         export(src, fmt="merged", out=tmp_path / "rtn", base=str(base), quantize=True)
         tokens = mx.array(calibration_tokens({}, base, str(calib)))
         want = np.array(mlx_load(str(tmp_path / "f32"))[0](tokens))
-        errors = {q: np.abs(np.array(mlx_load(str(tmp_path / q))[0](tokens)) - want).mean() for q in ("rtn", "gptq")}
-        assert errors["gptq"] < 0.8 * errors["rtn"], errors
+        errors = {q: np.abs(np.array(mlx_load(str(tmp_path / q))[0](tokens)) - want).mean() for q in ("rtn", method)}
+        if method == "gptq":
+            assert errors["gptq"] < 0.8 * errors["rtn"], errors
+        else:  # DWQ starts from rtn's very layers and only trains their scales and biases
+            rtn_layers = {k for k, v in json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization"].items()
+                          if isinstance(v, dict)}
+            assert rtn_layers == {k for k, v in cfg["quantization"].items() if isinstance(v, dict)}
+            assert errors["dwq"] < errors["rtn"], errors
 
 
 def test_a_quantize_export_with_bad_calibration_rows_is_one_line_and_writes_nothing(base, tmp_path):
@@ -329,6 +335,6 @@ def test_a_quantize_export_with_bad_calibration_rows_is_one_line_and_writes_noth
     assert not (tmp_path / "out").exists()
     with pytest.raises(ForgeError, match="records no training data to calibrate on; pass --calib"):
         export(src, fmt="merged", out=tmp_path / "out", base=str(base), quantize="awq")
-    with pytest.raises(ForgeError, match="--calib calibrates --quantize awq or gptq"):
+    with pytest.raises(ForgeError, match="--calib calibrates --quantize awq, gptq or dwq"):
         export(src, fmt="merged", out=tmp_path / "out", base=str(base), quantize=True, calib=str(tmp_path / "bad.jsonl"))
     assert not (tmp_path / "out").exists()

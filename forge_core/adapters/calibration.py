@@ -1,5 +1,5 @@
-"""The calibration set of a post-training quantization (forge export --quantize awq|gptq): token sequences cut from the
-run's own training rows, chat-templated exactly as they were trained (or from --calib FILE, any data source forge
+"""The calibration set of a post-training quantization (forge export --quantize awq|gptq|dwq): token sequences cut
+from the run's own training rows, chat-templated exactly as they were trained (or from --calib FILE, any data source forge
 reads), so the quantizer keeps what the fine-tune is for. Framework-free: numpy ids in, the backend quantizes."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 from forge_core.config_parse import from_dict
 from forge_core.errors import ForgeError
 
-QUANTIZERS = ("rtn", "awq", "gptq")  # export --quantize: mlx_lm.convert's rounding, mlx-lm's AWQ and GPTQ
+QUANTIZERS = ("rtn", "awq", "gptq", "dwq")  # export --quantize: mlx_lm.convert's rounding, mlx-lm's AWQ, GPTQ, DWQ
 SEQ_LEN = 256  # tokens per calibration sequence
 SAMPLES = 128  # sequences at most (mlx-lm's AWQ default)
 

@@ -54,7 +54,7 @@ def export(src, fmt: str, out, base: str | None = None, quantize: bool | str = F
     if method not in (None, *QUANTIZERS):
         raise ForgeError(f"--quantize {method}: choose one of {', '.join(QUANTIZERS)}")
     if calib and method in (None, "rtn"):
-        raise ForgeError("--calib calibrates --quantize awq or gptq; rtn rounds without data")
+        raise ForgeError("--calib calibrates --quantize awq, gptq or dwq; rtn rounds without data")
     if dtype not in DTYPES:
         raise ForgeError(f"dtype '{dtype}': choose one of {', '.join(DTYPES)}")
     out = Path(out)
@@ -233,19 +233,20 @@ def _merged_quantized(adapter: ad.Adapter, base: Path, out: Path, shard_bytes: i
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-f32.") as f32:
         write_merged(adapter, base, Path(f32), "float32", shard_bytes)
         staging = out / ".quantized"
-        if method != "rtn":
-            from forge_mlx.posttrain_quant import quantize_checkpoint
-
-            quantize_checkpoint(Path(f32), staging, method, bits, group, tokens)
-            for f in staging.iterdir():
-                os.replace(f, out / f.name)
-            staging.rmdir()
-            return
         model_type = adapter.forge.get("model_type")
 
         def keep(path, module):  # the embeddings (unless the run quantized them) and a mixture's router stay dense
             return not (keep_embeddings and path.endswith(("embed_tokens", "lm_head"))) \
                 and not is_router(model_type, path)
+
+        if method != "rtn":
+            from forge_mlx.posttrain_quant import quantize_checkpoint
+
+            quantize_checkpoint(Path(f32), staging, method, bits, group, tokens, keep)
+            for f in staging.iterdir():
+                os.replace(f, out / f.name)
+            staging.rmdir()
+            return
 
         mlx_convert(str(f32), str(staging), quantize=True, q_group_size=group, q_bits=bits, quant_predicate=keep)
         for f in staging.iterdir():
