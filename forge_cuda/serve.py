@@ -141,7 +141,7 @@ class TorchEngine:
             paths = _rows_ok(model) if adapted and mix == "rows" else None
             if paths is not None:  # one batch for the group, each row its adapter
                 self.rows[key] = Rows()
-                stack_adapters(model, paths, [self.adapters[m.name] for m in members], self.rows[key])
+                stack_adapters(model, paths, [self.adapters.pop(m.name) for m in members], self.rows[key])
                 self.index.update({m.name: i for i, m in enumerate(members)})
                 self.lane_of.update({m.name: key for m in members})
             else:

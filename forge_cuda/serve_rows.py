@@ -41,8 +41,8 @@ class RowLoRA(nn.Module):
             lora = ((x @ self.a[i].to(x.dtype).T) @ self.b[i].to(x.dtype).T) * self.scales[i]
             if len(rows.present) == 1:
                 return y + lora.to(y.dtype)
-            mask = (rows.idx == i).to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
-            y = y + lora.to(y.dtype) * mask
+            mask = (rows.idx == i).view(-1, *([1] * (y.dim() - 1)))
+            y = torch.where(mask, y + lora.to(y.dtype), y)  # not y + lora·mask: an inf elsewhere would make NaN
         return y
 
 

@@ -76,8 +76,8 @@ class MlxEngine:
             paths = _rows_ok(model) if adapted and mix == "rows" else None
             if paths is not None:  # one generator for the group, each row its adapter
                 self.rows[key] = Rows()
-                stack_adapters(model, paths, [self.adapters[m.name] for m in members], self.rows[key])
-                self.index.update({m.name: i for i, m in enumerate(members)})
+                stack_adapters(model, paths, [self.adapters.pop(m.name) for m in members], self.rows[key])
+                self.index.update({m.name: i for i, m in enumerate(members)})  # the stacks hold them now, once
                 lanes = {m.name: key for m in members}
                 runner = RowModel(model, self.rows[key])
             else:

@@ -76,34 +76,47 @@ class RowModel:
 
 
 class RowLoRA(nn.Module):
-    """y = linear(x) + scale[i] · (x @ a[i]) @ b[i], i = each row's adapter (Rows.idx)."""
+    """y = linear(x) + scale[i] · (x @ a[i]) @ b[i], i = each row's adapter (Rows.idx); x is (B, L, in)."""
 
     def __init__(self, linear: nn.Module, a: mx.array, b: mx.array, scales: mx.array, rows: Rows):
         super().__init__()
-        self.linear, self.a, self.b, self.scales = linear, a, b, scales
+        self.linear, self.a, self.b, self.scales = linear, a, b, scales  # stacks in the dtype the product runs in
         self.rows = rows  # not an array: kept as a plain attribute, outside the parameter tree
 
     def __call__(self, x):
         y = self.linear(x)
         idx = self.rows.idx
-        xa = mx.gather_mm(x, self.a.astype(x.dtype), rhs_indices=idx) * self.scales[idx].astype(x.dtype)[:, None, None]
-        return y + mx.gather_mm(xa, self.b.astype(x.dtype), rhs_indices=idx).astype(y.dtype)
+        if x.ndim != 3 or x.shape[0] != idx.size:
+            raise ValueError(f"RowLoRA takes (rows, tokens, features) for {idx.size} rows, got {x.shape}")
+        xc = x.astype(self.a.dtype)
+        xa = mx.gather_mm(xc, self.a, rhs_indices=idx) * self.scales[idx][:, None, None]
+        return y + mx.gather_mm(xa, self.b, rhs_indices=idx).astype(y.dtype)
+
+
+def product_dtype(linear: nn.Module) -> mx.Dtype:
+    """The dtype of a RowLoRA's gathered product: the base's compute dtype, float32 on the CPU (whose gather_mm runs
+    in float32 only)."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    return (linear.scales if "scales" in linear else linear.weight).dtype
 
 
 def stack_adapters(model: nn.Module, lora_paths: list[str], adapters: list[tuple[dict, float]], rows: Rows) -> None:
     """Replace each LoRALinear at `lora_paths` by a RowLoRA over `adapters` [({key: array}, scale), ...] (their order is
-    the row index), keeping the layer's base."""
+    the row index), keeping the layer's base. The stacks are cast once, here, to the product's dtype."""
     from mlx.utils import tree_unflatten
 
     modules = dict(model.named_modules())
-    scales = mx.array([s for _, s in adapters], dtype=mx.float32)
     swaps = []
     for path in lora_paths:
+        linear = modules[path].linear
+        dtype = product_dtype(linear)
         a_list = [w[f"{path}.lora_a"] for w, _ in adapters]  # (in, r_k)
         b_list = [w[f"{path}.lora_b"] for w, _ in adapters]  # (r_k, out)
         r = max(a.shape[1] for a in a_list)
-        a = mx.stack([mx.pad(x.astype(mx.float32), [(0, 0), (0, r - x.shape[1])]) for x in a_list])
-        b = mx.stack([mx.pad(x.astype(mx.float32), [(0, r - x.shape[0]), (0, 0)]) for x in b_list])
-        swaps.append((path, RowLoRA(modules[path].linear, a, b, scales, rows)))
+        a = mx.stack([mx.pad(x.astype(dtype), [(0, 0), (0, r - x.shape[1])]) for x in a_list])
+        b = mx.stack([mx.pad(x.astype(dtype), [(0, r - x.shape[0]), (0, 0)]) for x in b_list])
+        scales = mx.array([s for _, s in adapters], dtype=dtype)
+        swaps.append((path, RowLoRA(linear, a, b, scales, rows)))
     model.update_modules(tree_unflatten(swaps))
     mx.eval(model.parameters())

@@ -37,6 +37,7 @@ FORMATS = {
     "mlx-rtn-4": (["--format", "merged", "--quantize"], ""),
     "mlx-awq-4": (["--format", "merged", "--quantize", "awq"], ""),
     "mlx-gptq-4": (["--format", "merged", "--quantize", "gptq"], ""),
+    "mlx-dwq-4": (["--format", "merged", "--quantize", "dwq"], ""),
     "gguf-q8_0": (["--format", "gguf", "--outtype", "q8_0"], "model-q8_0.gguf"),
     "gguf-q5_1": (["--format", "gguf", "--outtype", "q5_1"], "model-q5_1.gguf"),
     "gguf-q4_0": (["--format", "gguf", "--outtype", "q4_0"], "model-q4_0.gguf"),

@@ -13,7 +13,7 @@ from forge_core.serve.catalog import build_catalog
 MAX = 6
 
 
-def _run(tiny_model, tmp, name: str, answer: str):
+def _run(tiny_model, tmp, name: str, answer: str, **lora):
     from rich.console import Console
 
     from forge_core.config import ForgeConfig
@@ -26,6 +26,8 @@ def _run(tiny_model, tmp, name: str, answer: str):
     cfg = ForgeConfig()
     cfg.model.path, cfg.data.train, cfg.train.out_dir = str(tiny_model), str(tmp / f"{name}.jsonl"), str(tmp / name)
     cfg.lora.rank, cfg.lora.alpha, cfg.quant.group_size = 4, 4.0, 32
+    for k, v in lora.items():
+        setattr(cfg.lora, k, v)
     cfg.train.steps, cfg.train.lr, cfg.train.batch_size = 3, 2e-2, 4
     return bind(ops)[0](cfg, console=Console(file=io.StringIO()))
 
@@ -87,3 +89,66 @@ def test_rows_joining_at_different_steps_decode_as_each_run_alone(backend, mix, 
         if uid != dropped:
             assert got[uid] == _alone(backend, runs[name], list(prompt)), (backend, name, prompt)
     assert any(got[u] != got[v] for u in owner for v in owner if owner[u][1] == owner[v][1] and owner[u] != owner[v])
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tiny_model, tmp_path_factory):
+    """Two plain-LoRA runs with different alphas (scales 1 and 4): one base, so one group with the base itself."""
+    tmp = tmp_path_factory.mktemp("plain")
+    return {"c": _run(tiny_model, tmp, "c", "green leaf", init="lora", alpha=4.0),
+            "d": _run(tiny_model, tmp, "d", "gold coin", init="lora", alpha=16.0)}
+
+
+def _decode(engine, plan) -> dict:
+    """{(name, prompt): greedy tokens} with one new row per step joining the rows already decoding."""
+    got, owner = {}, {}
+    for step in range(40):
+        if step < len(plan):
+            name, prompt = plan[step]
+            key = (engine.lane(name), engine.insert(name, prompt, MAX, 0.0, 1.0))
+            owner[key], got[(name, tuple(prompt))] = (name, tuple(prompt)), []
+        for lane in {engine.lane(n) for n, _ in plan}:
+            for uid, token, finish in engine.step(lane):
+                if finish != "stop":
+                    got[owner[(lane, uid)]].append(token)
+    return got
+
+
+@pytest.mark.parametrize("backend", ["mlx", "cuda"])
+def test_per_row_adapters_with_their_own_scales_and_the_base_decode_as_grouped(backend, plain_runs):
+    """Rows for two adapters of different scales and for the base itself, in ONE batch (rows), decode exactly as one
+    batch per adapter (grouped, which the test above checks against each run alone)."""
+    from forge_core.backend import ops
+
+    catalog = build_catalog(ops(backend), [str(plain_runs["c"]), str(plain_runs["d"])], None)
+    base = catalog.base_name
+    plan = [("c", PROMPTS[0]), ("d", PROMPTS[0]), (base, PROMPTS[0]), ("c", PROMPTS[1]), ("d", PROMPTS[2]),
+            (base, PROMPTS[1])]
+    rows = _engine(backend, catalog, "rows")
+    assert len({rows.lane(n) for n in ("c", "d", base)}) == 1
+    got = _decode(rows, plan)
+    assert got == _decode(_engine(backend, catalog, "grouped"), plan)
+    assert len({tuple(got[(n, tuple(PROMPTS[0]))]) for n in ("c", "d", base)}) == 3  # each row its own adapter
+
+
+def test_row_lora_in_bfloat16_on_the_cpu_equals_each_rows_own_lora():
+    """MLX's CPU gather_mm takes float32 only: a bf16 model's rows go through the product in float32."""
+    import mlx.core as mx
+
+    from forge_mlx.serve_rows import RowLoRA, Rows, product_dtype
+
+    mx.random.seed(0)
+    linear = __import__("mlx.nn", fromlist=["Linear"]).Linear(16, 8)
+    linear.set_dtype(mx.bfloat16)
+    a, b = mx.random.normal((3, 16, 4)), mx.random.normal((3, 4, 8))
+    scales = mx.array([0.5, 2.0, 1.0])
+    rows = Rows()
+    dtype = product_dtype(linear)
+    layer = RowLoRA(linear, a.astype(dtype), b.astype(dtype), scales.astype(dtype), rows)
+    x = mx.random.normal((4, 3, 16)).astype(mx.bfloat16)
+    rows.idx = mx.array([2, 0, 1, 0], dtype=mx.uint32)
+    y = layer(x)
+    assert y.dtype == mx.bfloat16
+    for r, i in enumerate([2, 0, 1, 0]):
+        want = linear(x[r]).astype(mx.float32) + scales[i] * (x[r].astype(mx.float32) @ a[i]) @ b[i]
+        assert mx.allclose(y[r].astype(mx.float32), want, atol=0.1, rtol=0.02).item()
