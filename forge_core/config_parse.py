@@ -9,6 +9,7 @@ from it, once).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
@@ -155,6 +156,9 @@ def load_yaml(path: str | Path) -> dict:
     return data or {}
 
 
+SLICE = re.compile(r"-?\d*:-?\d*")  # a python slice as text (lora.layers)
+
+
 def parse_set(item: str) -> tuple[str, object]:
     """'train.lr=1e-4' -> ('train.lr', 1e-4). The value is read as YAML (so lists and bools work)."""
     import yaml
@@ -162,6 +166,8 @@ def parse_set(item: str) -> tuple[str, object]:
     if "=" not in item:
         raise ForgeError(f"--set '{item}': expected section.key=value")
     key, _, raw = item.partition("=")
+    if SLICE.fullmatch(raw.strip()):  # lora.layers=-8: / 0:12: YAML reads a mapping / a base-60 number
+        return key.strip(), raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -70,3 +70,11 @@ def test_allowed_values_come_from_the_field_types():
         set_value(cfg, "quant.bits", 5)
     with pytest.raises(ForgeError, match=r"config key 'backend': 'rocm' is not one of \['auto', 'cuda', 'mlx'\]"):
         set_value(cfg, "backend", "rocm")
+
+
+@pytest.mark.parametrize("spec", ["-2:", "0:12", ":4", "3:-1"])
+def test_a_layer_slice_in_set_is_taken_as_written(spec):
+    """--set lora.layers=-2: (YAML would read a mapping) or 0:12 (YAML 1.1 reads base 60: 12) stays the slice."""
+    cfg = build_config(None, [f"lora.layers={spec}"])
+    assert cfg.lora.layers == spec
+    assert layer_indices(cfg.lora.layers, 16) == list(range(16))[slice(*[int(p) if p else None for p in spec.split(":")])]
