@@ -33,10 +33,11 @@ DWQ_STEPS = 100  # at least this many steps: the rows are repeated (a run's rows
 @contextlib.contextmanager
 def _fast_quantized_blocks(awq_module):
     """AWQ measures each block's loss twice with the block quantized (nn.quantize, then a forward over every
-    calibration token). On the CPU mlx-lm's quantized layers call mx.quantized_matmul, whose CPU kernel made that
-    ~90% of AWQ's time here (223 s for the 135M model's first block of 30). Inside this block awq.py's `nn.quantize`
-    also hands the layers forge's dequant path (quant.adopt_quantized: the same packed weights, the same product, a
-    subclass of mlx-lm's layers, so its config and save read them as theirs). Only awq.py's own name is rebound."""
+    calibration token). On the CPU mlx-lm's quantized layers call mx.quantized_matmul, whose slow CPU kernel made that
+    ~60% of AWQ's time here (the 135M model's first block: 223 s, 85 s with this). Inside this block
+    mlx_lm.quant.awq's `nn.quantize` also hands the layers forge's dequant path (quant.adopt_quantized: the same packed
+    weights, the same product, a subclass of mlx-lm's layers, so its config and save read them as theirs). Only that
+    module's name `nn` is rebound."""
     if mx.default_device() != mx.cpu:
         yield
         return
