@@ -21,7 +21,7 @@ import numpy as np
 
 from forge_core.errors import ForgeError
 
-from .quant import adopt_quantized
+from .quant import adopt_quantized, dense_weight
 
 N_GRID = 20  # AWQ's scale / clip search points (mlx-lm's default)
 EMBED_BITS, EMBED_GROUP = 4, 32  # AWQ's embeddings and head (mlx-lm's defaults)
@@ -65,13 +65,7 @@ class _TrainableDequant:
     and biases (mx.quantized_matmul's CPU kernel is the slow one; forge's own dequant path freezes them)."""
 
     def __call__(self, x):
-        from .quant import unpack_affine
-
-        if self.bits in (4, 8) and self.mode == "affine":
-            w = unpack_affine(self.weight, self.scales, self.biases, self.group_size, self.bits)
-        else:
-            w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size,
-                              bits=self.bits, mode=self.mode)
+        w = dense_weight(self.weight, self.scales, self.get("biases"), self.group_size, self.bits, self.mode)
         y = x @ w.astype(x.dtype).T
         return y + self.bias if "bias" in self else y
 
