@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge_core.config import lora_scale
+from forge_core.serve.catalog import lanes, serving_line
 
 from . import ops
 from .experts import LoRAExperts
@@ -108,7 +109,8 @@ def _sample(logits: torch.Tensor, temp: float, top_p: float) -> torch.Tensor:
 
 
 def _rows_ok(model: nn.Module) -> list[str] | None:
-    """The paths of the model's LoRA layers when every one can be applied per row (plain LoRA on a linear), else None."""
+    """The paths of the model's LoRA layers when every one can be applied per row (plain LoRA on a linear), else
+    None."""
     loras = [(p, m) for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))]
     if all(isinstance(m, LoRALinear) and m.lora_magnitude_vector is None for _, m in loras):
         return [p for p, _ in loras]
@@ -143,19 +145,16 @@ class TorchEngine:
                 self.rows[key] = Rows()
                 stack_adapters(model, paths, [self.adapters.pop(m.name) for m in members], self.rows[key])
                 self.index.update({m.name: i for i, m in enumerate(members)})
-                self.lane_of.update({m.name: key for m in members})
-            else:
-                self.lane_of.update({m.name: m.name for m in members})
-            for lane in {self.lane_of[m.name] for m in members}:
+            group_lanes = lanes(key, members, paths is not None)
+            self.lane_of.update(group_lanes)
+            for lane in set(group_lanes.values()):
                 self.waiting[lane], self.batches[lane] = [], _Batch()
             _dense_base(model)
             self.current[key] = None
             self.models[key] = model
             self.stop[key] = set(_stop_ids(model, tokenizer))
             self.tokenizer = self.tokenizer or tokenizer
-            how = "per row" if paths is not None else "one adapter per step" if len(members) > 1 else ""
-            log(f"serving {', '.join(m.name for m in members)} on one base ({cfg.model.path})"
-                + (f", adapters applied {how}" if how else ""))
+            log(serving_line(members, paths is not None))
         self.base_name = catalog.base_name
 
     def lane(self, name: str) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from forge_core.config import lora_scale
+from forge_core.serve.catalog import lanes, serving_line
 
 from . import ops
 from .generate import _dense
@@ -39,7 +40,8 @@ def _dense_base(model) -> None:
 
 
 def _rows_ok(model) -> list[str] | None:
-    """The paths of the model's LoRA layers when every one can be applied per row (plain LoRA on a linear), else None."""
+    """The paths of the model's LoRA layers when every one can be applied per row (plain LoRA on a linear), else
+    None."""
     loras = [(p, m) for p, m in model.named_modules() if isinstance(m, LORA_LAYERS)]
     if all(isinstance(m, LoRALinear) and not m.dora for _, m in loras):
         return [p for p, _ in loras]
@@ -74,23 +76,19 @@ class MlxEngine:
                 self.adapters[m.name] = (weights, lora_scale(m.cfg.lora))
                 self.group_of[m.name] = key
             paths = _rows_ok(model) if adapted and mix == "rows" else None
+            runner = model
             if paths is not None:  # one generator for the group, each row its adapter
                 self.rows[key] = Rows()
                 stack_adapters(model, paths, [self.adapters.pop(m.name) for m in members], self.rows[key])
                 self.index.update({m.name: i for i, m in enumerate(members)})  # the stacks hold them now, once
-                lanes = {m.name: key for m in members}
                 runner = RowModel(model, self.rows[key])
-            else:
-                lanes = {m.name: m.name for m in members}
-                runner = model
-            self.lane_of.update(lanes)
-            for lane in set(lanes.values()):
+            group_lanes = lanes(key, members, paths is not None)
+            self.lane_of.update(group_lanes)
+            for lane in set(group_lanes.values()):
                 self.gens[lane] = BatchGenerator(runner, stop_tokens=stop, completion_batch_size=max_batch,
                                                  prefill_batch_size=max_batch)
                 self.live[lane] = set()
-            how = "per row" if paths is not None else "one adapter per step" if len(members) > 1 else ""
-            log(f"serving {', '.join(m.name for m in members)} on one base ({cfg.model.path})"
-                + (f", adapters applied {how}" if how else ""))
+            log(serving_line(members, paths is not None))
         self.base_name = catalog.base_name
 
     def lane(self, name: str) -> str:

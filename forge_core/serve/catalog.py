@@ -53,6 +53,19 @@ class Catalog:
         return list(self.served)
 
 
+def lanes(key: str, members: list[Served], per_row: bool) -> dict[str, str]:
+    """Each member's lane, the batch its requests decode in (forge_core/serve/scheduler.py): the group's, `key`, when
+    its adapters are applied per row, else the member's own."""
+    return {m.name: key if per_row else m.name for m in members}
+
+
+def serving_line(members: list[Served], per_row: bool) -> str:
+    """The engine's start-up line for one group."""
+    how = "per row" if per_row else "one adapter per step" if len(members) > 1 else ""
+    return (f"serving {', '.join(m.name for m in members)} on one base ({members[0].cfg.model.path})"
+            + (f", adapters applied {how}" if how else ""))
+
+
 def base_name(model_spec: str) -> str:
     """A base's name in requests: a hub id as typed, a directory or file by its name."""
     p = Path(model_spec)
