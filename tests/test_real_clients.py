@@ -321,8 +321,8 @@ def test_awq_gptq_and_dwq_exports_are_mlx_lm_models_forge_loads_too(method, base
         if method == "gptq":
             assert errors["gptq"] < 0.8 * errors["rtn"], errors
         else:  # DWQ starts from rtn's very layers and only trains their scales and biases
-            rtn_layers = {k for k, v in json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization"].items()
-                          if isinstance(v, dict)}
+            rtn_quant = json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization"]
+            rtn_layers = {k for k, v in rtn_quant.items() if isinstance(v, dict)}
             assert rtn_layers == {k for k, v in cfg["quantization"].items() if isinstance(v, dict)}
             assert errors["dwq"] < errors["rtn"], errors
 

@@ -1,6 +1,6 @@
 """The calibration set of a post-training quantization (forge export --quantize awq|gptq|dwq): token sequences cut
-from the run's own training rows, chat-templated exactly as they were trained (or from --calib FILE, any data source forge
-reads), so the quantizer keeps what the fine-tune is for. Framework-free: numpy ids in, the backend quantizes."""
+from the run's own training rows, chat-templated exactly as they were trained (or from --calib FILE, any data source
+forge reads), so the quantizer keeps what the fine-tune is for. Framework-free: numpy ids in, the backend quantizes."""
 
 from __future__ import annotations
 

@@ -77,4 +77,5 @@ def test_a_layer_slice_in_set_is_taken_as_written(spec):
     """--set lora.layers=-2: (YAML would read a mapping) or 0:12 (YAML 1.1 reads base 60: 12) stays the slice."""
     cfg = build_config(None, [f"lora.layers={spec}"])
     assert cfg.lora.layers == spec
-    assert layer_indices(cfg.lora.layers, 16) == list(range(16))[slice(*[int(p) if p else None for p in spec.split(":")])]
+    bounds = [int(p) if p else None for p in spec.split(":")]
+    assert layer_indices(cfg.lora.layers, 16) == list(range(16))[slice(*bounds)]

@@ -153,8 +153,8 @@ def test_an_mlx_lm_quantized_model_gets_forges_cpu_matmul_with_the_same_logits(t
 
 
 def test_awqs_quantized_blocks_compute_with_forges_cpu_path_only_inside_the_export(tiny_model):
-    """forge export --quantize awq on the CPU: inside posttrain_quant's context, mlx_lm.quant.awq's nn.quantize leaves forge's
-    dequant layers (the same outputs as mlx-lm's own); outside it, that module sees mlx.nn again."""
+    """forge export --quantize awq on the CPU: inside posttrain_quant's context, mlx_lm.quant.awq's nn.quantize leaves
+    forge's dequant layers (the same outputs as mlx-lm's own); outside it, that module sees mlx.nn again."""
     import mlx_lm.utils
     from mlx import nn
     from mlx_lm.quant import awq
