@@ -39,6 +39,15 @@ def _dense_base(model) -> None:
     mx.eval(model.parameters())
 
 
+def _materialize(model) -> None:
+    """Evaluate every array the model's modules hold, not only its parameters. MLX ties a lazy array to the thread
+    that made it: the decode runs on the scheduler's thread, and an array left lazy at build (mlx-lm's Llama 3 rope
+    keeps its frequencies in a private `_freqs`) made every step there fail: "There is no Stream(cpu, 0) in current
+    thread"."""
+    for _, module in model.named_modules():
+        mx.eval([v for v in module.values() if isinstance(v, mx.array)])
+
+
 def _rows_ok(model) -> list[str] | None:
     """The paths of the model's LoRA layers when every one can be applied per row (plain LoRA on a linear), else
     None."""
@@ -82,6 +91,7 @@ class MlxEngine:
                 stack_adapters(model, paths, [self.adapters.pop(m.name) for m in members], self.rows[key])
                 self.index.update({m.name: i for i, m in enumerate(members)})  # the stacks hold them now, once
                 runner = RowModel(model, self.rows[key])
+            _materialize(model)
             group_lanes = lanes(key, members, paths is not None)
             self.lane_of.update(group_lanes)
             for lane in set(group_lanes.values()):

@@ -152,3 +152,37 @@ def test_row_lora_in_bfloat16_on_the_cpu_equals_each_rows_own_lora():
     for r, i in enumerate([2, 0, 1, 0]):
         want = linear(x[r]).astype(mx.float32) + scales[i] * (x[r].astype(mx.float32) @ a[i]) @ b[i]
         assert mx.allclose(y[r].astype(mx.float32), want, atol=0.1, rtol=0.02).item()
+
+
+def test_a_llama3_rope_model_decodes_on_the_schedulers_thread(tiny_model, tmp_path):
+    """mlx-lm's Llama 3 rope keeps lazy frequencies outside the parameters; MLX ties a lazy array to the thread that
+    made it, and the engine is built on one thread and decodes on another (the scheduler's): it must still decode."""
+    import shutil
+    import threading
+
+    from forge_core.backend import ops
+    from forge_mlx.serve import MlxEngine
+
+    model = tmp_path / "llama3"
+    shutil.copytree(tiny_model, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_scaling"] = {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                           "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    catalog = build_catalog(ops("mlx"), [], str(model))
+    engine = MlxEngine(catalog, 4, log=lambda m: None)
+    name, out = catalog.base_name, {}
+
+    def decode():
+        try:
+            lane = engine.lane(name)
+            engine.insert(name, PROMPTS[0], MAX, 0.0, 1.0)
+            out["tokens"] = [t for _ in range(MAX + 1) for _, t, _ in engine.step(lane)]
+        except Exception as e:  # noqa: BLE001 - reported below
+            out["error"] = repr(e)
+
+    thread = threading.Thread(target=decode)
+    thread.start()
+    thread.join()
+    assert "error" not in out, out
+    assert 1 <= len(out["tokens"]) <= MAX
