@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forge_core.config import lora_scale
-from forge_core.serve.catalog import lanes, serving_line
+from forge_core.serve.engine import GroupEngine
 
 from . import ops
 from .experts import LoRAExperts
@@ -108,58 +107,40 @@ def _sample(logits: torch.Tensor, temp: float, top_p: float) -> torch.Tensor:
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
-def _rows_ok(model: nn.Module) -> list[str] | None:
-    """The paths of the model's LoRA layers when every one can be applied per row (plain LoRA on a linear), else
-    None."""
-    loras = [(p, m) for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))]
-    if all(isinstance(m, LoRALinear) and m.lora_magnitude_vector is None for _, m in loras):
-        return [p for p, _ in loras]
-    return None
-
-
-class TorchEngine:
+class TorchEngine(GroupEngine):
     def __init__(self, catalog, max_batch: int = 16, log=print, mix: str = "rows"):
-        self.group_of, self.models, self.current, self.adapters = {}, {}, {}, {}
-        self.lane_of, self.index, self.rows = {}, {}, {}  # rows mode: the group's lane, each adapter's row index
         self.waiting, self.batches, self.stop = {}, {}, {}
-        self.tokenizer = None
         self._uid = 0
-        for key, members in catalog.groups().items():
-            cfg = members[0].cfg
-            adapted = any(m.adapter_dir for m in members)
-            if adapted:
-                model, tokenizer, _, _ = ops.build_model(cfg, pissa_init=members[0].factors)
-            else:
-                model, tokenizer = ops.load_base_for_inference(cfg)
-            model.eval()
-            init = {k: p.detach().clone() for k, p in trainable_params(model).items()}
-            for m in members:
-                if m.weights is not None:
-                    load_trainable(model, _renamed(m.weights, model, to_torch=True, keys=True))
-                weights = {k: p.detach().clone() for k, p in trainable_params(model).items()} if m.weights is not None \
-                    else init
-                self.adapters[m.name] = (weights, lora_scale(m.cfg.lora))
-                self.group_of[m.name] = key
-            paths = _rows_ok(model) if adapted and mix == "rows" else None
-            if paths is not None:  # one batch for the group, each row its adapter
-                self.rows[key] = Rows()
-                stack_adapters(model, paths, [self.adapters.pop(m.name) for m in members], self.rows[key])
-                self.index.update({m.name: i for i, m in enumerate(members)})
-            group_lanes = lanes(key, members, paths is not None)
-            self.lane_of.update(group_lanes)
-            for lane in set(group_lanes.values()):
-                self.waiting[lane], self.batches[lane] = [], _Batch()
-            _dense_base(model)
-            self.current[key] = None
-            self.models[key] = model
-            self.stop[key] = set(_stop_ids(model, tokenizer))
-            self.tokenizer = self.tokenizer or tokenizer
-            log(serving_line(members, paths is not None))
-        self.base_name = catalog.base_name
+        super().__init__(catalog, mix, log)
 
-    def lane(self, name: str) -> str:
-        """The batch `name`'s requests decode in: its group's (rows mode) or its own."""
-        return self.lane_of[name]
+    def _build(self, members, adapted):
+        if adapted:
+            model, tokenizer, _, _ = ops.build_model(members[0].cfg, pissa_init=members[0].factors)
+        else:
+            model, tokenizer = ops.load_base_for_inference(members[0].cfg)
+        model.eval()
+        _dense_base(model)
+        return model, tokenizer, {k: p.detach().clone() for k, p in trainable_params(model).items()}
+
+    def _weights(self, model, member, init):
+        if member.weights is None:
+            return init
+        load_trainable(model, _renamed(member.weights, model, to_torch=True, keys=True))
+        return {k: p.detach().clone() for k, p in trainable_params(model).items()}
+
+    def _lora_layers(self, model):
+        return [(p, isinstance(m, LoRALinear) and m.lora_magnitude_vector is None) for p, m in model.named_modules()
+                if isinstance(m, (LoRALinear, LoRAExperts))]
+
+    def _stack(self, model, paths, adapters):
+        rows = Rows()
+        stack_adapters(model, paths, adapters, rows)
+        return rows
+
+    def _open(self, key, model, tokenizer, lanes):
+        self.stop[key] = set(_stop_ids(model, tokenizer))
+        for lane in lanes:
+            self.waiting[lane], self.batches[lane] = [], _Batch()
 
     def _activate(self, name: str) -> nn.Module:
         key = self.group_of[name]

@@ -20,8 +20,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from forge_core.config import lora_scale
-from forge_core.serve.catalog import lanes, serving_line
+from forge_core.serve.engine import GroupEngine
 
 from . import ops
 from .generate import _dense
@@ -48,62 +47,47 @@ def _materialize(model) -> None:
         mx.eval([v for v in module.values() if isinstance(v, mx.array)])
 
 
-def _rows_ok(model) -> list[str] | None:
-    """The paths of the model's LoRA layers when every one can be applied per row (plain LoRA on a linear), else
-    None."""
-    loras = [(p, m) for p, m in model.named_modules() if isinstance(m, LORA_LAYERS)]
-    if all(isinstance(m, LoRALinear) and not m.dora for _, m in loras):
-        return [p for p, _ in loras]
-    return None
-
-
-class MlxEngine:
+class MlxEngine(GroupEngine):
     def __init__(self, catalog, max_batch: int = 32, log=print, mix: str = "rows"):
+        self.max_batch = max_batch
+        self.gens, self.live, self._samplers = {}, {}, {}
+        super().__init__(catalog, mix, log)
+
+    def _build(self, members, adapted):
+        if adapted:
+            model, tokenizer, _, _ = ops.build_model(members[0].cfg, pissa_init=members[0].factors)
+            init = dict(trainable_params(model))  # the initial factors: with them the model is the base
+        else:
+            model, tokenizer = ops.load_base_for_inference(members[0].cfg)
+            init = {}
+        _dense_base(model)
+        model.eval()
+        return model, tokenizer, init
+
+    def _weights(self, model, member, init):
+        weights = {k: mx.array(v) for k, v in member.weights.items()} if member.weights is not None else init
+        mx.eval(list(weights.values()))
+        return weights
+
+    def _lora_layers(self, model):
+        return [(p, isinstance(m, LoRALinear) and not m.dora) for p, m in model.named_modules()
+                if isinstance(m, LORA_LAYERS)]
+
+    def _stack(self, model, paths, adapters):
+        rows = Rows()
+        stack_adapters(model, paths, adapters, rows)
+        return rows
+
+    def _open(self, key, model, tokenizer, lanes):
         from mlx_lm.generate import BatchGenerator
 
-        self.group_of, self.models, self.current, self.adapters = {}, {}, {}, {}
-        self.lane_of, self.index, self.rows = {}, {}, {}  # rows mode: the group's lane, each adapter's row index
-        self.gens, self.live, self._samplers = {}, {}, {}
-        self.tokenizer = None
-        for key, members in catalog.groups().items():
-            cfg = members[0].cfg
-            adapted = any(m.adapter_dir for m in members)
-            if adapted:
-                model, tokenizer, _, _ = ops.build_model(cfg, pissa_init=members[0].factors)
-                init = dict(trainable_params(model))  # the initial factors: with them the model is the base
-            else:
-                model, tokenizer = ops.load_base_for_inference(cfg)
-                init = {}
-            _dense_base(model)
-            model.eval()
-            self.tokenizer = self.tokenizer or tokenizer
-            self.models[key] = model
-            stop = [[t] for t in tokenizer.eos_token_ids]
-            for m in members:
-                weights = {k: mx.array(v) for k, v in m.weights.items()} if m.weights is not None else init
-                mx.eval(list(weights.values()))
-                self.adapters[m.name] = (weights, lora_scale(m.cfg.lora))
-                self.group_of[m.name] = key
-            paths = _rows_ok(model) if adapted and mix == "rows" else None
-            runner = model
-            if paths is not None:  # one generator for the group, each row its adapter
-                self.rows[key] = Rows()
-                stack_adapters(model, paths, [self.adapters.pop(m.name) for m in members], self.rows[key])
-                self.index.update({m.name: i for i, m in enumerate(members)})  # the stacks hold them now, once
-                runner = RowModel(model, self.rows[key])
-            _materialize(model)
-            group_lanes = lanes(key, members, paths is not None)
-            self.lane_of.update(group_lanes)
-            for lane in set(group_lanes.values()):
-                self.gens[lane] = BatchGenerator(runner, stop_tokens=stop, completion_batch_size=max_batch,
-                                                 prefill_batch_size=max_batch)
-                self.live[lane] = set()
-            log(serving_line(members, paths is not None))
-        self.base_name = catalog.base_name
-
-    def lane(self, name: str) -> str:
-        """The generator `name`'s requests decode in: its group's (rows mode) or its own."""
-        return self.lane_of[name]
+        _materialize(model)
+        runner = RowModel(model, self.rows[key]) if key in self.rows else model  # rows: one generator, each row its adapter
+        stop = [[t] for t in tokenizer.eos_token_ids]
+        for lane in lanes:
+            self.gens[lane] = BatchGenerator(runner, stop_tokens=stop, completion_batch_size=self.max_batch,
+                                             prefill_batch_size=self.max_batch)
+            self.live[lane] = set()
 
     def _activate(self, name: str):
         key = self.group_of[name]
