@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,14 +26,35 @@ from forge_core.errors import ForgeError
 from forge_core.stopping import STOP_FILE_ENV, StopRequest, signal_name
 
 
+def free_ports(n: int) -> int:
+    """A port p with p .. p+n-1 free on this machine (mlx's ring backend listens on one port per rank, from 5000
+    unless told: two runs launched at once on one machine would take each other's)."""
+    for _ in range(200):
+        p = random.randint(20000, 32000)  # below Linux's ephemeral range, where outgoing connections take theirs
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p + i))
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise ForgeError(f"--nproc {n}: found no {n} free consecutive ports on 127.0.0.1 for mlx.launch's ring backend")
+
+
 def launcher_command(nproc: int, backend: str, argv: list[str], port: int | None = None) -> list[str]:
     """`forge train --nproc N ...` as the backend's own launcher runs it on this machine: mlx.launch with the
-    ring backend, or torchrun (gloo on the CPU, nccl on GPUs), each process running `forge <argv>`."""
+    ring backend, or torchrun (gloo on the CPU, nccl on GPUs), each process running `forge <argv>`. Without
+    `port`, mlx.launch gets free ones (torchrun --standalone finds its own)."""
     forge = [sys.executable, "-m", "forge_core.cli", *argv]
     if backend == "mlx":
         # each rank sizes its BLAS pool to its share of the cores itself (forge_mlx/blas.py), also when the user
         # runs mlx.launch directly
-        ring = ["--backend", "ring"] + (["--starting-port", str(port)] if port else [])
+        ring = ["--backend", "ring", "--starting-port", str(port or free_ports(nproc))]
         return [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()", "-n", str(nproc),
                 *ring, "--", *forge]
     rdzv = [f"--master-port={port}"] if port else []

@@ -8,9 +8,7 @@ one step, saved, from which --resume ends bit-identical."""
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from forge_core.relaunch import launcher_command
+from forge_core.relaunch import free_ports, launcher_command
 from tests.test_preference_methods import BACKENDS
 
 pytestmark = pytest.mark.slow
@@ -33,25 +31,6 @@ def _one_blas_thread(monkeypatch):
     """Every process (the single one and each rank) runs its BLAS on one thread: the same GEMM partitioning,
     so the comparison sees only what data-parallel changes (torchrun sets OMP_NUM_THREADS=1 itself)."""
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
-
-
-def _free_ports(n: int = 2) -> int:
-    """A port p with p .. p+n-1 free (mlx's ring backend listens on one port per rank)."""
-    for _ in range(100):
-        p = random.randint(20000, 40000)
-        try:
-            socks = []
-            for i in range(n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p + i))
-                socks.append(s)
-            return p
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def _sft_rows(n=24):
@@ -92,7 +71,7 @@ def _single(args):
 
 
 def _launched(backend, args, **kw):
-    return _run(launcher_command(2, backend, args, port=_free_ports()), **kw)
+    return _run(launcher_command(2, backend, args, port=free_ports(2)), **kw)
 
 
 def _losses(run):
@@ -176,7 +155,7 @@ def test_killed_rank_stops_the_other_and_resume_under_the_launcher_is_exact(back
     out = tmp_path / "killed"
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(launcher_command(2, backend, _args(backend, tiny_model, data, out, 2, steps=60, extra=extra),
-                                             port=_free_ports()), stdout=log, stderr=subprocess.STDOUT, env=_env())
+                                             port=free_ports(2)), stdout=log, stderr=subprocess.STDOUT, env=_env())
     deadline = time.time() + 300
     while time.time() < deadline:  # wait for a checkpoint at step >= 10, then kill -9 rank 1
         latest = out / "latest.json"

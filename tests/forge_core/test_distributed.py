@@ -87,3 +87,28 @@ def test_nproc_execs_the_engines_own_launchers(monkeypatch):
     torch = launcher_command(4, "cuda", ["dpo", "--data", "p.jsonl"])
     assert torch == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
                      "forge_core.cli", "dpo", "--data", "p.jsonl"]
+
+
+def test_nproc_gives_mlx_launch_free_ports_so_two_runs_at_once_do_not_collide(monkeypatch):
+    import random
+    import socket
+
+    from forge_core import relaunch
+
+    held = socket.socket()  # another run's ring listening on the first ports tried
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    busy = held.getsockname()[1]
+    tries = iter([busy - 1, busy, busy + 7])  # 3 ports from busy - 1 and from busy hit it; busy + 7 is clear
+    monkeypatch.setattr(random, "randint", lambda a, b: next(tries))
+    try:
+        cmd = relaunch.launcher_command(3, "mlx", ["train"])
+        assert cmd[cmd.index("--starting-port") + 1] == str(busy + 7)
+    finally:
+        held.close()
+    monkeypatch.undo()
+    chosen = set()
+    for _ in range(10):
+        cmd = relaunch.launcher_command(2, "mlx", ["train"])
+        chosen.add(cmd[cmd.index("--starting-port") + 1])
+    assert len(chosen) > 1  # chosen per run, not mlx.launch's fixed 5000
