@@ -97,10 +97,8 @@ def _dwq(src: Path, teacher, tokens: np.ndarray, config: dict, bits: int, group_
     from mlx_lm.utils import load, quantize_model
 
     rows = [([int(t) for t in r], 0) for r in tokens]
-    batch = min(DWQ_BATCH, len(rows) // 2)  # few rows (a small run): smaller batches, a train and a valid one at least
-    if batch < 1:
-        raise ForgeError(f"--quantize dwq: {len(rows)} calibration sequence of {tokens.shape[1]} tokens; it needs 2 "
-                         "at least (pass --calib with more rows)")
+    # few rows (a small run): smaller batches, a train and a valid one at least (calibration.MIN_SEQUENCES)
+    batch = max(1, min(DWQ_BATCH, len(rows) // 2))
     n_valid = max(batch, len(rows) // 10)
     train, valid = rows[:-n_valid], rows[-n_valid:]
     train = train * math.ceil(DWQ_STEPS * batch / len(train))

@@ -335,6 +335,12 @@ def test_a_quantize_export_with_bad_calibration_rows_is_one_line_and_writes_noth
     assert not (tmp_path / "out").exists()
     with pytest.raises(ForgeError, match="records no training data to calibrate on; pass --calib"):
         export(src, fmt="merged", out=tmp_path / "out", base=str(base), quantize="awq")
+    (tmp_path / "one.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}, '
+                                        '{"role": "assistant", "content": "a"}]}\n')
+    with pytest.raises(ForgeError, match=r"--quantize dwq: .*one\.jsonl gives 1 calibration sequence\(s\) of \d+ tokens; "
+                                         r"it needs 2 at least"):
+        export(src, fmt="merged", out=tmp_path / "out", base=str(base), quantize="dwq", calib=str(tmp_path / "one.jsonl"))
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ForgeError, match="--calib calibrates --quantize awq, gptq or dwq"):
         export(src, fmt="merged", out=tmp_path / "out", base=str(base), quantize=True, calib=str(tmp_path / "bad.jsonl"))
     assert not (tmp_path / "out").exists()

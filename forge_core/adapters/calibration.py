@@ -14,12 +14,14 @@ from forge_core.errors import ForgeError
 QUANTIZERS = ("rtn", "awq", "gptq", "dwq")  # export --quantize: mlx_lm.convert's rounding, mlx-lm's AWQ, GPTQ, DWQ
 SEQ_LEN = 256  # tokens per calibration sequence
 SAMPLES = 128  # sequences at most (mlx-lm's AWQ default)
+MIN_SEQUENCES = {"dwq": 2}  # dwq holds one out for its validation; the others calibrate on one
 
 
 def calibration_tokens(forge_meta: dict, base: Path, calib: str | None = None, seq_len: int = SEQ_LEN,
-                       samples: int = SAMPLES) -> np.ndarray:
+                       samples: int = SAMPLES, method: str = "") -> np.ndarray:
     """(N, T) int32: the rows of `calib` (else the run's data.train) tokenized as the run tokenized them, joined
-    and cut into T-token sequences, N of them at most in a fixed order (seed 0)."""
+    and cut into T-token sequences, N of them at most in a fixed order (seed 0); fewer than `method` needs is one
+    line, before any work."""
     from forge_core.data import load_sft, load_tokenizer
 
     cfg = from_dict(forge_meta.get("config") or {})
@@ -32,5 +34,9 @@ def calibration_tokens(forge_meta: dict, base: Path, calib: str | None = None, s
     stream = np.concatenate([r.tokens for r in rows]).astype(np.int32)
     seq_len = min(seq_len, len(stream))
     chunks = stream[: len(stream) // seq_len * seq_len].reshape(-1, seq_len)
+    need = MIN_SEQUENCES.get(method, 1)
+    if len(chunks) < need:
+        raise ForgeError(f"--quantize {method}: {source} gives {len(chunks)} calibration sequence(s) of {seq_len} "
+                         f"tokens; it needs {need} at least (pass --calib with more rows)")
     order = np.random.default_rng(0).permutation(len(chunks))[:samples]
     return chunks[np.sort(order)]

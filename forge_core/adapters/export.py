@@ -229,7 +229,7 @@ def _merged_quantized(adapter: ad.Adapter, base: Path, out: Path, shard_bytes: i
     bits = q.get("bits") if q.get("bits") in (2, 3, 4, 6, 8) else 4
     group = q.get("group_size") or 64
     keep_embeddings = not ((adapter.forge.get("config") or {}).get("quant", {}).get("embeddings", False))
-    tokens = calibration_tokens(adapter.forge, base, calib) if method != "rtn" else None  # bad rows: before any work
+    tokens = calibration_tokens(adapter.forge, base, calib, method=method) if method != "rtn" else None  # before any work
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-f32.") as f32:
         write_merged(adapter, base, Path(f32), "float32", shard_bytes)
         staging = out / ".quantized"
