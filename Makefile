@@ -50,15 +50,17 @@ llama-cpp:
 	else echo "note: no npm; the llama.cpp client tests will skip"; fi
 
 # The suite, and beside it README.md as a new reader runs it (tests/test_readme.py, every command in order, ~7
-# minutes alone): the suite's tiny models keep about one core busy, so the walk takes the other. Its report follows
-# the suite's; either failing fails `make test`, as does a run that collected no tests.
+# minutes alone): the suite's tiny models keep about one core busy, so the walk takes the other. The walk runs in a
+# process group of its own (os.setpgrp; setsid is not on macOS): Ctrl-C or a TERM to make ends it and its servers.
+# Its whole report follows the suite's; either failing fails `make test`, as does a run that collected no tests.
+WALK = $(PY) -c 'import os, sys; os.setpgrp(); os.execv(sys.executable, [sys.executable, "-m", "pytest", *sys.argv[1:]])'
 test: $(VENV)/.stamp llama-cpp
 	@log=$$(mktemp); \
-	$(PY) -m pytest -q -p no:cacheprovider -m readme tests/test_readme.py > $$log 2>&1 & walk=$$!; \
-	trap 'kill $$walk 2>/dev/null; rm -f $$log' EXIT; \
+	$(WALK) -q -p no:cacheprovider -m readme tests/test_readme.py > $$log 2>&1 & walk=$$!; \
+	trap 'kill -TERM -$$walk 2>/dev/null; rm -f $$log; exit 130' INT TERM; \
 	$(PY) -m pytest -q -p no:cacheprovider -m "not readme" tests; rc=$$?; \
-	wait $$walk; wrc=$$?; \
-	echo "--- README.md as written (tests/test_readme.py, run beside the suite) ---"; tail -n 80 $$log; \
+	wait $$walk; wrc=$$?; trap - INT TERM; \
+	echo "--- README.md as written (tests/test_readme.py, run beside the suite) ---"; cat $$log; rm -f $$log; \
 	if [ $$rc -eq 5 ] || [ $$wrc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$wrc
 

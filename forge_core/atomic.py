@@ -54,11 +54,13 @@ def write_json(path, obj) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike):
+def atomic_dir(path: str | os.PathLike, first_wins: bool = False):
     """Build a directory under a temp name, then swap it in place of `path`.
 
     The old directory (if any) is moved aside first and deleted only after the new one is in place,
     so at every instant either the old or the new complete directory exists at `path` (or `path.old`).
+    `first_wins` (a cache whose name says its content): when another process published `path` while this one
+    built it, theirs stays and this build is dropped - never a moment without `path` for a reader of theirs.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +71,14 @@ def atomic_dir(path: str | os.PathLike):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _publish_mode(tmp, is_dir=True)
+    if first_wins:
+        try:
+            os.rename(tmp, path)  # atomic; refused when `path` is a directory that holds anything
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not path.is_dir():
+                raise
+        return
     old = path.with_name(path.name + ".old")
     if old.exists():
         shutil.rmtree(old)

@@ -27,8 +27,8 @@ from forge_core.stopping import STOP_FILE_ENV, StopRequest, signal_name
 
 
 def free_ports(n: int) -> int:
-    """A port p with p .. p+n-1 free on this machine (mlx's ring backend listens on one port per rank, from 5000
-    unless told: two runs launched at once on one machine would take each other's)."""
+    """A port p with p .. p+n-1 free on this machine (mlx's ring backend listens on one port per rank, from a fixed
+    one unless told - 32323 in mlx 0.32: two runs launched at once on one machine would take each other's)."""
     for _ in range(200):
         p = random.randint(20000, 32000)  # below Linux's ephemeral range, where outgoing connections take theirs
         socks = []

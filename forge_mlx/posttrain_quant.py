@@ -19,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from forge_core.adapters.calibration import MIN_SEQUENCES
 from forge_core.errors import ForgeError
 
 from .quant import adopt_quantized, dense_weight
@@ -97,8 +98,9 @@ def _dwq(src: Path, teacher, tokens: np.ndarray, config: dict, bits: int, group_
     from mlx_lm.utils import load, quantize_model
 
     rows = [([int(t) for t in r], 0) for r in tokens]
-    # few rows (a small run): smaller batches, a train and a valid one at least (calibration.MIN_SEQUENCES)
-    batch = max(1, min(DWQ_BATCH, len(rows) // 2))
+    if len(rows) < MIN_SEQUENCES["dwq"]:  # calibration_tokens refuses this first, in its own words
+        raise ForgeError(f"--quantize dwq: {len(rows)} calibration sequence(s); it needs {MIN_SEQUENCES['dwq']} at least")
+    batch = min(DWQ_BATCH, len(rows) // 2)  # few rows (a small run): smaller batches, a train and a valid one at least
     n_valid = max(batch, len(rows) // 10)
     train, valid = rows[:-n_valid], rows[-n_valid:]
     train = train * math.ceil(DWQ_STEPS * batch / len(train))

@@ -111,7 +111,7 @@ def cached_import(gguf: Path, name: str) -> Path:
         return out
     from forge_core.models.gguf_import import gguf_to_hf
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, first_wins=True) as tmp:  # two processes importing at once: the first one's stays
         gguf_to_hf(gguf, tmp, dtype=CACHE_DTYPE, source=name if name in BUNDLED else str(gguf))
     return out
 

@@ -58,3 +58,17 @@ def test_a_finished_write_replaces_the_old_version_with_plain_file_modes(tmp_pat
     mask = os.umask(0)
     os.umask(mask)
     assert (target.stat().st_mode & 0o777) == (0o777 & ~mask)  # not mkdtemp's 0700
+
+
+def test_a_cache_dir_built_by_two_processes_at_once_keeps_the_first_and_is_never_missing(tmp_path):
+    target = tmp_path / "models" / "m-abc"
+    with atomic_dir(target, first_wins=True) as mine:  # this process builds ...
+        (mine / "w").write_text("mine")
+        with atomic_dir(target, first_wins=True) as theirs:  # ... while another publishes first
+            (theirs / "w").write_text("theirs")
+        assert (target / "w").read_text() == "theirs"
+    assert (target / "w").read_text() == "theirs"  # theirs stayed in place, not swapped out under its readers
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m-abc"]  # this build dropped, nothing left over
+    with atomic_dir(tmp_path / "new", first_wins=True) as tmp:
+        (tmp / "w").write_text("x")
+    assert (tmp_path / "new" / "w").read_text() == "x"
