@@ -120,6 +120,8 @@ class TorchEngine(GroupEngine):
             model, tokenizer = ops.load_base_for_inference(members[0].cfg)
         model.eval()
         _dense_base(model)
+        if not adapted:  # the base alone: nothing to switch (its parameters all require grad: cloned, a second copy)
+            return model, tokenizer, {}
         return model, tokenizer, {k: p.detach().clone() for k, p in trainable_params(model).items()}
 
     def _weights(self, model, member, init):

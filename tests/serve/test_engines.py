@@ -186,3 +186,20 @@ def test_a_llama3_rope_model_decodes_on_the_schedulers_thread(tiny_model, tmp_pa
     thread.join()
     assert "error" not in out, out
     assert 1 <= len(out["tokens"]) <= MAX
+
+
+@pytest.mark.parametrize("backend", ["mlx", "cuda"])
+def test_the_base_served_alone_holds_no_second_copy_and_decodes_as_the_base(backend, tiny_model):
+    from forge_core.backend import ops
+    from forge_core.config import ForgeConfig
+
+    o = ops(backend)
+    engine = _engine(backend, build_catalog(o, [], str(tiny_model)), "rows")
+    name = engine.base_name
+    assert engine.adapters[name][0] == {}  # nothing to switch in: no copy of the parameters (torch had cloned them)
+    got = _decode(engine, [(name, PROMPTS[0]), (name, PROMPTS[1])])
+    cfg = ForgeConfig()
+    cfg.model.path = str(tiny_model)
+    model, tok = o.load_base_for_inference(cfg)
+    for prompt in PROMPTS[:2]:
+        assert got[(name, tuple(prompt))] == o.generate_tokens(model, tok, [prompt], MAX)[0]
