@@ -10,6 +10,11 @@ ADAM8_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for tensors smaller t
 # forge_mlx/head.py runs the vocabulary head and its log-softmax over the loss positions in chunks of this many
 # bytes of fp32 logits (head_chunk_rows), so the head's working set is a chunk's, not positions x V.
 HEAD_CHUNK_BYTES = 4 * MiB
+# ... and never fewer positions than this: each chunk reads the whole (V, D) head weight, and below ~64 rows the
+# matmul is bound by that read, not by its arithmetic (tools/bench_head_chunk_rows.py, docs/BENCHMARKS.md "Chunked
+# head: positions per chunk": on Llama-3.2-1B's shape, V 128256, 8 rows a chunk made forge's step 1.5x slower than
+# the whole logits, 64 rows within a few percent of them).
+HEAD_CHUNK_MIN_ROWS = 64
 LOGITS_BACKWARD_FP32 = 2  # softmax + gradient, fp32: measured 12·N·V bytes (fp32) / 16 (bf16) peak, MLX 0.32 CPU
 # (the default of BACKEND_CONSTANTS' "logits_backward_fp32": fp32 N·V copies the loss's backward holds at once)
 
@@ -134,10 +139,10 @@ BACKEND_CONSTANTS = {
 
 def head_chunk_rows(vocab: int, positions: int = 0, hidden: int = 0) -> int:
     """Positions per chunk of the chunked head (forge_mlx/head.py, forge_cuda/head.py): HEAD_CHUNK_BYTES of fp32
-    logits, a multiple of 8 (at least 8). With `positions` and `hidden` (torch) at least positions / ceil(V / D)
-    rows (Liger's rule: a chunk's logits about the size of the hidden states), so a GPU's matmuls stay large:
-    each chunk reads the whole (V, D) head weight, 1 GiB for Llama-3-8B's in bf16."""
-    rows = max(8, HEAD_CHUNK_BYTES // (4 * vocab) // 8 * 8)
+    logits, a multiple of 8, HEAD_CHUNK_MIN_ROWS at least. With `positions` and `hidden` (torch) at least
+    positions / ceil(V / D) rows (Liger's rule: a chunk's logits about the size of the hidden states), so a GPU's
+    matmuls stay large: each chunk reads the whole (V, D) head weight, 1 GiB for Llama-3-8B's in bf16."""
+    rows = max(HEAD_CHUNK_MIN_ROWS, HEAD_CHUNK_BYTES // (4 * vocab) // 8 * 8)
     if positions and hidden:
         liger = -(-positions // -(-vocab // hidden))
         rows = max(rows, -(-liger // 8) * 8)

@@ -194,7 +194,7 @@ def test_the_chunked_head_costs_one_chunk_whatever_the_positions():
 
     v = 49152
     config, rows = tiny_config(v), head_chunk_rows(v)
-    assert rows == 16  # 4 MiB of fp32 logits per chunk
+    assert rows == 64  # HEAD_CHUNK_MIN_ROWS (4 MiB of fp32 logits would be 16 rows: each re-reading the weight)
     sizes = []
     for b in (2, 8):
         p = parts(cfg_with(**{"train.batch_size": b, "train.max_seq_len": 64}), config=config, on_gpu=False)
@@ -204,11 +204,12 @@ def test_the_chunked_head_costs_one_chunk_whatever_the_positions():
     assert sizes[0] == sizes[1]
     short = parts(cfg_with(**{"train.batch_size": 1, "train.max_seq_len": 8}), config=config, on_gpu=False)
     assert short["backward working set"] == 18 * 8 * v * 4  # fewer positions than a chunk: the positions
-    # torch: 2 x 2048 positions, D 64: at least 4096 / ceil(49152 / 64) = 6 rows -> 16 (4 MiB); D 4096 (a Llama-3-8B
-    # shape) -> 4096 / 12 = 342 -> 344 rows; 4 copies of a chunk
-    assert head_chunk_rows(v, 4096, 64) == 16 and head_chunk_rows(v, 4096, 4096) == 344
+    # torch: 2 x 2048 positions, D 64: at least 4096 / ceil(49152 / 64) = 6 rows -> 64 (the least); D 4096 (a
+    # Llama-3-8B shape) -> 4096 / 12 = 342 -> 344 rows; 4 copies of a chunk
+    assert head_chunk_rows(v, 4096, 64) == 64 and head_chunk_rows(v, 4096, 4096) == 344
+    assert head_chunk_rows(1000) == 1048  # a small vocabulary: 4 MiB of logits is more rows than the least
     torch = parts(cfg_with(**{"train.batch_size": 2, "train.max_seq_len": 2048}), config=config, backend="cuda")
-    assert "logits + loss" not in torch and torch["backward working set"] >= 4 * 16 * v * 4
+    assert "logits + loss" not in torch and torch["backward working set"] >= 4 * 64 * v * 4
     whole = cfg_with(**{"train.batch_size": 2, "train.max_seq_len": 2048, "train.chunked_loss": False})
     assert "logits + loss" in parts(whole, config=config, backend="cuda")
 
