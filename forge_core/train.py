@@ -29,7 +29,7 @@ from forge_core.distributed import World
 from forge_core.errors import ForgeError
 from forge_core.memory.budget import human
 from forge_core.memory.guard import MemoryGuard, oom_summary, save_once
-from forge_core.methods import start_adapter
+from forge_core.methods import method, start_adapter
 from forge_core.models.sources import resolve_model
 from forge_core.progress import TrainProgress
 from forge_core.rundir import RunDir, total_steps
@@ -247,7 +247,7 @@ def _out_of_memory(run: RunDir, step: int, stepper, guard: MemoryGuard, oom: str
 
 
 def _stopped(run: RunDir, kind: str, step: int, steps: int, signum: int, ranks: int) -> Stopped:
-    command = "train" if kind == "sft" else kind
+    command = method(kind).command
     again = f" --nproc {ranks} (or the same launcher)" if ranks > 1 else ""
     return Stopped(f"stopped by {signal_name(signum)} after step {step}/{steps}, saved in {run.checkpoint_dir(step)}; "
                    f"continue with `forge {command} --resume {run.path}{again}`", signum)
