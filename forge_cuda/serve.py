@@ -29,7 +29,7 @@ from .generate import _stop_ids, dense_linear
 from .lora import LoRALinear, load_trainable, trainable_params
 from .model import _renamed, device
 from .quant import is_quantized, set_module
-from .serve_rows import Rows, stack_adapters
+from .serve_rows import stack_adapters
 
 
 def _dense_base(model: nn.Module) -> None:
@@ -134,10 +134,7 @@ class TorchEngine(GroupEngine):
         return [(p, isinstance(m, LoRALinear) and m.lora_magnitude_vector is None) for p, m in model.named_modules()
                 if isinstance(m, (LoRALinear, LoRAExperts))]
 
-    def _stack(self, model, paths, adapters):
-        rows = Rows()
-        stack_adapters(model, paths, adapters, rows)
-        return rows
+    _stack = staticmethod(stack_adapters)
 
     def _open(self, key, model, tokenizer, lanes):
         self.stop[key] = set(_stop_ids(model, tokenizer))

@@ -46,11 +46,13 @@ class RowLoRA(nn.Module):
         return y
 
 
-def stack_adapters(model: nn.Module, lora_paths: list[str], adapters: list[tuple[dict, float]], rows: Rows) -> None:
+def stack_adapters(model: nn.Module, lora_paths: list[str], adapters: list[tuple[dict, float]]) -> Rows:
     """Replace each LoRALinear at `lora_paths` by a RowLoRA over `adapters` [({param name: tensor}, scale), ...] (their
-    order is the row index), keeping the layer's base."""
+    order is the row index), keeping the layer's base; returns the Rows that select each row's adapter."""
+    rows = Rows()
     for path in lora_paths:
         layer = model.get_submodule(path)
         a = [w[f"{path}.lora_A"].detach() for w, _ in adapters]
         b = [w[f"{path}.lora_B"].detach() for w, _ in adapters]
         set_module(model, path, RowLoRA(layer.base_layer, a, b, [s for _, s in adapters], rows))
+    return rows

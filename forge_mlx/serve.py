@@ -25,7 +25,7 @@ from forge_core.serve.engine import GroupEngine
 from . import ops
 from .generate import _dense
 from .lora import LORA_LAYERS, QUANT_LAYERS, LoRALinear, trainable_params
-from .serve_rows import RowAdapters, RowModel, Rows, stack_adapters
+from .serve_rows import RowAdapters, RowModel, stack_adapters
 
 
 def _dense_base(model) -> None:
@@ -73,10 +73,7 @@ class MlxEngine(GroupEngine):
         return [(p, isinstance(m, LoRALinear) and not m.dora) for p, m in model.named_modules()
                 if isinstance(m, LORA_LAYERS)]
 
-    def _stack(self, model, paths, adapters):
-        rows = Rows()
-        stack_adapters(model, paths, adapters, rows)
-        return rows
+    _stack = staticmethod(stack_adapters)
 
     def _open(self, key, model, tokenizer, lanes):
         from mlx_lm.generate import BatchGenerator

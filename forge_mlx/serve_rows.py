@@ -101,11 +101,13 @@ def product_dtype(linear: nn.Module) -> mx.Dtype:
     return (linear.scales if "scales" in linear else linear.weight).dtype
 
 
-def stack_adapters(model: nn.Module, lora_paths: list[str], adapters: list[tuple[dict, float]], rows: Rows) -> None:
+def stack_adapters(model: nn.Module, lora_paths: list[str], adapters: list[tuple[dict, float]]) -> Rows:
     """Replace each LoRALinear at `lora_paths` by a RowLoRA over `adapters` [({key: array}, scale), ...] (their order is
-    the row index), keeping the layer's base. The stacks are cast once, here, to the product's dtype."""
+    the row index), keeping the layer's base; returns the Rows that select each row's adapter. The stacks are cast
+    once, here, to the product's dtype."""
     from mlx.utils import tree_unflatten
 
+    rows = Rows()
     modules = dict(model.named_modules())
     swaps = []
     for path in lora_paths:
@@ -120,3 +122,4 @@ def stack_adapters(model: nn.Module, lora_paths: list[str], adapters: list[tuple
         swaps.append((path, RowLoRA(linear, a, b, scales, rows)))
     model.update_modules(tree_unflatten(swaps))
     mx.eval(model.parameters())
+    return rows

@@ -4,7 +4,7 @@ A group (catalog.py) is built once; each of its adapters is then only its factor
 LoRA layers are all plain LoRA on a linear gets its adapters stacked so that every row of one batch decodes with its
 own (forge_mlx/serve_rows.py, forge_cuda/serve_rows.py) and has one lane; otherwise (--mix grouped, DoRA, expert
 layers) each adapter is its own lane and is switched in per step. The backend supplies the framework parts below
-(`_build`, `_weights`, `_lora_layers`, `_stack`, `_open`); forge_mlx/serve.py and forge_cuda/serve.py hold them.
+(`_build`, `_weights`, `_lora_layers`, `_stack` (its serve_rows.stack_adapters), `_open`); forge_mlx/serve.py and forge_cuda/serve.py hold them.
 """
 
 from __future__ import annotations
